@@ -1,0 +1,418 @@
+"""
+The configuration file: a TOML document with a C{[server]} table and a
+list of C{[[check]]} tables, read into a ready-to-run check chain.
+
+Every error names the file, the check and the key, so that
+C{twistd pfxpold --check-config --config FILE} tells a mail admin exactly
+what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+from twisted.application.service import IService
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.reflect import namedAny
+
+from pfxpold.action import Action, ActionError
+from pfxpold.chain import NOREPLY, SKIP, ChainEntry, CheckChain, ErrorPolicy
+from pfxpold.checks import BUILTIN_CHECKS
+from pfxpold.interfaces import ICheck
+from pfxpold.protocol import Limits
+
+DEFAULT_LISTEN = "tcp:9998:interface=127.0.0.1"
+DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
+DEFAULT_CHECK_TIMEOUT = 10.0
+DEFAULT_DEADLINE = 20.0
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+_T = TypeVar("_T")
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; the message says where and why.
+    """
+
+
+def _where(path: Optional[str], check: Optional[str], key: Optional[str]) -> str:
+    parts = [path or "<configuration>"]
+    if check is not None:
+        parts.append(f"check {check!r}")
+    if key is not None:
+        parts.append(f"key {key!r}")
+    return ": ".join(parts)
+
+
+class _Table:
+    """
+    Typed, error-reporting access to one TOML table; remembers which keys
+    were read so that unknown (misspelt) keys can be reported.
+    """
+
+    def __init__(self, table: Mapping[str, Any], path: Optional[str], check: Optional[str]):
+        self._table = table
+        self._path = path
+        self._check = check
+        self._read: set[str] = set()
+
+    def error(self, key: Optional[str], message: str) -> ConfigError:
+        """
+        @return: a L{ConfigError} naming the file, the check and C{key}.
+        """
+        return ConfigError(f"{_where(self._path, self._check, key)}: {message}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._table
+
+    def keys(self) -> list[str]:
+        return list(self._table)
+
+    def unused(self) -> list[str]:
+        """
+        @return: the keys nobody asked for.
+        """
+        return sorted(set(self._table) - self._read)
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], kind_name: str) -> Any:
+        self._read.add(key)
+        if key not in self._table:
+            if default is _MISSING:
+                raise self.error(key, "is required")
+            return default
+        value = self._table[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"must be {kind_name}, not {value!r}")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"must be {kind_name}, not {value!r}")
+        return value
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        """The value as TOML gave it."""
+        self._read.add(key)
+        if key not in self._table:
+            if default is _MISSING:
+                raise self.error(key, "is required")
+            return default
+        return self._table[key]
+
+    def string(self, key: str, default: Any = _MISSING) -> str:
+        return self._get(key, default, (str,), "a string")
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        return self._get(key, default, (bool,), "true or false")
+
+    def integer(self, key: str, default: Any = _MISSING, minimum: Optional[int] = None) -> int:
+        value = self._get(key, default, (int,), "a whole number")
+        if minimum is not None and value is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, not {value}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
+        value = self._get(key, default, (int, float), "a number")
+        if value is None:
+            return value
+        if positive and not value > 0:
+            raise self.error(key, f"must be greater than 0, not {value}")
+        return float(value)
+
+    def strings(self, key: str, default: Any = _MISSING) -> list[str]:
+        value = self._get(key, default, (list, str), "a list of strings")
+        if isinstance(value, str):
+            value = [value]
+        if value is not None and not all(isinstance(item, str) for item in value):
+            raise self.error(key, f"must be a list of strings, not {value!r}")
+        return value
+
+    def table(self, key: str, default: Any = _MISSING) -> dict[str, Any]:
+        return self._get(key, default, (dict,), "a table")
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str:
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+
+class CheckOptions(_Table):
+    """
+    What a check type is built from: its table from the configuration file
+    (less the keys the chain itself reads: C{name}, C{type}, C{timeout},
+    C{on_error}), typed getters that raise a L{ConfigError} naming the file,
+    the check and the key, and what a check needs from the daemon.
+
+    @ivar name: the check's name.
+    @ivar reactor: the reactor; checks take time and network from it.
+    @ivar base_directory: where relative paths in the file are resolved.
+    @ivar restriction_classes: names that may be answered besides the
+        access(5) actions.
+    """
+
+    def __init__(
+        self,
+        table: Mapping[str, Any],
+        name: str,
+        reactor: Any,
+        path: Optional[str] = None,
+        restriction_classes: tuple[str, ...] = (),
+        document: Optional[Mapping[str, Any]] = None,
+        shared: Optional[dict[Any, Any]] = None,
+    ) -> None:
+        super().__init__(table, path, name)
+        self.name = name
+        self.reactor = reactor
+        self.config_path = path
+        self.base_directory = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        self.restriction_classes = restriction_classes
+        self._document = document if document is not None else {}
+        self._shared = shared if shared is not None else {}
+
+    def action(self, key: str, default: Any = _MISSING) -> Action:
+        """An action string, validated as Postfix would read it."""
+        value = self.string(key, default)
+        if value is None or isinstance(value, Action):
+            return value
+        try:
+            return Action.parse(value, self.restriction_classes)
+        except ActionError as e:
+            raise self.error(key, str(e)) from None
+
+    def path(self, key: str, default: Any = _MISSING) -> str:
+        """A file path, relative ones resolved from the configuration's folder."""
+        value = self.string(key, default)
+        if value is None:
+            return value
+        return os.path.join(self.base_directory, os.path.expanduser(value))
+
+    def secret(self, key: str, default: Any = _MISSING) -> Optional[str]:
+        """
+        A secret read from the file named by C{key} (its first line, so the
+        secret never stands in the configuration nor in a log).
+        """
+        path = self.path(key, default)
+        if path is None:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise self.error(key, f"cannot read {path}: {e.strerror}") from None
+
+    def section(self, name: str) -> dict[str, Any]:
+        """
+        A top-level table of the configuration file other than C{server} and
+        C{check}, e.g. the C{[stores]} that several checks share.
+        """
+        value = self._document.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{_where(self._path, None, name)}: must be a table")
+        return value
+
+    def shared(self, key: Any, make: Callable[[], _T]) -> _T:
+        """
+        One object shared by every check of this configuration that asks
+        for C{key} (a connection pool, a state store): made by C{make()} on
+        the first call. A shared object that provides
+        L{twisted.application.service.IService} is started and stopped with
+        the daemon.
+        """
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+
+@dataclass
+class Configuration:
+    """
+    A loaded configuration, ready to serve.
+
+    @ivar services: checks and shared objects that must be started and
+        stopped with the daemon.
+    """
+
+    path: Optional[str]
+    listen: list[str]
+    chain: CheckChain
+    limits: Limits
+    log_requests: bool
+    shutdown_grace: float
+    services: list[IService] = field(default_factory=list)
+
+
+def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
+    """
+    Find a check type by its built-in name (C{"file"}) or by the dotted path
+    of a callable (C{"mycompany.policy:RelayCheck"} or
+    C{"mycompany.policy.RelayCheck"}).
+
+    @raise LookupError: when there is no such check type.
+    """
+    target = BUILTIN_CHECKS.get(name, name)
+    if ":" in target:
+        module, _, attribute = target.partition(":")
+        target = f"{module}.{attribute}"
+    if "." not in target:
+        raise LookupError(
+            f"{name!r} is neither a built-in check type"
+            f" ({', '.join(sorted(BUILTIN_CHECKS))}) nor a dotted path"
+        )
+    try:
+        found = namedAny(target)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise LookupError(f"cannot load {name!r}: {e}") from None
+    if not callable(found):
+        raise LookupError(f"{name!r} is not callable")
+    return found
+
+
+def _parse_policy(table: _Table, key: str, default: str, classes: tuple[str, ...]) -> ErrorPolicy:
+    value = table.string(key, default)
+    try:
+        return ErrorPolicy.parse(value, classes)
+    except ActionError as e:
+        raise table.error(key, f"must be {SKIP!r}, {NOREPLY!r} or an action ({e})") from None
+
+
+def load_document(
+    document: Mapping[str, Any], reactor: Any, path: Optional[str] = None
+) -> Configuration:
+    """
+    Build a L{Configuration} from a parsed TOML document.
+
+    Check types are imported and built here (before twistd chroots or drops
+    privileges), but not started.
+
+    @raise ConfigError: when anything in it cannot be used.
+    """
+    unknown = set(document) - {"server", "check"}
+    server = _Table(document.get("server", {}), path, None)
+    if not isinstance(document.get("server", {}), dict):
+        raise ConfigError(f"{_where(path, None, 'server')}: must be a table")
+
+    classes = tuple(server.strings("restriction_classes", []))
+    for name in classes:
+        try:
+            restriction = Action(name).is_restriction_class
+        except ActionError:
+            restriction = False
+        if not restriction or name in (SKIP, NOREPLY):
+            raise server.error(
+                "restriction_classes",
+                f"{name!r} is an access(5) verb, reserved or not a valid name",
+            )
+
+    listen = server.strings("listen", [DEFAULT_LISTEN])
+    if not listen:
+        raise server.error("listen", "must name at least one endpoint")
+    default_action = None
+    if "default_action" in server:
+        try:
+            default_action = Action.parse(server.string("default_action"), classes)
+        except ActionError as e:
+            raise server.error("default_action", str(e)) from None
+    deadline = server.number("deadline", DEFAULT_DEADLINE, positive=True)
+    deadline_policy = _parse_policy(server, "on_deadline", DEFAULT_ON_ERROR, classes)
+    limits = Limits(
+        max_line_length=server.integer("max_line_length", Limits.max_line_length, minimum=256),
+        max_attributes=server.integer("max_attributes", Limits.max_attributes, minimum=30),
+        max_request_size=server.integer("max_request_size", Limits.max_request_size, minimum=1024),
+        idle_timeout=server.number("idle_timeout", Limits.idle_timeout, positive=True),
+        request_timeout=server.number("request_timeout", Limits.request_timeout, positive=True),
+        max_pipelined=server.integer("max_pipelined", Limits.max_pipelined, minimum=1),
+    )
+    if deadline >= limits.idle_timeout:
+        raise server.error("deadline", "must be shorter than idle_timeout")
+    log_requests = server.boolean("log_requests", True)
+    log_verdicts = server.boolean("log_verdicts", False)
+    shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
+    if server.unused():
+        raise server.error(server.unused()[0], "is not a setting pfxpold knows")
+
+    raw_checks = document.get("check", [])
+    if not isinstance(raw_checks, list):
+        raise ConfigError(f"{_where(path, None, 'check')}: use [[check]] tables, one per check")
+    shared: dict[Any, Any] = {}
+    entries: list[ChainEntry] = []
+    services: list[IService] = []
+    names: set[str] = set()
+    for position, raw in enumerate(raw_checks, start=1):
+        label = raw.get("name", f"#{position}") if isinstance(raw, dict) else f"#{position}"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{_where(path, label, None)}: must be a table")
+        outer = _Table(raw, path, str(label))
+        name = outer.string("name", f"check{position}")
+        if name in names:
+            raise outer.error("name", f"{name!r} is used by another check")
+        names.add(name)
+        type_name = outer.string("type")
+        timeout = outer.number("timeout", DEFAULT_CHECK_TIMEOUT, positive=True)
+        on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
+        options = CheckOptions(
+            {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")},
+            name=name,
+            reactor=reactor,
+            path=path,
+            restriction_classes=classes,
+            document={k: v for k, v in document.items() if k in unknown},
+            shared=shared,
+        )
+        try:
+            factory = resolve_check_type(type_name)
+        except LookupError as e:
+            raise outer.error("type", str(e)) from None
+        try:
+            check = factory(options)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise outer.error(None, f"cannot be set up: {e}") from None
+        if not ICheck.providedBy(check):
+            raise outer.error("type", f"{type_name!r} does not make an ICheck provider")
+        if options.unused():
+            raise options.error(options.unused()[0], "is not a setting of this check type")
+        entries.append(ChainEntry(name, check, timeout, on_error))
+        if IService.providedBy(check):
+            services.append(check)
+    services.extend(value for value in shared.values() if IService.providedBy(value))
+    if not entries:
+        raise ConfigError(f"{_where(path, None, 'check')}: at least one [[check]] is needed")
+
+    chain = CheckChain(
+        entries,
+        default_action=default_action,
+        deadline=deadline,
+        deadline_policy=deadline_policy,
+        clock=reactor,
+        restriction_classes=classes,
+        record_verdicts=log_verdicts,
+    )
+    return Configuration(path, listen, chain, limits, log_requests, shutdown_grace, services)
+
+
+def load_configuration(path: str, reactor: IReactorTime) -> Configuration:
+    """
+    Read and build the configuration in the TOML file at C{path}.
+
+    @raise ConfigError: when the file cannot be read or used.
+    """
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return load_document(document, reactor, path)
+
+
+def default_configuration(reactor: IReactorTime) -> Configuration:
+    """
+    The configuration with no file: the demo check on the default port.
+    """
+    return load_document({"check": [{"name": "demo", "type": "demo"}]}, reactor)

@@ -1,0 +1,348 @@
+"""
+The Postfix SMTPD policy delegation protocol, server side.
+
+Postfix sends C{name=value} lines and an empty line; we answer one
+C{action=...} line and an empty line, in request order, and never write
+before a request has arrived. Anything outside the protocol's limits closes
+the connection without a reply, logged with the peer's address, and leaves
+every other connection alone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pfxpold.chain import Decision
+from pfxpold.interfaces import IPolicyDecider
+from pfxpold.request import PolicyRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    What one connection may do before it is closed.
+
+    @ivar max_line_length: longest attribute line, in bytes.
+    @ivar max_attributes: most attributes in one request (Postfix 3.7 sends
+        29).
+    @ivar max_request_size: most bytes in one request.
+    @ivar idle_timeout: seconds a connection may wait between requests.
+        Postfix closes idle connections itself after
+        C{smtpd_policy_service_max_idle} (300 s) and C{..._max_ttl} (1000 s);
+        closing first costs it a reconnect and a second, so this is longer.
+    @ivar request_timeout: seconds from a request's first line to its empty
+        line.
+    @ivar max_pipelined: requests one connection may have waiting for an
+        answer before we stop reading from it.
+    """
+
+    max_line_length: int = 4096
+    max_attributes: int = 100
+    max_request_size: int = 32768
+    idle_timeout: float = 1200.0
+    request_timeout: float = 60.0
+    max_pipelined: int = 32
+
+
+class _Pending:
+    """
+    A request waiting for its decision, kept in arrival order.
+    """
+
+    __slots__ = ("request", "started", "decision")
+
+    def __init__(self, request: PolicyRequest, started: float) -> None:
+        self.request = request
+        self.started = started
+        self.decision: Optional[Decision] = None
+
+
+@implementer(IHalfCloseableProtocol)
+class PolicyProtocol(LineReceiver):
+    """
+    One Postfix connection: many requests, one answer each, in order.
+
+    A client that shuts down its sending side after its last request (as
+    C{nc -N} does) still gets every answer before the connection closes.
+    """
+
+    delimiter = b"\n"
+    _log = Logger()
+
+    def __init__(self, factory: PolicyFactory) -> None:
+        self.factory = factory
+        self.MAX_LENGTH = factory.limits.max_line_length
+        self._attributes: dict[str, str] = {}
+        self._size = 0
+        self._queue: deque[_Pending] = deque()
+        self._timer: Optional[IDelayedCall] = None
+        self._timer_reason = ""
+        self._closing = False
+        self._eof = False
+        self._paused_for: set[str] = set()
+        self.peer = "?"
+
+    # Connection life
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        self.peer = f"{host}:{peer.port}" if host is not None else str(getattr(peer, "name", peer))
+        self.factory.connections.add(self)
+        self.transport.registerProducer(self, True)
+        self._arm(self.factory.limits.idle_timeout, "idle")
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._closing = True
+        self.factory.connections.discard(self)
+        if self._queue:
+            self.factory.in_flight -= len(self._queue)
+            self._queue.clear()
+            self.factory.check_drained()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def readConnectionLost(self) -> None:
+        """
+        The client sent its last request: answer what is in flight, then
+        close. A half-finished request is dropped, as on any close.
+        """
+        self._eof = True
+        if self._attributes:
+            self._log.info(
+                "connection from {peer} closed in the middle of a request", peer=self.peer
+            )
+        if not self._queue:
+            self._close()
+
+    def writeConnectionLost(self) -> None:
+        self._close(abort=True)
+
+    def _arm(self, seconds: float, reason: str) -> None:
+        self._timer_reason = reason
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(seconds)
+        else:
+            self._timer = self.factory.clock.callLater(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._timer_reason == "idle":
+            self._log.info("closing idle connection from {peer}", peer=self.peer)
+            self._close()
+        else:
+            self._violation(f"request not finished within {self.factory.limits.request_timeout}s")
+
+    def _violation(self, reason: str) -> None:
+        """
+        Close a connection that broke the protocol or its limits, without a
+        reply to its unfinished request.
+        """
+        self._log.warn(
+            "closing connection from {peer} without a reply: {reason}",
+            peer=self.peer,
+            reason=reason,
+        )
+        self._close(abort=True)
+
+    def _close(self, abort: bool = False) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._attributes = {}
+        self.clearLineBuffer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    # Flow control: stop reading while the peer does not read our answers or
+    # has too many requests waiting.
+
+    def _pause(self, why: str) -> None:
+        if not self._paused_for:
+            LineReceiver.pauseProducing(self)
+        self._paused_for.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why in self._paused_for:
+            self._paused_for.discard(why)
+            if not self._paused_for and not self._closing:
+                LineReceiver.resumeProducing(self)
+
+    def pauseProducing(self) -> None:
+        self._pause("write buffer full")
+
+    def resumeProducing(self) -> None:
+        self._resume("write buffer full")
+
+    # Requests
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._violation(f"line longer than {self.MAX_LENGTH} bytes")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if not line:
+            if self._attributes:
+                self._request_complete()
+            else:
+                self._violation("empty line where a request should start")
+            return
+        limits = self.factory.limits
+        attributes = self._attributes
+        if not attributes:
+            self._size = 0
+            self._arm(limits.request_timeout, "request")
+        self._size += len(line) + 1
+        if self._size > limits.max_request_size:
+            self._violation(f"request larger than {limits.max_request_size} bytes")
+            return
+        if len(attributes) >= limits.max_attributes:
+            self._violation(f"more than {limits.max_attributes} attributes")
+            return
+        name, sep, value = line.decode("utf-8", "replace").partition("=")
+        if not sep or not name:
+            self._violation("a line that is not name=value")
+            return
+        if "\x00" in name or name in attributes:
+            self._violation(f"a bad or repeated attribute name {name!r}")
+            return
+        attributes[name] = value
+
+    def _request_complete(self) -> None:
+        request = PolicyRequest(self._attributes)
+        self._attributes = {}
+        factory = self.factory
+        self._arm(factory.limits.idle_timeout, "idle")
+        started = factory.clock.seconds()
+        result = factory.decider.decide(request)
+        if not self._queue and not isinstance(result, Deferred):
+            self._answer(request, result, started)
+            return
+        pending = _Pending(request, started)
+        self._queue.append(pending)
+        factory.in_flight += 1
+        if len(self._queue) >= factory.limits.max_pipelined:
+            self._pause("too many requests in flight")
+        if not isinstance(result, Deferred):
+            result = succeed(result)
+        result.addCallback(self._decided, pending)
+
+    def _decided(self, decision: Decision, pending: _Pending) -> None:
+        pending.decision = decision
+        queue = self._queue
+        factory = self.factory
+        while queue and queue[0].decision is not None and not self._closing:
+            head = queue.popleft()
+            factory.in_flight -= 1
+            self._answer(head.request, head.decision, head.started)
+        if len(queue) < factory.limits.max_pipelined:
+            self._resume("too many requests in flight")
+        if self._eof and not queue:
+            self._close()
+        factory.check_drained()
+
+    def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:
+        action = decision.action
+        factory = self.factory
+        if factory.log_requests:
+            self._log.info(
+                "{protocol_state} {client_name}[{client_address}] helo=<{helo_name}>"
+                " from=<{sender}> to=<{recipient}> instance={instance}"
+                " queue_id={queue_id}: {action} ({check}, {elapsed_ms:.1f} ms)",
+                protocol_state=request.protocol_state,
+                client_name=request.client_name,
+                client_address=request.client_address,
+                helo_name=request.helo_name,
+                sender=request.sender,
+                recipient=request.recipient,
+                instance=request.instance,
+                queue_id=request.queue_id,
+                action="no reply" if action is None else str(action),
+                check=decision.decided_by,
+                elapsed_ms=(factory.clock.seconds() - started) * 1000.0,
+                peer=self.peer,
+            )
+        if decision.verdicts:
+            self._log.debug(
+                "verdicts for {peer}: {verdicts}", peer=self.peer, verdicts=decision.verdicts
+            )
+        if action is None:
+            # Postfix retries once on a new connection, then applies its
+            # smtpd_policy_service_default_action.
+            self._close()
+        else:
+            self.transport.write(action.line)
+
+
+class PolicyFactory(Factory):
+    """
+    Builds a L{PolicyProtocol} per connection and keeps count of what is in
+    flight, so that a stopping daemon can answer it before it exits.
+
+    @ivar decider: the L{IPolicyDecider} (the check chain).
+    @ivar connections: the open connections.
+    @ivar in_flight: requests received and not yet answered.
+    """
+
+    protocol = PolicyProtocol  # type: ignore[assignment]
+    _log = Logger()
+
+    def __init__(
+        self,
+        decider: Any,
+        clock: IReactorTime,
+        limits: Limits = Limits(),
+        log_requests: bool = True,
+    ) -> None:
+        if not IPolicyDecider.providedBy(decider):
+            raise TypeError("decider must provide IPolicyDecider")
+        self.decider = decider
+        self.clock = clock
+        self.limits = limits
+        self.log_requests = log_requests
+        self.connections: set[PolicyProtocol] = set()
+        self.in_flight = 0
+        self._drain_waiters: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> PolicyProtocol:
+        return PolicyProtocol(self)
+
+    def drained(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once no request is waiting for an
+            answer.
+        """
+        waiter: Deferred[None] = Deferred()
+        self._drain_waiters.append(waiter)
+        self.check_drained()
+        return waiter
+
+    def check_drained(self) -> None:
+        if self.in_flight <= 0 and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def close_connections(self) -> None:
+        """
+        Close every connection; Postfix reconnects to whoever listens next.
+        """
+        for connection in list(self.connections):
+            connection._close()

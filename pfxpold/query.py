@@ -1,0 +1,174 @@
+"""
+C{pfxpold-query}: send one policy request to a running pfxpold (or any
+Postfix policy server) and print the action, to try a rule from the shell.
+
+    pfxpold-query --sender alice@example.com --client-address 192.0.2.1 \\
+        --recipient bob@example.net
+    pfxpold-query --server unix:/run/pfxpold.sock request.txt
+    printf 'sender=a@b.example\\n\\n' | pfxpold-query -
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from typing import Optional
+
+from pfxpold.testing import fixture_bytes, parse_request
+
+#: The options that set one attribute each, and the attribute they set.
+_ATTRIBUTE_OPTIONS = (
+    "sender",
+    "recipient",
+    "client_address",
+    "client_name",
+    "reverse_client_name",
+    "helo_name",
+    "sasl_username",
+    "sasl_method",
+    "protocol_state",
+    "instance",
+    "recipient_count",
+    "size",
+    "queue_id",
+)
+
+
+def _template() -> dict[str, str]:
+    """
+    A Postfix 3.7 RCPT request with every attribute present and unknown,
+    the way Postfix sends what it does not know.
+    """
+    attributes = {name: "" for name in parse_request(fixture_bytes("rcpt"))}
+    attributes.update(
+        request="smtpd_access_policy",
+        protocol_state="RCPT",
+        protocol_name="ESMTP",
+        client_name="unknown",
+        reverse_client_name="unknown",
+        recipient_count="0",
+        size="0",
+        encryption_keysize="0",
+        instance=f"{os.getpid():x}.query.0",
+    )
+    return attributes
+
+
+def build_request(arguments: argparse.Namespace, stdin: Optional[bytes] = None) -> bytes:
+    """
+    The request bytes the command line describes.
+
+    @raise ValueError: for an attribute that would break the protocol.
+    """
+    if arguments.request_file is not None:
+        if arguments.request_file == "-":
+            data = stdin if stdin is not None else sys.stdin.buffer.read()
+        else:
+            with open(arguments.request_file, "rb") as f:
+                data = f.read()
+        attributes = dict(parse_request(data))
+    else:
+        attributes = _template()
+    for option in _ATTRIBUTE_OPTIONS:
+        value = getattr(arguments, option)
+        if value is not None:
+            attributes[option] = value
+    for pair in arguments.attribute:
+        name, separator, value = pair.partition("=")
+        if not separator or not name:
+            raise ValueError(f"--attribute {pair!r} is not name=value")
+        attributes[name] = value
+    lines = []
+    for name, value in attributes.items():
+        if "\n" in name or "\n" in value or "=" in name or not name:
+            raise ValueError(f"attribute {name!r} has a newline or a bad name")
+        lines.append(f"{name}={value}\n")
+    return ("".join(lines) + "\n").encode("utf-8")
+
+
+def _connect(server: str, timeout: float) -> socket.socket:
+    if server.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(server[len("unix:") :])
+        return sock
+    if server.startswith("inet:"):
+        server = server[len("inet:") :]
+    host, _, port = server.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def query(server: str, request: bytes, timeout: float = 30.0) -> Optional[str]:
+    """
+    Send C{request} and read the reply.
+
+    @return: the action (the value after C{action=}), or L{None} when the
+        server closed the connection without answering.
+    """
+    with _connect(server, timeout) as sock:
+        sock.sendall(request)
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                return None
+            reply += chunk
+    first = reply.split(b"\n", 1)[0].decode("utf-8", "replace")
+    name, _, value = first.partition("=")
+    if name != "action":
+        raise ValueError(f"the server answered {first!r}, not action=...")
+    return value
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pfxpold-query",
+        description="Send one Postfix policy request and print the action.",
+    )
+    parser.add_argument(
+        "request_file",
+        nargs="?",
+        help="a file of name=value lines (- for standard input); options below override it",
+    )
+    parser.add_argument(
+        "--server",
+        "-s",
+        default="127.0.0.1:9998",
+        help="host:port, [ipv6]:port or unix:/path (default: 127.0.0.1:9998)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    for option in _ATTRIBUTE_OPTIONS:
+        parser.add_argument("--" + option.replace("_", "-"), dest=option, metavar="VALUE")
+    parser.add_argument(
+        "--attribute",
+        "-a",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other attribute; may be repeated",
+    )
+    arguments = parser.parse_args(argv)
+    try:
+        request = build_request(arguments)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    try:
+        action = query(arguments.server, request, arguments.timeout)
+    except (OSError, ValueError) as e:
+        print(f"pfxpold-query: {arguments.server}: {e}", file=sys.stderr)
+        return 2
+    if action is None:
+        print(
+            f"pfxpold-query: {arguments.server} closed the connection without an answer",
+            file=sys.stderr,
+        )
+        return 1
+    print(action)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""
+The service tree of a running daemon: listeners, and the checks and shared
+backends that need starting and stopping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from pfxpold.config import Configuration
+from pfxpold.protocol import PolicyFactory
+
+
+class PolicyService(MultiService):
+    """
+    Serves the policy protocol with one configuration.
+
+    Backends start first and listeners last, so no request arrives before
+    the checks can answer it. On stop (SIGTERM), listeners stop accepting,
+    requests in flight are answered for up to C{shutdown_grace} seconds,
+    connections are closed, and then the backends stop.
+    """
+
+    _log = Logger()
+
+    def __init__(self, configuration: Configuration, reactor: Any) -> None:
+        super().__init__()
+        self.configuration = configuration
+        self.reactor = reactor
+        self.factory = PolicyFactory(
+            configuration.chain,
+            clock=reactor,
+            limits=configuration.limits,
+            log_requests=configuration.log_requests,
+        )
+        self.backends = MultiService()
+        self.backends.setServiceParent(self)
+        for backend in configuration.services:
+            IService(backend).setServiceParent(self.backends)
+        self.listeners = MultiService()
+        self.listeners.setServiceParent(self)
+        for description in configuration.listen:
+            strports.service(description, self.factory, reactor=reactor).setServiceParent(
+                self.listeners
+            )
+
+    def startService(self) -> None:
+        super().startService()
+        self._log.info(
+            "pfxpold serving on {listen} with checks {checks}",
+            listen=", ".join(self.configuration.listen),
+            checks=", ".join(entry.name for entry in self.configuration.chain.entries),
+        )
+
+    async def _stop(self) -> None:
+        await self.listeners.stopService()
+        if self.factory.in_flight:
+            self._log.info(
+                "stopping: answering {count} requests in flight",
+                count=self.factory.in_flight,
+            )
+            drained = self.factory.drained()
+            drained.addTimeout(self.configuration.shutdown_grace, self.reactor)
+            try:
+                await drained
+            except Exception:
+                self._log.warn(
+                    "stopping: {count} requests still unanswered after {grace}s",
+                    count=self.factory.in_flight,
+                    grace=self.configuration.shutdown_grace,
+                )
+        self.factory.close_connections()
+        await self.backends.stopService()
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())

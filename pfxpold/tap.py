@@ -1,0 +1,141 @@
+"""
+The twistd plugin's command line: C{twistd pfxpold [options]}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Optional
+
+from twisted.application.service import IService
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from pfxpold import __version__
+from pfxpold.config import (
+    DEFAULT_LISTEN,
+    ConfigError,
+    Configuration,
+    default_configuration,
+    load_configuration,
+)
+
+
+def endpoint_description(port: str) -> str:
+    """
+    Turn a C{--port} value into a server endpoint description: a bare port
+    number listens on the loopback interface only (policy servers must not
+    be open to the world), anything else is taken as an endpoint string.
+    """
+    if port.isdigit():
+        return f"tcp:{int(port)}:interface=127.0.0.1"
+    return port
+
+
+def _global_reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class Options(usage.Options):
+    """
+    Options for C{twistd pfxpold}.
+    """
+
+    synopsis = "[--port ENDPOINT]... [--config FILE] [--check-config]"
+    longdesc = (
+        "pfxpold answers Postfix SMTPD policy requests by running the chain of "
+        "checks in its configuration file. Without --config it runs the demo "
+        f"check on {DEFAULT_LISTEN}. --port takes a port number (listens on "
+        "127.0.0.1) or a Twisted endpoint string such as unix:/run/pfxpold.sock "
+        "or tcp6:9998:interface=\\:\\:1, and may be given more than once; it "
+        "replaces the configuration's server.listen. The configuration file "
+        "may also be given in the PFXPOLD_CONFIG environment variable."
+    )
+
+    optFlags = [
+        ["check-config", None, "Check the configuration, print a summary and exit."],
+    ]
+    optParameters = [
+        ["config", "c", os.environ.get("PFXPOLD_CONFIG") or None, "TOML configuration file."],
+    ]
+    compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml")})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["port"] = []
+        self.configuration: Optional[Configuration] = None
+
+    def opt_port(self, port: str) -> None:
+        """
+        Listen on this endpoint; a bare number means 127.0.0.1:number. Repeat for more listeners.
+        """
+        self["port"].append(endpoint_description(port))
+
+    opt_p = opt_port
+
+    def opt_version(self) -> None:
+        """
+        Print pfxpold's version and exit.
+        """
+        print(f"pfxpold {__version__}")
+        sys.exit(0)
+
+    def load(self, reactor: Any) -> Configuration:
+        """
+        Build the configuration these options name, with C{reactor}.
+
+        @raise usage.UsageError: with a message naming what is wrong.
+        """
+        try:
+            if self["config"]:
+                configuration = load_configuration(self["config"], reactor)
+            else:
+                configuration = default_configuration(reactor)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["port"]:
+            configuration.listen = list(self["port"])
+        for description in configuration.listen:
+            try:
+                endpoints.serverFromString(reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                raise usage.UsageError(
+                    f"cannot listen on {description!r}: {e or 'not an endpoint string'}"
+                ) from None
+        return configuration
+
+    def postOptions(self) -> None:
+        self.configuration = self.load(_global_reactor())
+        if self["check-config"]:
+            configuration = self.configuration
+            print(f"{configuration.path or '(no file: demo check)'}: OK")
+            print(f"  listen: {', '.join(configuration.listen)}")
+            for entry in configuration.chain.entries:
+                print(
+                    f"  check {entry.name}: {type(entry.check).__name__},"
+                    f" timeout {entry.timeout:g}s, on_error {entry.on_error}"
+                )
+            default = configuration.chain.default_action
+            print(f"  default action: {default if default else 'the last DUNNO'}")
+            sys.exit(0)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build the pfxpold service from parsed L{Options}.
+
+    Check types are imported and constructed here, before twistd chroots or
+    drops privileges; they connect to their backends when the service
+    starts.
+    """
+    from pfxpold.service import PolicyService
+
+    if reactor is None:
+        reactor = _global_reactor()
+        configuration = options.configuration or options.load(reactor)
+    else:
+        configuration = options.load(reactor)
+    return PolicyService(configuration, reactor)

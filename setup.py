@@ -1,0 +1,43 @@
+"""
+Packaging for pfxpold. The twistd dropin lives in twisted/plugins/, which
+is shipped as part of the twisted.plugins namespace (it has no __init__.py).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="pfxpold",
+    version="0.1.0",
+    description="pfxpold, the Postfix extensible policy daemon, on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    package_data={
+        "pfxpold": ["fixtures/*.txt", "py.typed"],
+        "twisted.plugins": ["pfxpold_plugin.py"],
+    },
+    include_package_data=True,
+    install_requires=[
+        "Twisted>=23.10",
+        "zope.interface>=6",
+    ],
+    extras_require={
+        "ldap": ["ldaptor>=21.2"],
+        "postgresql": ["psycopg[binary]>=3.1"],
+        "redis": ["txredisapi>=1.4.10"],
+        "http": ["treq>=23.11"],
+        "test": ["pytest>=7", "pytest-twisted>=1.14", "build", "hypothesis>=6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pfxpold-query = pfxpold.query:main",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Topic :: Communications :: Email :: Mail Transport Agents",
+        "Programming Language :: Python :: 3",
+    ],
+)
