@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError, as_action
-from pfxpold.interfaces import ICheck, IPolicyDecider
+from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.request import PolicyRequest
 
 SKIP = "skip"
@@ -124,15 +124,34 @@ class CheckChain:
         self.record_verdicts = record_verdicts
         self._clock = clock
         self._parsed: dict[str, Action] = {}
+        self._listeners = tuple(
+            entry.check for entry in self.entries if IDecisionListener.providedBy(entry.check)
+        )
 
     def decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         """
-        Decide on C{request}.
+        Decide on C{request}, and tell the L{IDecisionListener} checks.
 
         @return: a L{Decision}, at once when every check answered at once,
             else a Deferred that fires with one within the deadline and
             never fails.
         """
+        decision = self._decide(request)
+        if not self._listeners:
+            return decision
+        if isinstance(decision, Deferred):
+            return decision.addCallback(self._tell_listeners, request)
+        return self._tell_listeners(decision, request)
+
+    def _tell_listeners(self, decision: Decision, request: PolicyRequest) -> Decision:
+        for listener in self._listeners:
+            try:
+                listener.decided(request, decision.action)
+            except Exception:
+                self._log.failure("decision listener {listener!r} failed", listener=listener)
+        return decision
+
+    def _decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         verdicts: list[tuple[str, str]] = []
         passed = DUNNO
         for index, entry in enumerate(self.entries):

@@ -46,3 +46,23 @@ class IPolicyDecider(Interface):
         @return: a L{pfxpold.chain.Decision}, or a Deferred that fires with
             one. It never fails.
         """
+
+
+class IDecisionListener(Interface):
+    """
+    A check that wants to know what was finally answered: a quota counts
+    only mail the whole chain let through, a greylist records only triplets
+    that were deferred. The chain calls every listener once per request,
+    after the decision, whichever check made it (or none).
+    """
+
+    def decided(request, action):
+        """
+        The chain answered C{request} with C{action}.
+
+        @param request: the request.
+        @type request: L{pfxpold.request.PolicyRequest}
+        @param action: the L{pfxpold.action.Action} sent, or L{None} when no
+            reply was sent.
+        @return: ignored; errors are logged and never change the answer.
+        """
