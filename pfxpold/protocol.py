@@ -26,6 +26,13 @@ from pfxpold.chain import Decision
 from pfxpold.interfaces import IPolicyDecider
 from pfxpold.request import PolicyRequest
 
+#: The per-request log line.
+_REQUEST_LOG = (
+    "{protocol_state} {client_name}[{client_address}] helo=<{helo_name}>"
+    " from=<{sender}> to=<{recipient}> instance={instance}"
+    " queue_id={queue_id}: {action} ({check}, {elapsed_ms:.1f} ms)"
+)
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -322,23 +329,25 @@ class PolicyProtocol(LineReceiver):
         action = decision.action
         factory = self.factory
         if factory.log_requests:
-            self._log.info(
-                "{protocol_state} {client_name}[{client_address}] helo=<{helo_name}>"
-                " from=<{sender}> to=<{recipient}> instance={instance}"
-                " queue_id={queue_id}: {action} ({check}, {elapsed_ms:.1f} ms)",
-                protocol_state=request.protocol_state,
-                client_name=request.client_name,
-                client_address=request.client_address,
-                helo_name=request.helo_name,
-                sender=request.sender,
-                recipient=request.recipient,
-                instance=request.instance,
-                queue_id=request.queue_id,
-                action="no reply" if action is None else str(action),
-                check=decision.decided_by,
-                elapsed_ms=(factory.clock.seconds() - started) * 1000.0,
-                peer=self.peer,
-            )
+            fields = {
+                "protocol_state": request.protocol_state,
+                "client_name": request.client_name,
+                "client_address": request.client_address,
+                "helo_name": request.helo_name,
+                "sender": request.sender,
+                "recipient": request.recipient,
+                "instance": request.instance,
+                "queue_id": request.queue_id,
+                "action": "no reply" if action is None else str(action),
+                "check": decision.decided_by,
+                "elapsed_ms": (factory.clock.seconds() - started) * 1000.0,
+                "peer": self.peer,
+            }
+            # Formatted here by str.format, in C: left to the log observer,
+            # the same format costs twisted.logger's pure-Python formatter
+            # about as much as the rest of the request. The fields stay in
+            # the event for observers that want them.
+            self._log.info("{request_text}", request_text=_REQUEST_LOG.format_map(fields), **fields)
         if decision.verdicts:
             self._log.debug(
                 "verdicts for {peer}: {verdicts}", peer=self.peer, verdicts=decision.verdicts
