@@ -8,11 +8,11 @@ import os
 import sys
 from typing import Any, Optional
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from pfxpold import __version__
+from pfxpold import __version__, workers
 from pfxpold.config import (
     DEFAULT_LISTEN,
     ConfigError,
@@ -60,12 +60,21 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["config", "c", os.environ.get("PFXPOLD_CONFIG") or None, "TOML configuration file."],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the listening ports: this one and N-1 workers"
+            " (one per core; state shared between them must live in the store).",
+            int,
+        ],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml")})
 
     def __init__(self) -> None:
         super().__init__()
         self["port"] = []
+        self["adopt"] = []
         self.configuration: Optional[Configuration] = None
 
     def opt_port(self, port: str) -> None:
@@ -75,6 +84,12 @@ class Options(usage.Options):
         self["port"].append(endpoint_description(port))
 
     opt_p = opt_port
+
+    def opt_adopt(self, specification: str) -> None:
+        """
+        Internal, for worker processes: serve the inherited listening socket FD:FAMILY.
+        """
+        self["adopt"].append(specification)
 
     def opt_version(self) -> None:
         """
@@ -108,6 +123,13 @@ class Options(usage.Options):
         return configuration
 
     def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be 1 or more")
+        if self["workers"] > 1 and self["adopt"]:
+            raise usage.UsageError("a worker (--adopt) cannot start workers")
+        if self["config"]:
+            # Workers load the same file whatever directory they start in.
+            self["config"] = os.path.abspath(self["config"])
         self.configuration = self.load(_global_reactor())
         if self["check-config"]:
             configuration = self.configuration
@@ -138,4 +160,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         configuration = options.configuration or options.load(reactor)
     else:
         configuration = options.load(reactor)
-    return PolicyService(configuration, reactor)
+    if options["adopt"]:
+        try:
+            adopted = workers.adopted_endpoints(reactor, options["adopt"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        service = PolicyService(configuration, reactor, adopted=adopted)
+        workers.ParentWatchService(reactor).setServiceParent(service)
+        return service
+    service = PolicyService(configuration, reactor)
+    if options["workers"] <= 1:
+        return service
+    # The pool stops alongside the parent's own service: both answer what
+    # is in flight within shutdown_grace.
+    top = MultiService()
+    service.setServiceParent(top)
+    arguments = ["--config", options["config"]] if options["config"] else []
+    workers.WorkerPool(
+        reactor,
+        options["workers"],
+        service.recorders,
+        arguments,
+        stop_timeout=configuration.shutdown_grace + 5.0,
+    ).setServiceParent(top)
+    return top
