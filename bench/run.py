@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import ipaddress
 import json
@@ -183,9 +184,11 @@ class Scenario:
     needs: tuple[str, ...] = ()
     workers: int = 1
     optional: bool = False
+    runs_pfxpold: bool = True
+    repository: str = REPOSITORY
 
 
-def pfxpold_command(config: str, workers: int = 1) -> list[str]:
+def pfxpold_command(config: str) -> list[str]:
     """
     twistd running pfxpold in the foreground with a log file, as in
     production (the per-request log line is part of the cost).
@@ -202,8 +205,6 @@ def pfxpold_command(config: str, workers: int = 1) -> list[str]:
         "--config",
         config,
     ]
-    if workers > 1:
-        command += ["--workers", str(workers)]
     return command
 
 
@@ -226,13 +227,13 @@ def setup_reference(directory: str, requests: list[dict]):
     return command, lambda request: ["DUNNO"]
 
 
-def _demo(log_requests: bool, workers: int = 1):
+def _demo(log_requests: bool):
     def setup(directory: str, requests: list[dict]):
         config = os.path.join(directory, "pfxpold.toml")
         with open(config, "w") as f:
             f.write(server_table(log_requests=log_requests))
             f.write('\n[[check]]\nname = "demo"\ntype = "demo"\n')
-        return pfxpold_command(config, workers), lambda request: DEMO_ANSWERS
+        return pfxpold_command(config), lambda request: DEMO_ANSWERS
 
     return setup
 
@@ -308,9 +309,17 @@ def setup_chain(directory: str, requests: list[dict]):
 
 SCENARIOS = [
     Scenario(
-        "trivial-c", "C epoll server answering DUNNO: the load generator's ceiling", setup_trivial
+        "trivial-c",
+        "C epoll server answering DUNNO: the load generator's ceiling",
+        setup_trivial,
+        runs_pfxpold=False,
     ),
-    Scenario("reference", "bare Twisted LineReceiver answering DUNNO", setup_reference),
+    Scenario(
+        "reference",
+        "bare Twisted LineReceiver answering DUNNO",
+        setup_reference,
+        runs_pfxpold=False,
+    ),
     Scenario("demo", "pfxpold, demo check, request log on", _demo(True)),
     Scenario("map-100k", "pfxpold, access map of 100,000 entries", setup_map, needs=("file",)),
     Scenario(
@@ -328,13 +337,6 @@ SCENARIOS = [
     ),
     Scenario(
         "noop-nolog", "pfxpold, synchronous no-op check, log off", _noop(False), optional=True
-    ),
-    Scenario(
-        "demo-2w",
-        "pfxpold, demo check, 2 worker processes",
-        _demo(True, 2),
-        workers=2,
-        optional=True,
     ),
 ]
 
@@ -423,6 +425,14 @@ class Server:
                 print(f"WARNING: {self.scenario.name}: worker {pid} outlived its parent")
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -449,10 +459,12 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
             with open(full, "w") as f:
                 f.write(text)
     command = [str(port) if part == "PORT" else part for part in command]
+    if scenario.workers > 1:
+        command += ["--workers", str(scenario.workers)]
     records = os.path.join(directory, "records.txt")
     write_records(records, requests, expect)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPOSITORY, BENCH, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([scenario.repository, BENCH, env.get("PYTHONPATH", "")])
     output = open(os.path.join(directory, "output.txt"), "w")
     process = subprocess.Popen(
         command, cwd=directory, env=env, stdout=output, stderr=subprocess.STDOUT
@@ -467,7 +479,12 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
                 raise RuntimeError(f"{scenario.name}: workers did not start")
             time.sleep(0.1)
         pids += children_of(process.pid)
-        time.sleep(2)  # the workers import pfxpold and load the configuration
+        # Each worker logs its start-up line through the parent once it serves.
+        log = os.path.join(directory, "pfxpold.log")
+        while _read(log).count("pfxpold serving on") < scenario.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{scenario.name}: workers did not start serving")
+            time.sleep(0.1)
     return Server(scenario, directory, port, records, process, pids)
 
 
@@ -587,7 +604,9 @@ def servers(scenarios: list[Scenario], root: str, requests: list[dict]) -> Itera
             server.stop()
 
 
-def pick_scenarios(names: Optional[list[str]]) -> list[Scenario]:
+def pick_scenarios(
+    names: Optional[list[str]], baseline: Optional[str] = None, workers: int = 1
+) -> list[Scenario]:
     by_name = {scenario.name: scenario for scenario in SCENARIOS}
     if names:
         unknown = [name for name in names if name not in by_name]
@@ -606,6 +625,32 @@ def pick_scenarios(names: Optional[list[str]]) -> list[Scenario]:
             )
         else:
             runnable.append(scenario)
+    if workers > 1:
+        # The same pfxpold scenarios with worker processes, beside the
+        # single-process ones: the multi-core speed-up from one run.
+        for scenario in list(runnable):
+            if scenario.runs_pfxpold:
+                runnable.append(
+                    dataclasses.replace(
+                        scenario,
+                        name=f"{scenario.name}-{workers}w",
+                        description=f"{scenario.description}, --workers {workers}",
+                        workers=workers,
+                    )
+                )
+    if baseline:
+        # The same pfxpold scenarios from another checkout, measured in the
+        # same run: before/after figures from one machine state.
+        for scenario in list(runnable):
+            if scenario.runs_pfxpold:
+                runnable.append(
+                    dataclasses.replace(
+                        scenario,
+                        name=f"{scenario.name}@baseline",
+                        description=f"{scenario.description}, from {baseline}",
+                        repository=os.path.abspath(baseline),
+                    )
+                )
     return runnable
 
 
@@ -681,6 +726,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--output", default=os.path.join(BENCH, "results"), help="where the table, JSON and plot go"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also run every pfxpold scenario with twistd pfxpold --workers N",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the pfxpold scenarios from this other checkout (e.g. git archive main)",
+    )
     parser.add_argument("--cc", default=os.environ.get("CC", "cc"), help="C compiler")
     args = parser.parse_args(argv)
     if args.quick:
@@ -690,7 +747,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     raise_file_limit(max(args.connections + [args.soak_connections]) * 2 + 256)
     loadgen = build("loadgen", args.cc)
     build("trivial_server", args.cc)
-    scenarios = pick_scenarios(args.scenarios)
+    scenarios = pick_scenarios(args.scenarios, args.baseline, args.workers)
     root = tempfile.mkdtemp(prefix="pfxpold-bench-")
     try:
         if args.soak:
