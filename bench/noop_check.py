@@ -27,3 +27,18 @@ class NoopCheck:
 
     def check(self, request: PolicyRequest) -> Action:
         return DUNNO
+
+
+@implementer(ICheck)
+class AsyncNoopCheck:
+    """
+    Answers DUNNO from an C{async def} that never waits, as a check that
+    answers from a warm cache does: the chain's asynchronous path at its
+    cheapest.
+    """
+
+    def __init__(self, options: CheckOptions) -> None:
+        pass
+
+    async def check(self, request: PolicyRequest) -> Action:
+        return DUNNO

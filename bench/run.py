@@ -238,12 +238,12 @@ def _demo(log_requests: bool):
     return setup
 
 
-def _noop(log_requests: bool):
+def _noop(log_requests: bool, check_type: str = "NoopCheck"):
     def setup(directory: str, requests: list[dict]):
         config = os.path.join(directory, "pfxpold.toml")
         with open(config, "w") as f:
             f.write(server_table(log_requests=log_requests))
-            f.write('\n[[check]]\nname = "noop"\ntype = "noop_check:NoopCheck"\n')
+            f.write(f'\n[[check]]\nname = "noop"\ntype = "noop_check:{check_type}"\n')
         return pfxpold_command(config), lambda request: ["DUNNO"]
 
     return setup
@@ -337,6 +337,12 @@ SCENARIOS = [
     ),
     Scenario(
         "noop-nolog", "pfxpold, synchronous no-op check, log off", _noop(False), optional=True
+    ),
+    Scenario(
+        "async-nolog",
+        "pfxpold, async def no-op check (a warm cache), log off",
+        _noop(False, "AsyncNoopCheck"),
+        optional=True,
     ),
 ]
 
