@@ -264,9 +264,9 @@ def write_access_map(path: str, population: Population, entries: int = MAP_ENTRI
     table = {}
     for index in range(population.senders):
         sender = sender_of(index, population)
-        if index % 3 == 0:
+        if index % 10 == 0:
             table[sender] = "OK"
-        elif index % 3 == 1:
+        elif index % 10 == 1:
             table[sender] = f"REJECT sender {index} blocked"
     for index in range(population.sender_domains):
         table[f"s{index}.example.com"] = "DUNNO"
@@ -279,6 +279,15 @@ def write_access_map(path: str, population: Population, entries: int = MAP_ENTRI
         for key, action in table.items():
             f.write(f"{key}\t{action}\n")
     return table
+
+
+MAP_CHECK = """
+[[check]]
+name = "senders"
+type = "file"
+map = "senders.map"
+lookup = ["sender"]
+"""
 
 
 def map_expectation(table: dict) -> Callable[[dict], list[str]]:
@@ -294,17 +303,105 @@ def setup_map(directory: str, requests: list[dict]):
     config = os.path.join(directory, "pfxpold.toml")
     with open(config, "w") as f:
         f.write(server_table())
-        f.write(
-            '\n[[check]]\nname = "senders"\ntype = "file"\n'
-            'path = "senders.map"\nlookup = "sender"\n'
-        )
+        f.write(MAP_CHECK)
     return pfxpold_command(config), map_expectation(table)
 
 
+#: Auxiliary servers (the DNS list) started by scenario set-ups, stopped at the end.
+HELPERS: list[subprocess.Popen] = []
+
+
+def _index(value: str, prefix: str) -> int:
+    """
+    The number in C{prefix<number>...}: which sender or client a request has.
+    """
+    digits = value[len(prefix) :].split("@")[0].split(".")[0]
+    return int(digits)
+
+
 def setup_chain(directory: str, requests: list[dict]):
-    raise NotImplementedError(
-        "the realistic chain's configuration needs the sql, dnsbl and quota checks"
+    """
+    The realistic chain: the 100k access map on the sender, then an SQL
+    table of client addresses (SQLite, cached), a DNS list of clients
+    (cached; a DNS server this set-up starts), and a recipient quota in the
+    SQLite store that no sender reaches (so every request writes it).
+    """
+    import sqlite3
+
+    population = Population()
+    table = write_access_map(os.path.join(directory, "senders.map"), population)
+    database = sqlite3.connect(os.path.join(directory, "clients.sqlite"))
+    database.execute("CREATE TABLE client_acl (client TEXT PRIMARY KEY, action TEXT)")
+    database.executemany(
+        "INSERT INTO client_acl VALUES (?, ?)",
+        [
+            (client_of(index)[0], f"REJECT client {index} blocked")
+            for index in range(0, population.clients, 5)
+        ],
     )
+    database.commit()
+    database.close()
+    listed = os.path.join(directory, "listed.txt")
+    with open(listed, "w") as f:
+        for index in range(0, population.clients, 7):
+            f.write(client_of(index)[0] + "\n")
+    dns_port = free_port()
+    dns = subprocess.Popen(
+        [sys.executable, os.path.join(BENCH, "dns_server.py"), str(dns_port), listed],
+        stdout=subprocess.DEVNULL,
+    )
+    HELPERS.append(dns)
+    wait_for_port(dns_port, dns)
+    config = os.path.join(directory, "pfxpold.toml")
+    with open(config, "w") as f:
+        f.write(server_table(default_action="DUNNO"))
+        f.write(MAP_CHECK)
+        f.write(
+            f"""
+[[check]]
+name = "clients"
+type = "sql"
+driver = "sqlite"
+database = "clients.sqlite"
+query = "SELECT action FROM client_acl WHERE client = :client_address"
+cache_size = 10000
+cache_positive_ttl = 3600.0
+cache_negative_ttl = 3600.0
+on_error = "skip"
+
+[[check]]
+name = "dnsbl"
+type = "dnsbl"
+resolvers = ["127.0.0.1:{dns_port}"]
+action = "554 5.7.1 Client listed"
+on_error = "skip"
+
+[[check.lists]]
+zone = "bl.bench.test"
+
+[[check]]
+name = "quota"
+type = "quota"
+key = ["sender"]
+unit = "recipients"
+stage = "RCPT"
+limits = [{{ period = "day", max = 1000000000 }}]
+on_error = "skip"
+"""
+        )
+
+    def expect(request: dict) -> list[str]:
+        action = table.get(request["sender"].lower(), "DUNNO")
+        if action != "DUNNO":
+            return [action]
+        client = _index(request["client_name"], "mx")
+        if client % 5 == 0:
+            return [f"REJECT client {client} blocked"]
+        if client % 7 == 0:
+            return ["554 5.7.1 Client listed"]
+        return ["DUNNO"]
+
+    return pfxpold_command(config), expect
 
 
 SCENARIOS = [
@@ -608,6 +705,10 @@ def servers(scenarios: list[Scenario], root: str, requests: list[dict]) -> Itera
     finally:
         for server in started:
             server.stop()
+        for helper in HELPERS:
+            helper.terminate()
+            helper.wait()
+        HELPERS.clear()
 
 
 def pick_scenarios(
