@@ -28,6 +28,7 @@ setup(
         "postgresql": ["psycopg[binary]>=3.1"],
         "redis": ["txredisapi>=1.4.10"],
         "http": ["treq>=23.11"],
+        "bench": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "pytest-twisted>=1.14", "build", "hypothesis>=6"],
     },
     entry_points={
