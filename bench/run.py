@@ -620,6 +620,104 @@ def run_loadgen(
     return json.loads(result.stdout)
 
 
+# Profiling
+
+
+def summarize_profile(path: str, top: int = 25) -> str:
+    """
+    The functions taking most of the samples in a py-spy raw (collapsed
+    stacks) file: inclusive and own shares.
+    """
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+
+    def name(frame: str) -> str:
+        function, _, where = frame.partition(" (")
+        return f"{function} ({os.path.basename(where.split(':')[0])})" if where else function
+
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            samples = int(count)
+            total += samples
+            frames = [name(frame) for frame in stack.split(";")]
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + samples
+            own[frames[-1]] = own.get(frames[-1], 0) + samples
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples", "", "| inclusive | own | function |", "| ---: | ---: | --- |"]
+    ranked = sorted(inclusive.items(), key=lambda item: -item[1])
+    # Skip the frames every sample has (twistd, the reactor loop).
+    ranked = [item for item in ranked if item[1] < total * 0.97][:top]
+    for frame, samples in ranked:
+        lines.append(
+            f"| {100 * samples / total:.1f} % | {100 * own.get(frame, 0) / total:.1f} % | `{frame}` |"
+        )
+    lines += ["", "| own | function |", "| ---: | --- |"]
+    for frame, samples in sorted(own.items(), key=lambda item: -item[1])[:15]:
+        lines.append(f"| {100 * samples / total:.1f} % | `{frame}` |")
+    return "\n".join(lines)
+
+
+def profile(
+    loadgen: str, server: Server, connections: int, seconds: float, output: str, threads: int
+) -> Optional[str]:
+    """
+    Sample the server's parent process with py-spy while the load generator
+    drives it, and summarize where the time went.
+
+    @return: the Markdown summary, or L{None} without py-spy.
+    """
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        print("py-spy is not installed (pip install py-spy): no profile")
+        return None
+    command = [
+        loadgen,
+        "-p",
+        str(server.port),
+        "-f",
+        server.records,
+        "-c",
+        str(connections),
+        "-d",
+        str(seconds + 2),
+        "-w",
+        "0.5",
+        "-t",
+        str(threads),
+    ]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        raw = os.path.join(output, f"profile-{server.scenario.name}.txt")
+        subprocess.run(
+            [
+                py_spy,
+                "record",
+                "-p",
+                str(server.pids[0]),
+                "-d",
+                str(int(seconds)),
+                "-r",
+                "250",
+                "-f",
+                "raw",
+                "-o",
+                raw,
+            ],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        driver.wait()
+    return summarize_profile(raw)
+
+
 # Reporting
 
 
@@ -834,6 +932,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--output", default=os.path.join(BENCH, "results"), help="where the table, JSON and plot go"
     )
     parser.add_argument(
+        "--profile",
+        type=float,
+        metavar="SECONDS",
+        help="after measuring, sample each pfxpold at C=128 with py-spy for this long",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -885,6 +989,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                         f"  wrong {result['wrong']}"
                         + (f"  ({result['first_wrong']})" if result["first_wrong"] else "")
                     )
+            profiles = {}
+            if args.profile:
+                os.makedirs(args.output, exist_ok=True)
+                for server in started:
+                    if server.scenario.runs_pfxpold:
+                        summary = profile(
+                            loadgen,
+                            server,
+                            128,
+                            args.profile,
+                            args.output,
+                            args.loadgen_threads,
+                        )
+                        if summary is not None:
+                            profiles[server.scenario.name] = summary
         os.makedirs(args.output, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         table = markdown_table(results, scenarios)
@@ -898,9 +1017,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         base = os.path.join(args.output, f"bench-{stamp}")
         with open(base + ".md", "w") as f:
             f.write(header + table + "\n")
+            for name, summary in profiles.items():
+                f.write(f"\n## Profile: {name} (py-spy, C=128, parent process)\n\n{summary}\n")
+        for name, summary in profiles.items():
+            print(f"\n## Profile: {name} (py-spy, C=128, parent process)\n\n{summary}")
         with open(base + ".json", "w") as f:
             json.dump(results, f, indent=1)
-        if plot(results, base + ".png"):
+        if results and plot(results, base + ".png"):
             print(f"\nplot: {base}.png")
         print(f"table: {base}.md, raw: {base}.json")
         bad = [r for r in results if errors_of(r) or r["wrong"]]
