@@ -582,9 +582,12 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
                 raise RuntimeError(f"{scenario.name}: workers did not start")
             time.sleep(0.1)
         pids += children_of(process.pid)
-        # Each worker logs its start-up line through the parent once it serves.
-        log = os.path.join(directory, "pfxpold.log")
-        while _read(log).count("pfxpold serving on") < scenario.workers:
+        # Each worker logs its start-up line in its own log once it serves.
+        logs = [os.path.join(directory, "pfxpold.log")] + [
+            os.path.join(directory, f"pfxpold.worker{number}.log")
+            for number in range(1, scenario.workers)
+        ]
+        while sum("pfxpold serving on" in _read(log) for log in logs) < scenario.workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{scenario.name}: workers did not start serving")
             time.sleep(0.1)

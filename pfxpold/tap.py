@@ -182,5 +182,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         service.recorders,
         arguments,
         stop_timeout=configuration.shutdown_grace + 5.0,
+        # twistd's own options: workers log the way the parent does.
+        log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
     ).setServiceParent(top)
     return top

@@ -14,9 +14,10 @@ Workers are started after twistd has dropped privileges, as the same user.
 They stop with the parent: on SIGTERM the parent sends them SIGTERM and
 waits for them (each answers its requests in flight first), and a worker
 whose parent dies anyhow sees its stdin pipe close and stops itself. A
-worker that exits unexpectedly is started again after a second. Worker log
-lines are written to the parent's log, in batches, each batch under a
-C{worker N} line.
+worker that exits unexpectedly is started again after a second. Workers
+log the way the parent does (the same C{--logger} or C{--syslog}), or to a
+file of their own beside the parent's log file; when the parent logs to
+stdout, their lines go through the parent's log.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -34,6 +36,7 @@ from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.reflect import fullyQualifiedName
 from zope.interface import implementer
 
 #: The names C{--adopt FD:FAMILY} uses for address families.
@@ -121,6 +124,39 @@ class ParentWatchService(Service):
         )
 
 
+def worker_log_arguments(
+    twistd_options: Optional[Mapping[str, Any]],
+) -> Optional[Callable[[int], list[str]]]:
+    """
+    How workers log, following the parent's twistd options: the same
+    C{--logger} or C{--syslog}, or a log file of their own beside the
+    parent's (C{pfxpold.log}: C{pfxpold.worker1.log}, ...), so that no
+    process has to format and write the others' request logs.
+
+    @param twistd_options: twistd's own options (the parent of pfxpold's).
+    @return: a function giving worker N's twistd logging arguments, or
+        L{None} when the parent logs to stdout: worker output then goes
+        through the parent's log.
+    """
+    if not twistd_options:
+        return None
+    logger = twistd_options.get("logger")
+    if logger is not None:
+        name = logger if isinstance(logger, str) else fullyQualifiedName(logger)
+        return lambda number: ["--logger", name]
+    if twistd_options.get("syslog"):
+        prefix = twistd_options.get("prefix") or "twisted"
+        return lambda number: ["--syslog", "--prefix", prefix]
+    logfile = twistd_options.get("logfile")
+    if not logfile and not twistd_options.get("nodaemon"):
+        logfile = "twistd.log"
+    if not logfile or logfile == "-":
+        return None
+    # Made absolute now: twistd changes to --rundir before workers start.
+    root, extension = os.path.splitext(os.path.abspath(logfile))
+    return lambda number: ["--logfile", f"{root}.worker{number}{extension}"]
+
+
 class _WorkerProtocol(ProcessProtocol):
     """
     One worker process as the parent sees it: its output goes to the
@@ -186,6 +222,7 @@ class WorkerPool(Service):
         arguments: list[str],
         stop_timeout: float,
         executable: str = sys.executable,
+        log_arguments: Optional[Callable[[int], list[str]]] = None,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -193,6 +230,7 @@ class WorkerPool(Service):
         self.arguments = arguments
         self.stop_timeout = stop_timeout
         self.executable = executable
+        self.log_arguments = log_arguments
         self.workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
 
@@ -226,7 +264,7 @@ class WorkerPool(Service):
             "from twisted.scripts.twistd import run; run()",
             "--nodaemon",
             "--pidfile=",
-            "--logfile=-",
+            *(self.log_arguments(number) if self.log_arguments else ["--logfile=-"]),
             "pfxpold",
             *self.arguments,
             *adopt,

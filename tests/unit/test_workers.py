@@ -5,6 +5,7 @@ starting, restarting and stopping them.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 
@@ -213,6 +214,50 @@ class WorkerPoolTests(SynchronousTestCase):
         outputs = [e["worker_output"] for e in events if "worker_output" in e]
         self.assertEqual(outputs, ["line one", "line two"])
         self.assertEqual(events[0]["pid"], 1000)
+
+
+class LogArgumentTests(SynchronousTestCase):
+    """
+    L{workers.worker_log_arguments}: workers log the way the parent does.
+    """
+
+    def test_log_file(self):
+        """A parent's log file gives each worker a file beside it."""
+        make = workers.worker_log_arguments({"logfile": "/var/log/pfxpold/pfxpold.log"})
+        self.assertEqual(make(2), ["--logfile", "/var/log/pfxpold/pfxpold.worker2.log"])
+
+    def test_daemon_default(self):
+        """A daemon without --logfile logs to twistd.log: workers beside it."""
+        make = workers.worker_log_arguments({"logfile": None, "nodaemon": False})
+        self.assertEqual(make(1)[1], os.path.abspath("twistd.worker1.log"))
+
+    def test_stdout(self):
+        """In the foreground without a file, worker output goes through the parent."""
+        self.assertIsNone(workers.worker_log_arguments({"logfile": None, "nodaemon": True}))
+        self.assertIsNone(workers.worker_log_arguments({"logfile": "-", "nodaemon": True}))
+        self.assertIsNone(workers.worker_log_arguments(None))
+
+    def test_syslog(self):
+        """--syslog and its prefix are passed on."""
+        make = workers.worker_log_arguments({"syslog": True, "prefix": "pfxpold"})
+        self.assertEqual(make(1), ["--syslog", "--prefix", "pfxpold"])
+
+    def test_logger(self):
+        """A --logger observer factory (already imported by twistd) is named again."""
+        from pfxpold.logger import mail_syslog
+
+        make = workers.worker_log_arguments({"logger": mail_syslog, "syslog": False})
+        self.assertEqual(make(1), ["--logger", "pfxpold.logger.mail_syslog"])
+
+    def test_pool_uses_them(self):
+        """The pool puts the logging arguments on the worker's command line."""
+        reactor = ProcessReactor()
+        pool = workers.WorkerPool(
+            reactor, 2, [], [], 15.0, log_arguments=lambda number: ["--logfile", f"w{number}"]
+        )
+        pool.startService()
+        args = reactor.spawned[0][2]
+        self.assertEqual(args[args.index("--logfile") : args.index("pfxpold")], ["--logfile", "w1"])
 
 
 class OptionsTests(SynchronousTestCase):
