@@ -42,6 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pfxpold.action import Action
+from pfxpold.checks._values import template_value
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
@@ -138,7 +139,9 @@ def xml_template(template: str, request: PolicyRequest) -> str:
     are put in in one pass, so a value cannot bring in a placeholder.
     """
     return _PLACEHOLDER.sub(
-        lambda match: escape(request.get(match.group(1), ""), {'"': "&quot;", "'": "&apos;"}),
+        lambda match: escape(
+            template_value(request, match.group(1)), {'"': "&quot;", "'": "&apos;"}
+        ),
         template,
     )
 
