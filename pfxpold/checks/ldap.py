@@ -33,7 +33,8 @@ from pfxpold.request import PolicyRequest
 
 # ldaptor 21.2 builds its filter grammar with pyparsing's pre-3.0 names;
 # silence exactly those deprecation warnings, and only from ldaptor.
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ldaptor(\.|$)")
+_LDAPTOR_MODULES = r"ldaptor(\.|$)"
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=_LDAPTOR_MODULES)
 
 from ldaptor import ldapfilter  # noqa: E402
 from ldaptor.protocols import pureldap  # noqa: E402
@@ -86,7 +87,13 @@ class FilterTemplate:
 
         marked = _PLACEHOLDER.sub(mark, template)
         try:
-            self._parsed = ldapfilter.parseFilter(marked)
+            with warnings.catch_warnings():
+                # Parsing warns again (parseString); test runners that
+                # reset the warning filters per test would show it.
+                warnings.filterwarnings(
+                    "ignore", category=DeprecationWarning, module=_LDAPTOR_MODULES
+                )
+                self._parsed = ldapfilter.parseFilter(marked)
         except (ldapfilter.InvalidLDAPFilter, Exception) as e:
             raise ValueError(f"not a valid LDAP filter: {e}") from None
         probe = self.fill({name: "" for name in self.names})
