@@ -1,7 +1,7 @@
 """
 A twisted.web server for the http check's integration tests, run as its
-own process: C{python http_server.py PORT}. Prints C{READY} once it
-listens.
+own process: C{python http_server.py PORT [CERT_AND_KEY.pem]} (HTTPS with
+the second argument). Prints C{READY} once it listens.
 
 Paths: C{/json} (the action from the posted JSON: REJECT a sender that
 starts with "bad", else DUNNO), C{/form} (plain text answer from a posted
@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ElementTree
 from urllib.parse import parse_qs
 from xml.sax.saxutils import escape
 
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.web import resource, server
 
 SOAP = (
@@ -85,13 +85,18 @@ class Policy(resource.Resource):
         return b"no such path"
 
 
-def main(port):
+def main(port, certificate=None):
     site = server.Site(Policy())
     site.noisy = False
-    reactor.listenTCP(port, site, interface="127.0.0.1")
+    if certificate is None:
+        reactor.listenTCP(port, site, interface="127.0.0.1")
+    else:
+        with open(certificate, "rb") as f:
+            options = ssl.PrivateCertificate.loadPEM(f.read()).options()
+        reactor.listenSSL(port, site, options, interface="127.0.0.1")
     print("READY", flush=True)
     reactor.run()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), *sys.argv[2:])
