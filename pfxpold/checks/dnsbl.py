@@ -76,6 +76,31 @@ def valid_host_name(name: str) -> Optional[str]:
     return name
 
 
+def parse_server(value: str) -> Optional[tuple[str, int]]:
+    """
+    @return: C{(address, port)} for C{"192.0.2.53"}, C{"192.0.2.53:5353"},
+        C{"2001:db8::53"} or C{"[2001:db8::53]:5353"}; L{None} for anything
+        else (names are refused: resolving the resolver needs a resolver).
+    """
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        return None
+    if not 0 < number < 65536:
+        return None
+    return str(address), number
+
+
 def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """
     The DNSBL form of an address: reversed octets for IPv4
@@ -175,17 +200,14 @@ class DNSBLCheck(Service):
         self._resolver = resolver
         servers = []
         for value in options.strings("resolvers", []):
-            host, _, port = value.rpartition(":")
-            if not host:
-                host, port = value, "53"
-            host = host.strip("[]")
-            try:
-                ipaddress.ip_address(host)
-                servers.append((host, int(port)))
-            except ValueError:
+            server = parse_server(value)
+            if server is None:
                 raise options.error(
-                    "resolvers", f"{value!r} is not an IP address with an optional :port"
-                ) from None
+                    "resolvers",
+                    f"{value!r} is not an IP address with an optional port"
+                    " (192.0.2.53, 192.0.2.53:5353, [2001:db8::53]:53)",
+                )
+            servers.append(server)
         self._servers = servers
         self._resolv_conf = options.path("resolv_conf", "/etc/resolv.conf")
         self.threshold = options.number("threshold", 1.0)

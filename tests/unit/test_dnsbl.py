@@ -16,7 +16,13 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from zope.interface.verify import verifyObject
 
-from pfxpold.checks.dnsbl import DNSBLCheck, ListUnavailable, reversed_ip, valid_host_name
+from pfxpold.checks.dnsbl import (
+    DNSBLCheck,
+    ListUnavailable,
+    parse_server,
+    reversed_ip,
+    valid_host_name,
+)
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
@@ -110,6 +116,15 @@ class NameTests(CheckTestCase):
             "evil.example\n.com",
         ]:
             self.assertIsNone(valid_host_name(bad), bad)
+
+    def test_resolver_addresses(self) -> None:
+        """Resolver addresses take an optional port; IPv6 ones in brackets."""
+        self.assertEqual(parse_server("192.0.2.53"), ("192.0.2.53", 53))
+        self.assertEqual(parse_server("127.0.0.1:5353"), ("127.0.0.1", 5353))
+        self.assertEqual(parse_server("::1"), ("::1", 53))
+        self.assertEqual(parse_server("[2001:db8::53]:5353"), ("2001:db8::53", 5353))
+        for bad in ["dns.example", "192.0.2.53:0", "192.0.2.53:x", "[::1]x", "1.2.3.4:99999"]:
+            self.assertIsNone(parse_server(bad), bad)
 
     def test_invalid_input_not_looked_up(self) -> None:
         """
