@@ -30,7 +30,13 @@ setup(
         # twisted.web Agent; [tls] brings pyOpenSSL and service_identity so
         # that https:// certificates are verified.
         "http": ["Twisted[tls]>=23.10"],
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "build", "hypothesis>=6", "Twisted[tls]>=23.10"],
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "build",
+            "hypothesis>=6",
+            "Twisted[tls]>=23.10",
+        ],
     },
     entry_points={
         "console_scripts": [
