@@ -349,7 +349,7 @@ class LDAPCheck(Service):
                 self._log.warn(
                     "check {check}: the directory sent nothing for {seconds}s; reconnecting",
                     check=self.name,
-                    seconds=self.clock_seconds_since(started),
+                    seconds=round(self._clock.seconds() - started, 3),
                 )
                 protocol.transport.abortConnection()
 
@@ -365,10 +365,11 @@ class LDAPCheck(Service):
                 return False
             if isinstance(response, pureldap.LDAPSearchResultDone):
                 code = response.resultCode
+                # noSuchObject (a wrong base) is an error, not "not found":
+                # with not_found = REJECT it would reject all mail.
                 if code in (
                     ldaperrors.Success.resultCode,
                     ldaperrors.LDAPSizeLimitExceeded.resultCode,
-                    ldaperrors.LDAPNoSuchObject.resultCode,
                 ):
                     try:
                         result.callback(self._decide(entries))
@@ -413,9 +414,6 @@ class LDAPCheck(Service):
         connected.addErrback(not_connected)
         result.addTimeout(self.request_timeout, self._clock)
         return result
-
-    def clock_seconds_since(self, started: float) -> float:
-        return round(self._clock.seconds() - started, 3)
 
     def _decide(self, entries: list[Any]) -> Action:
         if not self.attribute:

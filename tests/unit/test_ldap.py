@@ -199,9 +199,25 @@ class MappingTests(CheckTestCase):
         self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
 
     def test_server_error(self) -> None:
-        """A search that the server refuses is an error (on_error applies)."""
-        check, _ = make_check([pureldap.LDAPSearchResultDone(resultCode=50, errorMessage=b"no")])
+        """
+        A search the server refuses, or under a base that does not exist,
+        is an error (on_error applies), never "not found".
+        """
+        check, _ = make_check(
+            [pureldap.LDAPSearchResultDone(resultCode=50, errorMessage=b"no")],
+            [pureldap.LDAPSearchResultDone(resultCode=32, errorMessage=b"no such object")],
+            not_found="REJECT unknown",
+        )
         self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+
+    def test_size_limit(self) -> None:
+        """More entries than max_entries still means found."""
+        check, driver = make_check(
+            [entry("uid=a,dc=x"), pureldap.LDAPSearchResultDone(resultCode=4)], max_entries=1
+        )
+        self.assertAction(check, make_request(), "OK")
+        self.assertEqual(driver.sent[0].sizeLimit, 1)
 
     def test_cache(self) -> None:
         """With cache_ttl, an answer is reused until the TTL passes."""
