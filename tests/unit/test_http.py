@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -32,6 +34,19 @@ SOAP_OPTIONS: dict[str, Any] = {
     "action_path": "p:Body/p:action",
     "namespaces": {"p": "urn:p"},
 }
+
+
+def secret_file(case: Any, secret: str) -> str:
+    """
+    A file holding C{secret}, in a directory removed after the test (not
+    trial's mktemp, which writes into the working directory under pytest).
+    """
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    path = os.path.join(directory, "secret")
+    with open(path, "w") as f:
+        f.write(secret + "\n")
+    return path
 
 
 class FakeResponse:
@@ -110,14 +125,8 @@ class ConfigurationTests(SynchronousTestCase):
 
     def test_basic_auth(self) -> None:
         """username and password_file make a Basic Authorization header."""
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write("s3cret\n")
-        check = HTTPCheck(
-            make_options(
-                url="http://p.example/", username="joe", password_file=os.path.abspath(path)
-            )
-        )
+        path = secret_file(self, "s3cret")
+        check = HTTPCheck(make_options(url="http://p.example/", username="joe", password_file=path))
         self.assertEqual(check.headers.getRawHeaders(b"Authorization"), [b"Basic am9lOnMzY3JldA=="])
 
 

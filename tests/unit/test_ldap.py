@@ -7,6 +7,8 @@ L{Clock} instead of a directory.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from ldaptor.protocols import pureldap
@@ -22,6 +24,19 @@ from pfxpold.checks.ldap import FilterTemplate, LDAPCheck, LDAPCheckError
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
+
+
+def secret_file(case: Any, secret: str) -> str:
+    """
+    A file holding C{secret}, in a directory removed after the test (not
+    trial's mktemp, which writes into the working directory under pytest).
+    """
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    path = os.path.join(directory, "secret")
+    with open(path, "w") as f:
+        f.write(secret + "\n")
+    return path
 
 
 class FakeService:
@@ -287,9 +302,7 @@ class ConnectionTests(CheckTestCase):
 
     def test_bind(self) -> None:
         """A new connection is bound with the DN and the password from the file."""
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w") as f:
-            f.write("s3cret\n")
+        path = secret_file(self, "s3cret")
         check, _ = make_check(bind_dn="cn=pfxpold,dc=x", bind_password_file=path)
         driver = LDAPClientTestDriver([pureldap.LDAPBindResponse(resultCode=0)])
         self.successResultOf(check._prepare(driver))
