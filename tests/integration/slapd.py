@@ -93,14 +93,21 @@ class Slapd:
     One slapd process on 127.0.0.1:C{port}, with its data in C{directory}.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, tls: Optional[tuple[str, str]] = None) -> None:
+        """
+        @param tls: the certificate and key files; with them slapd also
+            listens for LDAPS on C{tls_port}.
+        """
         self.slapd = require_program("/usr/sbin/slapd", "slapd")
         self.directory = directory
         self.port = free_port()
+        self.tls_port = free_port() if tls else None
         self.process: Optional[subprocess.Popen] = None
         self.config = os.path.join(directory, "slapd.conf")
         os.makedirs(os.path.join(directory, "db"), exist_ok=True)
         with open(self.config, "w") as f:
+            if tls:
+                f.write(f"TLSCertificateFile {tls[0]}\nTLSCertificateKeyFile {tls[1]}\n")
             f.write(CONFIG.format(directory=directory, suffix=SUFFIX))
         ldif = os.path.join(directory, "data.ldif")
         with open(ldif, "w") as f:
@@ -112,7 +119,10 @@ class Slapd:
 
     @property
     def url(self) -> str:
-        return f"ldap://127.0.0.1:{self.port}/"
+        urls = f"ldap://127.0.0.1:{self.port}/"
+        if self.tls_port:
+            urls += f" ldaps://127.0.0.1:{self.tls_port}/"
+        return urls
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -121,6 +131,8 @@ class Slapd:
             stderr=subprocess.PIPE,
         )
         wait_for_port(self.port, process=self.process)
+        if self.tls_port:
+            wait_for_port(self.tls_port, process=self.process)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -6,8 +6,6 @@ erroring, malformed, oversized and injecting answers.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import socket
 import subprocess
@@ -16,11 +14,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.integration.certificates import make_certificates
 from tests.integration.support import PolicyClient, free_port, running_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -69,51 +64,6 @@ def web_server():
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(10)
-
-
-def make_certificates(directory) -> tuple[str, str]:
-    """
-    A throwaway CA and a certificate it signed for 127.0.0.1.
-
-    @return: the CA's PEM file and the server's certificate-and-key file.
-    """
-    now = datetime.datetime.now(datetime.UTC)
-    validity = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
-
-    def certificate(subject, issuer, public_key, signing_key, ca, extensions=()):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(validity[0])
-            .not_valid_after(validity[1])
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        for extension in extensions:
-            builder = builder.add_extension(extension, critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("pfxpold test CA", "pfxpold test CA", ca_key.public_key(), ca_key, True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    leaf = certificate("127.0.0.1", "pfxpold test CA", key.public_key(), ca_key, False, [san])
-    ca_path = os.path.join(directory, "ca.pem")
-    server_path = os.path.join(directory, "server.pem")
-    with open(ca_path, "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(server_path, "wb") as f:
-        f.write(leaf.public_bytes(serialization.Encoding.PEM))
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.TraditionalOpenSSL,
-                serialization.NoEncryption(),
-            )
-        )
-    return ca_path, server_path
 
 
 def test_tls_verified(tmp_path):

@@ -7,11 +7,13 @@ a server that accepts but never answers.
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.integration.certificates import make_certificates, split_certificate
 from tests.integration.slapd import BIND_DN, BIND_PASSWORD, SUFFIX, Slapd
 from tests.integration.support import PolicyClient, running_daemon
 
@@ -195,3 +197,34 @@ def test_server_never_answers(tmp_path, own_slapd):
         f" max_requests 4); a request needing no search meanwhile {unblocked:.3f}s;"
         f" answering again {recovered:.2f}s after SIGCONT"
     )
+
+
+def test_ldaps_verified(tmp_path):
+    """
+    A tls: server endpoint verifies slapd's certificate: trusted through
+    trustRoots it answers; with the system's trust store only (which does
+    not know the test CA) every request gets on_error.
+    """
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    ca_path, server_path = make_certificates(str(keys))
+    # trustRoots names a directory of CA certificates, and nothing else.
+    roots = tmp_path / "roots"
+    roots.mkdir()
+    shutil.copy(ca_path, roots / "ca.pem")
+    server = Slapd(str(tmp_path / "slapd"), tls=split_certificate(server_path, str(keys)))
+    server.start()
+    try:
+        trusted = config(tmp_path, server.port, filter='"(mail={sender})"').replace(
+            f"tcp:127.0.0.1:{server.port}", f"tls:127.0.0.1:{server.tls_port}:trustRoots={roots}"
+        )
+        with running_daemon(tmp_path, trusted) as daemon:
+            assert ask(daemon.port) == "OK"
+        untrusted = config(tmp_path, server.port, filter='"(mail={sender})"').replace(
+            f"tcp:127.0.0.1:{server.port}", f"tls:127.0.0.1:{server.tls_port}"
+        )
+        with running_daemon(tmp_path, untrusted) as daemon:
+            assert ask(daemon.port) == ON_ERROR
+            assert "certificate verify failed" in daemon.log()
+    finally:
+        server.stop()
