@@ -86,6 +86,7 @@ ATTRIBUTE_KINDS = {
 }
 
 _OCTETS = re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){0,3}$")
+_BRACKETED = re.compile(r"^\[([^\]]+)\](/[0-9]+)?$")
 
 
 def attribute_value(request: PolicyRequest, name: str) -> Optional[str]:
@@ -332,10 +333,9 @@ def parse_key(
 
     @raise ValueError: for a network that is not valid.
     """
-    if text.startswith("[") and text.endswith("]") and len(text) > 2:
-        inner = text[1:-1]
-        if ":" in inner or _OCTETS.match(inner.split("/")[0]):
-            text = inner
+    bracketed = _BRACKETED.match(text)
+    if bracketed and (":" in bracketed.group(1) or _OCTETS.match(bracketed.group(1))):
+        text = bracketed.group(1) + (bracketed.group(2) or "")
     if "/" in text and (":" in text or text[:1].isdigit()):
         try:
             network = ipaddress.ip_network(text, strict=True)
@@ -359,7 +359,7 @@ def parse_key(
         return text
     local, at, domain = text.rpartition("@")
     if not at:
-        return text.lower()
+        return text.lower().rstrip(".")
     domain = domain.lower().rstrip(".")
     if not local:
         return domain
