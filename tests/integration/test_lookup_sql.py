@@ -358,3 +358,71 @@ def test_postgresql_silent_server(tmp_path, lookup_postgresql, silent_listener):
     # twistd ends by re-raising SIGTERM; a daemon stuck on its pool would be
     # SIGKILLed by Daemon.stop.
     assert daemon.process.returncode == -signal.SIGTERM
+
+
+SLOW_SQLITE = """
+[[check]]
+name = "slow"
+type = "sql"
+database = "relay-acl.sqlite"
+# A sender of slow@example.com makes the query count for ever.
+query = '''
+    SELECT CASE WHEN :sender = 'slow@example.com'
+           THEN (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
+                 SELECT count(*) FROM c)
+           ELSE 'OK' END
+'''
+query_timeout = 1.0
+timeout = 5.0
+on_error = "DEFER Transient internal error. Please try again later."
+"""
+
+
+def test_sqlite_runaway_query_interrupted(tmp_path):
+    """
+    A query that runs past query_timeout is interrupted: the request gets
+    the DEFER, and the single SQLite connection answers the next one.
+    """
+    make_sqlite_database(os.path.join(tmp_path, "relay-acl.sqlite"))
+    with running_daemon(tmp_path, SLOW_SQLITE) as daemon, daemon.client() as client:
+        assert client.ask({"sender": "fast@example.com"}) == "OK"
+        for _ in range(2):
+            assert client.ask({"sender": "slow@example.com"}) == DEFER
+            assert client.ask({"sender": "fast@example.com"}) == "OK"
+
+
+def test_postgresql_casts_percent_and_actions(tmp_path, lookup_postgresql):
+    """
+    A query with a ::inet cast on a derived value, a literal %, and the
+    action in the first column answers from the most specific network.
+    """
+    lookup_postgresql.execute(
+        "CREATE TABLE IF NOT EXISTS client_networks (network cidr PRIMARY KEY, action text);"
+        "DELETE FROM client_networks;"
+        "INSERT INTO client_networks VALUES"
+        " ('192.0.2.0/24', 'REJECT whole network'), ('192.0.2.128/25', 'DEFER_IF_PERMIT half'),"
+        " ('2001:db8::/32', 'OK v6 100%')"
+    )
+    config = f'''
+[[check]]
+name = "networks"
+type = "sql"
+driver = "postgresql"
+conninfo = "{lookup_postgresql.conninfo()}"
+query = """
+    SELECT action FROM client_networks
+     WHERE :client_ip::inet <<= network AND :sender LIKE '%@%'  -- :not_a_parameter
+     ORDER BY masklen(network) DESC LIMIT 1
+"""
+not_found = "DUNNO"
+'''
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        sender = {"sender": "a@example.com"}
+        assert client.ask({**sender, "client_address": "192.0.2.1"}) == "REJECT whole network"
+        assert (
+            client.ask({**sender, "client_address": "::ffff:192.0.2.200"}) == "DEFER_IF_PERMIT half"
+        )
+        assert client.ask({**sender, "client_address": "2001:db8::25"}) == "OK v6 100%"
+        assert client.ask({**sender, "client_address": "198.51.100.1"}) == "DUNNO"
+        assert client.ask({"sender": "no-at-sign", "client_address": "192.0.2.1"}) == "DUNNO"
+        assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"

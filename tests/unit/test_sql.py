@@ -381,3 +381,212 @@ class PostgreSQLDriverTests(CheckTestCase):
             )
         )
         self.assertEqual(driver_check.database.driver.connect_keywords["password"], "s3cret")
+
+
+class ImmediateClock(Clock):
+    """
+    A Clock that runs callFromThread calls at once, as the reactor would
+    from its thread.
+    """
+
+    def callFromThread(self, function, *args, **keywords):
+        function(*args, **keywords)
+
+
+class FakeThreadPool:
+    """
+    Holds the work deferToThreadPool gives it until the test runs it.
+    """
+
+    def __init__(self) -> None:
+        self.work: list = []
+
+    def callInThreadWithCallback(self, on_result, function, *args, **keywords):
+        self.work.append((on_result, function, args, keywords))
+
+    def run(self, index: int = 0) -> None:
+        on_result, function, args, keywords = self.work.pop(index)
+        try:
+            result = function(*args, **keywords)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class FakePool:
+    """
+    The parts of adbapi's ConnectionPool the Database uses.
+    """
+
+    def __init__(self) -> None:
+        self.threadpool = FakeThreadPool()
+        self.connected = 0
+        self.disconnected: list = []
+
+    def connect(self):
+        self.connected += 1
+        return f"connection {self.connected}"
+
+    def disconnect(self, connection) -> None:
+        self.disconnected.append(connection)
+
+
+class FakeDriver:
+    """
+    A driver whose queries answer, fail or call back into the test.
+    """
+
+    max_connections = None
+
+    def __init__(self, outcomes) -> None:
+        self.outcomes = list(outcomes)
+        self.broken: set = set()
+        self.interrupted: list = []
+        self.seen: list = []
+
+    def describe(self) -> str:
+        return "fake"
+
+    def fetch_one(self, connection, sql, values):
+        self.seen.append(connection)
+        outcome = self.outcomes.pop(0)
+        if callable(outcome):
+            outcome = outcome(connection)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def is_broken(self, connection) -> bool:
+        return connection in self.broken
+
+    def interrupt(self, connection) -> None:
+        self.interrupted.append(connection)
+
+
+class DatabaseTests(CheckTestCase):
+    """
+    The pool's bound, interruption and retry-once logic, with the thread
+    pool's work run by the test.
+    """
+
+    def make(self, outcomes, pool_size=2, max_waiting=1) -> Database:
+        self.clock = ImmediateClock()
+        self.driver = FakeDriver(outcomes)
+        database = Database(self.driver, self.clock, pool_size, max_waiting, query_timeout=2.0)
+        database.pool = self.pool = FakePool()
+        return database
+
+    def test_row(self):
+        """A query's first row is the result; the pool slot is freed."""
+        database = self.make([("OK",)])
+        result = database.lookup("SELECT", ["x"])
+        self.pool.threadpool.run()
+        self.assertEqual(self.successResultOf(result), ("OK",))
+        self.assertEqual(database._in_flight, set())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bounded(self):
+        """Past pool_size + max_waiting lookups in flight, more fail at once."""
+        from pfxpold.checks.sql import DatabaseBusy
+
+        database = self.make([None, None, None], pool_size=1, max_waiting=1)
+        first = database.lookup("SELECT", [])
+        second = database.lookup("SELECT", [])
+        self.failureResultOf(database.lookup("SELECT", []), DatabaseBusy)
+        self.pool.threadpool.run()
+        self.successResultOf(first)
+        third = database.lookup("SELECT", [])
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+
+    def test_retry_once_on_broken_connection(self):
+        """A connection that broke is replaced and the query retried once, with a log line."""
+        from twisted.logger import capturedLogs
+
+        def restart(connection):
+            self.driver.broken.add(connection)
+            return RuntimeError("terminating connection due to administrator command")
+
+        database = self.make([restart, ("OK",)])
+        result = database.lookup("SELECT", [])
+        with capturedLogs() as events:
+            self.pool.threadpool.run()
+        self.assertEqual(self.successResultOf(result), ("OK",))
+        self.assertEqual(self.pool.disconnected, ["connection 1"])
+        self.assertEqual(self.driver.seen, ["connection 1", "connection 2"])
+        self.assertTrue(any("reconnected" in event.get("log_format", "") for event in events))
+
+    def test_retry_only_once(self):
+        """A second broken connection in a row fails the lookup."""
+
+        def broken(connection):
+            self.driver.broken.add(connection)
+            return RuntimeError("server closed the connection")
+
+        database = self.make([broken, broken, ("never",)])
+        result = database.lookup("SELECT", [])
+        self.pool.threadpool.run()
+        self.failureResultOf(result, RuntimeError)
+        self.assertEqual(len(self.driver.seen), 2)
+
+    def test_no_retry_for_query_errors(self):
+        """An error that leaves the connection usable is not retried."""
+        database = self.make([ValueError("no such table"), ("never",)])
+        result = database.lookup("SELECT", [])
+        self.pool.threadpool.run()
+        self.failureResultOf(result, ValueError)
+        self.assertEqual(self.pool.disconnected, [])
+        self.assertEqual(len(self.driver.seen), 1)
+
+    def test_timeout_interrupts_running_query(self):
+        """A query running past query_timeout is interrupted on its connection and not retried."""
+        from twisted.internet.defer import TimeoutError
+
+        results = []
+
+        def hangs(connection):
+            # The reactor's timer fires while the query runs.
+            self.clock.advance(2.0)
+            results.append(self.failureResultOf(result, TimeoutError))
+            self.driver.broken.add(connection)
+            return RuntimeError("connection shut down")
+
+        database = self.make([hangs, ("never",)])
+        result = database.lookup("SELECT", [])
+        self.pool.threadpool.run()
+        self.assertEqual(len(results), 1)
+        self.assertEqual(self.driver.interrupted, ["connection 1"])
+        self.assertEqual(self.pool.disconnected, ["connection 1"])
+        self.assertEqual(len(self.driver.seen), 1)
+        self.assertEqual(database._in_flight, set())
+
+    def test_cancelled_before_running(self):
+        """A lookup cancelled while it waits for a thread never runs its query."""
+        from twisted.internet.defer import CancelledError
+
+        database = self.make([("never",)])
+        result = database.lookup("SELECT", [])
+        result.cancel()
+        self.failureResultOf(result, CancelledError)
+        self.pool.threadpool.run()
+        self.assertEqual(self.driver.seen, [])
+        self.assertEqual(self.pool.connected, 0)
+        self.assertEqual(database._in_flight, set())
+
+    def test_stop_interrupts(self):
+        """Stopping the database interrupts queries in flight."""
+
+        def during_stop(connection):
+            database.stop()
+            return RuntimeError("interrupted")
+
+        database = self.make([during_stop])
+        pool = self.pool
+        pool.close = lambda: None
+        result = database.lookup("SELECT", [])
+        pool.threadpool.run()
+        self.assertEqual(self.driver.interrupted, ["connection 1"])
+        self.failureResultOf(result)
