@@ -37,6 +37,13 @@ from pfxpold.request import PolicyRequest
 
 DEFAULT_RELOAD_INTERVAL = 5.0
 
+#: Derived values meant for SQL parameters, and what to look up instead.
+_NOT_FOR_MAPS = {
+    "client_network": "look up client_address; CIDR keys match networks",
+    "sender_at_domain": "look up sender; @domain keys match its domain",
+    "recipient_at_domain": "look up recipient; @domain keys match its domain",
+}
+
 
 def _signature(path: str) -> tuple[int, int, int, int]:
     """
@@ -83,6 +90,12 @@ class FileCheck(Service):
                     check_attribute(attribute)
                 except ValueError as e:
                     raise options.error(key, str(e)) from None
+        for key, attributes in (("lookup", self.lookups), ("pair_with", self.pair_with)):
+            for attribute in attributes:
+                if attribute in _NOT_FOR_MAPS:
+                    raise options.error(
+                        key, f"{attribute!r} cannot match a map key: {_NOT_FOR_MAPS[attribute]}"
+                    )
         if not self.lookups:
             raise options.error("lookup", "must name at least one attribute")
         self.parent_style = options.choice("parent_domains", PARENT_STYLES, "dot")

@@ -26,7 +26,7 @@ import socket
 import threading
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -243,16 +243,24 @@ class SQLiteDriver:
     def describe(self) -> str:
         return f"SQLite {self.path}"
 
-    def fetch_one(self, connection: Any, sql: str, values: Sequence[Any]) -> Optional[tuple]:
+    def fetch_one(
+        self, connection: Any, sql: str, values: Sequence[Any], abandoned: Callable[[], bool]
+    ) -> Optional[tuple]:
         """
         Run the query; in a pool thread.
+
+        @param abandoned: tells whether nobody waits for the answer any
+            more; SQLite asks it every few thousand steps of the query, so a
+            runaway query stops even if C{interrupt} came before it started.
         """
+        connection.set_progress_handler(abandoned, 10000)
         cursor = connection.cursor()
         try:
             cursor.execute(sql, values)
             return cursor.fetchone()
         finally:
             cursor.close()
+            connection.set_progress_handler(None, 0)
 
     def is_broken(self, connection: Any) -> bool:
         return False
@@ -306,7 +314,13 @@ class PostgreSQLDriver:
             f"PostgreSQL {parts.get('host', '')}:{parts.get('port', '')}/{parts.get('dbname', '')}"
         )
 
-    def fetch_one(self, connection: Any, sql: str, values: Sequence[Any]) -> Optional[tuple]:
+    def fetch_one(
+        self, connection: Any, sql: str, values: Sequence[Any], abandoned: Callable[[], bool]
+    ) -> Optional[tuple]:
+        """
+        Run the query; in a pool thread. (An abandoned query is stopped by
+        L{interrupt}, which breaks the connection even between queries.)
+        """
         with connection.cursor() as cursor:
             cursor.execute(sql, values)
             return cursor.fetchone()
@@ -447,7 +461,8 @@ class Database:
                     raise CancelledError()
                 lookup.connection = connection
             try:
-                return driver.fetch_one(connection, sql, values), retried_after
+                row = driver.fetch_one(connection, sql, values, lambda: lookup.cancelled)
+                return row, retried_after
             except Exception as e:
                 broken = driver.is_broken(connection)
                 if broken:

@@ -313,11 +313,29 @@ class SQLiteDriverTests(CheckTestCase):
         """Hostile values are compared as values and the table is intact."""
         sql, _ = translate_query("SELECT address FROM acl WHERE address = :sender", "?", False)
         for value in HOSTILE:
-            self.assertIsNone(self.driver.fetch_one(self.connection, sql, [value]))
+            self.assertIsNone(self.driver.fetch_one(self.connection, sql, [value], lambda: False))
         self.assertEqual(
-            self.driver.fetch_one(self.connection, sql, ["ok@example.com"]), ("ok@example.com",)
+            self.driver.fetch_one(self.connection, sql, ["ok@example.com"], lambda: False),
+            ("ok@example.com",),
         )
         self.assertEqual(self.connection.execute("SELECT count(*) FROM acl").fetchone(), (1,))
+
+    def test_abandoned_query_stops(self):
+        """A query nobody waits for any more stops, even one that would run for ever."""
+        endless = (
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        )
+        self.assertRaises(
+            sqlite3.OperationalError,
+            self.driver.fetch_one,
+            self.connection,
+            endless,
+            [],
+            lambda: True,
+        )
+        self.assertEqual(
+            self.driver.fetch_one(self.connection, "SELECT 1", [], lambda: False), (1,)
+        )
 
     def test_read_only(self):
         """The database is opened read-only."""
@@ -450,7 +468,7 @@ class FakeDriver:
     def describe(self) -> str:
         return "fake"
 
-    def fetch_one(self, connection, sql, values):
+    def fetch_one(self, connection, sql, values, abandoned):
         self.seen.append(connection)
         outcome = self.outcomes.pop(0)
         if callable(outcome):
