@@ -56,6 +56,11 @@ DEFAULT_QUERY_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CACHE_SIZE = 10000
 
+#: Results for longer parameter values (in characters, all together) are
+#: not cached: real addresses are far shorter, and a client sending huge
+#: values could otherwise fill the cache's memory.
+MAX_CACHED_KEY_LENGTH = 1024
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
 
@@ -592,6 +597,9 @@ class SQLCheck(Service):
                 action = Action.parse(str(value).strip(), self._restriction_classes)
             except ActionError as e:
                 raise ResultError(f"the query answered {str(value)[:100]!r}: {e}") from None
-        if self.cache is not None:
+        if (
+            self.cache is not None
+            and sum(len(value or "") for value in key) <= MAX_CACHED_KEY_LENGTH
+        ):
             self.cache.put(key, action, found)
         return action

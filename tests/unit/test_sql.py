@@ -228,6 +228,16 @@ class SQLCheckTests(CheckTestCase):
         self.assertIsInstance(check.check(allowed), Deferred)
         self.assertEqual(len(self.database.lookups), 4)
 
+    def test_huge_values_not_cached(self):
+        """Results for huge values are not cached, so they cannot fill memory."""
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
+        huge = make_request(sender="x" * 2000 + "@example.com")
+        run_check(check, huge)
+        self.database.pending[-1].callback(None)
+        run_check(check, huge)
+        self.assertEqual(len(self.database.lookups), 2)
+        self.assertEqual(len(check.cache), 0)
+
     def test_errors_not_cached(self):
         """A failed lookup is asked again next time."""
         check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
