@@ -476,7 +476,8 @@ class Database:
                 # retry on a fresh one, once.
                 if not broken or retried_after is not None or lookup.cancelled:
                     raise
-                retried_after = f"{type(e).__name__}: {e}".strip()
+                # libpq's messages span lines; the log line should not.
+                retried_after = " ".join(f"{type(e).__name__}: {e}".split())
             finally:
                 with lookup.lock:
                     lookup.connection = None
