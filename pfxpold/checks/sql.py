@@ -44,6 +44,7 @@ from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
+psycopg: Any
 try:
     import psycopg
 except ImportError:  # pragma: no cover - the postgresql extra is not installed
