@@ -4,7 +4,8 @@
 --   origin:  a client IP address (as pfxpold normalises it: IPv6 in its
 --            short lowercase form, IPv4-mapped IPv6 as plain IPv4) or a
 --            client host name, lowercase
---   address: a sender address, lowercase, or @domain for the whole domain
+--   address: a sender address, lowercase, @domain for the whole domain,
+--            or '' for the null sender (bounces)
 --
 -- SQLite:     python3 -c 'import sqlite3, sys; sqlite3.connect(sys.argv[1]).executescript(open(sys.argv[2]).read())' relay-acl.sqlite relay-acl.sql
 -- PostgreSQL: psql -d pfxpold -f relay-acl.sql
