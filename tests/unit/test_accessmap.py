@@ -25,6 +25,7 @@ from pfxpold.accessmap import (
 )
 from pfxpold.action import Action
 from pfxpold.testing import make_request
+from tests.unit.lookup_support import temporary_path
 
 
 def parse(text: str, **keywords) -> AccessMap:
@@ -424,10 +425,10 @@ class FileFormatTests(SynchronousTestCase):
 
     def test_unreadable(self):
         """A missing file or one that is not UTF-8 is a MapError without a line."""
-        error = self.assertRaises(MapError, AccessMap.load, self.mktemp())
+        error = self.assertRaises(MapError, AccessMap.load, temporary_path(self))
         self.assertIsNone(error.line)
         self.assertIn("cannot read", error.reason)
-        path = self.mktemp()
+        path = temporary_path(self)
         with open(path, "wb") as f:
             f.write(b"caf\xe9.example OK\n")
         error = self.assertRaises(MapError, AccessMap.load, path)

@@ -17,6 +17,7 @@ from pfxpold.checks.file import FileCheck
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request
+from tests.unit.lookup_support import temporary_path
 
 EXAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"
@@ -49,7 +50,7 @@ class FileCheckTests(CheckTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.path = self.mktemp()
+        self.path = temporary_path(self)
         write(self.path, RELAY_MAP)
 
     def make_check(self, **table) -> FileCheck:
@@ -115,7 +116,7 @@ class FileCheckTests(CheckTestCase):
         error = self.assertRaises(ConfigError, self.make_check)
         self.assertIn("key 'map'", str(error))
         self.assertIn(f"{self.path}:2: expected 3 fields", str(error))
-        error = self.assertRaises(ConfigError, self.make_check, map=self.mktemp())
+        error = self.assertRaises(ConfigError, self.make_check, map=temporary_path(self))
         self.assertIn("cannot read", str(error))
         error = self.assertRaises(ConfigError, self.make_check, lookup=["client_adress"])
         self.assertIn("key 'lookup'", str(error))
@@ -163,7 +164,7 @@ class ReloadTests(CheckTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.path = self.mktemp()
+        self.path = temporary_path(self)
         write(self.path, "192.0.2.1 OK\n")
         self.check = FileCheck(
             make_options(

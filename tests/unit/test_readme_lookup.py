@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 
 from pfxpold.config import load_configuration
 from pfxpold.testing import CheckTestCase, make_request
+from tests.unit.lookup_support import temporary_path
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REJECT = (
@@ -54,8 +55,7 @@ class ReadmeTests(CheckTestCase):
         return path
 
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+        self.directory = os.path.dirname(temporary_path(self))
 
     def test_file_section(self):
         """The file section's configuration and map answer the relay ACL."""

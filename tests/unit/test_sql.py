@@ -27,6 +27,7 @@ from pfxpold.checks.sql import (
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
+from tests.unit.lookup_support import temporary_path
 
 EXAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"
@@ -309,7 +310,7 @@ class SQLiteDriverTests(CheckTestCase):
     """
 
     def setUp(self) -> None:
-        self.path = os.path.abspath(self.mktemp())
+        self.path = temporary_path(self)
         setup = sqlite3.connect(self.path)
         setup.executescript(
             "CREATE TABLE acl (address TEXT); INSERT INTO acl VALUES ('ok@example.com');"
@@ -353,7 +354,7 @@ class SQLiteDriverTests(CheckTestCase):
 
     def test_missing_file_not_created(self):
         """A missing database file is an error, not a new empty database."""
-        path = os.path.abspath(self.mktemp())
+        path = temporary_path(self)
         driver = SQLiteDriver(path, busy_timeout=1.0)
         self.assertRaises(
             sqlite3.OperationalError,
@@ -393,7 +394,7 @@ class PostgreSQLDriverTests(CheckTestCase):
 
     def test_password_file(self):
         """The password is read from password_file, never from the configuration."""
-        path = self.mktemp()
+        path = temporary_path(self)
         with open(path, "w") as f:
             f.write("s3cret\nignored\n")
         check = SQLCheck(
