@@ -850,7 +850,17 @@ def pick_scenarios(
         # The same pfxpold scenarios from another checkout, measured in the
         # same run: before/after figures from one machine state.
         for scenario in list(runnable):
-            if scenario.runs_pfxpold:
+            lacking = [
+                name
+                for name in scenario.needs
+                if not os.path.exists(os.path.join(baseline, "pfxpold", "checks", f"{name}.py"))
+            ]
+            if scenario.runs_pfxpold and lacking:
+                print(
+                    f"SKIPPED scenario {scenario.name}@baseline: check type(s)"
+                    f" {', '.join(lacking)} not in {baseline}"
+                )
+            elif scenario.runs_pfxpold:
                 runnable.append(
                     dataclasses.replace(
                         scenario,
