@@ -146,6 +146,14 @@ class RedisProtocol(Protocol):
     def connectionMade(self) -> None:
         self.connected_ = True
 
+    def notify_lost(self, callback: Callable[[Failure], None]) -> None:
+        """
+        Have C{callback} called when the connection is lost. (A method, not
+        an attribute to set: L{ClientService} hands out a proxy of the
+        protocol, which forwards calls but not attribute assignments.)
+        """
+        self.on_lost = callback
+
     def execute(self, *arguments: Any) -> Deferred[Any]:
         """
         Send a command.
@@ -252,7 +260,7 @@ class RedisClient(ClientService):
                         "{description}: connection lost; reconnecting", description=self.description
                     )
 
-        protocol.on_lost = connection_lost
+        protocol.notify_lost(connection_lost)
 
     def _bounded(self, d: Deferred[Any], protocol: RedisProtocol) -> Deferred[Any]:
         def timed_out(failure: Failure) -> Failure:
