@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS counters (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS triplets (
     key TEXT PRIMARY KEY, first_seen REAL NOT NULL, passes INTEGER NOT NULL,
-    expires REAL NOT NULL
+    attempts INTEGER NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS clients (
     key TEXT PRIMARY KEY, passes INTEGER NOT NULL, expires REAL NOT NULL
@@ -76,14 +76,15 @@ RETURNING passes
 _STALE = "(expires <= :now OR (passes = 0 AND :now > first_seen + :retry_window))"
 _PASSES = "(passes > 0 OR :now >= first_seen + :delay)"
 _ATTEMPT = f"""
-INSERT INTO triplets (key, first_seen, passes, expires)
-VALUES (:triplet, :now, 0, :now + :retry_window)
+INSERT INTO triplets (key, first_seen, passes, attempts, expires)
+VALUES (:triplet, :now, 0, 1, :now + :retry_window)
 ON CONFLICT (key) DO UPDATE SET
     first_seen = CASE WHEN {_STALE} THEN :now ELSE first_seen END,
+    attempts = CASE WHEN {_STALE} THEN 1 ELSE attempts + 1 END,
     passes = CASE WHEN {_STALE} THEN 0 WHEN {_PASSES} THEN passes + 1 ELSE 0 END,
     expires = CASE WHEN {_STALE} THEN :now + :retry_window
                    WHEN {_PASSES} THEN :now + :lifetime ELSE expires END
-RETURNING first_seen, passes
+RETURNING first_seen, passes, attempts
 """
 
 _CLIENT_PASSED = """
@@ -171,14 +172,14 @@ def greylist_in(connection: sqlite3.Connection, **values: Any) -> GreylistState:
         if values["whitelist_after"]:
             if connection.execute(_WHITELISTED, values).fetchone() is not None:
                 return GreylistState(WHITELISTED, 0.0)
-        first_seen, passes = connection.execute(_ATTEMPT, values).fetchone()
+        first_seen, passes, attempts = connection.execute(_ATTEMPT, values).fetchone()
         if passes == 0:
-            return GreylistState(NEW if first_seen == values["now"] else EARLY, first_seen)
+            return GreylistState(NEW if attempts == 1 else EARLY, float(first_seen))
         if passes > 1:
-            return GreylistState(KNOWN, first_seen)
+            return GreylistState(KNOWN, float(first_seen))
         if values["whitelist_after"]:
             connection.execute(_CLIENT_PASSED, values)
-        return GreylistState(PASSED, first_seen)
+        return GreylistState(PASSED, float(first_seen))
 
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:

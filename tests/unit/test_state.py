@@ -332,3 +332,43 @@ class StoreConfigurationTests(SynchronousTestCase):
         options = self.options({"stores": {"x": {"type": "redis", "endpoint": "nonsense:"}}})
         error = self.assertRaises(ConfigError, make_store, store_options(options, "x"))
         self.assertIn("endpoint", str(error))
+
+
+class SQLiteMatchesModelTests(SynchronousTestCase):
+    """
+    The SQLite store answers random operation sequences exactly as the
+    in-memory store does, expiry and windows included.
+    """
+
+    def test_random_sequences(self) -> None:
+        """
+        200 sequences of 60 operations on colliding keys, with clock steps
+        across delays, windows and lifetimes: identical answers.
+        """
+        from tests.state_model import apply, operations
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        for seed in range(200):
+            clock = Clock()
+            clock.advance(START)
+            memory = MemoryStore(CheckOptions({}, name="m", reactor=clock))
+            sqlite = SQLiteStore(
+                CheckOptions(
+                    {"path": os.path.join(directory, f"{seed}.db")}, name="s", reactor=clock
+                ),
+                run=lambda function: maybeDeferred(function),
+            )
+            try:
+                for number, operation in enumerate(
+                    operations(seed, 60, (1.0, 299.0, 301.0, 600.0, 3601.0, 7300.0))
+                ):
+                    if operation[0] == "advance":
+                        clock.advance(operation[1])
+                        continue
+                    now = clock.seconds()
+                    expected = self.successResultOf(apply(memory, operation, now))
+                    actual = self.successResultOf(apply(sqlite, operation, now))
+                    self.assertEqual(actual, expected, (seed, number, operation))
+            finally:
+                sqlite._connection.close()
