@@ -22,10 +22,13 @@ class RedisServer:
     @ivar port: its port on 127.0.0.1.
     """
 
-    def __init__(self, directory: str, port: Optional[int] = None) -> None:
+    def __init__(
+        self, directory: str, port: Optional[int] = None, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.program = require_program("/usr/bin/redis-server", "redis-server")
         self.directory = directory
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.process: Optional[subprocess.Popen] = None
 
     @property
@@ -50,6 +53,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 self.directory,
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -57,9 +61,20 @@ class RedisServer:
         log.close()
         wait_for_port(self.port, process=self.process)
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): it accepts nothing and answers nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a frozen server go on (SIGCONT)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(10)
@@ -69,11 +84,13 @@ class RedisServer:
 
 
 @contextmanager
-def running_redis(directory: os.PathLike) -> Iterator[RedisServer]:
+def running_redis(
+    directory: os.PathLike, extra_args: tuple[str, ...] = ()
+) -> Iterator[RedisServer]:
     """
     A redis-server for the duration of the block.
     """
-    server = RedisServer(os.fspath(directory))
+    server = RedisServer(os.fspath(directory), extra_args=extra_args)
     server.start()
     try:
         yield server

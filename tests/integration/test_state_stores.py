@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from tests.integration.redis_server import RedisServer, running_redis
 from tests.integration.support import (
     encode_request,
     read_reply,
+    require_program,
     running_daemon,
 )
 
@@ -276,3 +278,60 @@ def test_greylist_retry_on_another_daemon(
         assert answers[-1].startswith("PREPEND X-Greylist: delayed 1 seconds by pfxpold at ")
         with first.client() as client:
             assert client.ask(rcpt) == "OK"
+
+
+def test_redis_frozen(tmp_path: os.PathLike) -> None:
+    """
+    A Redis that stops answering (SIGSTOP) costs each request at most the
+    store's timeout, answered with on_error; once it answers again, so does
+    the quota.
+    """
+    with running_redis(tmp_path) as redis:
+        store = store_table("redis", redis, os.fspath(tmp_path)).replace(
+            "timeout = 2.0", "timeout = 1.0"
+        )
+        user = unique("frozen")
+        with running_daemon(tmp_path, quota_config(store, 1000)) as daemon:
+            assert ask(daemon, user) == "OK"
+            redis.pause()
+            try:
+                started = time.monotonic()
+                assert ask(daemon, user) == "451 4.3.0 quota store unavailable"
+                # The 1 s store timeout answered, not the check's 5 s one.
+                assert time.monotonic() - started < 4.5
+            finally:
+                redis.resume()
+            assert poll(lambda: ask(daemon, user) == "OK")
+        assert "no answer in 1.0s" in daemon.log()
+
+
+def test_redis_password_and_database(tmp_path: os.PathLike) -> None:
+    """
+    With password_file and database, pfxpold authenticates and selects the
+    database before counting; a wrong password is an on_error answer.
+    """
+    with running_redis(tmp_path, ("--requirepass", "s3cret")) as redis:
+        secret = os.path.join(os.fspath(tmp_path), "redis.secret")
+        with open(secret, "w") as f:
+            f.write("s3cret\n")
+        store = store_table("redis", redis, os.fspath(tmp_path))
+        good = store + f'password_file = "{secret}"\ndatabase = 3\n'
+        user = unique("auth")
+        with running_daemon(tmp_path, quota_config(good, 2)) as daemon:
+            assert [ask(daemon, user) for _ in range(3)] == [
+                "OK",
+                "OK",
+                "REJECT 5.7.1 quota day of 2 reached",
+            ]
+        cli = [require_program("redis-cli", "redis-tools"), "-p", str(redis.port)]
+        keys = subprocess.run(
+            [*cli, "--no-auth-warning", "-a", "s3cret", "-n", "3", "--scan"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert f"pfxpold:quota:{{quota:{user}}}:day:" in keys
+        with open(secret, "w") as f:
+            f.write("wrong\n")
+        with running_daemon(tmp_path, quota_config(good, 2)) as daemon:
+            assert ask(daemon, user) == "451 4.3.0 quota store unavailable"
