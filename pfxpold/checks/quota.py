@@ -154,7 +154,7 @@ def read_windows(options: CheckOptions) -> tuple[Window, ...]:
         zone: datetime.tzinfo = ZoneInfo(zone_name)
     except (ZoneInfoNotFoundError, ValueError):
         raise options.error("timezone", f"unknown time zone {zone_name!r}") from None
-    windows = []
+    windows: list[Window] = []
     for item in raw:
         unknown = set(item) - {"name", "period", "max", "reset", "seconds", "precision"}
         if unknown:

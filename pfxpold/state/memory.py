@@ -44,7 +44,7 @@ class ExpiringStore(MultiService):
 
     def __init__(self, options: CheckOptions) -> None:
         super().__init__()
-        self.name = options.name
+        self.name: str = options.name  # type: ignore[assignment]
         self.reactor = options.reactor
         interval = options.number("expire_interval", DEFAULT_EXPIRE_INTERVAL, positive=True)
         self.sweeper = TimerService(interval, self._sweep)

@@ -144,7 +144,7 @@ class RedisStore(MultiService):
 
     def __init__(self, options: CheckOptions) -> None:
         super().__init__()
-        self.name = options.name
+        self.name: str = options.name  # type: ignore[assignment]
         self.reactor = options.reactor
         endpoint = options.string("endpoint", DEFAULT_ENDPOINT)
         try:

@@ -135,18 +135,20 @@ class RedisProtocol(Protocol):
     """
 
     _log = Logger()
+    # A TCP (or TLS, or UNIX) transport, which can abort.
+    transport: Any
 
     def __init__(self) -> None:
         self._buffer = b""
         self._pending: deque[Deferred[Any]] = deque()
         self.connected_ = False
         #: Called with the reason when the connection is lost.
-        self.on_lost: Optional[Callable[[Failure], None]] = None
+        self.on_lost: Optional[Callable[[Optional[Failure]], None]] = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
 
-    def notify_lost(self, callback: Callable[[Failure], None]) -> None:
+    def notify_lost(self, callback: Callable[[Optional[Failure]], None]) -> None:
         """
         Have C{callback} called when the connection is lost. (A method, not
         an attribute to set: L{ClientService} hands out a proxy of the
@@ -195,7 +197,7 @@ class RedisProtocol(Protocol):
             return
         self._buffer = self._buffer[position:]
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self.connected_ = False
         pending, self._pending = self._pending, deque()
         for d in pending:
@@ -229,17 +231,17 @@ class RedisClient(ClientService):
             factory,
             retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
             clock=reactor,
-            prepareConnection=self._prepare,
+            prepareConnection=lambda protocol: Deferred.fromCoroutine(self._prepare(protocol)),
         )
         self.reactor = reactor
         self.timeout = timeout
         self.password = password
         self.database = database
         self.description = description
-        self._protocol: Optional[RedisProtocol] = None
+        self._protocol: Any = None
         self._was_lost = False
 
-    async def _prepare(self, protocol: RedisProtocol) -> None:
+    async def _prepare(self, protocol: Any) -> None:
         if self.password is not None:
             await self._bounded(protocol.execute("AUTH", self.password), protocol)
         if self.database:
@@ -251,7 +253,7 @@ class RedisClient(ClientService):
             what="reconnected" if self._was_lost else "connected",
         )
 
-        def connection_lost(reason: Failure) -> None:
+        def connection_lost(reason: Optional[Failure]) -> None:
             if self._protocol is protocol:
                 self._protocol = None
                 self._was_lost = True
@@ -262,7 +264,7 @@ class RedisClient(ClientService):
 
         protocol.notify_lost(connection_lost)
 
-    def _bounded(self, d: Deferred[Any], protocol: RedisProtocol) -> Deferred[Any]:
+    def _bounded(self, d: Deferred[Any], protocol: Any) -> Deferred[Any]:
         def timed_out(failure: Failure) -> Failure:
             if failure.check(TimeoutError):
                 # A Redis that stopped answering: drop the connection so
