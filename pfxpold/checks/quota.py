@@ -299,6 +299,9 @@ class QuotaCheck:
                 "action",
                 f"bad placeholder ({e}); use {{limit}} {{max}} {{count}} {{unit}} {{period}} {{key}}",
             ) from None
+        self.refuse_early = options.boolean("refuse_early", False)
+        if self.refuse_early and self.stage == "RCPT":
+            raise options.error("refuse_early", "is for stage DATA or END-OF-MESSAGE")
         self.time_offset = options.number("time_offset", 0.0)
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
@@ -373,14 +376,58 @@ class QuotaCheck:
             }
         )
 
+    def _counters(self, identity: str, now: float, room: int = 0) -> tuple[Counter, ...]:
+        """
+        The identity's counters at C{now}, their limits lowered by C{room}.
+
+        @return: the counters, or an empty tuple for an unlimited identity.
+        """
+        limits = self.overrides.get(identity, {})
+        if limits is None:
+            return ()
+        prefix = self._prefix(identity)
+        return tuple(
+            window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
+            for window in self.windows
+        )
+
+    def _over_limit(
+        self, identity: str, counters: tuple[Counter, ...], totals: tuple[int, ...], amount: int
+    ) -> Action:
+        """
+        The over-limit answer naming the first full window, logged.
+        """
+        windows = self.windows
+        window, counter, total = next(
+            (window, counter, total)
+            for window, counter, total in zip(windows, counters, totals, strict=True)
+            if total + amount > counter.limit
+        )
+        maximum = counter.limit + (1 if amount == 0 else 0)
+        action = Action(self.action.verb, self._text(window, total, identity, maximum))
+        self._log.warn(
+            "quota {check}: {key} is over its {limit} limit: {count} + {amount} > {max}"
+            " {unit}; answering {action}",
+            check=self.name,
+            key=identity,
+            limit=window.name,
+            count=total,
+            amount=max(amount, 1),
+            max=maximum,
+            unit=self.unit,
+            counts={w.name: t for w, t in zip(windows, totals, strict=True)},
+            action=str(action),
+        )
+        return action
+
     def check(self, request: PolicyRequest) -> Any:
-        if request.protocol_state != self.stage:
+        state = request.protocol_state
+        if state != self.stage:
+            if self.refuse_early and state == "RCPT":
+                return self._check_early(request)
             return DUNNO
         identity = self.identity(request)
         if identity is None:
-            return DUNNO
-        limits = self.overrides.get(identity, {})
-        if limits is None:
             return DUNNO
         amount = self._amount(request)
         if amount <= 0:
@@ -389,12 +436,9 @@ class QuotaCheck:
         if token is not None and (token in self._counted or token in self._reservations):
             return DUNNO
         now = self.now()
-        prefix = self._prefix(identity)
-        windows = self.windows
-        counters = tuple(
-            window.counter(prefix, now, limits.get(window.name, window.maximum))
-            for window in windows
-        )
+        counters = self._counters(identity, now)
+        if not counters:
+            return DUNNO
         reservation = _Reservation(counters, amount)
         if token is not None:
             self._reservations[token] = reservation
@@ -404,36 +448,15 @@ class QuotaCheck:
 
         def consumed(result: Consumption) -> None:
             reservation.consumed = result.allowed
-            if result.allowed:
-                if token is not None:
-                    self._counted[token] = None
-                    if len(self._counted) > REMEMBERED:
-                        self._counted.popitem(last=False)
-                self._settle(token, reservation)
-                if not answer.called:
-                    answer.callback(DUNNO)
-                return
+            if result.allowed and token is not None:
+                self._counted[token] = None
+                if len(self._counted) > REMEMBERED:
+                    self._counted.popitem(last=False)
             self._settle(token, reservation)
-            full = [
-                (window, counter, total)
-                for window, counter, total in zip(windows, counters, result.totals, strict=True)
-                if total + amount > counter.limit
-            ]
-            window, counter, total = full[0]
-            action = Action(self.action.verb, self._text(window, total, identity, counter.limit))
-            self._log.warn(
-                "quota {check}: {key} is over its {limit} limit: {count} + {amount} > {max}"
-                " {unit}; answering {action}",
-                check=self.name,
-                key=identity,
-                limit=window.name,
-                count=total,
-                amount=amount,
-                max=counter.limit,
-                unit=self.unit,
-                counts={w.name: t for w, t in zip(windows, result.totals, strict=True)},
-                action=str(action),
-            )
+            if result.allowed:
+                action = DUNNO
+            else:
+                action = self._over_limit(identity, counters, result.totals, amount)
             if not answer.called:
                 answer.callback(action)
 
@@ -448,6 +471,27 @@ class QuotaCheck:
         # count that lands after the chain gave up and refused the mail.
         self.store.consume(counters, amount, now).addCallbacks(consumed, failed)
         return answer
+
+    def _check_early(self, request: PolicyRequest) -> Any:
+        """
+        At RCPT, before the message is counted: refuse at once when a
+        window is already full, so the client need not send the message
+        first. Nothing is counted (the store adds 0 if there is room for
+        one more).
+        """
+        identity = self.identity(request)
+        if identity is None:
+            return DUNNO
+        counters = self._counters(identity, self.now(), room=1)
+        if not counters:
+            return DUNNO
+
+        def answer(result: Consumption) -> Action:
+            if result.allowed:
+                return DUNNO
+            return self._over_limit(identity, counters, result.totals, 0)
+
+        return self.store.consume(counters, 0, self.now()).addCallback(answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
         if request.protocol_state != self.stage:

@@ -70,6 +70,26 @@ def test_quota_through_postfix(tmp_path: os.PathLike) -> None:
             assert tomorrow.data is not None and tomorrow.data[0] == 250, tomorrow
 
 
+def test_refuse_early_through_postfix(tmp_path: os.PathLike) -> None:
+    """
+    With refuse_early, once the quota is full the next message is refused
+    at RCPT already, before its data is sent.
+    """
+    config = quota_config(tmp_path) + "refuse_early = true\n"
+    with running_daemon(tmp_path, config) as daemon, running_postfix(daemon.port) as postfix:
+        for _ in range(2):
+            assert postfix.send("joe@example.com", ["r@example.net"], login="joe").data[0] == 250
+        refused = postfix.send("joe@example.com", ["r@example.net"], login="joe")
+        assert refused.rcpt == [
+            (
+                554,
+                "5.7.1 <r@example.net>: Recipient address rejected:"
+                " Daily quota of 2 messages reached",
+            )
+        ]
+        assert refused.data is None
+
+
 def test_hold_over_quota(tmp_path: os.PathLike) -> None:
     """
     With HOLD as the over-limit action, the message over the quota is

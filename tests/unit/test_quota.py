@@ -336,6 +336,29 @@ class QuotaTests(CheckTestCase):
         pending.callback(Consumption(True, (1,)))
         self.assertEqual(len(check.store.released), 1)
 
+    def test_refuse_early(self) -> None:
+        """
+        With refuse_early, a sender whose window is already full is refused
+        at RCPT (before sending the message); RCPT never counts anything.
+        """
+        check = self.make(refuse_early=True, limits=[{"period": "hour", "max": 2}])
+        for _ in range(3):
+            self.assertEqual(self.send(check, self.message("rcpt")).verb, "DUNNO")
+        self.assertEqual(self.verbs(check, 2), ["DUNNO", "DUNNO"])
+        with capturedLogs() as events:
+            action = self.send(check, self.message("rcpt"))
+        self.assertEqual(str(action), "DEFER 4.7.1 Sending quota exceeded (hour: 2 messages)")
+        [event] = [e for e in events if e.get("log_level").name == "warn"]
+        self.assertEqual((event["count"], event["amount"], event["max"]), (2, 1, 2))
+        self.assertEqual(self.send(check, self.message("rcpt", sasl_username="bob")).verb, "DUNNO")
+
+    def test_refuse_early_off(self) -> None:
+        """
+        Without refuse_early, RCPT passes even when the window is full.
+        """
+        check = self.make(limits=[{"period": "hour", "max": 0}])
+        self.assertEqual(self.send(check, self.message("rcpt")).verb, "DUNNO")
+
     def test_time_offset(self) -> None:
         """
         time_offset moves the clock the windows use.
@@ -362,6 +385,7 @@ class QuotaTests(CheckTestCase):
             ({"action": "DEFER {nope}"}, "action"),
             ({"action": "FROB"}, "action"),
             ({"overrides": "/nonexistent/overrides"}, "overrides"),
+            ({"refuse_early": True, "stage": "RCPT", "unit": "recipients"}, "refuse_early"),
         ]
         for table, key in cases:
             error = self.assertRaises(ConfigError, self.make, **table)
