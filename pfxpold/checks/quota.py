@@ -15,11 +15,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -99,7 +102,8 @@ class Window:
         local = datetime.datetime.fromtimestamp(now, self.zone)
         if self.period == "hour":
             start = local.replace(minute=0, second=0, microsecond=0)
-            return start.strftime("%Y%m%d%H"), start.timestamp() + 3600
+            # The UTC offset tells apart the two 01:00 hours of a DST change.
+            return start.strftime("%Y%m%d%H%z"), start.timestamp() + 3600
         reset = datetime.time(self.reset // 3600, self.reset % 3600 // 60)
         day = local.date()
         start = datetime.datetime.combine(day, reset, self.zone)
@@ -199,48 +203,47 @@ def read_windows(options: CheckOptions) -> tuple[Window, ...]:
     return tuple(windows)
 
 
-def read_overrides(
-    options: CheckOptions, windows: tuple[Window, ...]
-) -> dict[str, Optional[dict[str, int]]]:
+class OverridesError(ValueError):
     """
-    Per-identity limits: the C{overrides} file (lines of C{identity
-    unlimited} or C{identity name=max ...}) and the C{unlimited} list.
+    An overrides file cannot be used; the message says where and why.
+    """
+
+
+def parse_overrides(path: str, names: set[str]) -> dict[str, Optional[dict[str, int]]]:
+    """
+    Read an overrides file: lines of C{identity unlimited} or C{identity
+    NAME=MAX ...}, C{#} comments.
 
     @return: identity -> {limit name: max}, or L{None} for unlimited.
+    @raise OverridesError: when it cannot be read or used.
     """
     overrides: dict[str, Optional[dict[str, int]]] = {}
-    names = {window.name for window in windows}
-    path = options.path("overrides", None)
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise options.error("overrides", f"cannot read {path}: {e.strerror}") from None
-        for number, line in enumerate(lines, start=1):
-            fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            where = f"{path} line {number}"
-            identity, settings = fields[0], fields[1:]
-            if settings == ["unlimited"]:
-                overrides[identity] = None
-                continue
-            limits: dict[str, int] = {}
-            for setting in settings:
-                name, equals, value = setting.partition("=")
-                if not equals or name not in names or not value.isdigit():
-                    raise options.error(
-                        "overrides",
-                        f"{where}: expected 'unlimited' or NAME=MAX with NAME one of"
-                        f" {', '.join(sorted(names))}, not {setting!r}",
-                    )
-                limits[name] = int(value)
-            if not limits:
-                raise options.error("overrides", f"{where}: {identity} has no limits")
-            overrides[identity] = limits
-    for identity in options.strings("unlimited", []):
-        overrides[identity] = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OverridesError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path} line {number}"
+        identity, settings = fields[0], fields[1:]
+        if settings == ["unlimited"]:
+            overrides[identity] = None
+            continue
+        limits: dict[str, int] = {}
+        for setting in settings:
+            name, equals, value = setting.partition("=")
+            if not equals or name not in names or not value.isdigit():
+                raise OverridesError(
+                    f"{where}: expected 'unlimited' or NAME=MAX with NAME one of"
+                    f" {', '.join(sorted(names))}, not {setting!r}"
+                )
+            limits[name] = int(value)
+        if not limits:
+            raise OverridesError(f"{where}: {identity} has no limits")
+        overrides[identity] = limits
     return overrides
 
 
@@ -259,16 +262,20 @@ class _Reservation:
 
 
 @implementer(ICheck, IDecisionListener)
-class QuotaCheck:
+class QuotaCheck(MultiService):
     """
     Counts messages, recipients or bytes per identity in one or more
     windows, and answers the over-limit action when one is full.
+
+    It is a service so that a timer can re-read the overrides file while
+    the daemon runs (C{overrides_reload} seconds apart, when it changed).
     """
 
     _log = Logger()
 
     def __init__(self, options: CheckOptions) -> None:
-        self.name = options.name
+        super().__init__()
+        self.name: str = options.name  # type: ignore[assignment]
         self.reactor = options.reactor
         parts = options.strings("key", ["sasl_username"])
         if not parts:
@@ -290,7 +297,19 @@ class QuotaCheck:
         if self.ipv4_prefix > 32 or self.ipv6_prefix > 128:
             raise options.error("ipv4_prefix", "prefixes are at most 32 (IPv4) and 128 (IPv6)")
         self.windows = read_windows(options)
-        self.overrides = read_overrides(options, self.windows)
+        self.overrides_path = options.path("overrides", None)
+        self.unlimited = tuple(options.strings("unlimited", []))
+        self.overrides: dict[str, Optional[dict[str, int]]] = {}
+        self._overrides_version: Optional[tuple[float, int]] = None
+        try:
+            self.load_overrides()
+        except OverridesError as e:
+            raise options.error("overrides", str(e)) from None
+        reload = options.number("overrides_reload", 60.0)
+        if reload > 0 and self.overrides_path is not None:
+            reloader = TimerService(reload, self.reload_overrides)
+            reloader.clock = options.reactor
+            reloader.setServiceParent(self)
         self.action = options.action("action", DEFAULT_ACTION)
         try:
             self._text(self.windows[0], 0, "identity")
@@ -306,6 +325,58 @@ class QuotaCheck:
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
         self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
+
+    def load_overrides(self) -> None:
+        """
+        Read the overrides file (if any) and the C{unlimited} list.
+
+        @raise OverridesError: when the file cannot be used.
+        """
+        overrides: dict[str, Optional[dict[str, int]]] = {}
+        if self.overrides_path is not None:
+            status = os.stat(self.overrides_path) if os.path.exists(self.overrides_path) else None
+            version = (status.st_mtime, status.st_size) if status else None
+            overrides = parse_overrides(self.overrides_path, {w.name for w in self.windows})
+            self._overrides_version = version
+        for identity in self.unlimited:
+            overrides[identity] = None
+        self.overrides = overrides
+
+    def reload_overrides(self) -> None:
+        """
+        Re-read the overrides file when it changed; a file that cannot be
+        used is logged and the limits in force are kept.
+        """
+        assert self.overrides_path is not None
+        try:
+            status = os.stat(self.overrides_path)
+        except OSError as e:
+            self._log.error(
+                "quota {check}: cannot read {path}: {reason}; keeping the overrides in force",
+                check=self.name,
+                path=self.overrides_path,
+                reason=e.strerror,
+            )
+            return
+        if (status.st_mtime, status.st_size) == self._overrides_version:
+            return
+        try:
+            self.load_overrides()
+        except OverridesError as e:
+            # Said once per change of the file, not at every look.
+            self._overrides_version = (status.st_mtime, status.st_size)
+            self._log.error(
+                "quota {check}: {reason}; keeping the overrides in force",
+                check=self.name,
+                reason=str(e),
+            )
+            return
+        self._log.info(
+            "quota {check}: {count} overrides loaded from {path}",
+            check=self.name,
+            count=len(self.overrides),
+            path=self.overrides_path,
+        )
 
     def now(self) -> float:
         """

@@ -299,6 +299,45 @@ class QuotaTests(CheckTestCase):
         action = self.send(check, self.message(sasl_username="big"))
         self.assertEqual(str(action), "REJECT big: hour 1")
 
+    def test_overrides_reload(self) -> None:
+        """
+        While the check runs, a changed overrides file is read again every
+        overrides_reload seconds; a broken one is logged and the limits in
+        force are kept.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("big hour=3\n")
+        check = self.make(overrides=path, overrides_reload=30.0)
+        check.startService()
+        self.addCleanup(check.stopService)
+        self.assertEqual(check.overrides, {"big": {"hour": 3}})
+        with open(path, "w") as f:
+            f.write("big unlimited\nsmall hour=1\n")
+        self.clock.advance(29)
+        self.assertEqual(check.overrides, {"big": {"hour": 3}})
+        self.clock.advance(1)
+        self.assertEqual(check.overrides, {"big": None, "small": {"hour": 1}})
+        with open(path, "w") as f:
+            f.write("big nonsense=1\n")
+        with capturedLogs() as events:
+            self.clock.advance(30)
+            self.clock.advance(30)
+        self.assertEqual(check.overrides, {"big": None, "small": {"hour": 1}})
+        errors = [e for e in events if e.get("log_level").name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("nonsense=1", errors[0]["reason"])
+
+    def test_overrides_reload_off(self) -> None:
+        """
+        overrides_reload = 0 reads the file only at start.
+        """
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write("big hour=3\n")
+        check = self.make(overrides=path, overrides_reload=0.0)
+        self.assertEqual(list(check), [])
+
     def test_hold_action(self) -> None:
         """
         The over-limit action may be HOLD, so the mail waits in the hold
