@@ -8,7 +8,11 @@ followed by the chain's decided() call, and prints checks per second.
 Redis is a private redis-server started on a free loopback port (stopped
 by PID at the end) unless C{--redis-endpoint} names one.
 
-    python3 bench/quota_bench.py [--count 20000] [--concurrency 100]
+    python3 bench/quota_bench.py [--count 20000] [--concurrency 100] [--daemon]
+
+With C{--daemon}, it also measures whole requests through a real pfxpold
+daemon (twistd subprocess) on each store: 20 connections, each pipelining
+its share of END-OF-MESSAGE requests, as Postfix's smtpd processes would.
 """
 
 from __future__ import annotations
@@ -114,11 +118,60 @@ async def measure(reactor: Any, store: dict[str, Any], count: int, concurrency: 
     return count / elapsed
 
 
+DAEMON_CONFIG = """
+[server]
+default_action = "DUNNO"
+log_requests = false
+
+[stores.default]
+{store}
+
+[[check]]
+name = "quota"
+type = "quota"
+key = ["sasl_username"]
+limits = [{{ period = "hour", max = 1000000000 }},
+          {{ period = "sliding", seconds = 600, max = 1000000000, precision = 60 }}]
+"""
+
+
+def measure_daemon(directory: str, store: str, count: int, connections: int = 20) -> float:
+    """
+    Requests per second through a pfxpold daemon using C{store}.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.integration.support import encode_request, read_reply, running_daemon
+
+    base = dict(make_request("eod"))
+    per_connection = count // connections
+
+    def one_connection(number: int) -> int:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=120) as sock:
+            payload = b"".join(
+                encode_request(
+                    dict(base, sasl_username=f"user{number}", instance=f"d.{number}.{index}")
+                )
+                for index in range(per_connection)
+            )
+            sock.sendall(payload)
+            answers = [read_reply(sock) for _ in range(per_connection)]
+        assert all(answer == b"action=DUNNO\n\n" for answer in answers), answers[:3]
+        return len(answers)
+
+    with running_daemon(directory, DAEMON_CONFIG.format(store=store)) as daemon:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(connections) as pool:
+            done = sum(pool.map(one_connection, range(connections)))
+        return done / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--redis-endpoint", default=None)
+    parser.add_argument("--daemon", action="store_true", help="also measure through a daemon")
     arguments = parser.parse_args()
 
     from twisted.internet import reactor
@@ -149,6 +202,14 @@ def main() -> None:
     reactor.callWhenRunning(lambda: defer.Deferred.fromCoroutine(run()))
     try:
         reactor.run()
+        if arguments.daemon:
+            print(f"through a pfxpold daemon: {arguments.count} requests on 20 connections")
+            for name, store in stores:
+                table = "\n".join(
+                    f"{key} = {value!r}".replace("'", '"') for key, value in store.items()
+                )
+                rate = measure_daemon(directory, table, arguments.count)
+                print(f"  {name:7} {rate:10.0f} requests/s")
     finally:
         if redis_process is not None:
             redis_process.terminate()
