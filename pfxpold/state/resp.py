@@ -226,6 +226,8 @@ class RedisClient(ClientService):
         description: str = "Redis",
     ) -> None:
         factory = Factory.forProtocol(RedisProtocol)
+        # Connection changes are logged by this client, once and by name.
+        factory.noisy = False
         super().__init__(
             endpoint,
             factory,
