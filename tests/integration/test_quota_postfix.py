@@ -70,6 +70,21 @@ def test_quota_through_postfix(tmp_path: os.PathLike) -> None:
             assert tomorrow.data is not None and tomorrow.data[0] == 250, tomorrow
 
 
+def test_recipients_through_postfix(tmp_path: os.PathLike) -> None:
+    """
+    Counting recipients (12 a day): an 11-recipient message counts 11, so
+    a 2-recipient message is then refused and a 1-recipient one passes.
+    """
+    config = quota_config(tmp_path).replace('unit = "messages"', 'unit = "recipients"')
+    config = config.replace("max = 2", "max = 12")
+    with running_daemon(tmp_path, config) as daemon, running_postfix(daemon.port) as postfix:
+        eleven = [f"r{i}@example.net" for i in range(11)]
+        assert postfix.send("joe@example.com", eleven, login="joe").data[0] == 250
+        two = postfix.send("joe@example.com", ["a@example.net", "b@example.net"], login="joe")
+        assert two.data[0] == 554, two
+        assert postfix.send("joe@example.com", ["c@example.net"], login="joe").data[0] == 250
+
+
 def test_refuse_early_through_postfix(tmp_path: os.PathLike) -> None:
     """
     With refuse_early, once the quota is full the next message is refused
