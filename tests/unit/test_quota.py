@@ -6,7 +6,6 @@ with a Clock for every window.
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -21,6 +20,7 @@ from pfxpold.interfaces import ICheck, IDecisionListener
 from pfxpold.request import PolicyRequest
 from pfxpold.state import Consumption, StoreError
 from pfxpold.testing import CheckTestCase, make_request, run_check
+from tests.unit.lookup_support import temporary_path
 
 # Tue 2027-01-05 10:00:00 UTC
 START = datetime.datetime(2027, 1, 5, 10, 0, tzinfo=datetime.UTC).timestamp()
@@ -278,10 +278,10 @@ class QuotaTests(CheckTestCase):
         Per-identity limits from the overrides file, and unlimited
         identities from the file and the unlimited list.
         """
-        path = self.mktemp()
+        path = temporary_path(self)
         with open(path, "w") as f:
             f.write("# who  limits\nbig hour=3\nfree unlimited\n")
-        check = self.make(overrides=os.path.abspath(path), unlimited=["root"])
+        check = self.make(overrides=path, unlimited=["root"])
         self.assertEqual(self.verbs(check, 4, sasl_username="big"), ["DUNNO"] * 3 + ["DEFER"])
         self.assertEqual(self.verbs(check, 5, sasl_username="free"), ["DUNNO"] * 5)
         self.assertEqual(self.verbs(check, 5, sasl_username="root"), ["DUNNO"] * 5)
@@ -291,10 +291,10 @@ class QuotaTests(CheckTestCase):
         """
         The over-limit text gives the identity's own maximum.
         """
-        path = self.mktemp()
+        path = temporary_path(self)
         with open(path, "w") as f:
             f.write("big hour=1\n")
-        check = self.make(overrides=os.path.abspath(path), action="REJECT {key}: {limit} {max}")
+        check = self.make(overrides=path, action="REJECT {key}: {limit} {max}")
         self.verbs(check, 1, sasl_username="big")
         action = self.send(check, self.message(sasl_username="big"))
         self.assertEqual(str(action), "REJECT big: hour 1")
@@ -305,7 +305,7 @@ class QuotaTests(CheckTestCase):
         overrides_reload seconds; a broken one is logged and the limits in
         force are kept.
         """
-        path = os.path.abspath(self.mktemp())
+        path = temporary_path(self)
         with open(path, "w") as f:
             f.write("big hour=3\n")
         check = self.make(overrides=path, overrides_reload=30.0)
@@ -332,7 +332,7 @@ class QuotaTests(CheckTestCase):
         """
         overrides_reload = 0 reads the file only at start.
         """
-        path = os.path.abspath(self.mktemp())
+        path = temporary_path(self)
         with open(path, "w") as f:
             f.write("big hour=3\n")
         check = self.make(overrides=path, overrides_reload=0.0)

@@ -30,6 +30,7 @@ from pfxpold.state import (
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
 from pfxpold.state.sqlite import SQLiteStore
+from tests.unit.lookup_support import temporary_path
 
 START = 1_800_000_000.0
 
@@ -217,7 +218,7 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
     """
 
     def make_store(self) -> SQLiteStore:
-        path = os.path.abspath(self.mktemp())
+        path = temporary_path(self)
         store = SQLiteStore(
             CheckOptions({"path": path}, name="stores.sqlite", reactor=self.clock),
             run=lambda function: maybeDeferred(function),
@@ -347,8 +348,7 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
         """
         from tests.state_model import apply, operations
 
-        directory = os.path.abspath(self.mktemp())
-        os.makedirs(directory)
+        directory = os.path.dirname(temporary_path(self))
         for seed in range(200):
             clock = Clock()
             clock.advance(START)
