@@ -139,7 +139,9 @@ class Action:
         action.
         """
         verb = self.verb
-        return not (verb in _OPTIONAL_TEXT or verb in _REQUIRED_ARGUMENT or _NUMERIC.fullmatch(verb))
+        return not (
+            verb in _OPTIONAL_TEXT or verb in _REQUIRED_ARGUMENT or _NUMERIC.fullmatch(verb)
+        )
 
     def check_restriction_class(self, restriction_classes: Collection[str]) -> None:
         """

@@ -144,8 +144,9 @@ class PolicyRequestTests(SynchronousTestCase):
 
     def test_protocol_state_uppercased(self):
         """C{protocol_state} is uppercased whatever the case sent."""
-        self.assertEqual(make_request(protocol_state="end-of-message").protocol_state,
-                         "END-OF-MESSAGE")
+        self.assertEqual(
+            make_request(protocol_state="end-of-message").protocol_state, "END-OF-MESSAGE"
+        )
 
     def test_stress(self):
         """C{stress} is true only for C{yes}, in any case."""
@@ -158,9 +159,20 @@ class PolicyRequestTests(SynchronousTestCase):
         """Helpers read a missing attribute as C{""}, as Postfix sends unknowns."""
         request = PolicyRequest({})
         for helper in (
-            "request", "protocol_state", "protocol_name", "instance", "queue_id",
-            "helo_name", "sender", "sender_domain", "recipient", "recipient_domain",
-            "client_address", "client_name", "reverse_client_name", "sasl_username",
+            "request",
+            "protocol_state",
+            "protocol_name",
+            "instance",
+            "queue_id",
+            "helo_name",
+            "sender",
+            "sender_domain",
+            "recipient",
+            "recipient_domain",
+            "client_address",
+            "client_name",
+            "reverse_client_name",
+            "sasl_username",
             "sasl_method",
         ):
             self.assertEqual(getattr(request, helper), "", helper)
