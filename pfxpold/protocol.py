@@ -104,7 +104,6 @@ class PolicyProtocol(LineReceiver):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._closing = True
-        self.factory.connections.discard(self)
         if self._queue:
             self.factory.in_flight -= len(self._queue)
             self._queue.clear()
@@ -112,6 +111,8 @@ class PolicyProtocol(LineReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.factory.connections.discard(self)
+        self.factory.check_closed()
 
     def readConnectionLost(self) -> None:
         """
@@ -320,6 +321,7 @@ class PolicyFactory(Factory):
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
         self._drain_waiters: list[Deferred[None]] = []
+        self._close_waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> PolicyProtocol:
         return PolicyProtocol(self)
@@ -340,9 +342,27 @@ class PolicyFactory(Factory):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def close_connections(self) -> None:
+    def close_connections(self, abort: bool = False) -> Deferred[None]:
         """
         Close every connection; Postfix reconnects to whoever listens next.
+
+        @param abort: drop the connections at once, unwritten answers and
+            all, instead of closing them after what was written is sent.
+        @return: a Deferred that fires once every connection is closed: only
+            then have the last answers left the process.
         """
         for connection in list(self.connections):
-            connection._close()
+            if abort:
+                connection.transport.abortConnection()
+            else:
+                connection._close()
+        waiter: Deferred[None] = Deferred()
+        self._close_waiters.append(waiter)
+        self.check_closed()
+        return waiter
+
+    def check_closed(self) -> None:
+        if not self.connections and self._close_waiters:
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)

@@ -513,11 +513,29 @@ class FactoryTests(ProtocolTestCase):
         self.assertEqual(self.written(), b"action=OK\n\n")
 
     def test_close_connections(self):
-        """close_connections closes every open connection."""
-        other_transport, _ = self.connect()
-        self.factory.close_connections()
+        """
+        close_connections closes every open connection, and its Deferred
+        fires once they are all closed.
+        """
+        other_transport, other = self.connect()
+        closed = self.factory.close_connections()
         self.assertTrue(self.transport.disconnecting)
         self.assertTrue(other_transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.protocol.connectionLost(None)
+        self.assertNoResult(closed)
+        other.connectionLost(None)
+        self.successResultOf(closed)
+
+    def test_close_connections_abort(self):
+        """With abort, connections are dropped at once."""
+        self.factory.close_connections(abort=True)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_close_connections_none_open(self):
+        """With no connection open, close_connections has fired already."""
+        self.protocol.connectionLost(None)
+        self.successResultOf(self.factory.close_connections())
 
 
 class InMemoryClientServerTests(SynchronousTestCase):

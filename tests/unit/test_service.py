@@ -102,10 +102,17 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(event["checks"], "backend")
 
     def test_stop_idle(self):
-        """With nothing in flight, stop closes connections and stops backends at once."""
-        transport, _ = self.connect()
+        """
+        With nothing in flight, stop closes the connections, waits until
+        they are closed, then stops the backends.
+        """
+        transport, protocol = self.connect()
         with capturedLogs():
             stopped = self.service.stopService()
+        self.assertTrue(transport.disconnecting)
+        self.assertNoResult(stopped)
+        self.assertTrue(self.check.running)
+        protocol.connectionLost(None)
         self.successResultOf(stopped)
         self.assertTrue(transport.disconnecting)
         self.assertFalse(self.check.running)
@@ -127,10 +134,16 @@ class ServiceTests(SynchronousTestCase):
             self.assertFalse(transport.disconnecting)
             self.reactor.advance(1)
             self.check.waiting[0].callback("REJECT late but answered")
+            # The answer is written, the connections are closing; the stop
+            # waits until they are closed so the answer leaves the process.
+            self.assertNoResult(stopped)
+            self.assertEqual(transport.value(), b"action=REJECT late but answered\n\n")
+            self.assertTrue(transport.disconnecting)
+            self.assertTrue(idle_transport.disconnecting)
+            self.assertTrue(self.check.running)
+            for connection in list(self.service.factory.connections):
+                connection.connectionLost(None)
             self.successResultOf(stopped)
-        self.assertEqual(transport.value(), b"action=REJECT late but answered\n\n")
-        self.assertTrue(transport.disconnecting)
-        self.assertTrue(idle_transport.disconnecting)
         self.assertFalse(self.check.running)
         self.assertEqual(EVENTS[-1], ("backend stopped", False))
         self.assertTrue([e for e in events if e.get("count") == 1])
@@ -144,9 +157,15 @@ class ServiceTests(SynchronousTestCase):
             self.reactor.advance(4.9)
             self.assertNoResult(stopped)
             self.reactor.advance(0.1)
+            self.assertTrue(transport.disconnecting)
+            self.assertNoResult(stopped)
+            # The connection does not close (its peer reads nothing): it is
+            # dropped after another grace period.
+            self.reactor.advance(5)
             self.successResultOf(stopped)
         self.assertEqual(transport.value(), b"")
-        self.assertTrue(transport.disconnecting)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue([e for e in events if "did not close" in e["log_format"]])
         self.assertFalse(self.check.running)
         self.assertTrue([e for e in events if "still unanswered" in e["log_format"]])
         # The check answering after all changes nothing and raises nothing.
