@@ -213,6 +213,16 @@ class SynchronousChainTests(ChainTestCase):
         chain(Answer("DUNNO"), Answer("OK"), clock=clock).decide(make_request())
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_fast_path_no_deferred(self):
+        """A synchronous chain, listeners included, makes no Deferred at all."""
+
+        def no_deferreds(*args, **kwargs):
+            raise AssertionError("the fast path made a Deferred")
+
+        checks = chain(Listener("DUNNO"), Answer("DUNNO"), Answer(Action("OK")))
+        self.patch(Deferred, "__init__", no_deferreds)
+        self.assertEqual(checks.decide(make_request()).action, Action("OK"))
+
     def test_parsed_strings_cached(self):
         """The same action string is parsed once and the same Action is reused."""
         checks = chain(Answer("REJECT no"))

@@ -181,6 +181,24 @@ class RequestReplyTests(ProtocolTestCase):
         self.assertEqual(self.written(), b"action=REJECT first\n\naction=OK\n\naction=HOLD\n\n")
         self.assertEqual(self.factory.in_flight, 0)
 
+    def test_fast_path(self):
+        """
+        A synchronous decision is answered without a Deferred, without a
+        new timer, and without counting as in flight.
+        """
+
+        def no_deferreds(*args, **kwargs):
+            raise AssertionError("the fast path made a Deferred")
+
+        self.send(request_bytes(answer="OK"))
+        [idle_timer] = self.clock.getDelayedCalls()
+        self.patch(Deferred, "__init__", no_deferreds)
+        for _ in range(3):
+            self.send(request_bytes(answer="OK"))
+        self.assertEqual(self.clock.getDelayedCalls(), [idle_timer])
+        self.assertEqual(self.factory.in_flight, 0)
+        self.assertEqual(self.written(), b"action=OK\n\n" * 4)
+
     def test_synchronous_after_pending(self):
         """A synchronous decision waits behind a pending one."""
         self.send(request_bytes(wait=1, answer="OK"))
