@@ -26,6 +26,7 @@ from pfxpold.config import (
 from pfxpold.interfaces import ICheck
 from pfxpold.protocol import Limits
 from pfxpold.testing import make_options
+from tests.unit.tempdir import temporary_directory
 
 HERE = __name__
 
@@ -87,8 +88,7 @@ class ConfigTestCase(SynchronousTestCase):
 
     def setUp(self):
         self.clock = Clock()
-        self.directory = self.mktemp()
-        os.makedirs(self.directory)
+        self.directory = temporary_directory(self)
 
     def write(self, text, name="pfxpold.toml"):
         path = os.path.join(self.directory, name)

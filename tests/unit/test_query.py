@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.query import build_request, make_parser, query
 from pfxpold.testing import make_request, parse_request
+from tests.unit.tempdir import temporary_directory
 
 
 class BuildRequestTests(SynchronousTestCase):
@@ -102,7 +103,7 @@ class BuildRequestTests(SynchronousTestCase):
 
     def test_request_file(self):
         """A request file is read; options override it."""
-        path = self.mktemp()
+        path = os.path.join(temporary_directory(self), "request.txt")
         with open(path, "wb") as f:
             f.write(b"sender=file@example.com\nrecipient=r@example.com\n\n")
         request = parse_request(self.build(path, "--recipient", "o@example.com"))
@@ -123,7 +124,7 @@ class BuildRequestTests(SynchronousTestCase):
 
     def test_missing_file(self):
         """A missing request file raises OSError (reported by main)."""
-        self.assertRaises(OSError, self.build, os.path.join(self.mktemp(), "nope"))
+        self.assertRaises(OSError, self.build, os.path.join(temporary_directory(self), "nope"))
 
     def test_bad_server(self):
         """A server that is not host:port is refused before connecting."""

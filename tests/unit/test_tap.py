@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pfxpold.checks.demo import DemoCheck
 from pfxpold.service import PolicyService
 from pfxpold.tap import Options, endpoint_description, makeService
+from tests.unit.tempdir import temporary_directory
 
 GOOD = """
 [server]
@@ -44,8 +45,7 @@ class TapTestCase(SynchronousTestCase):
 
     def setUp(self):
         self.reactor = MemoryReactor()
-        self.directory = self.mktemp()
-        os.makedirs(self.directory)
+        self.directory = temporary_directory(self)
         self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "PFXPOLD_CONFIG"})
 
     def write(self, text, name="pfxpold.toml"):
