@@ -97,7 +97,13 @@ class PolicyProtocol(LineReceiver):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        self.peer = f"{host}:{peer.port}" if host is not None else str(getattr(peer, "name", peer))
+        if host is None:
+            self.peer = f"unix:{getattr(peer, 'name', None) or '?'}"
+        elif ":" in host:
+            # IPv6: brackets keep the port apart from the address.
+            self.peer = f"[{host}]:{peer.port}"
+        else:
+            self.peer = f"{host}:{peer.port}"
         self.factory.connections.add(self)
         self.transport.registerProducer(self, True)
         self._arm(self.factory.limits.idle_timeout, "idle")

@@ -106,9 +106,13 @@ class Options(usage.Options):
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
-            except (ValueError, TypeError, KeyError) as e:
+            except Exception as e:
+                # Parsers raise what they like: IndexError for a systemd
+                # socket that was not passed, OSError for a missing TLS
+                # certificate. All of them are the admin's to fix.
                 raise usage.UsageError(
-                    f"cannot listen on {description!r}: {e or 'not an endpoint string'}"
+                    f"cannot listen on {description!r}:"
+                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
                 ) from None
         return configuration
 

@@ -266,6 +266,14 @@ class RequestReplyTests(ProtocolTestCase):
         [event] = [e for e in events if "verdicts" in e]
         self.assertEqual(event["verdicts"], [("a", "DUNNO"), ("b", "OK")])
 
+    def test_ipv6_peer(self):
+        """An IPv6 peer is logged with brackets around the address."""
+        from twisted.internet.address import IPv6Address
+
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport(peerAddress=IPv6Address("TCP", "::1", 4000)))
+        self.assertEqual(protocol.peer, "[::1]:4000")
+
     def test_unix_peer(self):
         """A unix socket peer is named in the log without crashing."""
         factory = PolicyFactory(self.decider, self.clock, self.limits, log_requests=False)
@@ -274,6 +282,7 @@ class RequestReplyTests(ProtocolTestCase):
         protocol.makeConnection(transport)
         protocol.dataReceived(request_bytes(answer="OK"))
         self.assertEqual(transport.value(), b"action=OK\n\n")
+        self.assertEqual(protocol.peer, "unix:?")
 
 
 class LimitTests(ProtocolTestCase):

@@ -90,7 +90,15 @@ class EndpointTests(TapTestCase):
 
     def test_invalid_endpoint(self):
         """An invalid endpoint is a usage error naming it."""
-        for bad in ("nosuch:1", "tcp:notaport", "tcp"):
+        for bad in (
+            "nosuch:1",
+            "tcp:notaport",
+            "tcp",
+            "tcp:1:backlog=x",
+            # Outside systemd socket activation there is no socket 0.
+            "systemd:domain=INET:index=0",
+            "ssl:443:privateKey=/nonexistent/key.pem",
+        ):
             error = self.assertRaises(usage.UsageError, self.parse, "--port", bad)
             self.assertIn(repr(bad), str(error))
 
