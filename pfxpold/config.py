@@ -415,6 +415,9 @@ def load_configuration(path: str, reactor: IReactorTime) -> Configuration:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        # TOML files are UTF-8; an editor saving Latin-1 is a common slip.
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
     return load_document(document, reactor, path)
 
 

@@ -237,6 +237,21 @@ class ErrorTests(ConfigTestCase):
         self.assertIn(path, str(error))
         self.assertIn("cannot read", str(error))
 
+    def test_unreadable_directory(self):
+        """A path that is a directory cannot be read either."""
+        error = self.assertRaises(ConfigError, load_configuration, self.directory, self.clock)
+        self.assertIn(self.directory, str(error))
+        self.assertIn("cannot read", str(error))
+
+    def test_not_utf8(self):
+        """A file that is not UTF-8 is reported as invalid TOML, not a crash."""
+        path = os.path.join(self.directory, "latin1.toml")
+        with open(path, "wb") as f:
+            f.write(b'[server]\ndefault_action = "REJECT caf\xe9"\n')
+        error = self.assertRaises(ConfigError, load_configuration, path, self.clock)
+        self.assertIn(path, str(error))
+        self.assertIn("not UTF-8 at byte 37", str(error))
+
     def test_missing_type(self):
         """A check without a type."""
         self.assertConfigError('[[check]]\nname = "x"\n', "check 'x'", "key 'type'", "required")
