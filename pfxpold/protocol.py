@@ -170,6 +170,10 @@ class PolicyProtocol(LineReceiver):
         self._closing = True
         self._attributes = {}
         self.clearLineBuffer()
+        # A transport that paused us (its write buffer was full) resumes its
+        # producer when the buffer drains instead of finishing a
+        # loseConnection: unregister first, or the connection never closes.
+        self.transport.unregisterProducer()
         if abort:
             self.transport.abortConnection()
         else:

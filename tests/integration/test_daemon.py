@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -267,6 +268,41 @@ def test_request_timeout(daemon):
         assert closed_without_reply(sock)
         assert time.monotonic() - started >= 1.0
     assert "not finished within 1.5s" in daemon.log()
+
+
+def test_close_while_write_buffer_full(tmp_path):
+    """
+    A connection closed while its peer reads nothing (the daemon's write
+    buffer full, so the transport has paused it) really closes once the
+    peer reads again, instead of staying open forever.
+    """
+    config = SHARED_CONFIG.replace(
+        "deadline = 3.0", "deadline = 1.0\nidle_timeout = 1.5\nlog_requests = false"
+    )
+    with running_daemon(tmp_path, config) as daemon:
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=30)
+        request = encode_request({"answer": "REJECT " + "x" * 250})
+
+        def flood():
+            try:
+                sock.sendall(request * 40000)
+            except OSError:
+                pass  # the daemon stopped reading, then closed
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        wait_until(lambda: "closing idle connection" in daemon.log(), message="the idle close")
+        sock.settimeout(15)
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass  # closed with our unread requests still in its buffer
+        except TimeoutError:
+            pytest.fail("the connection stayed open after the daemon closed it")
+        finally:
+            sock.close()
+            sender.join(30)
 
 
 # Clients

@@ -476,6 +476,18 @@ class FlowControlTests(ProtocolTestCase):
         self.protocol.resumeProducing()
         self.assertEqual(self.written(), b"action=OK\n\n")
 
+    def test_close_unregisters(self):
+        """
+        Closing unregisters us as the transport's producer, even while the
+        transport has us paused, so the close is not traded for a resume.
+        """
+        self.assertIs(self.transport.producer, self.protocol)
+        self.protocol.pauseProducing()
+        self.send(request_bytes(answer="noreply"))
+        self.protocol.resumeProducing()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
+
     def test_both_reasons(self):
         """Reading resumes only when every reason to pause is gone."""
         self.protocol.pauseProducing()
