@@ -122,16 +122,29 @@ class PolicyProtocol(LineReceiver):
 
     def readConnectionLost(self) -> None:
         """
-        The client sent its last request: answer what is in flight, then
-        close. A half-finished request is dropped, as on any close.
+        The client sent its last request: answer every request it sent,
+        then close. A half-finished request is dropped, as on any close.
         """
         self._eof = True
-        if self._attributes:
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """
+        After the client's half-close, close once every request it sent is
+        answered, including requests still unread because we had paused
+        reading (LineReceiver keeps them in C{_buffer}).
+        """
+        if not self._eof or self._closing or self._queue:
+            return
+        if self.delimiter in self._buffer:
+            # Complete lines not read yet: reading resumes, or the loop
+            # reading them is still running; both come back here.
+            return
+        if self._attributes or self._buffer:
             self._log.info(
                 "connection from {peer} closed in the middle of a request", peer=self.peer
             )
-        if not self._queue:
-            self._close()
+        self._close()
 
     def writeConnectionLost(self) -> None:
         self._close(abort=True)
@@ -192,6 +205,7 @@ class PolicyProtocol(LineReceiver):
             self._paused_for.discard(why)
             if not self._paused_for and not self._closing:
                 LineReceiver.resumeProducing(self)
+                self._finish_if_done()
 
     def pauseProducing(self) -> None:
         self._pause("write buffer full")
@@ -265,8 +279,7 @@ class PolicyProtocol(LineReceiver):
             self._answer(head.request, head.decision, head.started)
         if len(queue) < factory.limits.max_pipelined:
             self._resume("too many requests in flight")
-        if self._eof and not queue:
-            self._close()
+        self._finish_if_done()
         factory.check_drained()
 
     def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:

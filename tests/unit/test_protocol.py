@@ -416,6 +416,34 @@ class HalfCloseTests(ProtocolTestCase):
         self.assertEqual(self.written(), b"action=OK\n\naction=REJECT x\n\n")
         self.assertTrue(self.transport.disconnecting)
 
+    def test_unread_requests_answered(self):
+        """
+        Requests still unread because the transport had paused us are read
+        and answered after the half-close, then the connection closes.
+        """
+        self.protocol.pauseProducing()
+        self.send(request_bytes(answer="OK") + request_bytes(answer="REJECT two") + b"x=1")
+        self.protocol.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        with capturedLogs() as events:
+            self.protocol.resumeProducing()
+        self.assertEqual(self.written(), b"action=OK\n\naction=REJECT two\n\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertTrue([e for e in events if "middle of a request" in e["log_format"]])
+
+    def test_unread_requests_behind_pipelined(self):
+        """
+        Requests unread because too many were in flight are read and
+        answered after the half-close, in order, then the connection closes.
+        """
+        self.send(b"".join(request_bytes(wait=1, answer=f"HOLD {i}") for i in range(5)))
+        self.protocol.readConnectionLost()
+        for i in range(5):
+            self.assertFalse(self.transport.disconnecting)
+            self.decider.fire(i)
+        self.assertEqual(self.written(), b"".join(b"action=HOLD %d\n\n" % i for i in range(5)))
+        self.assertTrue(self.transport.disconnecting)
+
     def test_nothing_in_flight(self):
         """With nothing in flight, readConnectionLost closes at once."""
         self.send(request_bytes(answer="OK"))
