@@ -538,6 +538,42 @@ def test_tac(tmp_path):
             assert client.ask({"fail": "action"}) == "REJECT check failed"
 
 
+def test_daemonized(tmp_path):
+    """
+    twistd pfxpold --port N (no -n) forks into the background with a
+    pidfile and a logfile, answers, and stops on SIGTERM to that PID,
+    removing its pidfile.
+    """
+    path = tmp_path / "daemon.toml"
+    path.write_text(SHARED_CONFIG)
+    pidfile, logfile = tmp_path / "pfxpold.pid", tmp_path / "pfxpold.log"
+    port = free_port()
+    result = run_twistd(
+        f"--pidfile={pidfile}",
+        f"--logfile={logfile}",
+        "pfxpold",
+        "--port",
+        str(port),
+        "--config",
+        str(path),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), message="the pidfile")
+    )
+    try:
+        wait_for_port(port)
+        with PolicyClient(port) as client:
+            assert client.ask({"answer": "HOLD daemonized"}) == "HOLD daemonized"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pidfile.exists(), message="the daemon to remove its pidfile")
+    log = logfile.read_text()
+    assert "Server Shut Down." in log
+    assert "Traceback" not in log
+
+
 def test_demo_without_configuration(tmp_path):
     """With no configuration at all, the demo answers the original README's request."""
     nc = shutil.which("nc")
