@@ -267,7 +267,17 @@ class PolicyProtocol(LineReceiver):
             self._pause("too many requests in flight")
         if not isinstance(result, Deferred):
             result = succeed(result)
+        result.addErrback(self._decider_failed)
         result.addCallback(self._decided, pending)
+
+    def _decider_failed(self, failure: Failure) -> Decision:
+        """
+        The decider broke its promise never to fail: rather than leave the
+        request (and every one behind it) waiting until Postfix times out,
+        answer nothing and close, so Postfix retries at once.
+        """
+        self._log.failure("deciding a request from {peer} failed", failure, peer=self.peer)
+        return Decision(None, "error")
 
     def _decided(self, decision: Decision, pending: _Pending) -> None:
         pending.decision = decision

@@ -199,6 +199,22 @@ class RequestReplyTests(ProtocolTestCase):
         self.assertEqual(self.factory.in_flight, 0)
         self.assertEqual(self.written(), b"action=OK\n\n" * 4)
 
+    def test_decider_fails(self):
+        """
+        A decider whose Deferred fails (it must not) closes the connection
+        after the earlier answers, logged, instead of leaving it hanging.
+        """
+        self.send(request_bytes(wait=1, answer="OK") + request_bytes(wait=1, answer="OK"))
+        with capturedLogs() as events:
+            self.decider.waiting[1][0].errback(RuntimeError("decider bug"))
+            self.decider.fire(0)
+        self.assertEqual(self.written(), b"action=OK\n\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.factory.in_flight, 0)
+        [event] = [e for e in events if "log_failure" in e]
+        self.assertEqual(event["peer"], "192.0.2.9:40000")
+        self.flushLoggedErrors(RuntimeError)
+
     def test_synchronous_after_pending(self):
         """A synchronous decision waits behind a pending one."""
         self.send(request_bytes(wait=1, answer="OK"))
