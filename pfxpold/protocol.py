@@ -370,6 +370,10 @@ class PolicyFactory(Factory):
         return waiter
 
     def check_drained(self) -> None:
+        """
+        Fire the L{drained} waiters if no request is in flight; called
+        whenever requests are answered or dropped.
+        """
         if self.in_flight <= 0 and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
@@ -395,6 +399,10 @@ class PolicyFactory(Factory):
         return waiter
 
     def check_closed(self) -> None:
+        """
+        Fire the L{close_connections} waiters if no connection is left;
+        called by each connection as it is lost.
+        """
         if not self.connections and self._close_waiters:
             waiters, self._close_waiters = self._close_waiters, []
             for waiter in waiters:
