@@ -35,6 +35,7 @@ CHECKS = "tests.integration.daemon_checks"
 
 SHARED_CONFIG = f"""
 [server]
+log_verdicts = true
 deadline = 3.0
 on_deadline = "DEFER_IF_PERMIT deadline passed"
 request_timeout = 1.5
@@ -150,6 +151,19 @@ def test_postfix_fixtures(daemon):
         " ms)",
     ):
         assert part in line, line
+
+
+def test_verdicts_logged(daemon):
+    """With log_verdicts, each check's verdict is logged for every request."""
+    with daemon.client() as client:
+        assert client.ask({"fail": "skip", "answer": "HOLD verdicts"}) == "HOLD verdicts"
+    wait_until(
+        lambda: (
+            "('action', 'DUNNO'), ('skip', 'error'), ('noreply', 'DUNNO'),"
+            " ('script', 'HOLD verdicts')" in daemon.log()
+        ),
+        message="the verdicts line",
+    )
 
 
 def test_many_requests_one_connection(daemon):
