@@ -117,7 +117,8 @@ class _Table:
     def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
         value = self._get(key, default, (int, float), "a number")
         if value is None:
-            return value
+            # TOML has no null: only a default of None gets here.
+            return default
         if positive and not value > 0:
             raise self.error(key, f"must be greater than 0, not {value}")
         return float(value)

@@ -78,6 +78,8 @@ class PolicyProtocol(LineReceiver):
 
     delimiter = b"\n"
     _log = Logger()
+    # Always connected while we use it (Twisted types it as optional).
+    transport: Any
 
     def __init__(self, factory: PolicyFactory) -> None:
         self.factory = factory
@@ -95,7 +97,7 @@ class PolicyProtocol(LineReceiver):
     # Connection life
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer: Any = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host is None:
             self.peer = f"unix:{getattr(peer, 'name', None) or '?'}"
@@ -108,7 +110,7 @@ class PolicyProtocol(LineReceiver):
         self.transport.registerProducer(self, True)
         self._arm(self.factory.limits.idle_timeout, "idle")
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._closing = True
         if self._queue:
             self.factory.in_flight -= len(self._queue)
