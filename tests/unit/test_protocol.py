@@ -3,6 +3,8 @@ Tests for L{pfxpold.protocol}: the policy protocol on one connection, its
 limits and timeouts, and the factory's bookkeeping.
 """
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -13,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pfxpold.action import Action
-from pfxpold.chain import Decision
-from pfxpold.interfaces import IPolicyDecider
+from pfxpold.chain import ChainEntry, CheckChain, Decision, ErrorPolicy
+from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.protocol import Limits, PolicyFactory
 from pfxpold.testing import fixture_bytes
 
@@ -46,6 +48,20 @@ class ScriptedDecider:
     def fire(self, index):
         waiting, decision = self.waiting[index]
         waiting.callback(decision)
+
+
+#: Pieces of the protocol for the fuzz test to mix with random bytes.
+FRAGMENTS = [
+    b"\n",
+    b"\r\n",
+    b"sender=a@b.example\n",
+    b"answer=REJECT no\n",
+    b"answer=OK\n\n",
+    b"answer=noreply\n\n",
+    b"wait=1\n",
+    b"=\n",
+    b"x" * 300,
+]
 
 
 def request_bytes(**attributes):
@@ -654,3 +670,57 @@ class InMemoryClientServerTests(SynchronousTestCase):
         pump.flush()
         self.assertEqual(client.lines, [b"action=REJECT slow", b"", b"action=OK", b""])
         self.assertEqual(factory.in_flight, 0)
+
+
+@implementer(ICheck, IDecisionListener)
+class EchoCheck:
+    """Answers the request's C{answer} attribute and counts the decisions."""
+
+    def __init__(self):
+        self.decisions = 0
+
+    def check(self, request):
+        return request.get("answer", "DUNNO")
+
+    def decided(self, request, action):
+        self.decisions += 1
+
+
+class FuzzTests(SynchronousTestCase):
+    """
+    Whatever bytes a client sends, the daemon neither crashes nor writes
+    anything but whole action lines, exactly one per request decided.
+    """
+
+    @given(st.lists(st.binary(max_size=300) | st.sampled_from(FRAGMENTS), max_size=30))
+    @settings(max_examples=300, deadline=None)
+    def test_any_bytes(self, chunks):
+        """Random chunks (mixed with protocol fragments) never break a connection's replies."""
+        clock = Clock()
+        echo = EchoCheck()
+        chain = CheckChain(
+            [ChainEntry("echo", echo, 1.0, ErrorPolicy.parse("REJECT invalid"))],
+            default_action=None,
+            deadline=5.0,
+            deadline_policy=ErrorPolicy.parse("noreply"),
+            clock=clock,
+        )
+        factory = PolicyFactory(chain, clock, ProtocolTestCase.limits, log_requests=False)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 40000))
+        protocol.makeConnection(transport)
+        with capturedLogs():
+            for chunk in chunks:
+                if transport.disconnecting:
+                    break
+                protocol.dataReceived(chunk)
+        written = transport.value()
+        replies = written.split(b"\n\n")
+        self.assertEqual(replies[-1], b"")
+        for reply in replies[:-1]:
+            self.assertTrue(reply.startswith(b"action="), written)
+            self.assertGreater(len(reply), len(b"action="))
+            self.assertNotIn(b"\n", reply)
+            self.assertNotIn(b"\r", reply)
+        self.assertEqual(len(replies) - 1, echo.decisions)
+        self.assertEqual(clock.getDelayedCalls()[1:], [])
