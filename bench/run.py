@@ -319,7 +319,7 @@ def _index(value: str, prefix: str) -> int:
     return int(digits)
 
 
-def setup_chain(directory: str, requests: list[dict]):
+def setup_chain(directory: str, requests: list[dict], quota: bool = True):
     """
     The realistic chain: the 100k access map on the sender, then an SQL
     table of client addresses (SQLite, cached), a DNS list of clients
@@ -378,17 +378,21 @@ on_error = "skip"
 
 [[check.lists]]
 zone = "bl.bench.test"
-
+"""
+        )
+        if quota:
+            f.write(
+                """
 [[check]]
 name = "quota"
 type = "quota"
 key = ["sender"]
 unit = "recipients"
 stage = "RCPT"
-limits = [{{ period = "day", max = 1000000000 }}]
+limits = [{ period = "day", max = 1000000000 }]
 on_error = "skip"
 """
-        )
+            )
 
     def expect(request: dict) -> list[str]:
         action = table.get(request["sender"].lower(), "DUNNO")
@@ -426,6 +430,13 @@ SCENARIOS = [
         needs=("file", "sql", "dnsbl", "quota"),
     ),
     # Optional scenarios: name them with --scenarios.
+    Scenario(
+        "chain-noquota",
+        "the realistic chain without the quota check",
+        lambda directory, requests: setup_chain(directory, requests, quota=False),
+        needs=("file", "sql", "dnsbl"),
+        optional=True,
+    ),
     Scenario(
         "demo-nolog", "pfxpold, demo check, log_requests = false", _demo(False), optional=True
     ),
@@ -626,18 +637,33 @@ def run_loadgen(
 # Profiling
 
 
-def summarize_profile(path: str, top: int = 25) -> str:
+#: Twisted frames worth showing beside pfxpold's own: reading, writing and
+#: the request log's observer.
+_TWISTED_FRAMES = (
+    "Connection.doRead",
+    "FileDescriptor.doWrite",
+    "Logger.emit",
+    "FileLogObserver.__call__",
+    "formatTime",
+    "Deferred._runCallbacks",
+)
+
+
+def summarize_profile(path: str, top: int = 30) -> str:
     """
-    The functions taking most of the samples in a py-spy raw (collapsed
-    stacks) file: inclusive and own shares.
+    Where the samples in a py-spy raw (collapsed stacks) file went: the
+    inclusive share of pfxpold's functions (and a few of Twisted's), and
+    the functions with the largest own share.
     """
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
     total = 0
 
-    def name(frame: str) -> str:
+    def name(frame: str) -> tuple[str, bool]:
         function, _, where = frame.partition(" (")
-        return f"{function} ({os.path.basename(where.split(':')[0])})" if where else function
+        path = where.split(":")[0]
+        ours = "pfxpold/" in path or function in _TWISTED_FRAMES
+        return f"{function} ({os.path.basename(path)})" if where else function, ours
 
     with open(path) as f:
         for line in f:
@@ -647,19 +673,20 @@ def summarize_profile(path: str, top: int = 25) -> str:
             samples = int(count)
             total += samples
             frames = [name(frame) for frame in stack.split(";")]
-            for frame in set(frames):
-                inclusive[frame] = inclusive.get(frame, 0) + samples
-            own[frames[-1]] = own.get(frames[-1], 0) + samples
+            for frame, ours in set(frames):
+                if ours:
+                    inclusive[frame] = inclusive.get(frame, 0) + samples
+            own[frames[-1][0]] = own.get(frames[-1][0], 0) + samples
     if not total:
         return "(no samples)"
-    lines = [f"{total} samples", "", "| inclusive | own | function |", "| ---: | ---: | --- |"]
-    ranked = sorted(inclusive.items(), key=lambda item: -item[1])
-    # Skip the frames every sample has (twistd, the reactor loop).
-    ranked = [item for item in ranked if item[1] < total * 0.97][:top]
-    for frame, samples in ranked:
-        lines.append(
-            f"| {100 * samples / total:.1f} % | {100 * own.get(frame, 0) / total:.1f} % | `{frame}` |"
-        )
+    lines = [
+        f"{total} samples (all threads)",
+        "",
+        "| inclusive | function |",
+        "| ---: | --- |",
+    ]
+    for frame, samples in sorted(inclusive.items(), key=lambda item: -item[1])[:top]:
+        lines.append(f"| {100 * samples / total:.1f} % | `{frame}` |")
     lines += ["", "| own | function |", "| ---: | --- |"]
     for frame, samples in sorted(own.items(), key=lambda item: -item[1])[:15]:
         lines.append(f"| {100 * samples / total:.1f} % | `{frame}` |")
