@@ -584,7 +584,13 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
         command, cwd=directory, env=env, stdout=output, stderr=subprocess.STDOUT
     )
     output.close()
-    wait_for_port(port, process)
+    try:
+        wait_for_port(port, process)
+    except RuntimeError as e:
+        log = _read(os.path.join(directory, "output.txt")) + _read(
+            os.path.join(directory, "pfxpold.log")
+        )
+        raise RuntimeError(f"{scenario.name}: {e}\n{log[-3000:]}") from None
     pids = [process.pid]
     if scenario.workers > 1:
         deadline = time.monotonic() + 30
@@ -882,6 +888,8 @@ def pick_scenarios(
                 for name in scenario.needs
                 if not os.path.exists(os.path.join(baseline, "pfxpold", "checks", f"{name}.py"))
             ]
+            if scenario.workers > 1:
+                continue  # a checkout without this branch has no --workers
             if scenario.runs_pfxpold and lacking:
                 print(
                     f"SKIPPED scenario {scenario.name}@baseline: check type(s)"
