@@ -298,11 +298,11 @@ def map_expectation(table: dict) -> Callable[[dict], list[str]]:
     return expect
 
 
-def setup_map(directory: str, requests: list[dict]):
+def setup_map(directory: str, requests: list[dict], log_requests: bool = True):
     table = write_access_map(os.path.join(directory, "senders.map"), Population())
     config = os.path.join(directory, "pfxpold.toml")
     with open(config, "w") as f:
-        f.write(server_table())
+        f.write(server_table(log_requests=log_requests))
         f.write(MAP_CHECK)
     return pfxpold_command(config), map_expectation(table)
 
@@ -430,6 +430,13 @@ SCENARIOS = [
         needs=("file", "sql", "dnsbl", "quota"),
     ),
     # Optional scenarios: name them with --scenarios.
+    Scenario(
+        "map-100k-nolog",
+        "pfxpold, access map of 100,000 entries, log_requests = false",
+        lambda directory, requests: setup_map(directory, requests, log_requests=False),
+        needs=("file",),
+        optional=True,
+    ),
     Scenario(
         "chain-noquota",
         "the realistic chain without the quota check",
