@@ -325,6 +325,10 @@ def setup_chain(directory: str, requests: list[dict], quota: bool = True):
     table of client addresses (SQLite, cached), a DNS list of clients
     (cached; a DNS server this set-up starts), and a recipient quota in the
     SQLite store that no sender reaches (so every request writes it).
+
+    Every check's on_error answer names it, so that a check failing under
+    load (which would fail open or closed in production) shows as a wrong
+    answer saying which.
     """
     import sqlite3
 
@@ -367,14 +371,14 @@ query = "SELECT action FROM client_acl WHERE client = :client_address"
 cache_size = 10000
 cache_positive_ttl = 3600.0
 cache_negative_ttl = 3600.0
-on_error = "skip"
+on_error = "DEFER_IF_PERMIT clients check failed"
 
 [[check]]
 name = "dnsbl"
 type = "dnsbl"
 resolvers = ["127.0.0.1:{dns_port}"]
 action = "554 5.7.1 Client listed"
-on_error = "skip"
+on_error = "DEFER_IF_PERMIT dnsbl check failed"
 
 [[check.lists]]
 zone = "bl.bench.test"
@@ -390,7 +394,7 @@ key = ["sender"]
 unit = "recipients"
 stage = "RCPT"
 limits = [{ period = "day", max = 1000000000 }]
-on_error = "skip"
+on_error = "DEFER_IF_PERMIT quota check failed"
 """
             )
 
