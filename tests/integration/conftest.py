@@ -1,0 +1,30 @@
+"""
+Fixtures shared by several integration test modules.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.deployment import Installation, install
+
+
+@pytest.fixture(scope="session")
+def pfxpold_installation() -> Iterator[Installation]:
+    """
+    pfxpold built from this checkout (sdist, then a wheel from the sdist)
+    and installed in one fresh virtualenv for the whole session, under a
+    world-readable temporary directory outside /root so that the service
+    user of the privilege tests can run it.
+    """
+    # Not tmp_path_factory: pytest makes its directories 0700, which the
+    # unprivileged service user cannot enter.
+    root = tempfile.mkdtemp(prefix="pfxpold-installation-")
+    try:
+        yield install(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
