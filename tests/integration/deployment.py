@@ -391,6 +391,24 @@ def listening_on(port: int, timeout: float = 20.0) -> Callable[[Twistd], None]:
     return ready
 
 
+def log_says(path: str, text: str, timeout: float = 20.0) -> Callable[[Twistd], None]:
+    """
+    A C{ready} callable for L{running_twistd}: wait until the log file
+    C{path} contains C{text} (for listeners a port probe cannot tell
+    apart from a previous run's, like a unix socket left behind).
+    """
+
+    def ready(twistd: Twistd) -> None:
+        def said() -> bool:
+            if twistd.process.poll() is not None:
+                raise RuntimeError(f"twistd exited with {twistd.process.returncode}")
+            return os.path.exists(path) and text in read_file(path)
+
+        wait_until(said, timeout, what=f"{text!r} in {path}")
+
+    return ready
+
+
 def read_file(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

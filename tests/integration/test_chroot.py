@@ -1,0 +1,299 @@
+"""
+chroot for real: C{twistd --chroot JAIL --uid nobody --gid nogroup
+pfxpold} loads its configuration and imports every check module before
+twistd changes root, so it answers from inside a jail that holds nothing
+but C{dev/null}, C{etc/passwd} and C{etc/group}.
+
+Two layouts, both in the README's "Running it in production":
+
+  - the jail is Postfix's queue directory and pfxpold listens on
+    C{unix:/private/pfxpold} inside it, which Postfix's smtpd (user
+    postfix, working directory the queue directory) reaches as
+    C{unix:private/pfxpold};
+  - the jail is pfxpold's own directory and pfxpold listens on TCP.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+import textwrap
+
+import pytest
+
+from tests.integration.deployment import (
+    SERVICE_GROUP,
+    SERVICE_USER,
+    SYSTEM_PYTHON,
+    build_jail,
+    listening_on,
+    log_says,
+    read_file,
+    require_root,
+    running_twistd,
+    world_readable_directory,
+)
+from tests.integration.support import IN_CI, PolicyClient, free_port, require_program
+
+DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
+
+#: A user's own check module, imported by dotted path from the
+#: configuration. NetworkCheck imports what it needs at module top, as
+#: checks must; LazyImportCheck imports a module only when a request comes,
+#: which cannot work inside the jail: it shows the jail is real.
+USER_CHECKS = '''\
+"""Checks of a (pretend) site package, for the chroot test."""
+
+import ipaddress
+
+from zope.interface import implementer
+
+from pfxpold.interfaces import ICheck
+
+
+@implementer(ICheck)
+class NetworkCheck:
+    def __init__(self, options):
+        self.networks = [ipaddress.ip_network(n) for n in options.strings("networks")]
+
+    def check(self, request):
+        if any(request.client_ip in network for network in self.networks):
+            return "OK known network"
+        return "DUNNO"
+
+
+@implementer(ICheck)
+class LazyImportCheck:
+    def __init__(self, options):
+        pass
+
+    def check(self, request):
+        import colorsys  # noqa: F401 - too late: the jail has no standard library
+
+        return "REJECT colorsys was importable inside the jail"
+'''
+
+JAIL_CONFIG = """\
+[server]
+default_action = "DUNNO"
+
+[[check]]
+name = "networks"
+type = "site_checks:NetworkCheck"
+networks = ["192.0.2.0/24"]
+
+[[check]]
+name = "lazy"
+type = "site_checks:LazyImportCheck"
+on_error = "DEFER_IF_PERMIT lazy import failed"
+"""
+
+
+def _require_jail_prerequisites(installation) -> None:
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    assert installation.base_python == SYSTEM_PYTHON
+
+
+def _postfix_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam("postfix")
+    except KeyError:
+        message = "no postfix user: install Debian's postfix (scripts/setup-test-env)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_jail_is_the_postfix_queue_directory(pfxpold_installation, tmp_path):
+    """
+    Chrooted into a directory laid out like Postfix's queue directory and
+    listening on unix:/private/pfxpold, pfxpold answers the postfix user
+    who connects to private/pfxpold relative to that directory, as smtpd
+    does; it answers again after a restart, whose socket the first run
+    (already nobody when it stopped) could not remove.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    postfix = _postfix_user()
+    work = world_readable_directory(str(tmp_path), "work")
+    queue = build_jail(os.path.join(work, "spool-postfix"))
+    private = os.path.join(queue, "private")
+    os.mkdir(private, 0o700)
+    os.chown(private, postfix.pw_uid, 0)
+    socket_path = os.path.join(private, "pfxpold")
+    arguments = [
+        "-n",
+        "--pidfile=",
+        "--chroot",
+        queue,
+        "--uid",
+        SERVICE_USER,
+        "--gid",
+        SERVICE_GROUP,
+        "pfxpold",
+        "--port",
+        "unix:/private/pfxpold",
+    ]
+    answers = []
+    for run in range(2):
+        log_path = f"{work}/pfxpold-{run}.log"
+        with running_twistd(
+            pfxpold_installation,
+            work,
+            [f"--logfile={log_path}", *arguments],
+            log_says(log_path, "pfxpold serving on"),
+        ) as twistd:
+            assert os.readlink(f"/proc/{twistd.pid}/root") == queue
+            assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+            asked = pfxpold_installation.run(
+                [
+                    "pfxpold-query",
+                    "--server",
+                    "unix:private/pfxpold",
+                    "--sender",
+                    f"run{run}@example.com",
+                ],
+                cwd=queue,
+                user=postfix.pw_uid,
+                group=postfix.pw_gid,
+                extra_groups=[],
+            )
+            assert asked.returncode == 0, asked.stderr
+            answers.append(asked.stdout.strip())
+        # Stopped as nobody, it could not unlink its socket from private/
+        # (postfix's, mode 0700); the next start (as root, with the unix
+        # endpoint's default lockfile) replaces the stale socket.
+        assert os.path.exists(socket_path)
+    assert set(answers) <= DEMO_ANSWERS and len(answers) == 2
+    assert "from=<run0@example.com>" in read_file(f"{work}/pfxpold-0.log")
+    assert "from=<run1@example.com>" in read_file(f"{work}/pfxpold-1.log")
+
+
+def test_dotted_path_check_in_its_own_jail(pfxpold_installation, tmp_path):
+    """
+    Chrooted into a bare jail, a configuration naming a user's check by
+    dotted path (found on PYTHONPATH outside the jail) answers: the check's
+    module and its imports were loaded in makeService, before the chroot.
+    A check that imports a module only when a request comes fails inside
+    the jail, and the chain answers its on_error action: the jail is real.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    site = world_readable_directory(work, "site")
+    with open(os.path.join(site, "site_checks.py"), "w", encoding="utf-8") as module:
+        module.write(textwrap.dedent(USER_CHECKS))
+    config_path = os.path.join(work, "pfxpold.toml")
+    with open(config_path, "w", encoding="utf-8") as config:
+        config.write(JAIL_CONFIG)
+    jail = build_jail(os.path.join(work, "jail"))
+    port = free_port()
+    arguments = [
+        "-n",
+        "--pidfile=",
+        f"--logfile={work}/pfxpold.log",
+        "--chroot",
+        jail,
+        "--uid",
+        SERVICE_USER,
+        "--gid",
+        SERVICE_GROUP,
+        "pfxpold",
+        "--config",
+        config_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+    ]
+    with (
+        running_twistd(
+            pfxpold_installation,
+            work,
+            arguments,
+            listening_on(port),
+            extra_environment={"PYTHONPATH": site},
+        ) as twistd,
+        PolicyClient(port) as client,
+    ):
+        assert os.readlink(f"/proc/{twistd.pid}/root") == jail
+        known = client.ask({"client_address": "192.0.2.7", "sender": "a@example.com"})
+        lazy = client.ask({"client_address": "198.51.100.1", "sender": "b@example.com"})
+        again = client.ask({"client_address": "192.0.2.8", "sender": "c@example.com"})
+    assert (known, lazy, again) == (
+        "OK known network",
+        "DEFER_IF_PERMIT lazy import failed",
+        "OK known network",
+    )
+    log = read_file(f"{work}/pfxpold.log")
+    assert "No module named 'colorsys'" in log
+
+
+def test_outside_the_jail_the_lazy_check_works(pfxpold_installation, tmp_path):
+    """
+    The control for the test above: the same configuration without
+    --chroot answers the lazy check's own action, so the failure inside the
+    jail comes from the jail and not from the check.
+    """
+    work = world_readable_directory(str(tmp_path), "work")
+    site = world_readable_directory(work, "site")
+    with open(os.path.join(site, "site_checks.py"), "w", encoding="utf-8") as module:
+        module.write(textwrap.dedent(USER_CHECKS))
+    config_path = os.path.join(work, "pfxpold.toml")
+    with open(config_path, "w", encoding="utf-8") as config:
+        config.write(JAIL_CONFIG)
+    port = free_port()
+    arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "pfxpold"]
+    arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+    with (
+        running_twistd(
+            pfxpold_installation,
+            work,
+            arguments,
+            listening_on(port),
+            extra_environment={"PYTHONPATH": site},
+        ),
+        PolicyClient(port) as client,
+    ):
+        lazy = client.ask({"client_address": "198.51.100.1", "sender": "b@example.com"})
+    assert lazy == "REJECT colorsys was importable inside the jail"
+
+
+@pytest.mark.parametrize(
+    ("missing", "complaint"),
+    [
+        ("etc/passwd", "getpwuid(): uid not found"),
+        ("dev/null", "No such file or directory: '/dev/null'"),
+    ],
+)
+def test_jail_without_a_required_file_fails_at_start(
+    pfxpold_installation, tmp_path, missing, complaint
+):
+    """
+    The jail's contents are needed, and missing ones fail loudly at start
+    rather than later: without etc/passwd, twistd's --uid cannot look up
+    the user inside the chroot (initgroups); without dev/null, Twisted
+    cannot open its reserve file descriptor when it starts listening.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    jail = build_jail(os.path.join(work, "jail"))
+    os.remove(os.path.join(jail, missing))
+    result = pfxpold_installation.run(
+        [
+            "twistd",
+            "-n",
+            "--pidfile=",
+            "--logfile=-",
+            "--chroot",
+            jail,
+            "--uid",
+            SERVICE_USER,
+            "--gid",
+            SERVICE_GROUP,
+            "pfxpold",
+            "--port",
+            f"tcp:{free_port()}:interface=127.0.0.1",
+        ],
+        cwd=work,
+    )
+    assert result.returncode != 0
+    assert complaint in result.stdout + result.stderr
