@@ -4,6 +4,7 @@ Fixtures shared by several integration test modules.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,3 +29,18 @@ def pfxpold_installation() -> Iterator[Installation]:
         yield install(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def world_readable_tmp() -> Iterator[str]:
+    """
+    A temporary directory every user can traverse, for files the service
+    user of the privilege tests must reach (pytest's own tmp_path is under
+    a 0700 directory, so nobody could not write a log file there).
+    """
+    path = tempfile.mkdtemp(prefix="pfxpold-test-")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
