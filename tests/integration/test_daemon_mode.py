@@ -13,6 +13,7 @@ import pwd
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import pytest
 
@@ -21,6 +22,7 @@ from tests.integration.deployment import (
     SERVICE_USER,
     SYSTEM_PYTHON,
     Installation,
+    build_jail,
     process_gone,
     process_ids,
     read_file,
@@ -35,20 +37,27 @@ DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
 
 @contextmanager
 def daemonized(
-    installation: Installation, directory: str, twistd_arguments: list[str], port: int
+    installation: Installation,
+    directory: str,
+    twistd_arguments: list[str],
+    port: int,
+    pidfile: Optional[str] = None,
 ) -> Iterator[int]:
     """
     Start C{twistd TWISTD_ARGUMENTS pfxpold --port PORT} in the background
     and wait for the launcher to exit (it exits once the daemon has
     started).
 
-    @return: the daemon's PID, from its pidfile (the C{--pidfile} argument).
+    @param pidfile: where the pidfile is, if not at the C{--pidfile}
+        argument's path.
+    @return: the daemon's PID, from its pidfile.
     """
-    (pidfile,) = [
+    (pidfile_argument,) = [
         argument.split("=", 1)[1]
         for argument in twistd_arguments
         if argument.startswith("--pidfile=")
     ]
+    pidfile = pidfile or pidfile_argument
     launcher = installation.run(
         ["twistd", *twistd_arguments, "pfxpold", "--port", f"tcp:{port}:interface=127.0.0.1"],
         cwd=directory,
@@ -132,3 +141,32 @@ def test_pidfile_after_dropping_privileges(
     assert "Server Shut Down." in log
     assert os.path.exists(pidfile) is not removed
     assert ("No permission to delete pid file" in log) is not removed
+
+
+def test_pidfile_is_inside_the_chroot_jail(pfxpold_installation, world_readable_tmp):
+    """
+    Daemonized with --chroot, twistd writes the pidfile after changing
+    root: --pidfile=/run/pfxpold.pid lands in JAIL/run/pfxpold.pid (with
+    the daemon's PID), and is removed from there on SIGTERM when the
+    service user owns JAIL/run.
+    """
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    work = world_readable_tmp
+    jail = build_jail(os.path.join(work, "jail"))
+    jail_run = world_readable_directory(jail, "run")
+    os.chown(jail_run, pwd.getpwnam(SERVICE_USER).pw_uid, grp.getgrnam(SERVICE_GROUP).gr_gid)
+    pidfile_in_jail = os.path.join(jail_run, "pfxpold.pid")
+    log_path = os.path.join(work, "pfxpold.log")
+    port = free_port()
+    arguments = ["--pidfile=/run/pfxpold.pid", f"--logfile={log_path}", "--chroot", jail]
+    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP]
+    with daemonized(pfxpold_installation, work, arguments, port, pidfile_in_jail) as pid:
+        assert os.readlink(f"/proc/{pid}/root") == jail
+        with PolicyClient(port) as client:
+            answer = client.ask({"sender": "jailed-daemon@example.com"})
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: process_gone(pid), what=f"daemon {pid} exits on SIGTERM")
+    assert answer in DEMO_ANSWERS
+    assert not os.path.exists(pidfile_in_jail)
+    assert "from=<jailed-daemon@example.com>" in read_file(log_path)

@@ -20,6 +20,7 @@ import pwd
 import re
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
@@ -30,6 +31,7 @@ from tests.integration.deployment import (
     SYSTEM_PYTHON,
     build_jail,
     listening_on,
+    process_gone,
     read_file,
     require_root,
     running_twistd,
@@ -165,6 +167,55 @@ def test_syslog_facility(pfxpold_installation, tmp_path, logger_arguments, chroo
         assert any("set uid/gid" in line["message"] for line in received)
 
 
+def test_mail_syslog_when_daemonized(pfxpold_installation, world_readable_tmp):
+    """
+    Daemonized (no -n) with --logger pfxpold.logger.mail_syslog and --uid,
+    the daemon (whose PID is in the pidfile) still logs to the mail
+    facility: the syslog connection survives the fork; on SIGTERM it logs
+    its shutdown there too, and removes its pidfile from the service user's
+    run directory.
+    """
+    _require_prerequisites(pfxpold_installation)
+    work = world_readable_tmp
+    dev, receiver = _fake_dev(work)
+    run_directory = world_readable_directory(work, "run")
+    os.chown(run_directory, pwd.getpwnam(SERVICE_USER).pw_uid, grp.getgrnam(SERVICE_GROUP).gr_gid)
+    pidfile = os.path.join(run_directory, "pfxpold.pid")
+    port = free_port()
+    command = ["unshare", "--mount", "--propagation", "private"]
+    command += ["sh", "-ec", _NAMESPACE_SCRIPT, "sh", dev, pfxpold_installation.program("twistd")]
+    command += [f"--pidfile={pidfile}", "--logger", "pfxpold.logger.mail_syslog"]
+    command += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold", "--port", str(port)]
+    pid = None
+    with receiver:
+        try:
+            launcher = subprocess.run(
+                command,
+                cwd=work,
+                env=pfxpold_installation.environment(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert launcher.returncode == 0, launcher.stdout + launcher.stderr
+            pid = int(read_file(pidfile))
+            with PolicyClient(port) as client:
+                client.ask({"sender": "daemon-syslog@example.com"})
+            served = _receive_until(receiver, "from=<daemon-syslog@example.com>")
+            os.kill(pid, signal.SIGTERM)
+            stopped = _receive_until(receiver, "Server Shut Down.")
+            wait_until(lambda: process_gone(pid), what=f"daemon {pid} exits")
+        finally:
+            if pid is not None and not process_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    received = served + stopped
+    assert {int(line["pri"]) // 8 for line in received} == {LOG_MAIL}
+    assert {line["pid"] for line in received if "from=<daemon-syslog@" in line["message"]} == {
+        str(pid)
+    }
+    assert not os.path.exists(pidfile)
+
+
 def _fill_log(port: int, megabytes: float, marker: str) -> None:
     """
     Send enough requests, pipelined on one connection, to log about
@@ -182,22 +233,29 @@ def _fill_log(port: int, megabytes: float, marker: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("directory_owner", "file_owner", "rotates"),
+    ("directory_owner", "file_owner", "chroot", "rotates"),
     [
-        (SERVICE_USER, SERVICE_USER, True),
-        (SERVICE_USER, None, False),
-        ("root", SERVICE_USER, False),
+        (SERVICE_USER, SERVICE_USER, False, True),
+        (SERVICE_USER, None, False, False),
+        ("root", SERVICE_USER, False, False),
+        (SERVICE_USER, SERVICE_USER, True, False),
     ],
-    ids=["user-owns-directory-and-file", "file-created-by-root", "directory-owned-by-root"],
+    ids=[
+        "user-owns-directory-and-file",
+        "file-created-by-root",
+        "directory-owned-by-root",
+        "chrooted",
+    ],
 )
 def test_logfile_rotation_after_dropping_privileges(
-    pfxpold_installation, world_readable_tmp, directory_owner, file_owner, rotates
+    pfxpold_installation, world_readable_tmp, directory_owner, file_owner, chroot, rotates
 ):
     """
     twistd --logfile with --uid nobody rotates at 1 MB (and on SIGUSR1)
     only when nobody owns the log directory and the log file; when twistd
-    creates the file (as root, before the drop) or the directory is
-    root's, rotation is silently skipped and the log grows past 1 MB.
+    creates the file (as root, before the drop), when the directory is
+    root's, or when the log is outside a --chroot jail, rotation is
+    silently skipped and the log grows past 1 MB.
     """
     _require_prerequisites(pfxpold_installation)
     work = world_readable_tmp
@@ -214,6 +272,8 @@ def test_logfile_rotation_after_dropping_privileges(
         os.chown(log_path, pwd.getpwnam(file_owner).pw_uid, grp.getgrnam(SERVICE_GROUP).gr_gid)
     port = free_port()
     arguments = ["-n", "--pidfile=", f"--logfile={log_path}"]
+    if chroot:
+        arguments += ["--chroot", build_jail(os.path.join(work, "jail"))]
     arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
     arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
     with running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd:
@@ -239,6 +299,6 @@ def test_logfile_rotation_after_dropping_privileges(
         assert reopened.st_uid == pwd.getpwnam(SERVICE_USER).pw_uid
         assert reopened.st_mode & 0o777 == 0o640
     else:
-        assert sorted(sizes) == ["pfxpold.log"]
+        assert sorted(name for name in sizes if name.startswith("pfxpold.log")) == ["pfxpold.log"]
         assert sizes["pfxpold.log"] > 1_200_000
         assert "set uid/gid" in current and "from=<after@example.com>" in current

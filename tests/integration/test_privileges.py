@@ -32,7 +32,7 @@ DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
 def test_uid_gid_drop_after_binding_a_privileged_port(pfxpold_installation, tmp_path):
     """
     twistd -n --uid nobody --gid nogroup pfxpold listening on a free port
-    below 1024 and on an ordinary one: both answer, and the process's real,
+    below 1024 (given as a bare number) and on an ordinary one: both answer, and the process's real,
     effective, saved and filesystem uid and gid are nobody/nogroup, with no
     supplementary group of root's left.
     """
@@ -56,7 +56,8 @@ def test_uid_gid_drop_after_binding_a_privileged_port(pfxpold_installation, tmp_
         "--port",
         f"tcp:{port}:interface=127.0.0.1",
         "--port",
-        f"tcp:{privileged_port}:interface=127.0.0.1",
+        # A bare number, the README's short form: 127.0.0.1 only.
+        str(privileged_port),
     ]
     with running_twistd(
         pfxpold_installation, str(tmp_path), arguments, listening_on(port)
