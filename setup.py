@@ -31,8 +31,16 @@ setup(
         "ldap": ["ldaptor>=21.2"],
         "postgresql": ["psycopg[binary]>=3.1"],
         "redis": ["txredisapi>=1.4.10"],
-        "http": ["treq>=23.11"],
-        "test": ["pytest>=7", "pytest-twisted>=1.14", "build", "hypothesis>=6"],
+        # twisted.web Agent; [tls] brings pyOpenSSL and service_identity so
+        # that https:// certificates are verified.
+        "http": ["Twisted[tls]>=23.10"],
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "build",
+            "hypothesis>=6",
+            "Twisted[tls]>=23.10",
+        ],
     },
     entry_points={
         "console_scripts": [

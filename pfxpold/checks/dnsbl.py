@@ -1,0 +1,485 @@
+"""
+The C{dnsbl} check: DNS block lists (DNSBL) of the client address, RHSBL
+lists of the sender domain, HELO name or client name, and DNS whitelists
+(DNSWL), asked in parallel with twisted.names and weighed into a score.
+
+Query names are built only from validated input: the client address as
+parsed by L{ipaddress}, domains that are valid host names. Anything else
+is not looked up at all, so a request can never make pfxpold ask the DNS
+an arbitrary question.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    DeferredSemaphore,
+    TimeoutError,
+)
+from twisted.logger import Logger
+from twisted.names import client, dns
+from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pfxpold.action import DUNNO, Action, ActionError, clean_text
+from pfxpold.config import CheckOptions
+from pfxpold.interfaces import ICheck
+from pfxpold.request import PolicyRequest
+
+#: What a list looks up.
+SOURCES = ("client_address", "sender_domain", "helo_name", "client_name")
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+#: The default codes that count: anything in 127.0.0.0/8 except
+#: 127.255.255.0/24, which Spamhaus and others use to say "query refused"
+#: (for example through a public resolver), never "listed".
+_DEFAULT_CODES = (
+    (int(ipaddress.IPv4Address("127.0.0.0")), int(ipaddress.IPv4Address("127.255.254.255"))),
+)
+
+DEFAULT_ACTION = "REJECT {reason}"
+DEFAULT_TIMEOUT = 2.0
+DEFAULT_MAX_QUERIES = 100
+DEFAULT_FAILURE_LIMIT = 5
+DEFAULT_SKIP_FOR = 60.0
+DEFAULT_NEGATIVE_TTL = 60
+DEFAULT_MAX_TTL = 3600
+MAX_CACHE_ENTRIES = 100_000
+
+
+def valid_host_name(name: str) -> Optional[str]:
+    """
+    @return: C{name} lowercased and without a trailing dot when it is a
+        valid host name (labels of 1-63 letters, digits and hyphens, not
+        starting or ending with a hyphen, 253 characters at most, at least
+        two labels), else L{None}.
+    """
+    if not name or not name.isascii():
+        return None
+    name = name.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if len(name) > 253:
+        return None
+    labels = name.split(".")
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return name
+
+
+def parse_server(value: str) -> Optional[tuple[str, int]]:
+    """
+    @return: C{(address, port)} for C{"192.0.2.53"}, C{"192.0.2.53:5353"},
+        C{"2001:db8::53"} or C{"[2001:db8::53]:5353"}; L{None} for anything
+        else (names are refused: resolving the resolver needs a resolver).
+    """
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        return None
+    if not 0 < number < 65536:
+        return None
+    return str(address), number
+
+
+def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """
+    The DNSBL form of an address: reversed octets for IPv4
+    (C{192.0.2.1} -> C{1.2.0.192}), reversed nibbles for IPv6.
+    """
+    if address.version == 4:
+        return ".".join(reversed(str(address).split(".")))
+    return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+def _parse_codes(options: CheckOptions, key: str, values: list[str]) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for value in values:
+        low, _, high = value.partition("-")
+        try:
+            first = int(ipaddress.IPv4Address(low.strip()))
+            last = int(ipaddress.IPv4Address(high.strip())) if high else first
+        except ValueError:
+            raise options.error(
+                key, f"{value!r} is neither an IPv4 address nor a range like 127.0.0.2-127.0.0.11"
+            ) from None
+        if last < first:
+            raise options.error(key, f"{value!r} is an empty range")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+@dataclass
+class DNSList:
+    """
+    One configured list.
+
+    @ivar zone: the list's DNS zone, e.g. C{zen.spamhaus.org}.
+    @ivar source: what is looked up, one of L{SOURCES}.
+    @ivar codes: inclusive ranges of answer addresses (as integers) that
+        count as listed.
+    @ivar bitmask: when not zero, an answer counts when it is in
+        127.0.0.0/8 and its address ANDed with this is not zero (replaces
+        C{codes}).
+    @ivar weight: added to the score when listed; negative for whitelists.
+    @ivar fetch_reason: whether to ask for the TXT record of a listed name.
+    """
+
+    zone: str
+    source: str
+    codes: tuple[tuple[int, int], ...]
+    bitmask: int
+    weight: float
+    fetch_reason: bool
+    failures: int = 0
+    skip_until: float = 0.0
+
+    def counts(self, address: str) -> bool:
+        try:
+            value = int(ipaddress.IPv4Address(address))
+        except ValueError:
+            return False
+        if self.bitmask:
+            return value >> 24 == 127 and bool(value & self.bitmask)
+        return any(first <= value <= last for first, last in self.codes)
+
+
+@dataclass
+class Answer:
+    """
+    What the DNS said about one name: the addresses (empty when not
+    listed) and for how long that holds.
+    """
+
+    addresses: tuple[str, ...]
+    ttl: int
+    reasons: list[str] = field(default_factory=list)
+
+
+class ListUnavailable(Exception):
+    """
+    Every list that should have been asked failed or is being skipped.
+    """
+
+
+@implementer(ICheck, IService)
+class DNSBLCheck(Service):
+    """
+    Looks the request up in DNS lists and answers by the summed weights of
+    the lists that list it.
+    """
+
+    _log = Logger()
+
+    def __init__(self, options: CheckOptions, resolver: Any = None) -> None:
+        """
+        @param resolver: an L{twisted.internet.interfaces.IResolver} to use
+            instead of the one built from C{resolvers} at start-up (tests).
+        """
+        self.name = options.name
+        self._clock = options.reactor
+        self._resolver = resolver
+        servers = []
+        for value in options.strings("resolvers", []):
+            server = parse_server(value)
+            if server is None:
+                raise options.error(
+                    "resolvers",
+                    f"{value!r} is not an IP address with an optional port"
+                    " (192.0.2.53, 192.0.2.53:5353, [2001:db8::53]:53)",
+                )
+            servers.append(server)
+        self._servers = servers
+        self._resolv_conf = options.path("resolv_conf", "/etc/resolv.conf")
+        self.threshold = options.number("threshold", 1.0)
+        self.listed_action = options.string("action", DEFAULT_ACTION)
+        try:
+            Action.parse(
+                self._fill(self.listed_action, ["x.example"], ["reason"]),
+                options.restriction_classes,
+            )
+        except ActionError as e:
+            raise options.error("action", str(e)) from None
+        self.whitelisted_action = options.action("whitelist_action", "DUNNO")
+        self.query_timeout = options.number("query_timeout", DEFAULT_TIMEOUT, positive=True)
+        self.failure_limit = options.integer("failure_limit", DEFAULT_FAILURE_LIMIT, minimum=1)
+        self.skip_for = options.number("skip_for", DEFAULT_SKIP_FOR, positive=True)
+        self.negative_ttl = options.integer("negative_ttl", DEFAULT_NEGATIVE_TTL, minimum=0)
+        self.max_ttl = options.integer("max_ttl", DEFAULT_MAX_TTL, minimum=0)
+        self._semaphore = DeferredSemaphore(
+            options.integer("max_queries", DEFAULT_MAX_QUERIES, minimum=1)
+        )
+        raw_lists = options.raw("lists", [])
+        if not isinstance(raw_lists, list):
+            raw_lists = []
+        self.lists = [
+            self._parse_list(options, raw, position) for position, raw in enumerate(raw_lists, 1)
+        ]
+        if not self.lists:
+            raise options.error("lists", "must be a non-empty list of [[check.lists]] tables")
+        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
+        self._in_flight: dict[tuple[str, int], list[Deferred[Answer]]] = {}
+
+    @staticmethod
+    def _parse_list(options: CheckOptions, raw: Any, position: int) -> DNSList:
+        key = f"lists[{position}]"
+        if not isinstance(raw, dict):
+            raise options.error(key, "must be a table")
+        known = {"zone", "lookup", "codes", "bitmask", "weight", "reason"}
+        for name in raw:
+            if name not in known:
+                raise options.error(key, f"{name!r} is not a setting of a list")
+        zone = valid_host_name(raw.get("zone", "")) if isinstance(raw.get("zone"), str) else None
+        if zone is None:
+            raise options.error(key, "needs a zone that is a valid domain name")
+        source = raw.get("lookup", "client_address")
+        if source not in SOURCES:
+            raise options.error(key, f"lookup must be one of {', '.join(SOURCES)}, not {source!r}")
+        codes_value = raw.get("codes", [])
+        if isinstance(codes_value, str):
+            codes_value = [codes_value]
+        if not isinstance(codes_value, list) or not all(isinstance(v, str) for v in codes_value):
+            raise options.error(key, "codes must be a list of addresses or ranges")
+        codes = _parse_codes(options, key, codes_value) if codes_value else _DEFAULT_CODES
+        bitmask = raw.get("bitmask", 0)
+        if isinstance(bitmask, bool) or not isinstance(bitmask, int) or not 0 <= bitmask < 2**24:
+            raise options.error(key, "bitmask must be a whole number below 2**24")
+        if bitmask and codes_value:
+            raise options.error(key, "give codes or bitmask, not both")
+        weight = raw.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise options.error(key, "weight must be a number")
+        fetch_reason = raw.get("reason", True)
+        if not isinstance(fetch_reason, bool):
+            raise options.error(key, "reason must be true or false")
+        return DNSList(zone, source, codes, bitmask, float(weight), fetch_reason)
+
+    # IService
+
+    def startService(self) -> None:
+        # The resolver is made here, not in the constructor: with a
+        # resolv.conf it starts a timer that re-reads the file.
+        if self._resolver is None:
+            if self._servers:
+                self._resolver = client.Resolver(servers=self._servers, reactor=self._clock)
+            else:
+                self._resolver = client.Resolver(resolv=self._resolv_conf, reactor=self._clock)
+        super().startService()
+
+    def stopService(self) -> None:
+        parse_call = getattr(self._resolver, "_parseCall", None)
+        if parse_call is not None and parse_call.active():
+            parse_call.cancel()
+        return super().stopService()
+
+    # ICheck
+
+    def check(self, request: PolicyRequest) -> Deferred[Action]:
+        return Deferred.fromCoroutine(self._check(request))
+
+    async def _check(self, request: PolicyRequest) -> Action:
+        if self._resolver is None:
+            raise ListUnavailable("the check is not started")
+        subjects = self._subjects(request)
+        now = self._clock.seconds()
+        asked = []
+        lookups = []
+        skipped = 0
+        for dns_list in self.lists:
+            subject = subjects.get(dns_list.source)
+            if subject is None:
+                continue
+            if dns_list.skip_until > now:
+                skipped += 1
+                continue
+            query_name = f"{subject}.{dns_list.zone}"
+            if len(query_name) > 253:
+                continue
+            asked.append(dns_list)
+            lookups.append(self._lookup(query_name, dns.A))
+        if not asked:
+            if skipped:
+                raise ListUnavailable("every list that applies is being skipped after failures")
+            return DUNNO
+        results = await DeferredList(lookups, consumeErrors=True)
+        score = 0.0
+        listed: list[tuple[DNSList, str]] = []
+        whitelisted = False
+        answered = 0
+        for dns_list, (success, result) in zip(asked, results, strict=True):
+            if not success:
+                self._failed(dns_list, result)
+                continue
+            answered += 1
+            dns_list.failures = 0
+            if any(dns_list.counts(address) for address in result.addresses):
+                score += dns_list.weight
+                if dns_list.weight < 0:
+                    whitelisted = True
+                else:
+                    listed.append((dns_list, f"{subjects[dns_list.source]}.{dns_list.zone}"))
+        if not answered:
+            raise ListUnavailable("no list answered")
+        if score >= self.threshold and listed:
+            reasons = await self._reasons(listed)
+            text = self._fill(
+                self.listed_action, [dns_list.zone for dns_list, _ in listed], reasons
+            )
+            return Action.parse(text)
+        if whitelisted:
+            return self.whitelisted_action
+        return DUNNO
+
+    @staticmethod
+    def _fill(template: str, zones: list[str], reasons: list[str]) -> str:
+        # str.replace, not str.format: a TXT record must not be able to
+        # reach into the template's fields.
+        return template.replace("{lists}", ", ".join(zones)).replace("{reason}", "; ".join(reasons))
+
+    async def _reasons(self, listed: list[tuple[DNSList, str]]) -> list[str]:
+        texts = []
+        lookups = [
+            self._lookup(name, dns.TXT) if dns_list.fetch_reason else None
+            for dns_list, name in listed
+        ]
+        for (dns_list, _), lookup in zip(listed, lookups, strict=True):
+            text = ""
+            if lookup is not None:
+                try:
+                    answer = await lookup
+                    text = clean_text(" ".join(answer.reasons), 120)
+                except Exception:
+                    # The reason is a nicety; the listing stands without it.
+                    text = ""
+            texts.append(text or f"listed by {dns_list.zone}")
+        return texts
+
+    def _failed(self, dns_list: DNSList, failure: Failure) -> None:
+        dns_list.failures += 1
+        reason = "timed out" if failure.check(TimeoutError) else failure.getErrorMessage()
+        if dns_list.failures >= self.failure_limit:
+            dns_list.skip_until = self._clock.seconds() + self.skip_for
+            dns_list.failures = 0
+            self._log.warn(
+                "check {check}: list {zone} failed {count} times in a row ({reason});"
+                " skipping it for {seconds}s",
+                check=self.name,
+                zone=dns_list.zone,
+                count=self.failure_limit,
+                reason=reason,
+                seconds=self.skip_for,
+            )
+        else:
+            self._log.info(
+                "check {check}: list {zone} failed ({reason}); counted as not listed",
+                check=self.name,
+                zone=dns_list.zone,
+                reason=reason,
+            )
+
+    def _subjects(self, request: PolicyRequest) -> dict[str, str]:
+        subjects = {}
+        address = request.client_ip
+        if address is not None:
+            subjects["client_address"] = reversed_ip(address)
+        for source in ("sender_domain", "helo_name", "client_name"):
+            name = valid_host_name(getattr(request, source))
+            if name is not None:
+                subjects[source] = name
+        return subjects
+
+    def _lookup(self, name: str, record_type: int) -> Deferred[Answer]:
+        """
+        Ask for C{name}, from the cache while its TTL lasts, sharing a
+        query already in flight for the same name.
+        """
+        key = (name, record_type)
+        waiter: Deferred[Answer] = Deferred()
+        cached = self._cache.get(key)
+        if cached is not None:
+            if cached[0] > self._clock.seconds():
+                waiter.callback(cached[1])
+                return waiter
+            del self._cache[key]
+        waiters = self._in_flight.get(key)
+        if waiters is None:
+            waiters = self._in_flight[key] = []
+            # Each request waits on its own Deferred: cancelling one (the
+            # chain's timeout) must not cancel a query others share, and
+            # twisted.names queries end by their own timeout anyway.
+            query = self._semaphore.run(self._query, name, record_type)
+
+            def deliver(result: Any) -> None:
+                del self._in_flight[key]
+                if isinstance(result, Answer):
+                    self._remember(key, result)
+                for each in waiters:
+                    if not each.called:
+                        if isinstance(result, Failure):
+                            each.errback(result)
+                        else:
+                            each.callback(result)
+
+            waiters.append(waiter)
+            query.addBoth(deliver)
+        else:
+            waiters.append(waiter)
+        return waiter
+
+    def _query(self, name: str, record_type: int) -> Deferred[Answer]:
+        lookup = self._resolver.lookupAddress if record_type == dns.A else self._resolver.lookupText
+        result = lookup(name, timeout=(self.query_timeout,))
+        return result.addCallbacks(self._answered, self._not_found, (record_type,))
+
+    def _answered(self, result: tuple[list[Any], list[Any], list[Any]], record_type: int) -> Answer:
+        answers = [record for record in result[0] if record.type == record_type]
+        if not answers:
+            # NODATA: the name exists without this type; not listed.
+            return Answer((), self._negative_ttl(result[1]))
+        ttl = min(self.max_ttl, min(record.ttl for record in answers))
+        if record_type == dns.A:
+            return Answer(tuple(record.payload.dottedQuad() for record in answers), ttl)
+        reasons = [b"".join(record.payload.data).decode("ascii", "replace") for record in answers]
+        return Answer((), ttl, reasons)
+
+    def _not_found(self, failure: Failure) -> Answer:
+        failure.trap(DNSNameError)
+        message = failure.value.args[0] if failure.value.args else None
+        authority = getattr(message, "authority", [])
+        return Answer((), self._negative_ttl(authority))
+
+    def _negative_ttl(self, authority: list[Any]) -> int:
+        for record in authority:
+            if record.type == dns.SOA:
+                return min(self.max_ttl, record.ttl, record.payload.minimum)
+        return self.negative_ttl
+
+    def _remember(self, key: tuple[str, int], answer: Answer) -> None:
+        if answer.ttl <= 0:
+            return
+        if len(self._cache) >= MAX_CACHE_ENTRIES:
+            now = self._clock.seconds()
+            for stale in [k for k, (expiry, _) in self._cache.items() if expiry <= now]:
+                del self._cache[stale]
+            if len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.clear()
+        self._cache[key] = (self._clock.seconds() + answer.ttl, answer)

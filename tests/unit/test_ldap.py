@@ -1,0 +1,312 @@
+"""
+Unit tests for L{pfxpold.checks.ldap}: filter templates, result mapping,
+timeouts, caching and connection state, with ldaptor's test driver and a
+L{Clock} instead of a directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from ldaptor.protocols import pureldap
+from ldaptor.testutil import LDAPClientTestDriver
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from pfxpold.checks.ldap import FilterTemplate, LDAPCheck, LDAPCheckError
+from pfxpold.config import ConfigError
+from pfxpold.interfaces import ICheck
+from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
+
+
+def secret_file(case: Any, secret: str) -> str:
+    """
+    A file holding C{secret}, in a directory removed after the test (not
+    trial's mktemp, which writes into the working directory under pytest).
+    """
+    directory = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, directory)
+    path = os.path.join(directory, "secret")
+    with open(path, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
+class FakeService:
+    """
+    Stands in for the ClientService: hands out one protocol.
+    """
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.running = False
+
+    def whenConnected(self, failAfterFailures: Any = None) -> Deferred[Any]:
+        return succeed(self.protocol)
+
+    def startService(self) -> None:
+        self.running = True
+
+    def stopService(self) -> Deferred[None]:
+        self.running = False
+        return succeed(None)
+
+
+class SilentProtocol:
+    """
+    A connected LDAP client whose server never answers.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.connected = True
+        self.transport = StringTransport()
+        self.last_received = clock.seconds()
+        self.handlers: list[Any] = []
+
+    def send_multiResponse(self, op: Any, handler: Any) -> Deferred[Any]:
+        self.handlers.append((op, handler))
+        return Deferred()
+
+
+def entry(dn: str, **attributes: list[str]) -> pureldap.LDAPSearchResultEntry:
+    return pureldap.LDAPSearchResultEntry(
+        objectName=dn,
+        attributes=[
+            (name.encode(), [v.encode() for v in values]) for name, values in attributes.items()
+        ],
+    )
+
+
+DONE = pureldap.LDAPSearchResultDone(resultCode=0)
+
+
+def make_check(*responses: Any, clock: Any = None, **table: Any) -> tuple[LDAPCheck, Any]:
+    table.setdefault("server", "tcp:127.0.0.1:389")
+    table.setdefault("base", "dc=example,dc=com")
+    table.setdefault("filter", "(mail={sender})")
+    protocol = responses[0] if responses and not isinstance(responses[0], list) else None
+    if protocol is None:
+        protocol = LDAPClientTestDriver(*responses)
+    check = LDAPCheck(
+        make_options(reactor=clock or Clock(), **table), service=FakeService(protocol)
+    )
+    return check, protocol
+
+
+class FilterTemplateTests(CheckTestCase):
+    """
+    Request values go into filter objects, never into filter text.
+    """
+
+    def test_injection_is_literal(self) -> None:
+        """A sender full of filter syntax is one literal assertion value."""
+        template = FilterTemplate("(&(objectClass=person)(mail={sender}))")
+        search = template.fill({"sender": "*)(uid=*"})
+        self.assertEqual(search.asText(), "(&(objectClass=person)(mail=\\2a\\29\\28uid=\\2a))")
+        equality = list(search.data)[1]
+        self.assertIsInstance(equality, pureldap.LDAPFilter_equalityMatch)
+        self.assertEqual(equality.assertionValue.value, "*)(uid=*")
+
+    def test_substrings_and_not(self) -> None:
+        """Placeholders work inside substrings and negations."""
+        template = FilterTemplate("(!(mail=*@{sender_domain}))")
+        self.assertEqual(template.fill({"sender_domain": "a*b"}).asText(), "(!(mail=*@a\\2ab))")
+        self.assertEqual(template.names, ["sender_domain"])
+
+    def test_bad_templates(self) -> None:
+        """Placeholders outside values, and broken filters, are refused."""
+        for bad in ["({attribute}=x)", "(mail={sender}", "mail={sender}", "({a}=*)"]:
+            self.assertRaises(ValueError, FilterTemplate, bad)
+
+    def test_configuration_errors(self) -> None:
+        """Bad settings are refused when the configuration is loaded."""
+        base = {"server": "tcp:127.0.0.1:389", "base": "dc=x", "filter": "(mail={sender})"}
+        bad: list[dict[str, Any]] = [
+            {k: v for k, v in base.items() if k != "base"},
+            dict(base, filter="(mail={sender}"),
+            dict(base, server="nonsense:1"),
+            dict(base, scope="tree"),
+            dict(base, bind_dn="cn=x"),
+            dict(base, bind_password_file="/nonexistent/secret"),
+            dict(base, found="BOGUS action"),
+        ]
+        for table in bad:
+            self.assertRaises(ConfigError, LDAPCheck, make_options(**table))
+
+
+class MappingTests(CheckTestCase):
+    """
+    Found / not found, and attribute values as actions.
+    """
+
+    def test_interfaces_and_service(self) -> None:
+        """The check provides ICheck and IService and starts its connection service."""
+        check, _ = make_check()
+        verifyObject(ICheck, check)
+        verifyObject(IService, check)
+        check.startService()
+        self.assertTrue(check._service.running)
+        check.stopService()
+        self.assertFalse(check._service.running)
+
+    def test_found_not_found(self) -> None:
+        """An entry found answers found, none answers not_found; the search is as configured."""
+        check, driver = make_check(
+            [entry("uid=a,dc=example,dc=com"), DONE],
+            [DONE],
+            found="REJECT known",
+            scope="one",
+        )
+        self.assertAction(check, make_request(sender="a@example.com"), "REJECT known")
+        self.assertAction(check, make_request(sender="b@example.com"), "DUNNO")
+        search = driver.sent[0]
+        self.assertEqual(search.baseObject, "dc=example,dc=com")
+        self.assertEqual(search.scope, pureldap.LDAP_SCOPE_singleLevel)
+        self.assertEqual(search.attributes, ["1.1"])
+        self.assertEqual(search.filter.asText(), "(mail=a@example.com)")
+
+    def test_empty_value_not_searched(self) -> None:
+        """An empty sender (a bounce) answers not_found without a search."""
+        check, driver = make_check(not_found="OK bounce")
+        self.assertAction(check, make_request(sender=""), "OK bounce")
+        self.assertEqual(driver.sent, [])
+
+    def test_attribute_value(self) -> None:
+        """The attribute's value is the action; without a value, found applies."""
+        check, driver = make_check(
+            [entry("uid=a,dc=x", description=["REJECT go away"]), DONE],
+            [entry("uid=b,dc=x"), DONE],
+            attribute="description",
+        )
+        self.assertAction(check, make_request(), "REJECT go away")
+        self.assertAction(check, make_request(), "DUNNO")
+        self.assertEqual(driver.sent[0].attributes, ["description"])
+
+    def test_multiple_values(self) -> None:
+        """Equal values across entries agree; different values are an error."""
+        check, _ = make_check(
+            [
+                entry("uid=a,dc=x", description=["OK"]),
+                entry("uid=b,dc=x", description=["OK"]),
+                DONE,
+            ],
+            [entry("uid=c,dc=x", description=["OK", "REJECT no"]), DONE],
+            attribute="description",
+        )
+        self.assertAction(check, make_request(), "OK")
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+
+    def test_unsafe_values(self) -> None:
+        """A value with a line break, or that is no action, is an error."""
+        check, _ = make_check(
+            [entry("uid=a,dc=x", description=["OK\naction=REJECT"]), DONE],
+            [entry("uid=a,dc=x", description=["MAYBE later"]), DONE],
+            attribute="description",
+        )
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+
+    def test_server_error(self) -> None:
+        """
+        A search the server refuses, or under a base that does not exist,
+        is an error (on_error applies), never "not found".
+        """
+        check, _ = make_check(
+            [pureldap.LDAPSearchResultDone(resultCode=50, errorMessage=b"no")],
+            [pureldap.LDAPSearchResultDone(resultCode=32, errorMessage=b"no such object")],
+            not_found="REJECT unknown",
+        )
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+
+    def test_size_limit(self) -> None:
+        """More entries than max_entries still means found."""
+        check, driver = make_check(
+            [entry("uid=a,dc=x"), pureldap.LDAPSearchResultDone(resultCode=4)], max_entries=1
+        )
+        self.assertAction(check, make_request(), "OK")
+        self.assertEqual(driver.sent[0].sizeLimit, 1)
+
+    def test_cache(self) -> None:
+        """With cache_ttl, an answer is reused until the TTL passes."""
+        clock = Clock()
+        check, driver = make_check([entry("uid=a,dc=x"), DONE], [DONE], clock=clock, cache_ttl=60)
+        self.assertAction(check, make_request(sender="a@x.example"), "OK")
+        self.assertAction(check, make_request(sender="a@x.example"), "OK")
+        self.assertEqual(len(driver.sent), 1)
+        clock.advance(61)
+        self.assertAction(check, make_request(sender="a@x.example"), "DUNNO")
+        self.assertEqual(len(driver.sent), 2)
+
+
+class ConnectionTests(CheckTestCase):
+    """
+    Timeouts, a silent server, bounded concurrency and the bind.
+    """
+
+    def test_timeout_silent_server(self) -> None:
+        """
+        A search unanswered for request_timeout fails with TimeoutError, and
+        a server silent since before the search gets its connection dropped.
+        """
+        clock = Clock()
+        protocol = SilentProtocol(clock)
+        clock.advance(10)
+        check, _ = make_check(protocol, clock=clock, request_timeout=2)
+        result = run_check(check, make_request())
+        clock.advance(2)
+        self.failureResultOf(result, TimeoutError)
+        self.assertTrue(protocol.transport.disconnecting)
+        # A late answer is ignored and ends the search.
+        handler = protocol.handlers[0][1]
+        self.assertTrue(handler(DONE))
+
+    def test_timeout_busy_server(self) -> None:
+        """A slow search on a server that still talks keeps the connection."""
+        clock = Clock()
+        protocol = SilentProtocol(clock)
+        check, _ = make_check(protocol, clock=clock, request_timeout=2)
+        result = run_check(check, make_request())
+        clock.advance(1)
+        protocol.last_received = clock.seconds()
+        clock.advance(1)
+        self.failureResultOf(result, TimeoutError)
+        self.assertFalse(protocol.transport.disconnecting)
+
+    def test_bounded(self) -> None:
+        """No more than max_requests searches are on the wire at once."""
+        clock = Clock()
+        protocol = SilentProtocol(clock)
+        check, _ = make_check(protocol, clock=clock, max_requests=2, request_timeout=5)
+        results = [run_check(check, make_request()) for _ in range(3)]
+        self.assertEqual(len(protocol.handlers), 2)
+        entry_found = entry("uid=a,dc=x")
+        protocol.handlers[0][1](entry_found)
+        protocol.handlers[0][1](DONE)
+        self.assertEqual(str(self.successResultOf(results[0])), "OK")
+        self.assertEqual(len(protocol.handlers), 3)
+
+    def test_down_fails_at_once(self) -> None:
+        """While the directory is unreachable, requests fail without waiting."""
+        check, driver = make_check()
+        check._lost(Failure(ConnectionError("gone")))
+        self.failureResultOf(run_check(check, make_request()), LDAPCheckError)
+        self.assertEqual(driver.sent, [])
+
+    def test_bind(self) -> None:
+        """A new connection is bound with the DN and the password from the file."""
+        path = secret_file(self, "s3cret")
+        check, _ = make_check(bind_dn="cn=pfxpold,dc=x", bind_password_file=path)
+        driver = LDAPClientTestDriver([pureldap.LDAPBindResponse(resultCode=0)])
+        self.successResultOf(check._prepare(driver))
+        self.assertEqual(driver.sent[0].dn, "cn=pfxpold,dc=x")
+        self.assertEqual(driver.sent[0].auth, "s3cret")
+        refused = LDAPClientTestDriver([pureldap.LDAPBindResponse(resultCode=49)])
+        self.failureResultOf(check._prepare(refused))
