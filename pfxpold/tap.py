@@ -123,6 +123,24 @@ class Options(usage.Options):
             sys.exit(0)
 
 
+def preload_lazy_imports() -> None:
+    """
+    Import what Twisted itself loads only when it first needs it while
+    serving, so that it is loaded before twistd chroots: inside a jail
+    those imports fail. The IDNA codec is the one that bites:
+    C{twisted.names} encodes every query name with C{str.encode("idna")}
+    and host names of client endpoints go through the C{idna} package, and
+    a codec is imported on first use ("unknown encoding: idna" in the
+    jail, found by tests/integration/test_chroot.py).
+    """
+    import encodings.idna  # noqa: F401
+
+    try:
+        import idna  # noqa: F401
+    except ImportError:
+        pass
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the pfxpold service from parsed L{Options}.
@@ -132,6 +150,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     starts.
     """
     from pfxpold.service import PolicyService
+
+    preload_lazy_imports()
 
     if reactor is None:
         reactor = _global_reactor()
