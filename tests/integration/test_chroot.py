@@ -15,10 +15,14 @@ Two layouts, both in the README's "Running it in production":
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import stat
+import subprocess
+import sys
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 
@@ -225,6 +229,80 @@ def test_dotted_path_check_in_its_own_jail(pfxpold_installation, tmp_path):
     )
     log = read_file(f"{work}/pfxpold.log")
     assert "No module named 'colorsys'" in log
+
+
+DNSBL_CONFIG = """\
+[[check]]
+name = "dnsbl"
+type = "dnsbl"
+on_error = "DEFER_IF_PERMIT DNS lists unavailable"
+resolvers = ["127.0.0.1:{port}"]
+query_timeout = 2.0
+
+[[check.lists]]
+zone = "bl.test"
+"""
+
+
+@pytest.fixture
+def bl_test_dns_server(tmp_path) -> Iterator[int]:
+    """
+    The dnsbl tests' DNS server (tests/integration/dns_server.py) as a
+    subprocess on a free port of 127.0.0.1, serving 127.0.0.2 as listed in
+    bl.test; stopped by its PID.
+
+    @return: its port.
+    """
+    port = free_port()
+    zones = tmp_path / "zones.json"
+    zones.write_text(
+        json.dumps(
+            {
+                "port": port,
+                "silent_port": free_port(),
+                "records": {"2.0.0.127.bl.test": {"A": ["127.0.0.2"], "TXT": ["jailed lookup"]}},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "dns_server.py"), str(zones)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.strip() == b"READY", process.stderr.read()
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_builtin_dnsbl_check_in_a_jail(pfxpold_installation, tmp_path, bl_test_dns_server):
+    """
+    A built-in check with a network backend works from inside the jail:
+    the dnsbl check, asking a DNS server on loopback, rejects a listed
+    client with the TXT reason and passes an unlisted one, so nothing it
+    needs at query time is imported lazily.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    config_path = os.path.join(work, "pfxpold.toml")
+    with open(config_path, "w", encoding="utf-8") as config:
+        config.write(DNSBL_CONFIG.format(port=bl_test_dns_server))
+    jail = build_jail(os.path.join(work, "jail"))
+    port = free_port()
+    arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
+    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+    arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+    with (
+        running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
+        PolicyClient(port) as client,
+    ):
+        assert os.readlink(f"/proc/{twistd.pid}/root") == jail
+        listed = client.ask({"client_address": "127.0.0.2", "sender": "a@example.com"})
+        unlisted = client.ask({"client_address": "192.0.2.1", "sender": "b@example.com"})
+    assert (listed, unlisted) == ("REJECT jailed lookup", "DUNNO")
 
 
 def test_outside_the_jail_the_lazy_check_works(pfxpold_installation, tmp_path):
