@@ -4,6 +4,7 @@ The twistd plugin's command line: C{twistd pfxpold [options]}.
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 from typing import Any, Optional
@@ -123,19 +124,26 @@ class Options(usage.Options):
             sys.exit(0)
 
 
+#: The codecs Twisted and its TLS stack encode and decode with while
+#: serving (twisted.names: idna; twisted.web.client: charmap; headers:
+#: iso-8859-1; ...). A codec is imported on first use, which fails inside a
+#: chroot jail.
+_SERVING_CODECS = ("ascii", "utf-8", "utf-16", "charmap", "idna", "iso-8859-1", "cp437")
+
+
 def preload_lazy_imports() -> None:
     """
-    Import what Twisted itself loads only when it first needs it while
+    Load what Twisted itself would import only when it first needs it while
     serving, so that it is loaded before twistd chroots: inside a jail
-    those imports fail. The IDNA codec is the one that bites:
-    C{twisted.names} encodes every query name with C{str.encode("idna")}
-    and host names of client endpoints go through the C{idna} package, and
-    a codec is imported on first use ("unknown encoding: idna" in the
-    jail, found by tests/integration/test_chroot.py).
+    those imports fail ("unknown encoding: idna" from the dnsbl check,
+    "unknown encoding: charmap" from the http check, found by
+    tests/integration/test_chroot.py). Looking a codec up once keeps it in
+    the codec registry's cache.
     """
-    import encodings.idna  # noqa: F401
-
+    for name in _SERVING_CODECS:
+        codecs.lookup(name)
     try:
+        # Preferred by twisted.internet._idna for host names when installed.
         import idna  # noqa: F401
     except ImportError:
         pass
