@@ -188,7 +188,8 @@ def install(root: str) -> Installation:
         root=root, venv=venv, sdist=sdist, wheel=wheel, base_python=base_python
     )
     _run(
-        [installation.program("python"), "-m", "pip", "install", "--quiet", wheel],
+        # With the http extra: the chroot tests run the http check (TLS).
+        [installation.program("python"), "-m", "pip", "install", "--quiet", f"{wheel}[http]"],
         env=_builder_environment(),
         cwd=root,
     )

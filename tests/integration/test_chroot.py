@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.certificates import make_certificates
 from tests.integration.deployment import (
     SERVICE_GROUP,
     SERVICE_USER,
@@ -303,6 +304,62 @@ def test_builtin_dnsbl_check_in_a_jail(pfxpold_installation, tmp_path, bl_test_d
         listed = client.ask({"client_address": "127.0.0.2", "sender": "a@example.com"})
         unlisted = client.ask({"client_address": "192.0.2.1", "sender": "b@example.com"})
     assert (listed, unlisted) == ("REJECT jailed lookup", "DUNNO")
+
+
+HTTP_CONFIG = """\
+[[check]]
+name = "rest"
+type = "http"
+on_error = "DEFER_IF_PERMIT policy service unavailable"
+url = "https://127.0.0.1:{port}/json"
+action_field = "result.action"
+ca_file = "{ca_file}"
+"""
+
+
+def test_builtin_http_check_over_tls_in_a_jail(pfxpold_installation, tmp_path):
+    """
+    The built-in http check asks an HTTPS service on loopback, verified
+    with the CA in ca_file, from inside the jail: TLS, certificate
+    verification and HTTP all work after the chroot.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    ca_file, server_pem = make_certificates(work)
+    web_port = free_port()
+    web_server = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "http_server.py"),
+            str(web_port),
+            server_pem,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert web_server.stdout.readline().strip() == b"READY", web_server.stderr.read()
+        config_path = os.path.join(work, "pfxpold.toml")
+        with open(config_path, "w", encoding="utf-8") as config:
+            config.write(HTTP_CONFIG.format(port=web_port, ca_file=ca_file))
+        jail = build_jail(os.path.join(work, "jail"))
+        port = free_port()
+        arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
+        arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+        arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+        with (
+            running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
+            PolicyClient(port) as client,
+        ):
+            assert os.readlink(f"/proc/{twistd.pid}/root") == jail
+            bad = client.ask({"client_address": "192.0.2.1", "sender": "bad@example.org"})
+            good = client.ask({"client_address": "192.0.2.1", "sender": "good@example.org"})
+    finally:
+        web_server.terminate()
+        web_server.wait(10)
+    assert (bad, good) == ("REJECT bad sender bad@example.org", "DUNNO"), read_file(
+        f"{work}/pfxpold.log"
+    )
 
 
 def test_outside_the_jail_the_lazy_check_works(pfxpold_installation, tmp_path):
