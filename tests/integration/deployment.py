@@ -188,8 +188,8 @@ def install(root: str) -> Installation:
         root=root, venv=venv, sdist=sdist, wheel=wheel, base_python=base_python
     )
     _run(
-        # With the http extra: the chroot tests run the http check (TLS).
-        [installation.program("python"), "-m", "pip", "install", "--quiet", f"{wheel}[http]"],
+        # With the extras of the checks the chroot tests run in a jail.
+        [installation.program("python"), "-m", "pip", "install", "--quiet", f"{wheel}[http,ldap]"],
         env=_builder_environment(),
         cwd=root,
     )

@@ -39,6 +39,7 @@ from tests.integration.deployment import (
     running_twistd,
     world_readable_directory,
 )
+from tests.integration.slapd import BIND_DN, BIND_PASSWORD, SUFFIX, Slapd
 from tests.integration.support import IN_CI, PolicyClient, free_port, require_program
 
 DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
@@ -306,6 +307,19 @@ def test_builtin_dnsbl_check_in_a_jail(pfxpold_installation, tmp_path, bl_test_d
     assert (listed, unlisted) == ("REJECT jailed lookup", "DUNNO")
 
 
+LDAP_CONFIG = """\
+[[check]]
+name = "ldap"
+type = "ldap"
+on_error = "DEFER_IF_PERMIT directory unavailable"
+server = "tcp:127.0.0.1:{port}"
+bind_dn = "{bind_dn}"
+bind_password_file = "{secret}"
+base = "ou=people,{suffix}"
+filter = "(mail={{sender}})"
+attribute = "description"
+"""
+
 HTTP_CONFIG = """\
 [[check]]
 name = "rest"
@@ -360,6 +374,43 @@ def test_builtin_http_check_over_tls_in_a_jail(pfxpold_installation, tmp_path):
     assert (bad, good) == ("REJECT bad sender bad@example.org", "DUNNO"), read_file(
         f"{work}/pfxpold.log"
     )
+
+
+def test_builtin_ldap_check_in_a_jail(pfxpold_installation, tmp_path):
+    """
+    The built-in ldap check, bound as a service account whose password
+    file lies outside the jail, searches a real slapd on loopback from
+    inside the jail: ldaptor and its connection service work after the
+    chroot.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    slapd = Slapd(os.path.join(work, "slapd"))
+    slapd.start()
+    try:
+        secret = os.path.join(work, "ldap.secret")
+        with open(secret, "w", encoding="utf-8") as f:
+            f.write(BIND_PASSWORD + "\n")
+        config_path = os.path.join(work, "pfxpold.toml")
+        with open(config_path, "w", encoding="utf-8") as config:
+            config.write(
+                LDAP_CONFIG.format(port=slapd.port, bind_dn=BIND_DN, secret=secret, suffix=SUFFIX)
+            )
+        jail = build_jail(os.path.join(work, "jail"))
+        port = free_port()
+        arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
+        arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+        arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+        with (
+            running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
+            PolicyClient(port) as client,
+        ):
+            assert os.readlink(f"/proc/{twistd.pid}/root") == jail
+            known = client.ask({"client_address": "192.0.2.1", "sender": "alice@example.com"})
+            other = client.ask({"client_address": "192.0.2.1", "sender": "bob@example.com"})
+    finally:
+        slapd.stop()
+    assert (known, other) == ("OK known sender", "DUNNO"), read_file(f"{work}/pfxpold.log")
 
 
 def test_outside_the_jail_the_lazy_check_works(pfxpold_installation, tmp_path):
