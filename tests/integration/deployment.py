@@ -71,6 +71,26 @@ def require_root() -> None:
     pytest.skip(message)
 
 
+def require_mount_namespace() -> None:
+    """
+    Skip the calling test unless this machine lets root make a private
+    mount namespace (C{unshare --mount}: a container without
+    CAP_SYS_ADMIN does not); in CI, fail instead.
+    """
+    unshare = shutil.which("unshare")
+    probe = (
+        subprocess.run([unshare, "--mount", "true"], capture_output=True, timeout=30)
+        if unshare
+        else None
+    )
+    if probe is not None and probe.returncode == 0:
+        return
+    message = "needs unshare --mount (util-linux, CAP_SYS_ADMIN) to give the daemon its /dev/log"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def _run(command: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess:
     """
     Run C{command}, raising with its output when it fails.

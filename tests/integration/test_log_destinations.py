@@ -33,6 +33,7 @@ from tests.integration.deployment import (
     listening_on,
     process_gone,
     read_file,
+    require_mount_namespace,
     require_root,
     running_twistd,
     wait_until,
@@ -72,11 +73,13 @@ _SYSLOG_LINE = re.compile(
 )
 
 
-def _require_prerequisites(installation) -> None:
+def _require_prerequisites(installation, namespace: bool = True) -> None:
     require_root()
-    require_program("unshare", "util-linux")
     require_program(SYSTEM_PYTHON, "python3")
     assert installation.base_python == SYSTEM_PYTHON
+    if namespace:
+        require_program("unshare", "util-linux")
+        require_mount_namespace()
 
 
 def _fake_dev(directory: str) -> tuple[str, socket.socket]:
@@ -257,7 +260,7 @@ def test_logfile_rotation_after_dropping_privileges(
     root's, or when the log is outside a --chroot jail, rotation is
     silently skipped and the log grows past 1 MB.
     """
-    _require_prerequisites(pfxpold_installation)
+    _require_prerequisites(pfxpold_installation, namespace=False)
     work = world_readable_tmp
     log_directory = world_readable_directory(work, "log")
     os.chown(
