@@ -128,6 +128,9 @@ def test_jail_is_the_postfix_queue_directory(pfxpold_installation, tmp_path):
     os.mkdir(private, 0o700)
     os.chown(private, postfix.pw_uid, 0)
     socket_path = os.path.join(private, "pfxpold")
+    config_path = os.path.join(work, "pfxpold.toml")
+    with open(config_path, "w", encoding="utf-8") as config:
+        config.write('[[check]]\nname = "coin"\ntype = "demo"\n')
     arguments = [
         "-n",
         "--pidfile=",
@@ -138,6 +141,8 @@ def test_jail_is_the_postfix_queue_directory(pfxpold_installation, tmp_path):
         "--gid",
         SERVICE_GROUP,
         "pfxpold",
+        "--config",
+        config_path,
         "--port",
         "unix:/private/pfxpold",
     ]
