@@ -1,0 +1,229 @@
+"""
+The C{file} check: Postfix-style access maps read from a text file, and
+re-read when the file changes.
+
+A map is read in full before it replaces the one in force, so requests are
+answered from the old table until the new one is ready, and a file with an
+error leaves the old table in force (the error is logged with the file,
+the line and the reason).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pfxpold.accessmap import (
+    PARENT_STYLES,
+    AccessMap,
+    MapError,
+    check_attribute,
+    lookup_key,
+)
+from pfxpold.action import Action
+from pfxpold.config import CheckOptions
+from pfxpold.interfaces import ICheck
+from pfxpold.request import PolicyRequest
+
+DEFAULT_RELOAD_INTERVAL = 5.0
+
+#: Derived values meant for SQL parameters, and what to look up instead.
+_NOT_FOR_MAPS = {
+    "client_network": "look up client_address; CIDR keys match networks",
+    "sender_at_domain": "look up sender; @domain keys match its domain",
+    "recipient_at_domain": "look up recipient; @domain keys match its domain",
+}
+
+
+def _signature(path: str) -> tuple[int, int, int, int]:
+    """
+    What tells a changed file from an unchanged one: the file (device,
+    inode: a new file renamed into place), its size and its modification
+    time in nanoseconds.
+
+    @raise OSError: when the file cannot be examined.
+    """
+    status = os.stat(path)
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@implementer(ICheck)
+class FileCheck(Service):
+    """
+    Looks request attributes up in an access map; with C{pair_with}, looks
+    up every combination of the C{lookup} attributes (first column) and the
+    C{pair_with} attributes (second column) in a pair table.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        options: CheckOptions,
+        run: Optional[Callable[..., Deferred[Any]]] = None,
+    ) -> None:
+        """
+        Read the settings and the map (so that C{--check-config} reports
+        errors in it).
+
+        @param run: how to call the map loader; by default in the reactor's
+            thread pool when it has one (a large map then never stalls
+            requests), else at once.
+        """
+        self.check_name = options.name
+        self.path = options.path("map")
+        self.lookups = options.strings("lookup")
+        self.pair_with = options.strings("pair_with", [])
+        for key, attributes in (("lookup", self.lookups), ("pair_with", self.pair_with)):
+            for attribute in attributes:
+                try:
+                    check_attribute(attribute)
+                except ValueError as e:
+                    raise options.error(key, str(e)) from None
+        for key, attributes in (("lookup", self.lookups), ("pair_with", self.pair_with)):
+            for attribute in attributes:
+                if attribute in _NOT_FOR_MAPS:
+                    raise options.error(
+                        key, f"{attribute!r} cannot match a map key: {_NOT_FOR_MAPS[attribute]}"
+                    )
+        if not self.lookups:
+            raise options.error("lookup", "must name at least one attribute")
+        self.parent_style = options.choice("parent_domains", PARENT_STYLES, "dot")
+        self.fold_local_part = not options.boolean("case_sensitive_local_part", False)
+        self.not_found = options.action("not_found", "DUNNO")
+        interval = options.number("reload_interval", DEFAULT_RELOAD_INTERVAL)
+        if interval < 0:
+            raise options.error("reload_interval", "must be 0 (never) or more seconds")
+        self._restriction_classes = options.restriction_classes
+        self._reactor = options.reactor
+        if run is None:
+            run = self._default_runner(options.reactor)
+        self._run = run
+        self._loading = False
+        self._last_error: Optional[str] = None
+        try:
+            self._signature: Optional[tuple[int, int, int, int]] = _signature(self.path)
+            self.map = self._load()
+        except OSError as e:
+            raise options.error("map", f"cannot read {self.path}: {e.strerror}") from None
+        except MapError as e:
+            raise options.error("map", str(e)) from None
+        self._timer: Optional[TimerService] = None
+        if interval > 0:
+            self._timer = TimerService(interval, self.reload)
+            self._timer.clock = options.reactor
+
+    @staticmethod
+    def _default_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
+        if IReactorThreads.providedBy(reactor):
+
+            def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+            return in_thread
+        return maybeDeferred
+
+    def _load(self) -> AccessMap:
+        return AccessMap.load(
+            self.path,
+            pairs=bool(self.pair_with),
+            restriction_classes=self._restriction_classes,
+            fold_local_part=self.fold_local_part,
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        if self._timer is not None:
+            self._timer.startService()
+
+    def stopService(self) -> Optional[Deferred[None]]:
+        super().stopService()
+        if self._timer is not None:
+            return self._timer.stopService()
+        return None
+
+    def reload(self) -> Optional[Deferred[None]]:
+        """
+        Re-read the map if the file changed since it was last read. Never
+        fails: errors are logged and the table in force stays.
+
+        @return: a Deferred that fires when a reload is done, or L{None}
+            when there was nothing to do.
+        """
+        if self._loading:
+            return None
+        try:
+            signature = _signature(self.path)
+        except OSError as e:
+            self._report(MapError(self.path, None, f"cannot read: {e.strerror}"))
+            return None
+        if signature == self._signature:
+            return None
+        # Remember the file as examined before reading it: if it changes
+        # while being read, the next poll sees a new signature and reads it
+        # again; a broken file is not re-read (and re-logged) every poll.
+        self._signature = signature
+        self._loading = True
+        loading = self._run(self._load)
+        loading.addCallbacks(self._install, self._failed)
+        loading.addBoth(self._done)
+        return loading
+
+    def _install(self, new_map: AccessMap) -> None:
+        self.map = new_map
+        self._last_error = None
+        self._log.info(
+            "check {check}: loaded {entries} entries from {path}",
+            check=self.check_name,
+            entries=new_map.entries,
+            path=self.path,
+        )
+
+    def _failed(self, failure: Failure) -> None:
+        if failure.check(MapError):
+            self._report(failure.value)
+        else:
+            self._log.failure(
+                "check {check}: reading {path} failed; keeping the table in force",
+                failure,
+                check=self.check_name,
+                path=self.path,
+            )
+
+    def _done(self, result: object) -> None:
+        self._loading = False
+
+    def _report(self, error: MapError) -> None:
+        # One message per distinct problem: a missing file is not logged
+        # again at every poll.
+        if str(error) == self._last_error:
+            return
+        self._last_error = str(error)
+        self._log.error(
+            "check {check}: {file}:{line}: {reason}; keeping the table in force",
+            check=self.check_name,
+            file=error.path,
+            line=error.line if error.line is not None else "-",
+            reason=error.reason,
+        )
+
+    def check(self, request: PolicyRequest) -> Action:
+        """
+        The action of the most specific matching entry, or C{not_found}.
+        """
+        style = self.parent_style
+        fold = self.fold_local_part
+        keys = [lookup_key(request, name, style, fold) for name in self.lookups]
+        second = [lookup_key(request, name, style, fold) for name in self.pair_with]
+        action = self.map.lookup(keys, second)
+        return self.not_found if action is None else action

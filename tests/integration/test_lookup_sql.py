@@ -1,0 +1,428 @@
+"""
+The C{sql} check in a real pfxpold daemon against a real SQLite database
+and a real PostgreSQL server: the relay-ACL samples of examples/, hostile
+senders, a database restart, a database that is down, and one that does not
+answer at all.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.support import REPOSITORY, running_daemon
+
+EXAMPLES = os.path.join(REPOSITORY, "examples")
+REJECT = (
+    "REJECT Sorry, this combination of sender and originating system does not match"
+    " any of my policies."
+)
+DEFER = "DEFER Transient internal error. Please try again later."
+ALLOWED = {
+    "client_address": "192.0.2.10",
+    "client_name": "unknown",
+    "sender": "scanner@example.com",
+}
+UNKNOWN = {
+    "client_address": "198.51.100.7",
+    "client_name": "unknown",
+    "sender": "scanner@example.com",
+}
+
+#: Senders that would change the query if they were put into its text.
+HOSTILE_SENDERS = [
+    "x'; DROP TABLE relay_acl; --@example.com",
+    "scanner@example.com' OR '1'='1",
+    "' OR 1=1 --",
+    "\\'; DELETE FROM relay_acl; --@example.com",
+    'a\\"b@example.com',
+    "%s%%s%(sender)s@example.com",
+    ":sender@example.com",
+    "$1$$@example.com",
+    "ünï©ødé@exämple.com",
+    "scanner@example.com\x00",
+    "\x00'; DROP TABLE relay_acl; --",
+]
+
+
+def example(name: str) -> str:
+    with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def replaced(text: str, *pairs: tuple[str, str]) -> str:
+    """
+    C{text} with each C{(old, new)} replaced; each C{old} must be there.
+    """
+    for old, new in pairs:
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def make_sqlite_database(path: str) -> None:
+    connection = sqlite3.connect(path)
+    connection.executescript(example("relay-acl.sql"))
+    connection.close()
+
+
+def sqlite_rows(path: str) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute("SELECT count(*) FROM relay_acl").fetchone()[0]
+    finally:
+        connection.close()
+
+
+def sqlite_config(tmp_path) -> str:
+    """
+    examples/relay-acl-sqlite.toml beside a database made as its comment
+    says.
+    """
+    make_sqlite_database(os.path.join(tmp_path, "relay-acl.sqlite"))
+    return example("relay-acl-sqlite.toml")
+
+
+def postgresql_config(server, port: int = 0, cache: bool = False) -> str:
+    """
+    examples/relay-acl-postgresql.toml pointed at the test server, with
+    shorter timeouts, and without its cache unless C{cache}.
+    """
+    text = replaced(
+        example("relay-acl-postgresql.toml"),
+        ("host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold", server.conninfo(port=port)),
+        ("query_timeout = 3.0", "query_timeout = 1.5"),
+        ("connect_timeout = 3.0", "connect_timeout = 2.0"),
+        ("timeout = 5.0", "timeout = 3.0"),
+        ("pool_size = 4", "pool_size = 3"),
+    )
+    if not cache:
+        text = replaced(
+            text,
+            ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
+            ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
+        )
+    return text
+
+
+def ask_until(client, request, expected: str, timeout: float = 20.0) -> list[str]:
+    """
+    Ask C{request} until the answer is C{expected}, within C{timeout}.
+
+    @return: every answer seen.
+    """
+    deadline = time.monotonic() + timeout
+    answers = []
+    while True:
+        answers.append(client.ask(request))
+        if answers[-1] == expected:
+            return answers
+        assert time.monotonic() < deadline, answers
+        time.sleep(0.1)
+
+
+def test_sqlite_relay_acl(tmp_path):
+    """
+    The SQLite sample answers the relay-ACL scenario: allowed pairs OK
+    (address, domain, host name, IPv6, IPv4-mapped), others the REJECT.
+    """
+    with running_daemon(tmp_path, sqlite_config(tmp_path)) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask({**ALLOWED, "sender": "Scanner@EXAMPLE.com"}) == "OK"
+        assert client.ask({**ALLOWED, "client_address": "::ffff:192.0.2.10"}) == "OK"
+        assert client.ask(UNKNOWN) == REJECT
+        assert client.ask({**ALLOWED, "sender": "other@example.com"}) == REJECT
+        assert (
+            client.ask({**UNKNOWN, "client_address": "192.0.2.33", "sender": "x@Example.Com"})
+            == "OK"
+        )
+        assert (
+            client.ask(
+                {**UNKNOWN, "client_address": "2001:DB8:10:0::33", "sender": "y@example.com"}
+            )
+            == "OK"
+        )
+        named = {
+            **UNKNOWN,
+            "client_name": "bulk.MAIL.example.com",
+            "sender": "newsletter@example.com",
+        }
+        assert client.ask(named) == "OK"
+
+
+def test_sqlite_hostile_senders(tmp_path):
+    """
+    Senders full of quotes, comments, backslashes, placeholders, NUL and
+    non-ASCII are bound, never interpreted: none is allowed, the table is
+    intact, and the daemon goes on answering.
+    """
+    with running_daemon(tmp_path, sqlite_config(tmp_path)) as daemon, daemon.client() as client:
+        for sender in HOSTILE_SENDERS:
+            assert client.ask({**ALLOWED, "sender": sender}) == REJECT, sender
+        assert client.ask(ALLOWED) == "OK"
+    assert sqlite_rows(os.path.join(tmp_path, "relay-acl.sqlite")) == 4
+
+
+def test_sqlite_missing_database(tmp_path):
+    """
+    A database file that is not there gives the on_error DEFER, and is not
+    created empty (which would reject every sender).
+    """
+    config = example("relay-acl-sqlite.toml")
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == DEFER
+    assert not os.path.exists(os.path.join(tmp_path, "relay-acl.sqlite"))
+    assert "relay-acl failed" in daemon.log()
+
+
+def test_postgresql_relay_acl(tmp_path, lookup_postgresql):
+    """
+    The PostgreSQL sample answers the relay-ACL scenario from a real
+    server.
+    """
+    config = postgresql_config(lookup_postgresql, cache=True)
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask(UNKNOWN) == REJECT
+        assert (
+            client.ask({**UNKNOWN, "client_address": "192.0.2.33", "sender": "x@example.com"})
+            == "OK"
+        )
+        assert (
+            client.ask({**UNKNOWN, "client_address": "2001:db8:10::33", "sender": "x@example.com"})
+            == "OK"
+        )
+        named = {
+            **UNKNOWN,
+            "client_name": "bulk.mail.example.com",
+            "sender": "newsletter@example.com",
+        }
+        assert client.ask(named) == "OK"
+
+
+def test_postgresql_hostile_senders(tmp_path, lookup_postgresql):
+    """
+    Hostile senders are bound as values: none is allowed, the table is
+    intact; a NUL (which PostgreSQL text cannot hold) is a lookup error and
+    answers the on_error DEFER rather than anything else.
+    """
+    with (
+        running_daemon(tmp_path, postgresql_config(lookup_postgresql)) as daemon,
+        daemon.client() as client,
+    ):
+        for sender in HOSTILE_SENDERS:
+            expected = DEFER if "\x00" in sender else REJECT
+            assert client.ask({**ALLOWED, "sender": sender}) == expected, sender
+        assert client.ask(ALLOWED) == "OK"
+    assert lookup_postgresql.execute("SELECT count(*) FROM relay_acl") == [(4,)]
+
+
+def test_postgresql_restart(tmp_path, lookup_postgresql):
+    """
+    After the server restarts, every pooled connection is replaced and its
+    query retried: no request sees an error.
+    """
+    config = postgresql_config(lookup_postgresql)
+    with running_daemon(tmp_path, config) as daemon:
+        clients = [daemon.client() for _ in range(3)]
+        try:
+            # Concurrent requests open several pooled connections.
+            for _ in range(5):
+                answers = ask_all(clients, ALLOWED)
+                assert answers == ["OK"] * 3
+            assert len(lookup_postgresql.backend_pids()) >= 1
+            lookup_postgresql.restart()
+            for _ in range(5):
+                assert ask_all(clients, ALLOWED) == ["OK"] * 3
+                assert ask_all(clients, UNKNOWN) == [REJECT] * 3
+        finally:
+            for client in clients:
+                client.close()
+    assert "reconnected" in daemon.log()
+
+
+def ask_all(clients, request) -> list:
+    """
+    Send C{request} on every client at once, then read every answer.
+    """
+    from tests.integration.support import encode_request, read_reply
+
+    for client in clients:
+        client.sock.sendall(encode_request(request))
+    answers = []
+    for client in clients:
+        reply = read_reply(client.sock)
+        answers.append(None if reply is None else reply[len(b"action=") : -2].decode())
+    return answers
+
+
+def test_postgresql_down(tmp_path, lookup_postgresql):
+    """
+    While the server is down requests get the on_error DEFER; once it is
+    back, answers are right again.
+    """
+    config = postgresql_config(lookup_postgresql)
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK"
+        lookup_postgresql.stop()
+        try:
+            assert client.ask(ALLOWED) == DEFER
+            assert client.ask(UNKNOWN) == DEFER
+        finally:
+            lookup_postgresql.start()
+        ask_until(client, ALLOWED, "OK")
+        assert client.ask(UNKNOWN) == REJECT
+
+
+def test_postgresql_not_answering(tmp_path, lookup_postgresql):
+    """
+    A server that stops answering (postmaster and pfxpold's backends
+    SIGSTOPped) gives the DEFER within the check's timeout, even for more
+    requests than there are pool threads; after SIGCONT the pool is not
+    stuck and answers come back.
+    """
+    config = postgresql_config(lookup_postgresql)
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK"
+        stopped = [lookup_postgresql.process.pid] + lookup_postgresql.backend_pids()
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            # pool_size is 3: five lookups in a row would block them all.
+            for _ in range(5):
+                assert client.ask(ALLOWED) == DEFER
+        finally:
+            for pid in stopped:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        ask_until(client, ALLOWED, "OK")
+        assert client.ask(UNKNOWN) == REJECT
+        assert "timed out" in daemon.log()
+    # twistd ends by re-raising SIGTERM; a daemon stuck on its pool would be
+    # SIGKILLed by Daemon.stop.
+    assert daemon.process.returncode == -signal.SIGTERM
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """
+    A TCP port on 127.0.0.1 that accepts connections and never says a
+    word.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+
+def test_postgresql_silent_server(tmp_path, lookup_postgresql, silent_listener):
+    """
+    A "database" that accepts connections and never answers gives the
+    DEFER within the check's timeout, every time, and the daemon still
+    stops cleanly.
+    """
+    config = postgresql_config(lookup_postgresql, port=silent_listener)
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        for _ in range(3):
+            assert client.ask(ALLOWED) == DEFER
+    # twistd ends by re-raising SIGTERM; a daemon stuck on its pool would be
+    # SIGKILLed by Daemon.stop.
+    assert daemon.process.returncode == -signal.SIGTERM
+
+
+SLOW_SQLITE = """
+[[check]]
+name = "slow"
+type = "sql"
+database = "relay-acl.sqlite"
+# A sender of slow@example.com makes the query count for ever.
+query = '''
+    SELECT CASE WHEN :sender = 'slow@example.com'
+           THEN (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c)
+                 SELECT count(*) FROM c)
+           ELSE 'OK' END
+'''
+query_timeout = 1.0
+timeout = 5.0
+on_error = "DEFER Transient internal error. Please try again later."
+"""
+
+
+def test_sqlite_runaway_query_interrupted(tmp_path):
+    """
+    A query that runs past query_timeout is interrupted: the request gets
+    the DEFER, and the single SQLite connection answers the next one.
+    """
+    make_sqlite_database(os.path.join(tmp_path, "relay-acl.sqlite"))
+    with running_daemon(tmp_path, SLOW_SQLITE) as daemon, daemon.client() as client:
+        assert client.ask({"sender": "fast@example.com"}) == "OK"
+        for _ in range(2):
+            assert client.ask({"sender": "slow@example.com"}) == DEFER
+            assert client.ask({"sender": "fast@example.com"}) == "OK"
+
+
+def test_postgresql_casts_percent_and_actions(tmp_path, lookup_postgresql):
+    """
+    A query with a ::inet cast on a derived value, a literal %, and the
+    action in the first column answers from the most specific network.
+    """
+    lookup_postgresql.execute(
+        "CREATE TABLE IF NOT EXISTS client_networks (network cidr PRIMARY KEY, action text);"
+        "DELETE FROM client_networks;"
+        "INSERT INTO client_networks VALUES"
+        " ('192.0.2.0/24', 'REJECT whole network'), ('192.0.2.128/25', 'DEFER_IF_PERMIT half'),"
+        " ('2001:db8::/32', 'OK v6 100%')"
+    )
+    config = f'''
+[[check]]
+name = "networks"
+type = "sql"
+driver = "postgresql"
+conninfo = "{lookup_postgresql.conninfo()}"
+query = """
+    SELECT action FROM client_networks
+     WHERE :client_ip::inet <<= network AND :sender LIKE '%@%'  -- :not_a_parameter
+     ORDER BY masklen(network) DESC LIMIT 1
+"""
+not_found = "DUNNO"
+'''
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        sender = {"sender": "a@example.com"}
+        assert client.ask({**sender, "client_address": "192.0.2.1"}) == "REJECT whole network"
+        assert (
+            client.ask({**sender, "client_address": "::ffff:192.0.2.200"}) == "DEFER_IF_PERMIT half"
+        )
+        assert client.ask({**sender, "client_address": "2001:db8::25"}) == "OK v6 100%"
+        assert client.ask({**sender, "client_address": "198.51.100.1"}) == "DUNNO"
+        assert client.ask({"sender": "no-at-sign", "client_address": "192.0.2.1"}) == "DUNNO"
+        assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"

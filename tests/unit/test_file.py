@@ -1,0 +1,240 @@
+"""
+Tests for L{pfxpold.checks.file}: settings, answers, and reloading the map
+on change with a L{Clock}, keeping the table in force when the file is
+broken or gone.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.service import IService
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from zope.interface.verify import verifyObject
+
+from pfxpold.checks.file import FileCheck
+from pfxpold.config import ConfigError, load_configuration
+from pfxpold.interfaces import ICheck
+from pfxpold.testing import CheckTestCase, make_options, make_request
+from tests.unit.lookup_support import temporary_path
+
+EXAMPLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"
+)
+
+RELAY_MAP = """\
+192.0.2.10          scanner@example.com     OK
+192.0.2.32/27       @example.com            OK
+"""
+REJECT = (
+    "REJECT Sorry, this combination of sender and originating system does not match"
+    " any of my policies."
+)
+
+
+def write(path: str, text: str) -> None:
+    """
+    Write a new version of a map the way an administrator should: beside
+    it, then renamed into place.
+    """
+    with open(path + ".new", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".new", path)
+
+
+class FileCheckTests(CheckTestCase):
+    """
+    Answers and settings of the file check.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.path = temporary_path(self)
+        write(self.path, RELAY_MAP)
+
+    def make_check(self, **table) -> FileCheck:
+        settings = {
+            "map": self.path,
+            "lookup": ["client_address", "client_name"],
+            "pair_with": ["sender"],
+            "not_found": REJECT,
+            **table,
+        }
+        return FileCheck(make_options(reactor=self.clock, **settings))
+
+    def test_interfaces(self):
+        """The check provides ICheck and IService."""
+        check = self.make_check()
+        verifyObject(ICheck, check)
+        verifyObject(IService, check)
+
+    def test_relay_acl(self):
+        """Listed pairs answer their action, others not_found."""
+        check = self.make_check()
+        self.assertAction(
+            check, make_request(client_address="192.0.2.10", sender="scanner@example.com"), "OK"
+        )
+        self.assertAction(
+            check, make_request(client_address="192.0.2.40", sender="x@Example.com"), "OK"
+        )
+        self.assertAction(
+            check, make_request(client_address="192.0.2.11", sender="scanner@example.com"), REJECT
+        )
+
+    def test_not_found_default(self):
+        """Without not_found, a miss answers DUNNO."""
+        write(self.path, "example.com REJECT no\n")
+        check = FileCheck(make_options(reactor=self.clock, map=self.path, lookup=["sender_domain"]))
+        self.assertAction(check, make_request(sender="a@example.org"), "DUNNO")
+        self.assertAction(check, make_request(sender="a@EXAMPLE.com"), "REJECT no")
+
+    def test_parent_domains_setting(self):
+        """parent_domains selects how subdomains match."""
+        write(self.path, "example.com REJECT no\n")
+        check = FileCheck(
+            make_options(
+                reactor=self.clock, map=self.path, lookup=["sender"], parent_domains="implicit"
+            )
+        )
+        self.assertAction(check, make_request(sender="a@mail.example.com"), "REJECT no")
+
+    def test_case_sensitive_local_part(self):
+        """case_sensitive_local_part keeps local parts apart by case."""
+        write(self.path, "Joe@example.com OK\n")
+        check = FileCheck(
+            make_options(
+                reactor=self.clock, map=self.path, lookup=["sender"], case_sensitive_local_part=True
+            )
+        )
+        self.assertAction(check, make_request(sender="Joe@EXAMPLE.com"), "OK")
+        self.assertAction(check, make_request(sender="joe@example.com"), "DUNNO")
+
+    def test_errors_name_the_key(self):
+        """Bad settings and a bad map are ConfigErrors naming the key and the line."""
+        write(self.path, "192.0.2.10 scanner@example.com OK\nbogus line\n")
+        error = self.assertRaises(ConfigError, self.make_check)
+        self.assertIn("key 'map'", str(error))
+        self.assertIn(f"{self.path}:2: expected 3 fields", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, map=temporary_path(self))
+        self.assertIn("cannot read", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, lookup=["client_adress"])
+        self.assertIn("key 'lookup'", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, pair_with=["sender_at_domain"])
+        self.assertIn("key 'pair_with'", str(error))
+        self.assertIn("look up sender", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, lookup=[])
+        self.assertIn("at least one", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, parent_domains="yes")
+        self.assertIn("key 'parent_domains'", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, reload_interval=-1)
+        self.assertIn("key 'reload_interval'", str(error))
+
+    def test_relay_acl_example(self):
+        """examples/relay-acl-file.toml loads and answers the relay-ACL scenario."""
+        configuration = load_configuration(os.path.join(EXAMPLES, "relay-acl-file.toml"), Clock())
+        check = configuration.chain.entries[0].check
+        self.assertAction(
+            check, make_request(client_address="192.0.2.10", sender="scanner@example.com"), "OK"
+        )
+        self.assertAction(check, make_request(client_address="::ffff:192.0.2.40", sender=""), "OK")
+        self.assertAction(
+            check,
+            make_request(
+                client_address="198.51.100.1",
+                client_name="bulk.mail.example.com",
+                sender="newsletter@example.com",
+            ),
+            "OK",
+        )
+        self.assertAction(
+            check, make_request(client_address="198.51.100.1", sender="scanner@example.com"), REJECT
+        )
+        self.assertEqual(
+            str(configuration.chain.entries[0].on_error),
+            "DEFER Transient internal error. Please try again later.",
+        )
+
+
+class ReloadTests(CheckTestCase):
+    """
+    The map is re-read when it changes, without a gap; a broken or missing
+    file keeps the table in force.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.path = temporary_path(self)
+        write(self.path, "192.0.2.1 OK\n")
+        self.check = FileCheck(
+            make_options(
+                reactor=self.clock, map=self.path, lookup=["client_address"], reload_interval=5.0
+            )
+        )
+        self.check.startService()
+        self.addCleanup(self.check.stopService)
+        self.request = make_request(client_address="192.0.2.1")
+
+    def test_reload_on_change(self):
+        """A new file is in force after the next poll."""
+        self.assertAction(self.check, self.request, "OK")
+        write(self.path, "192.0.2.1 REJECT changed\n")
+        self.assertAction(self.check, self.request, "OK")
+        with capturedLogs() as events:
+            self.clock.advance(5)
+        self.assertAction(self.check, self.request, "REJECT changed")
+        self.assertTrue(any("loaded" in event.get("log_format", "") for event in events))
+
+    def test_unchanged_not_reread(self):
+        """An unchanged file is not parsed again."""
+        before = self.check.map
+        self.clock.advance(5)
+        self.clock.advance(5)
+        self.assertIs(self.check.map, before)
+
+    def test_broken_file_keeps_table(self):
+        """A file with an error keeps the old table and logs the file, line and reason once."""
+        write(self.path, "192.0.2.1 REJECT new\n192.0.2.2 FROBNICATE\n")
+        with capturedLogs() as events:
+            self.clock.advance(5)
+            self.clock.advance(5)
+        self.assertAction(self.check, self.request, "OK")
+        errors = [event for event in events if event.get("log_level").name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["file"], os.path.abspath(self.path))
+        self.assertEqual(errors[0]["line"], 2)
+        self.assertIn("FROBNICATE", errors[0]["reason"])
+        write(self.path, "192.0.2.1 REJECT fixed\n")
+        self.clock.advance(5)
+        self.assertAction(self.check, self.request, "REJECT fixed")
+
+    def test_missing_file_keeps_table(self):
+        """A file that disappears keeps the old table, logged once; it is read again when back."""
+        os.unlink(self.path)
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.clock.advance(5)
+        self.assertAction(self.check, self.request, "OK")
+        errors = [event for event in events if event.get("log_level").name == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("cannot read", errors[0]["reason"])
+        write(self.path, "192.0.2.1 REJECT back\n")
+        self.clock.advance(5)
+        self.assertAction(self.check, self.request, "REJECT back")
+
+    def test_stop(self):
+        """Stopping the check stops polling."""
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.check.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_reload(self):
+        """reload_interval = 0 never polls."""
+        check = FileCheck(
+            make_options(
+                reactor=self.clock, map=self.path, lookup=["client_address"], reload_interval=0
+            )
+        )
+        check.startService()
+        self.addCleanup(check.stopService)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the other check's timer only
