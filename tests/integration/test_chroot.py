@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -37,10 +39,11 @@ from tests.integration.deployment import (
     read_file,
     require_root,
     running_twistd,
+    wait_until,
     world_readable_directory,
 )
 from tests.integration.slapd import BIND_DN, BIND_PASSWORD, SUFFIX, Slapd
-from tests.integration.support import IN_CI, PolicyClient, free_port, require_program
+from tests.integration.support import IN_CI, REPOSITORY, PolicyClient, free_port, require_program
 
 DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
 
@@ -416,6 +419,95 @@ def test_builtin_ldap_check_in_a_jail(pfxpold_installation, tmp_path):
     finally:
         slapd.stop()
     assert (known, other) == ("OK known sender", "DUNNO"), read_file(f"{work}/pfxpold.log")
+
+
+def _relay_acl_examples(directory: str) -> str:
+    """
+    Copy examples/ to C{directory}/examples and make the SQLite database
+    the example describes beside it.
+
+    @return: the copy's path.
+    """
+    examples = os.path.join(directory, "examples")
+    shutil.copytree(os.path.join(REPOSITORY, "examples"), examples)
+    database = sqlite3.connect(os.path.join(examples, "relay-acl.sqlite"))
+    with open(os.path.join(examples, "relay-acl.sql"), encoding="utf-8") as sql:
+        database.executescript(sql.read())
+    database.close()
+    return examples
+
+
+def _see_jail_path_inside(jail: str) -> None:
+    """
+    Make the jail's own path valid inside the jail too: JAIL/JAIL is a
+    symbolic link to /, so a file under JAIL has the same absolute name
+    before the chroot (when the configuration is read) and after it (when
+    a check opens it).
+    """
+    inner = os.path.join(jail, jail.lstrip("/"))
+    os.makedirs(os.path.dirname(inner), mode=0o755, exist_ok=True)
+    os.symlink("/", inner)
+
+
+@pytest.mark.parametrize(
+    ("example", "data_in_jail", "known_answer"),
+    [
+        ("relay-acl-file.toml", True, "OK"),
+        ("relay-acl-sqlite.toml", True, "OK"),
+        ("relay-acl-sqlite.toml", False, "DEFER Transient internal error. Please try again later."),
+    ],
+    ids=["file-map-in-jail", "sqlite-in-jail", "sqlite-outside-jail"],
+)
+def test_relay_acl_example_in_a_jail(
+    pfxpold_installation, tmp_path, example, data_in_jail, known_answer
+):
+    """
+    The README's relay-ACL examples run chrooted. With the example
+    directory inside the jail, under the jail's own path made valid inside
+    it (JAIL/JAIL -> /), the access map and the SQLite database answer, and
+    a changed map is re-read from inside the jail. A database outside the
+    jail cannot be opened after the chroot: the check fails closed with its
+    on_error answer and the log says why.
+    """
+    _require_jail_prerequisites(pfxpold_installation)
+    work = world_readable_directory(str(tmp_path), "work")
+    jail = build_jail(os.path.join(work, "jail"))
+    if data_in_jail:
+        _see_jail_path_inside(jail)
+        examples = _relay_acl_examples(world_readable_directory(jail, "data"))
+    else:
+        examples = _relay_acl_examples(work)
+    port = free_port()
+    log_path = f"{work}/pfxpold.log"
+    arguments = ["-n", "--pidfile=", f"--logfile={log_path}", "--chroot", jail]
+    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+    arguments += ["--config", os.path.join(examples, example)]
+    arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
+    newcomer = {"client_address": "198.51.100.7", "sender": "new@example.com"}
+    with (
+        running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
+        PolicyClient(port) as client,
+    ):
+        assert os.readlink(f"/proc/{twistd.pid}/root") == jail
+        known = client.ask({"client_address": "192.0.2.10", "sender": "scanner@example.com"})
+        unknown = client.ask(newcomer)
+        if example == "relay-acl-file.toml":
+            # A new version written beside the map and renamed into place,
+            # as the example says; re-read within reload_interval (5 s).
+            map_path = os.path.join(examples, "relay-acl.map")
+            with open(map_path, encoding="utf-8") as f:
+                text = f.read()
+            with open(map_path + ".new", "w", encoding="utf-8") as f:
+                f.write(text + "198.51.100.7  new@example.com  OK\n")
+            os.chmod(map_path + ".new", 0o644)
+            os.rename(map_path + ".new", map_path)
+            wait_until(lambda: client.ask(newcomer) == "OK", timeout=20, what="map re-read")
+    log = read_file(log_path)
+    assert known == known_answer, log
+    if data_in_jail:
+        assert unknown.startswith("REJECT Sorry"), log
+    else:
+        assert "unable to open database file" in log
 
 
 def test_outside_the_jail_the_lazy_check_works(pfxpold_installation, tmp_path):
