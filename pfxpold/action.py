@@ -32,8 +32,10 @@ _OPTIONAL_TEXT = frozenset(
 #: Verbs that need an argument: without it Postfix answers 451 4.3.5.
 _REQUIRED_ARGUMENT = frozenset({"FILTER", "REDIRECT", "BCC", "PREPEND"})
 
-_NUMERIC = re.compile(r"^[45][0-9][0-9]$")
-_RESTRICTION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+# fullmatch, never "$": "$" also matches before a trailing newline, which
+# would let Action("450\n", "text") put a second line on the wire.
+_NUMERIC = re.compile(r"[45][0-9][0-9]")
+_RESTRICTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
 #: Longest text we send. Postfix puts a prefix such as
 #: C{"554 5.7.1 <recipient>: Recipient address rejected: "} in front of it,
@@ -95,7 +97,7 @@ class Action:
         upper = verb.upper()
         if upper in _OPTIONAL_TEXT or upper in _REQUIRED_ARGUMENT:
             verb = upper
-        elif not _NUMERIC.match(verb) and not _RESTRICTION_NAME.match(verb):
+        elif not _NUMERIC.fullmatch(verb) and not _RESTRICTION_NAME.fullmatch(verb):
             raise ActionError(f"{verb!r} is not a Postfix access(5) action")
         text = clean_text(text)
         if verb in _REQUIRED_ARGUMENT and not text:
@@ -137,7 +139,9 @@ class Action:
         action.
         """
         verb = self.verb
-        return not (verb in _OPTIONAL_TEXT or verb in _REQUIRED_ARGUMENT or _NUMERIC.match(verb))
+        return not (
+            verb in _OPTIONAL_TEXT or verb in _REQUIRED_ARGUMENT or _NUMERIC.fullmatch(verb)
+        )
 
     def check_restriction_class(self, restriction_classes: Collection[str]) -> None:
         """

@@ -184,8 +184,10 @@ class CheckChain:
         Finish the chain asynchronously, from check C{index} whose result
         C{pending} is a Deferred or a coroutine, within the deadline.
         """
-        decision = Deferred.fromCoroutine(self._run_from(request, index, pending, passed, verdicts))
-        decision.addTimeout(self.deadline, self._clock)
+        decision = self._within(
+            Deferred.fromCoroutine(self._run_from(request, index, pending, passed, verdicts)),
+            self.deadline,
+        )
 
         def deadline_passed(failure: Failure) -> Decision:
             failure.trap(TimeoutError)
@@ -224,8 +226,7 @@ class CheckChain:
                 if isinstance(pending, CoroutineType):
                     pending = Deferred.fromCoroutine(pending)
                 if isinstance(pending, Deferred):
-                    pending.addTimeout(entry.timeout, self._clock)
-                    pending = await pending
+                    pending = await self._within(pending, entry.timeout)
                 action = self._to_action(pending)
             except CancelledError:
                 # The whole-request deadline cancelled us; let it decide.
@@ -243,6 +244,42 @@ class CheckChain:
                 return Decision(action, entry.name, verdicts)
             passed = action
         return Decision(self.default_action or passed, "default", verdicts)
+
+    def _within(self, pending: Deferred[Any], seconds: float) -> Deferred[Any]:
+        """
+        Bound C{pending} by C{seconds}.
+
+        Unlike L{Deferred.addTimeout}, this does not depend on C{pending}
+        honouring its cancellation: a coroutine that catches
+        L{CancelledError} and keeps waiting would otherwise hold the request
+        for as long as it likes.
+
+        @return: a Deferred that fires with C{pending}'s result, or fails
+            with L{TimeoutError} after C{seconds}; C{pending} is then
+            cancelled and whatever it does later is ignored.
+        """
+        bounded: Deferred[Any] = Deferred(lambda _: pending.cancel())
+
+        def timed_out() -> None:
+            if not bounded.called:
+                bounded.errback(TimeoutError(f"not done within {seconds}s"))
+            pending.cancel()
+
+        timer = self._clock.callLater(seconds, timed_out)
+
+        def done(outcome: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not bounded.called:
+                if isinstance(outcome, Failure):
+                    bounded.errback(outcome)
+                else:
+                    bounded.callback(outcome)
+            # Swallowed: a late failure of an abandoned check is not an
+            # unhandled error.
+
+        pending.addBoth(done)
+        return bounded
 
     def _to_action(self, result: object) -> Action:
         """

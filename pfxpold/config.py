@@ -117,7 +117,8 @@ class _Table:
     def number(self, key: str, default: Any = _MISSING, positive: bool = False) -> float:
         value = self._get(key, default, (int, float), "a number")
         if value is None:
-            return value
+            # TOML has no null: only a default of None gets here.
+            return default
         if positive and not value > 0:
             raise self.error(key, f"must be greater than 0, not {value}")
         return float(value)
@@ -264,8 +265,11 @@ def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
         )
     try:
         found = namedAny(target)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise LookupError(f"cannot load {name!r}: {e}") from None
+    except Exception as e:
+        # A user's module may fail to import in any way (a syntax error, a
+        # NameError at module level): report it as a configuration error
+        # naming the check, not as a traceback.
+        raise LookupError(f"cannot load {name!r}: {type(e).__name__}: {e}") from None
     if not callable(found):
         raise LookupError(f"{name!r} is not callable")
     return found
@@ -318,6 +322,10 @@ def load_document(
             raise server.error("default_action", str(e)) from None
     deadline = server.number("deadline", DEFAULT_DEADLINE, positive=True)
     deadline_policy = _parse_policy(server, "on_deadline", DEFAULT_ON_ERROR, classes)
+    if deadline_policy.kind == SKIP:
+        # There is no next check to skip to once the deadline has passed;
+        # taken as given, it would silently mean "noreply".
+        raise server.error("on_deadline", f"must be {NOREPLY!r} or an action, not {SKIP!r}")
     limits = Limits(
         max_line_length=server.integer("max_line_length", Limits.max_line_length, minimum=256),
         max_attributes=server.integer("max_attributes", Limits.max_attributes, minimum=30),
@@ -408,6 +416,9 @@ def load_configuration(path: str, reactor: IReactorTime) -> Configuration:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        # TOML files are UTF-8; an editor saving Latin-1 is a common slip.
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
     return load_document(document, reactor, path)
 
 

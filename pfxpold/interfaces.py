@@ -66,3 +66,75 @@ class IDecisionListener(Interface):
             reply was sent.
         @return: ignored; errors are logged and never change the answer.
         """
+
+
+class IStateStore(Interface):
+    """
+    Where stateful checks (quotas, greylisting) keep their counters and
+    triplets: in memory, in an SQLite file, or in a Redis server that several
+    pfxpold daemons share.
+
+    Every operation is atomic in the store itself: two requests racing on
+    the same key, in one daemon or in two daemons sharing a Redis, can never
+    both see room for one last message. Times are POSIX timestamps passed in
+    by the caller (from its reactor), never read from the store's own clock,
+    so that tests drive them with a L{twisted.internet.task.Clock}.
+
+    A store that is unreachable fails the operation's Deferred (within its
+    own C{timeout}); it never hangs.
+    """
+
+    name = Attribute("The store's name in the configuration, for logs.")
+
+    def consume(counters, amount, now):
+        """
+        Add C{amount} to every counter if, and only if, no counter's limit
+        would be passed; otherwise change nothing.
+
+        @param counters: the counters to check and add to.
+        @type counters: sequence of L{pfxpold.state.Counter}
+        @param amount: what to add (a message, its recipients, its bytes).
+        @type amount: L{int}
+        @param now: the current time.
+        @type now: L{float}
+
+        @return: a Deferred that fires with a L{pfxpold.state.Consumption}:
+            whether the amount was added, and each counter's total (after
+            the addition when it was made, before it otherwise).
+        """
+
+    def release(counters, amount, now):
+        """
+        Take back C{amount} from the counters of an earlier successful
+        L{consume} (the mail was finally refused by another check). A
+        counter never goes below zero.
+
+        @return: a Deferred that fires with L{None}.
+        """
+
+    def greylist(triplet, client, now, delay, retry_window, lifetime, whitelist_after):
+        """
+        Record an attempt of the greylisting C{triplet} and say what it is.
+
+        @param triplet: the key of (client network, sender, recipient).
+        @type triplet: L{str}
+        @param client: the key of the client network, for auto-whitelisting.
+        @type client: L{str}
+        @param delay: seconds a triplet must wait after its first attempt.
+        @param retry_window: seconds after the first attempt within which a
+            retry passes; later, the triplet starts over.
+        @param lifetime: seconds a passed triplet (and an auto-whitelisted
+            client) is remembered after its last attempt.
+        @param whitelist_after: passed triplets after which the client is
+            whitelisted; C{0} to never auto-whitelist.
+
+        @return: a Deferred that fires with a L{pfxpold.state.GreylistState}.
+        """
+
+    def expire(now):
+        """
+        Forget entries that expired before C{now}. Stores whose entries
+        expire by themselves (Redis) do nothing.
+
+        @return: a Deferred that fires with the number of entries removed.
+        """

@@ -78,6 +78,8 @@ class PolicyProtocol(LineReceiver):
 
     delimiter = b"\n"
     _log = Logger()
+    # Always connected while we use it (Twisted types it as optional).
+    transport: Any
 
     def __init__(self, factory: PolicyFactory) -> None:
         self.factory = factory
@@ -95,16 +97,21 @@ class PolicyProtocol(LineReceiver):
     # Connection life
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+        peer: Any = self.transport.getPeer()
         host = getattr(peer, "host", None)
-        self.peer = f"{host}:{peer.port}" if host is not None else str(getattr(peer, "name", peer))
+        if host is None:
+            self.peer = f"unix:{getattr(peer, 'name', None) or '?'}"
+        elif ":" in host:
+            # IPv6: brackets keep the port apart from the address.
+            self.peer = f"[{host}]:{peer.port}"
+        else:
+            self.peer = f"{host}:{peer.port}"
         self.factory.connections.add(self)
         self.transport.registerProducer(self, True)
         self._arm(self.factory.limits.idle_timeout, "idle")
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
         self._closing = True
-        self.factory.connections.discard(self)
         if self._queue:
             self.factory.in_flight -= len(self._queue)
             self._queue.clear()
@@ -112,19 +119,34 @@ class PolicyProtocol(LineReceiver):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self.factory.connections.discard(self)
+        self.factory.check_closed()
 
     def readConnectionLost(self) -> None:
         """
-        The client sent its last request: answer what is in flight, then
-        close. A half-finished request is dropped, as on any close.
+        The client sent its last request: answer every request it sent,
+        then close. A half-finished request is dropped, as on any close.
         """
         self._eof = True
-        if self._attributes:
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """
+        After the client's half-close, close once every request it sent is
+        answered, including requests still unread because we had paused
+        reading (LineReceiver keeps them in C{_buffer}).
+        """
+        if not self._eof or self._closing or self._queue:
+            return
+        if self.delimiter in self._buffer:
+            # Complete lines not read yet: reading resumes, or the loop
+            # reading them is still running; both come back here.
+            return
+        if self._attributes or self._buffer:
             self._log.info(
                 "connection from {peer} closed in the middle of a request", peer=self.peer
             )
-        if not self._queue:
-            self._close()
+        self._close()
 
     def writeConnectionLost(self) -> None:
         self._close(abort=True)
@@ -163,6 +185,10 @@ class PolicyProtocol(LineReceiver):
         self._closing = True
         self._attributes = {}
         self.clearLineBuffer()
+        # A transport that paused us (its write buffer was full) resumes its
+        # producer when the buffer drains instead of finishing a
+        # loseConnection: unregister first, or the connection never closes.
+        self.transport.unregisterProducer()
         if abort:
             self.transport.abortConnection()
         else:
@@ -181,6 +207,7 @@ class PolicyProtocol(LineReceiver):
             self._paused_for.discard(why)
             if not self._paused_for and not self._closing:
                 LineReceiver.resumeProducing(self)
+                self._finish_if_done()
 
     def pauseProducing(self) -> None:
         self._pause("write buffer full")
@@ -242,7 +269,17 @@ class PolicyProtocol(LineReceiver):
             self._pause("too many requests in flight")
         if not isinstance(result, Deferred):
             result = succeed(result)
+        result.addErrback(self._decider_failed)
         result.addCallback(self._decided, pending)
+
+    def _decider_failed(self, failure: Failure) -> Decision:
+        """
+        The decider broke its promise never to fail: rather than leave the
+        request (and every one behind it) waiting until Postfix times out,
+        answer nothing and close, so Postfix retries at once.
+        """
+        self._log.failure("deciding a request from {peer} failed", failure, peer=self.peer)
+        return Decision(None, "error")
 
     def _decided(self, decision: Decision, pending: _Pending) -> None:
         pending.decision = decision
@@ -254,8 +291,7 @@ class PolicyProtocol(LineReceiver):
             self._answer(head.request, head.decision, head.started)
         if len(queue) < factory.limits.max_pipelined:
             self._resume("too many requests in flight")
-        if self._eof and not queue:
-            self._close()
+        self._finish_if_done()
         factory.check_drained()
 
     def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:
@@ -320,6 +356,7 @@ class PolicyFactory(Factory):
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
         self._drain_waiters: list[Deferred[None]] = []
+        self._close_waiters: list[Deferred[None]] = []
 
     def buildProtocol(self, addr: Any) -> PolicyProtocol:
         return PolicyProtocol(self)
@@ -335,14 +372,40 @@ class PolicyFactory(Factory):
         return waiter
 
     def check_drained(self) -> None:
+        """
+        Fire the L{drained} waiters if no request is in flight; called
+        whenever requests are answered or dropped.
+        """
         if self.in_flight <= 0 and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
 
-    def close_connections(self) -> None:
+    def close_connections(self, abort: bool = False) -> Deferred[None]:
         """
         Close every connection; Postfix reconnects to whoever listens next.
+
+        @param abort: drop the connections at once, unwritten answers and
+            all, instead of closing them after what was written is sent.
+        @return: a Deferred that fires once every connection is closed: only
+            then have the last answers left the process.
         """
         for connection in list(self.connections):
-            connection._close()
+            if abort:
+                connection.transport.abortConnection()
+            else:
+                connection._close()
+        waiter: Deferred[None] = Deferred()
+        self._close_waiters.append(waiter)
+        self.check_closed()
+        return waiter
+
+    def check_closed(self) -> None:
+        """
+        Fire the L{close_connections} waiters if no connection is left;
+        called by each connection as it is lost.
+        """
+        if not self.connections and self._close_waiters:
+            waiters, self._close_waiters = self._close_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)

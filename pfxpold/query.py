@@ -123,7 +123,10 @@ def query(server: str, request: bytes, timeout: float = 30.0) -> Optional[str]:
     return value
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """
+    The command line of C{pfxpold-query}.
+    """
     parser = argparse.ArgumentParser(
         prog="pfxpold-query",
         description="Send one Postfix policy request and print the action.",
@@ -150,6 +153,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         metavar="NAME=VALUE",
         help="any other attribute; may be repeated",
     )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """
+    Run C{pfxpold-query}.
+
+    @return: the exit status: 0 with an answer, 1 when the server closed
+        the connection without one, 2 when it could not be asked.
+    """
+    parser = make_parser()
     arguments = parser.parse_args(argv)
     try:
         request = build_request(arguments)

@@ -81,6 +81,7 @@ class PolicyRequest(Mapping[str, str]):
     """
 
     __slots__ = ("_attributes",)
+    _attributes: dict[str, str]
 
     def __init__(self, attributes: Mapping[str, str]) -> None:
         object.__setattr__(self, "_attributes", dict(attributes))

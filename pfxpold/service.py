@@ -74,7 +74,22 @@ class PolicyService(MultiService):
                     count=self.factory.in_flight,
                     grace=self.configuration.shutdown_grace,
                 )
-        self.factory.close_connections()
+        # Wait until the connections are really closed: the answers just
+        # written are still in the transports' buffers, and stopping the
+        # reactor now would drop them.
+        closed = self.factory.close_connections()
+        closed.addTimeout(self.configuration.shutdown_grace, self.reactor)
+        try:
+            await closed
+        except Exception:
+            self._log.warn(
+                "stopping: {count} connections did not close within {grace}s; dropping them",
+                count=len(self.factory.connections),
+                grace=self.configuration.shutdown_grace,
+            )
+            # Not awaited: an aborted connection is gone when the reactor
+            # stops, whatever its protocol hears.
+            self.factory.close_connections(abort=True)
         await self.backends.stopService()
 
     def stopService(self) -> Deferred[None]:

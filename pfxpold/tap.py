@@ -60,13 +60,18 @@ class Options(usage.Options):
         ["check-config", None, "Check the configuration, print a summary and exit."],
     ]
     optParameters = [
-        ["config", "c", os.environ.get("PFXPOLD_CONFIG") or None, "TOML configuration file."],
+        ["config", "c", None, "TOML configuration file (default: $PFXPOLD_CONFIG)."],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml")})
 
-    def __init__(self) -> None:
+    def __init__(self, reactor: Any = None) -> None:
+        """
+        @param reactor: the reactor checks are built with; the global one
+            (imported only then) when L{None}, as under twistd.
+        """
         super().__init__()
         self["port"] = []
+        self.reactor = reactor
         self.configuration: Optional[Configuration] = None
 
     def opt_port(self, port: str) -> None:
@@ -102,14 +107,24 @@ class Options(usage.Options):
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
-            except (ValueError, TypeError, KeyError) as e:
+            except Exception as e:
+                # Parsers raise what they like: IndexError for a systemd
+                # socket that was not passed, OSError for a missing TLS
+                # certificate. All of them are the admin's to fix.
                 raise usage.UsageError(
-                    f"cannot listen on {description!r}: {e or 'not an endpoint string'}"
+                    f"cannot listen on {description!r}:"
+                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
                 ) from None
         return configuration
 
     def postOptions(self) -> None:
-        self.configuration = self.load(_global_reactor())
+        if not self["config"]:
+            # Read when the options are parsed, not when this module is
+            # imported, so a tac file or a test can set it.
+            self["config"] = os.environ.get("PFXPOLD_CONFIG") or None
+        if self.reactor is None:
+            self.reactor = _global_reactor()
+        self.configuration = self.load(self.reactor)
         if self["check-config"]:
             configuration = self.configuration
             print(f"{configuration.path or '(no file: demo check)'}: OK")
@@ -162,8 +177,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     preload_lazy_imports()
 
     if reactor is None:
-        reactor = _global_reactor()
-        configuration = options.configuration or options.load(reactor)
-    else:
+        reactor = options.reactor if options.reactor is not None else _global_reactor()
+    configuration = options.configuration
+    if configuration is None or options.reactor is not reactor:
+        # Checks hold the reactor they were built with: build them again.
         configuration = options.load(reactor)
     return PolicyService(configuration, reactor)

@@ -1,0 +1,601 @@
+"""
+The C{quota} check: sending quotas and rate limits, exact across every
+pfxpold that shares the store.
+
+A message is counted once, at the configured stage (DATA or
+END-OF-MESSAGE; RCPT counts recipients one by one), using Postfix's
+C{instance} attribute. The count is reserved atomically in the store when
+the check runs (so concurrent messages can never pass a limit together)
+and taken back when the chain's final answer refuses the message (another
+check rejected it), through L{pfxpold.interfaces.IDecisionListener}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pfxpold.action import DUNNO, Action
+from pfxpold.config import CheckOptions
+from pfxpold.interfaces import ICheck, IDecisionListener, IStateStore
+from pfxpold.request import PolicyRequest
+from pfxpold.state import Consumption, Counter, store_for
+
+KEY_PARTS = (
+    "sasl_username",
+    "sender",
+    "sender_domain",
+    "client_address",
+    "client_network",
+    "recipient",
+    "recipient_domain",
+)
+UNITS = ("messages", "recipients", "bytes")
+STAGES = ("END-OF-MESSAGE", "DATA", "RCPT")
+PERIODS = ("hour", "day", "sliding")
+DEFAULT_ACTION = "DEFER 4.7.1 Sending quota exceeded ({limit}: {max} {unit})"
+
+#: Final answers after which the mail was not accepted: its count is
+#: taken back. DEFER_IF_REJECT is not among them (the mail usually passes).
+REFUSING_VERBS = frozenset({"REJECT", "DEFER", "DEFER_IF_PERMIT", "DISCARD"})
+
+#: Messages remembered as counted, so that a repeated request for the same
+#: message is not counted again.
+REMEMBERED = 65536
+
+# Keys may not exceed this; longer identities are hashed.
+_MAX_IDENTITY = 200
+
+
+def refuses(action: Optional[Action]) -> bool:
+    """
+    Whether Postfix refuses (or never gets an answer for) the mail when
+    the chain answers C{action}.
+    """
+    if action is None:
+        return True
+    verb = action.verb
+    return verb in REFUSING_VERBS or (len(verb) == 3 and verb[0] in "45" and verb.isdigit())
+
+
+@dataclass(frozen=True)
+class Window:
+    """
+    One limit's window.
+
+    @ivar name: the limit's name, used in overrides, texts and keys.
+    @ivar period: C{"hour"}, C{"day"} or C{"sliding"}.
+    @ivar maximum: the default limit.
+    @ivar zone: the time zone of fixed windows.
+    @ivar reset: seconds after midnight when a day window starts.
+    @ivar seconds: a sliding window's length.
+    @ivar precision: a sliding window's bucket width.
+    """
+
+    name: str
+    period: str
+    maximum: int
+    zone: datetime.tzinfo = datetime.UTC
+    reset: int = 0
+    seconds: int = 0
+    precision: int = 0
+
+    def bounds(self, now: float) -> tuple[str, float]:
+        """
+        The fixed window that C{now} is in.
+
+        @return: an id of the window and when it ends.
+        """
+        local = datetime.datetime.fromtimestamp(now, self.zone)
+        if self.period == "hour":
+            start = local.replace(minute=0, second=0, microsecond=0)
+            # The UTC offset tells apart the two 01:00 hours of a DST change.
+            return start.strftime("%Y%m%d%H%z"), start.timestamp() + 3600
+        reset = datetime.time(self.reset // 3600, self.reset % 3600 // 60)
+        day = local.date()
+        start = datetime.datetime.combine(day, reset, self.zone)
+        if local < start:
+            day -= datetime.timedelta(days=1)
+        end = datetime.datetime.combine(day + datetime.timedelta(days=1), reset, self.zone)
+        return day.strftime("%Y%m%d"), end.timestamp()
+
+    def counter(self, prefix: str, now: float, limit: int) -> Counter:
+        """
+        The counter of this window at C{now} for the identity whose keys
+        start with C{prefix}.
+        """
+        if self.period == "sliding":
+            width = self.precision
+            current = int(now // width)
+            oldest = int((now - self.seconds) // width)
+            keys = tuple(
+                f"{prefix}:{self.name}:{bucket}" for bucket in range(current, oldest - 1, -1)
+            )
+            return Counter(keys[0], keys, limit, (current + 1) * width + self.seconds + 60)
+        window, end = self.bounds(now)
+        key = f"{prefix}:{self.name}:{window}"
+        # A minute of grace, so that taking a count back at the end of a
+        # window finds its key.
+        return Counter(key, (key,), limit, end + 60)
+
+
+def parse_time_of_day(value: str) -> Optional[int]:
+    """
+    C{"HH:MM"} as seconds after midnight, or L{None} when it is not one.
+    """
+    hours, colon, minutes = value.partition(":")
+    if not colon or not hours.isdigit() or not minutes.isdigit():
+        return None
+    if int(hours) > 23 or int(minutes) > 59:
+        return None
+    return int(hours) * 3600 + int(minutes) * 60
+
+
+def read_windows(options: CheckOptions) -> tuple[Window, ...]:
+    """
+    The C{limits} of a quota check.
+    """
+    raw = options.raw("limits")
+    if not isinstance(raw, list) or not raw or not all(isinstance(item, dict) for item in raw):
+        raise options.error(
+            "limits", 'must be a list of tables, e.g. [{period = "day", max = 500}]'
+        )
+    zone_name = options.string("timezone", "UTC")
+    try:
+        zone: datetime.tzinfo = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise options.error("timezone", f"unknown time zone {zone_name!r}") from None
+    windows: list[Window] = []
+    for item in raw:
+        unknown = set(item) - {"name", "period", "max", "reset", "seconds", "precision"}
+        if unknown:
+            raise options.error("limits", f"unknown setting {sorted(unknown)[0]!r} in {item!r}")
+        period = item.get("period")
+        if period not in PERIODS:
+            raise options.error("limits", f"period must be one of {', '.join(PERIODS)} in {item!r}")
+        maximum = item.get("max")
+        if not isinstance(maximum, int) or isinstance(maximum, bool) or maximum < 0:
+            raise options.error("limits", f"max must be a whole number >= 0 in {item!r}")
+        reset = 0
+        seconds = precision = 0
+        if period == "day":
+            reset_text = item.get("reset", "00:00")
+            reset_value = parse_time_of_day(reset_text) if isinstance(reset_text, str) else None
+            if reset_value is None:
+                raise options.error("limits", f'reset must be "HH:MM" in {item!r}')
+            reset = reset_value
+        elif "reset" in item:
+            raise options.error("limits", f"only a day window has a reset time: {item!r}")
+        if period == "sliding":
+            seconds = item.get("seconds")
+            if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 1:
+                raise options.error("limits", f"a sliding window needs seconds >= 1 in {item!r}")
+            precision = item.get("precision", max(1, seconds // 60))
+            if not isinstance(precision, int) or not 1 <= precision <= seconds:
+                raise options.error("limits", f"precision must be 1..seconds in {item!r}")
+        elif "seconds" in item or "precision" in item:
+            raise options.error(
+                "limits", f"seconds and precision are for sliding windows: {item!r}"
+            )
+        name = item.get("name", f"{seconds}s" if period == "sliding" else period)
+        if (
+            not isinstance(name, str)
+            or not name
+            or not name.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise options.error("limits", f"name must be letters, digits, - or _ in {item!r}")
+        if any(window.name == name for window in windows):
+            raise options.error("limits", f"two limits are named {name!r}; name them")
+        windows.append(Window(name, period, maximum, zone, reset, seconds, precision))
+    return tuple(windows)
+
+
+class OverridesError(ValueError):
+    """
+    An overrides file cannot be used; the message says where and why.
+    """
+
+
+def parse_overrides(path: str, names: set[str]) -> dict[str, Optional[dict[str, int]]]:
+    """
+    Read an overrides file: lines of C{identity unlimited} or C{identity
+    NAME=MAX ...}, C{#} comments.
+
+    @return: identity -> {limit name: max}, or L{None} for unlimited.
+    @raise OverridesError: when it cannot be read or used.
+    """
+    overrides: dict[str, Optional[dict[str, int]]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise OverridesError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    for number, line in enumerate(lines, start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        where = f"{path} line {number}"
+        identity, settings = fields[0], fields[1:]
+        if settings == ["unlimited"]:
+            overrides[identity] = None
+            continue
+        limits: dict[str, int] = {}
+        for setting in settings:
+            name, equals, value = setting.partition("=")
+            if not equals or name not in names or not value.isdigit():
+                raise OverridesError(
+                    f"{where}: expected 'unlimited' or NAME=MAX with NAME one of"
+                    f" {', '.join(sorted(names))}, not {setting!r}"
+                )
+            limits[name] = int(value)
+        if not limits:
+            raise OverridesError(f"{where}: {identity} has no limits")
+        overrides[identity] = limits
+    return overrides
+
+
+@dataclass
+class _Reservation:
+    """
+    A message's count while the chain decides: taken back if the final
+    answer refuses the message.
+    """
+
+    counters: tuple[Counter, ...]
+    amount: int
+    consumed: Optional[bool] = None
+    decided: bool = False
+    action: Optional[Action] = field(default=None)
+
+
+@implementer(ICheck, IDecisionListener)
+class QuotaCheck(MultiService):
+    """
+    Counts messages, recipients or bytes per identity in one or more
+    windows, and answers the over-limit action when one is full.
+
+    It is a service so that a timer can re-read the overrides file while
+    the daemon runs (C{overrides_reload} seconds apart, when it changed).
+    """
+
+    _log = Logger()
+
+    def __init__(self, options: CheckOptions) -> None:
+        super().__init__()
+        self.name: str = options.name  # type: ignore[assignment]
+        self.reactor = options.reactor
+        parts = options.strings("key", ["sasl_username"])
+        if not parts:
+            raise options.error("key", "must name at least one of " + ", ".join(KEY_PARTS))
+        for part in parts:
+            if part not in KEY_PARTS:
+                raise options.error("key", f"{part!r} is not one of {', '.join(KEY_PARTS)}")
+        self.key_parts = tuple(parts)
+        self.unit = options.choice("unit", UNITS, "messages")
+        self.stage = options.choice("stage", STAGES, "END-OF-MESSAGE")
+        if self.stage == "RCPT" and self.unit != "recipients":
+            raise options.error("stage", "at RCPT only recipients can be counted")
+        if self.stage != "RCPT" and {"recipient", "recipient_domain"} & set(parts):
+            raise options.error(
+                "key", 'recipient keys need stage = "RCPT" (a message has many recipients)'
+            )
+        self.ipv4_prefix = options.integer("ipv4_prefix", 24, minimum=0)
+        self.ipv6_prefix = options.integer("ipv6_prefix", 64, minimum=0)
+        if self.ipv4_prefix > 32 or self.ipv6_prefix > 128:
+            raise options.error("ipv4_prefix", "prefixes are at most 32 (IPv4) and 128 (IPv6)")
+        self.windows = read_windows(options)
+        self.overrides_path = options.path("overrides", None)
+        self.unlimited = tuple(options.strings("unlimited", []))
+        self.overrides: dict[str, Optional[dict[str, int]]] = {}
+        self._overrides_version: Optional[tuple[float, int]] = None
+        try:
+            self.load_overrides()
+        except OverridesError as e:
+            raise options.error("overrides", str(e)) from None
+        reload = options.number("overrides_reload", 60.0)
+        if reload > 0 and self.overrides_path is not None:
+            reloader = TimerService(reload, self.reload_overrides)
+            reloader.clock = options.reactor
+            reloader.setServiceParent(self)
+        self.action = options.action("action", DEFAULT_ACTION)
+        try:
+            self._text(self.windows[0], 0, "identity")
+        except (KeyError, IndexError, ValueError) as e:
+            raise options.error(
+                "action",
+                f"bad placeholder ({e}); use {{limit}} {{max}} {{count}} {{unit}} {{period}} {{key}}",
+            ) from None
+        self.refuse_early = options.boolean("refuse_early", False)
+        if self.refuse_early and self.stage == "RCPT":
+            raise options.error("refuse_early", "is for stage DATA or END-OF-MESSAGE")
+        self.time_offset = options.number("time_offset", 0.0)
+        self.store: IStateStore = store_for(options)
+        self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
+        self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
+
+    def load_overrides(self) -> None:
+        """
+        Read the overrides file (if any) and the C{unlimited} list.
+
+        @raise OverridesError: when the file cannot be used.
+        """
+        overrides: dict[str, Optional[dict[str, int]]] = {}
+        if self.overrides_path is not None:
+            status = os.stat(self.overrides_path) if os.path.exists(self.overrides_path) else None
+            version = (status.st_mtime, status.st_size) if status else None
+            overrides = parse_overrides(self.overrides_path, {w.name for w in self.windows})
+            self._overrides_version = version
+        for identity in self.unlimited:
+            overrides[identity] = None
+        self.overrides = overrides
+
+    def reload_overrides(self) -> None:
+        """
+        Re-read the overrides file when it changed; a file that cannot be
+        used is logged and the limits in force are kept.
+        """
+        assert self.overrides_path is not None
+        try:
+            status = os.stat(self.overrides_path)
+        except OSError as e:
+            self._log.error(
+                "quota {check}: cannot read {path}: {reason}; keeping the overrides in force",
+                check=self.name,
+                path=self.overrides_path,
+                reason=e.strerror,
+            )
+            return
+        if (status.st_mtime, status.st_size) == self._overrides_version:
+            return
+        try:
+            self.load_overrides()
+        except OverridesError as e:
+            # Said once per change of the file, not at every look.
+            self._overrides_version = (status.st_mtime, status.st_size)
+            self._log.error(
+                "quota {check}: {reason}; keeping the overrides in force",
+                check=self.name,
+                reason=str(e),
+            )
+            return
+        self._log.info(
+            "quota {check}: {count} overrides loaded from {path}",
+            check=self.name,
+            count=len(self.overrides),
+            path=self.overrides_path,
+        )
+
+    def now(self) -> float:
+        """
+        The time windows are computed from: the reactor's, plus
+        C{time_offset}.
+        """
+        return self.reactor.seconds() + self.time_offset
+
+    def identity(self, request: PolicyRequest) -> Optional[str]:
+        """
+        The value counted against, e.g. C{"alice"} or
+        C{"alice,192.0.2.0/24"}; L{None} when a part is empty (such mail is
+        not counted).
+        """
+        values = []
+        for part in self.key_parts:
+            if part == "client_address" or part == "client_network":
+                address = request.client_ip
+                if address is None:
+                    return None
+                if part == "client_network":
+                    prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
+                    value = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+                else:
+                    value = str(address)
+            elif part == "sender" or part == "recipient":
+                address = getattr(request, part)
+                local, at, domain = address.rpartition("@")
+                value = f"{local}@{domain.lower()}" if at else address
+            else:
+                value = getattr(request, part)
+            if not value:
+                return None
+            values.append(value)
+        return ",".join(values)
+
+    def _prefix(self, identity: str) -> str:
+        if len(identity) > _MAX_IDENTITY or "{" in identity or "}" in identity:
+            identity = "sha256:" + hashlib.sha256(identity.encode("utf-8")).hexdigest()
+        # The braces are a Redis hash tag: one identity's keys share a slot.
+        return f"quota:{{{self.name}:{identity}}}"
+
+    def _amount(self, request: PolicyRequest) -> int:
+        if self.unit == "messages":
+            return 1
+        if self.unit == "recipients":
+            return 1 if self.stage == "RCPT" else max(1, request.recipient_count)
+        return request.size
+
+    def _token(self, request: PolicyRequest) -> Optional[tuple[str, ...]]:
+        if not request.instance:
+            return None
+        if self.stage == "RCPT":
+            return (request.instance, request.client_address, request.recipient)
+        return (request.instance, request.client_address)
+
+    def _text(
+        self, window: Window, count: int, identity: str, maximum: Optional[int] = None
+    ) -> str:
+        return self.action.text.format_map(
+            {
+                "limit": window.name,
+                "max": window.maximum if maximum is None else maximum,
+                "count": count,
+                "unit": self.unit,
+                "period": window.period,
+                "key": identity,
+            }
+        )
+
+    def _counters(self, identity: str, now: float, room: int = 0) -> tuple[Counter, ...]:
+        """
+        The identity's counters at C{now}, their limits lowered by C{room}.
+
+        @return: the counters, or an empty tuple for an unlimited identity.
+        """
+        limits = self.overrides.get(identity, {})
+        if limits is None:
+            return ()
+        prefix = self._prefix(identity)
+        return tuple(
+            window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
+            for window in self.windows
+        )
+
+    def _over_limit(
+        self, identity: str, counters: tuple[Counter, ...], totals: tuple[int, ...], amount: int
+    ) -> Action:
+        """
+        The over-limit answer naming the first full window, logged.
+        """
+        windows = self.windows
+        window, counter, total = next(
+            (window, counter, total)
+            for window, counter, total in zip(windows, counters, totals, strict=True)
+            if total + amount > counter.limit
+        )
+        maximum = counter.limit + (1 if amount == 0 else 0)
+        action = Action(self.action.verb, self._text(window, total, identity, maximum))
+        self._log.warn(
+            "quota {check}: {key} is over its {limit} limit: {count} + {amount} > {max}"
+            " {unit}; answering {action}",
+            check=self.name,
+            key=identity,
+            limit=window.name,
+            count=total,
+            amount=max(amount, 1),
+            max=maximum,
+            unit=self.unit,
+            counts={w.name: t for w, t in zip(windows, totals, strict=True)},
+            action=str(action),
+        )
+        return action
+
+    def check(self, request: PolicyRequest) -> Any:
+        state = request.protocol_state
+        if state != self.stage:
+            if self.refuse_early and state == "RCPT":
+                return self._check_early(request)
+            return DUNNO
+        identity = self.identity(request)
+        if identity is None:
+            return DUNNO
+        amount = self._amount(request)
+        if amount <= 0:
+            return DUNNO
+        token = self._token(request)
+        if token is not None and (token in self._counted or token in self._reservations):
+            return DUNNO
+        now = self.now()
+        counters = self._counters(identity, now)
+        if not counters:
+            return DUNNO
+        reservation = _Reservation(counters, amount)
+        if token is not None:
+            self._reservations[token] = reservation
+            if len(self._reservations) > REMEMBERED:
+                self._reservations.popitem(last=False)
+        answer: Deferred[Action] = Deferred()
+
+        def consumed(result: Consumption) -> None:
+            reservation.consumed = result.allowed
+            if result.allowed and token is not None:
+                self._counted[token] = None
+                if len(self._counted) > REMEMBERED:
+                    self._counted.popitem(last=False)
+            self._settle(token, reservation)
+            if result.allowed:
+                action = DUNNO
+            else:
+                action = self._over_limit(identity, counters, result.totals, amount)
+            if not answer.called:
+                answer.callback(action)
+
+        def failed(failure: Failure) -> None:
+            reservation.consumed = False
+            self._settle(token, reservation)
+            if not answer.called:
+                answer.errback(failure)
+
+        # The store's own Deferred is not cancelled with the check's answer
+        # (the chain's timeout): its result is still needed to take back a
+        # count that lands after the chain gave up and refused the mail.
+        self.store.consume(counters, amount, now).addCallbacks(consumed, failed)
+        return answer
+
+    def _check_early(self, request: PolicyRequest) -> Any:
+        """
+        At RCPT, before the message is counted: refuse at once when a
+        window is already full, so the client need not send the message
+        first. Nothing is counted (the store adds 0 if there is room for
+        one more).
+        """
+        identity = self.identity(request)
+        if identity is None:
+            return DUNNO
+        counters = self._counters(identity, self.now(), room=1)
+        if not counters:
+            return DUNNO
+
+        def answer(result: Consumption) -> Action:
+            if result.allowed:
+                return DUNNO
+            return self._over_limit(identity, counters, result.totals, 0)
+
+        return self.store.consume(counters, 0, self.now()).addCallback(answer)
+
+    def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
+        if request.protocol_state != self.stage:
+            return
+        token = self._token(request)
+        reservation = self._reservations.get(token) if token is not None else None
+        if reservation is None or reservation.decided:
+            return
+        reservation.decided = True
+        reservation.action = action
+        self._settle(token, reservation)
+
+    def _settle(self, token: Optional[tuple[str, ...]], reservation: _Reservation) -> None:
+        """
+        Once both the store and the chain have answered: take the count
+        back when the message was counted but refused.
+        """
+        if reservation.consumed is None:
+            return
+        if token is None:
+            return
+        if not reservation.decided:
+            return
+        self._reservations.pop(token, None)
+        if reservation.consumed and refuses(reservation.action):
+            self._counted.pop(token, None)
+            self._log.info(
+                "quota {check}: message refused ({action}); its count is taken back",
+                check=self.name,
+                action=str(reservation.action),
+            )
+            self.store.release(reservation.counters, reservation.amount, self.now()).addErrback(
+                lambda failure: self._log.failure(
+                    "quota {check}: taking a count back failed", failure, check=self.name
+                )
+            )

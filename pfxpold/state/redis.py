@@ -1,0 +1,201 @@
+"""
+The Redis state store: one state for every pfxpold on every MX host.
+
+Each operation is one Lua script run with EVALSHA (EVAL the first time a
+Redis has not seen it), so Redis runs it atomically: no other client's
+command runs between a script's reads and writes. Keys carry an absolute
+expiry (PEXPIREAT computed from the window's end), so every writer of a
+key sets the same expiry and a fixed window stays fixed. The keys of one
+operation share a hash tag, so the scripts also work on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import clientFromString
+from zope.interface import implementer
+
+from pfxpold.config import CheckOptions
+from pfxpold.interfaces import IStateStore
+from pfxpold.state import Consumption, Counter, GreylistState
+from pfxpold.state.resp import RedisClient, RedisError
+
+DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=6379"
+DEFAULT_TIMEOUT = 2.0
+
+CONSUME = """
+local amount = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local a, k = 3, 1
+local totals, writes, allowed = {}, {}, 1
+for i = 1, n do
+  local limit, expires, nread = tonumber(ARGV[a]), ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local total = 0
+  for j = k, k + nread - 1 do
+    total = total + (tonumber(redis.call('GET', KEYS[j])) or 0)
+  end
+  writes[i] = {KEYS[k], expires}
+  k = k + nread
+  totals[i] = total
+  if total + amount > limit then allowed = 0 end
+end
+if allowed == 1 then
+  for i = 1, n do
+    redis.call('INCRBY', writes[i][1], amount)
+    redis.call('PEXPIREAT', writes[i][1], writes[i][2])
+    totals[i] = totals[i] + amount
+  end
+end
+table.insert(totals, 1, allowed)
+return totals
+"""
+
+RELEASE = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('DECRBY', KEYS[i], ARGV[1]) < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+    end
+  end
+end
+return 0
+"""
+
+GREYLIST = """
+local now, delay, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local lifetime, after = tonumber(ARGV[4]), tonumber(ARGV[5])
+local function at(t) return math.floor(t * 1000) end
+if after > 0 then
+  local passes = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if passes >= after then
+    redis.call('PEXPIREAT', KEYS[2], at(now + lifetime))
+    return {'whitelisted', '0'}
+  end
+end
+local t = redis.call('HMGET', KEYS[1], 'first', 'passes')
+local first, passes = tonumber(t[1]), tonumber(t[2])
+if first == nil or (passes == 0 and now > first + window) then
+  redis.call('HSET', KEYS[1], 'first', ARGV[1], 'passes', 0)
+  redis.call('PEXPIREAT', KEYS[1], at(now + window))
+  return {'new', ARGV[1]}
+end
+if passes == 0 and now < first + delay then return {'early', t[1]} end
+redis.call('HSET', KEYS[1], 'passes', passes + 1)
+redis.call('PEXPIREAT', KEYS[1], at(now + lifetime))
+if passes > 0 then return {'known', t[1]} end
+if after > 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('PEXPIREAT', KEYS[2], at(now + lifetime))
+end
+return {'passed', t[1]}
+"""
+
+
+class Script:
+    """
+    A Lua script, run by its SHA1 digest and sent whole only when Redis
+    does not know it yet (first use, or after Redis restarted).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def run(
+        self, client: RedisClient, keys: Sequence[str], arguments: Sequence[Any]
+    ) -> Deferred[Any]:
+        def unknown(failure: Any) -> Any:
+            failure.trap(RedisError)
+            if not str(failure.value).startswith("NOSCRIPT"):
+                return failure
+            return client.execute("EVAL", self.source, len(keys), *keys, *arguments)
+
+        d = client.execute("EVALSHA", self.sha, len(keys), *keys, *arguments)
+        return d.addErrback(unknown)
+
+
+_CONSUME = Script(CONSUME)
+_RELEASE = Script(RELEASE)
+_GREYLIST = Script(GREYLIST)
+
+
+def _milliseconds(timestamp: float) -> int:
+    return int(timestamp * 1000)
+
+
+@implementer(IStateStore)
+class RedisStore(MultiService):
+    """
+    State in Redis, through one pipelined connection that is re-made
+    whenever it is lost.
+
+    Settings of C{[stores.NAME]}: C{endpoint} (a Twisted client endpoint
+    string; default C{tcp:host=127.0.0.1:port=6379}), C{database} (0),
+    C{password_file} (a file whose first line is the password), C{timeout}
+    (seconds a command may take, default 2), C{prefix} (of every key,
+    default C{pfxpold:}).
+    """
+
+    def __init__(self, options: CheckOptions) -> None:
+        super().__init__()
+        self.name: str = options.name  # type: ignore[assignment]
+        self.reactor = options.reactor
+        endpoint = options.string("endpoint", DEFAULT_ENDPOINT)
+        try:
+            parsed = clientFromString(options.reactor, endpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            raise options.error("endpoint", f"not a Twisted client endpoint: {e}") from None
+        self.prefix = options.string("prefix", "pfxpold:")
+        self.client = RedisClient(
+            parsed,
+            options.reactor,
+            timeout=options.number("timeout", DEFAULT_TIMEOUT, positive=True),
+            password=options.secret("password_file", None),
+            database=options.integer("database", 0, minimum=0),
+            description=f"{self.name} ({endpoint})",
+        )
+        self.client.setServiceParent(self)
+
+    def consume(
+        self, counters: Sequence[Counter], amount: int, now: float
+    ) -> Deferred[Consumption]:
+        keys: list[str] = []
+        arguments: list[Any] = [amount, len(counters)]
+        for counter in counters:
+            keys.extend(self.prefix + key for key in counter.read_keys)
+            arguments.extend(
+                [counter.limit, _milliseconds(counter.expires_at), len(counter.read_keys)]
+            )
+        d = _CONSUME.run(self.client, keys, arguments)
+        return d.addCallback(lambda reply: Consumption(bool(reply[0]), tuple(reply[1:])))
+
+    def release(self, counters: Sequence[Counter], amount: int, now: float) -> Deferred[None]:
+        d = _RELEASE.run(self.client, [self.prefix + c.key for c in counters], [amount])
+        return d.addCallback(lambda reply: None)
+
+    def greylist(
+        self,
+        triplet: str,
+        client: str,
+        now: float,
+        delay: float,
+        retry_window: float,
+        lifetime: float,
+        whitelist_after: int,
+    ) -> Deferred[GreylistState]:
+        d = _GREYLIST.run(
+            self.client,
+            [self.prefix + triplet, self.prefix + client],
+            [repr(float(now)), delay, retry_window, lifetime, whitelist_after],
+        )
+        return d.addCallback(lambda reply: GreylistState(reply[0].decode(), float(reply[1])))
+
+    def expire(self, now: float) -> Deferred[int]:
+        # Redis forgets keys by itself (every key has an expiry).
+        return succeed(0)

@@ -1,0 +1,296 @@
+"""
+A small Twisted-native Redis client: the RESP2 protocol, pipelined on one
+connection kept up by a L{ClientService}.
+
+pfxpold needs a handful of commands (EVALSHA, EVAL, AUTH, SELECT, PING),
+every one bounded in time: a command sent while Redis is unreachable fails
+at once with L{RedisUnavailable}, a command Redis does not answer within
+the timeout fails with L{RedisTimeout} and drops the connection (which is
+then re-made), and a command whose caller gave up (the check's timeout
+cancelled it) is simply forgotten when its reply comes. It takes its
+reactor from the caller, so tests drive it with a Clock and
+L{twisted.internet.testing.StringTransport}.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Optional, Union
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from pfxpold.state import StoreError
+
+#: The longest bulk reply or array we accept; pfxpold's replies are tiny.
+MAX_REPLY = 1024 * 1024
+
+
+class RedisError(StoreError):
+    """
+    Redis answered with an error reply (C{-ERR ...}).
+    """
+
+
+class RedisUnavailable(StoreError):
+    """
+    There is no connection to Redis right now.
+    """
+
+
+class RedisTimeout(StoreError):
+    """
+    Redis did not answer in time.
+    """
+
+
+class ProtocolError(Exception):
+    """
+    Redis sent something that is not RESP.
+    """
+
+
+Reply = Union[bytes, int, None, list[Any], RedisError]
+
+
+def encode_command(arguments: tuple[Any, ...]) -> bytes:
+    """
+    A command as a RESP array of bulk strings (binary safe: no argument can
+    inject a second command).
+    """
+    parts = [b"*%d\r\n" % len(arguments)]
+    for argument in arguments:
+        if isinstance(argument, bytes):
+            data = argument
+        elif isinstance(argument, str):
+            data = argument.encode("utf-8")
+        elif isinstance(argument, (int, float)):
+            data = repr(argument).encode("ascii")
+        else:
+            raise TypeError(f"cannot send {argument!r} to Redis")
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def parse_reply(data: bytes, position: int = 0) -> tuple[Reply, int]:
+    """
+    Parse one RESP2 reply from C{data} at C{position}.
+
+    @return: the reply and the position after it.
+    @raise _Incomplete: when C{data} does not hold all of it yet.
+    @raise ProtocolError: when it is not RESP.
+    """
+    end = data.find(b"\r\n", position)
+    if end < 0:
+        if len(data) - position > MAX_REPLY:
+            raise ProtocolError("reply line too long")
+        raise _Incomplete()
+    kind = data[position : position + 1]
+    line = data[position + 1 : end]
+    after = end + 2
+    if kind == b"+":
+        return line, after
+    if kind == b"-":
+        return RedisError(line.decode("utf-8", "replace")), after
+    try:
+        number = int(line)
+    except ValueError:
+        raise ProtocolError(f"bad length or integer {line[:40]!r}") from None
+    if kind == b":":
+        return number, after
+    if kind == b"$":
+        if number < 0:
+            return None, after
+        if number > MAX_REPLY:
+            raise ProtocolError("bulk reply too long")
+        if len(data) < after + number + 2:
+            raise _Incomplete()
+        return data[after : after + number], after + number + 2
+    if kind == b"*":
+        if number < 0:
+            return None, after
+        if number > MAX_REPLY:
+            raise ProtocolError("array reply too long")
+        items = []
+        for _ in range(number):
+            item, after = parse_reply(data, after)
+            items.append(item)
+        return items, after
+    raise ProtocolError(f"unknown reply type {kind!r}")
+
+
+class RedisProtocol(Protocol):
+    """
+    One connection to Redis: commands are written at once (pipelined) and
+    their replies matched in order.
+    """
+
+    _log = Logger()
+    # A TCP (or TLS, or UNIX) transport, which can abort.
+    transport: Any
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._pending: deque[Deferred[Any]] = deque()
+        self.connected_ = False
+        #: Called with the reason when the connection is lost.
+        self.on_lost: Optional[Callable[[Optional[Failure]], None]] = None
+
+    def connectionMade(self) -> None:
+        self.connected_ = True
+
+    def notify_lost(self, callback: Callable[[Optional[Failure]], None]) -> None:
+        """
+        Have C{callback} called when the connection is lost. (A method, not
+        an attribute to set: L{ClientService} hands out a proxy of the
+        protocol, which forwards calls but not attribute assignments.)
+        """
+        self.on_lost = callback
+
+    def execute(self, *arguments: Any) -> Deferred[Any]:
+        """
+        Send a command.
+
+        @return: a Deferred that fires with its reply, or fails with
+            L{RedisError} for an error reply or L{RedisUnavailable} when the
+            connection is lost first.
+        """
+        if not self.connected_:
+            return fail(RedisUnavailable("not connected to Redis"))
+        d: Deferred[Any] = Deferred()
+        self._pending.append(d)
+        self.transport.write(encode_command(arguments))
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        position = 0
+        try:
+            while position < len(self._buffer):
+                try:
+                    reply, position = parse_reply(self._buffer, position)
+                except _Incomplete:
+                    break
+                if not self._pending:
+                    raise ProtocolError("a reply nobody asked for")
+                d = self._pending.popleft()
+                if d.called:
+                    # The caller gave up (cancelled or timed out).
+                    continue
+                if isinstance(reply, RedisError):
+                    d.errback(reply)
+                else:
+                    d.callback(reply)
+        except ProtocolError as e:
+            self._log.error("Redis sent garbage ({reason}); reconnecting", reason=str(e))
+            self._buffer = b""
+            self.transport.abortConnection()
+            return
+        self._buffer = self._buffer[position:]
+
+    def connectionLost(self, reason: Optional[Failure] = None) -> None:
+        self.connected_ = False
+        pending, self._pending = self._pending, deque()
+        for d in pending:
+            if not d.called:
+                d.errback(RedisUnavailable("connection to Redis lost"))
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+
+class RedisClient(ClientService):
+    """
+    A connection to Redis that is re-made whenever it is lost.
+
+    @ivar timeout: seconds a command may take before it fails.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        reactor: Any,
+        timeout: float = 5.0,
+        password: Optional[str] = None,
+        database: int = 0,
+        description: str = "Redis",
+    ) -> None:
+        factory = Factory.forProtocol(RedisProtocol)
+        # Connection changes are logged by this client, once and by name.
+        factory.noisy = False
+        super().__init__(
+            endpoint,
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
+            clock=reactor,
+            prepareConnection=lambda protocol: Deferred.fromCoroutine(self._prepare(protocol)),
+        )
+        self.reactor = reactor
+        self.timeout = timeout
+        self.password = password
+        self.database = database
+        self.description = description
+        self._protocol: Any = None
+        self._was_lost = False
+
+    async def _prepare(self, protocol: Any) -> None:
+        if self.password is not None:
+            await self._bounded(protocol.execute("AUTH", self.password), protocol)
+        if self.database:
+            await self._bounded(protocol.execute("SELECT", self.database), protocol)
+        self._protocol = protocol
+        self._log.info(
+            "{description}: {what}",
+            description=self.description,
+            what="reconnected" if self._was_lost else "connected",
+        )
+
+        def connection_lost(reason: Optional[Failure]) -> None:
+            if self._protocol is protocol:
+                self._protocol = None
+                self._was_lost = True
+                if self.running:
+                    self._log.warn(
+                        "{description}: connection lost; reconnecting", description=self.description
+                    )
+
+        protocol.notify_lost(connection_lost)
+
+    def _bounded(self, d: Deferred[Any], protocol: Any) -> Deferred[Any]:
+        def timed_out(failure: Failure) -> Failure:
+            if failure.check(TimeoutError):
+                # A Redis that stopped answering: drop the connection so
+                # that the replies of later commands cannot be late too.
+                if protocol.transport is not None:
+                    protocol.transport.abortConnection()
+                return Failure(RedisTimeout(f"{self.description}: no answer in {self.timeout}s"))
+            return failure
+
+        d.addTimeout(self.timeout, self.reactor)
+        return d.addErrback(timed_out)
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    def execute(self, *arguments: Any) -> Deferred[Any]:
+        """
+        Send a command on the current connection.
+
+        @return: a Deferred that fires with its reply, or fails with a
+            L{StoreError} (at once when there is no connection).
+        """
+        protocol = self._protocol
+        if protocol is None:
+            return fail(RedisUnavailable(f"{self.description}: not connected"))
+        return self._bounded(protocol.execute(*arguments), protocol)

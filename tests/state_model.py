@@ -1,0 +1,86 @@
+"""
+Random operation sequences for comparing state stores: the in-memory store
+is the model, and every other store must answer the same sequence
+identically. Used by the unit tests (SQLite) and the integration tests
+(a real Redis).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from pfxpold.state import Counter
+
+#: Window length of the generated counters.
+WINDOW = 600
+#: Greylist timings of the generated attempts.
+DELAY, RETRY_WINDOW, LIFETIME = 300.0, 3600.0, 7200.0
+
+
+def counter(name: str, limit: int, now: float, slack: float) -> Counter:
+    """
+    A fixed-window counter as the quota check makes them: the key names
+    its window, whose end (plus C{slack}) is its expiry; it also reads the
+    previous window, as a sliding window would.
+    """
+    bucket = int(now // WINDOW)
+    key = f"{{model}}:{name}:{bucket}"
+    return Counter(
+        key, (key, f"{{model}}:{name}:{bucket - 1}"), limit, (bucket + 1) * WINDOW + slack
+    )
+
+
+def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tuple[str, Any]]:
+    """
+    C{count} random operations on a few keys, so that they collide:
+    C{("advance", seconds)}, C{("consume", ((name, limit), ...), amount)},
+    C{("release", name, amount)}, C{("greylist", triplet, client,
+    whitelist_after)}, C{("expire",)}.
+    """
+    rng = random.Random(seed)
+    for _ in range(count):
+        roll = rng.random()
+        if roll < 0.15:
+            yield ("advance", rng.choice(steps))
+        elif roll < 0.6:
+            names = rng.sample(["a", "b", "c"], rng.randint(1, 2))
+            limits = tuple((name, rng.randint(0, 6)) for name in names)
+            yield ("consume", limits, rng.randint(1, 3))
+        elif roll < 0.7:
+            yield ("release", rng.choice("abc"), rng.randint(1, 3))
+        elif roll < 0.95:
+            yield (
+                "greylist",
+                f"{{model}}:t{rng.randint(1, 3)}",
+                f"{{model}}:c{rng.randint(1, 2)}",
+                rng.choice([0, 2]),
+            )
+        else:
+            yield ("expire",)
+
+
+def apply(store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0) -> Deferred[Any]:
+    """
+    Run one (non-advance) operation on C{store}.
+
+    @return: a Deferred that fires with a comparable result (L{None} for
+        C{expire}, whose count differs between stores by design).
+    """
+    kind = operation[0]
+    if kind == "consume":
+        counters = [counter(name, limit, now, slack) for name, limit in operation[1]]
+        d = store.consume(counters, operation[2], now)
+        return d.addCallback(lambda result: (result.allowed, tuple(result.totals)))
+    if kind == "release":
+        return store.release([counter(operation[1], 0, now, slack)], operation[2], now)
+    if kind == "greylist":
+        _, triplet, client, after = operation
+        d = store.greylist(triplet, client, now, DELAY, RETRY_WINDOW, LIFETIME, after)
+        return d.addCallback(lambda state: (state.verdict, state.first_seen))
+    if kind == "expire":
+        return store.expire(now).addCallback(lambda count: None)
+    raise ValueError(operation)

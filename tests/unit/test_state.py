@@ -1,0 +1,374 @@
+"""
+Tests for the state stores (pfxpold.state): the same behaviour from the
+in-memory store and the SQLite store (run synchronously here), their
+expiry timer, and the configuration of stores.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from pfxpold.config import CheckOptions, ConfigError
+from pfxpold.interfaces import IStateStore
+from pfxpold.state import (
+    EARLY,
+    KNOWN,
+    NEW,
+    PASSED,
+    WHITELISTED,
+    Counter,
+    make_store,
+    store_for,
+    store_options,
+)
+from pfxpold.state.memory import MemoryStore
+from pfxpold.state.redis import RedisStore
+from pfxpold.state.sqlite import SQLiteStore
+from tests.unit.lookup_support import temporary_path
+
+START = 1_800_000_000.0
+
+
+def counter(key: str, limit: int, expires_at: float = START + 3600, *older: str) -> Counter:
+    return Counter(key, (key, *older), limit, expires_at)
+
+
+class StoreTestsMixin:
+    """
+    What every store must do; subclasses make the store.
+    """
+
+    clock: Clock
+
+    def make_store(self) -> Any:
+        raise NotImplementedError()
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = self.make_store()
+
+    def consume(self, counters: list[Counter], amount: int = 1) -> Any:
+        result = self.successResultOf(self.store.consume(counters, amount, self.clock.seconds()))
+        return (result.allowed, result.totals)
+
+    def greylist(self, triplet: str = "t", **kwargs: Any) -> Any:
+        values = dict(delay=300, retry_window=3600, lifetime=86400, whitelist_after=0)
+        values.update(kwargs)
+        return self.successResultOf(
+            self.store.greylist(triplet, "client", self.clock.seconds(), **values)
+        )
+
+    def test_interface(self) -> None:
+        """
+        The store provides IStateStore.
+        """
+        self.assertTrue(verifyObject(IStateStore, self.store))
+
+    def test_consume_up_to_limit(self) -> None:
+        """
+        Amounts are added until the next one would pass the limit; a
+        refused amount changes nothing.
+        """
+        self.assertEqual(self.consume([counter("a", 3)], 2), (True, (2,)))
+        self.assertEqual(self.consume([counter("a", 3)], 2), (False, (2,)))
+        self.assertEqual(self.consume([counter("a", 3)], 1), (True, (3,)))
+        self.assertEqual(self.consume([counter("a", 3)], 1), (False, (3,)))
+
+    def test_consume_all_or_nothing(self) -> None:
+        """
+        When one of several counters is full, none is added to.
+        """
+        self.assertEqual(self.consume([counter("a", 10), counter("b", 1)]), (True, (1, 1)))
+        self.assertEqual(self.consume([counter("a", 10), counter("b", 1)]), (False, (1, 1)))
+        self.assertEqual(self.consume([counter("a", 10)]), (True, (2,)))
+
+    def test_consume_sums_read_keys(self) -> None:
+        """
+        A counter's total is the sum of its read keys (a sliding window's
+        buckets); the amount goes to its first key only.
+        """
+        self.consume([counter("old", 10)], 4)
+        self.assertEqual(self.consume([counter("new", 5, START + 3600, "old")]), (True, (5,)))
+        self.assertEqual(self.consume([counter("new", 5, START + 3600, "old")]), (False, (5,)))
+        self.assertEqual(self.consume([counter("new", 10)]), (True, (2,)))
+
+    def test_expired_counter_starts_over(self) -> None:
+        """
+        A counter whose expiry passed counts from zero again, even before
+        the sweep removes it.
+        """
+        self.consume([counter("a", 1, START + 10)])
+        self.assertEqual(self.consume([counter("a", 1, START + 10)]), (False, (1,)))
+        self.clock.advance(10)
+        self.assertEqual(self.consume([counter("a", 1, START + 20)]), (True, (1,)))
+
+    def test_release(self) -> None:
+        """
+        Releasing takes an amount back, never below zero.
+        """
+        self.consume([counter("a", 3)], 3)
+        self.successResultOf(self.store.release([counter("a", 3)], 2, self.clock.seconds()))
+        self.assertEqual(self.consume([counter("a", 3)], 2), (True, (3,)))
+        self.successResultOf(self.store.release([counter("a", 3)], 10, self.clock.seconds()))
+        self.assertEqual(self.consume([counter("a", 3)], 3), (True, (3,)))
+
+    def test_release_unknown(self) -> None:
+        """
+        Releasing a counter that does not exist does nothing.
+        """
+        self.successResultOf(self.store.release([counter("nothing", 3)], 2, self.clock.seconds()))
+        self.assertEqual(self.consume([counter("nothing", 3)], 3), (True, (3,)))
+
+    def test_greylist_delay(self) -> None:
+        """
+        A new triplet, then an early retry, then a retry after the delay
+        passes, then it is known.
+        """
+        self.assertEqual(self.greylist().verdict, NEW)
+        self.clock.advance(299)
+        state = self.greylist()
+        self.assertEqual((state.verdict, state.first_seen), (EARLY, START))
+        self.clock.advance(1)
+        self.assertEqual(self.greylist().verdict, PASSED)
+        self.clock.advance(5000)
+        self.assertEqual(self.greylist().verdict, KNOWN)
+
+    def test_greylist_retry_window(self) -> None:
+        """
+        A retry after the retry window starts over.
+        """
+        self.greylist()
+        self.clock.advance(3601)
+        state = self.greylist()
+        self.assertEqual((state.verdict, state.first_seen), (NEW, START + 3601))
+
+    def test_greylist_lifetime(self) -> None:
+        """
+        A passed triplet is forgotten a lifetime after its last attempt.
+        """
+        self.greylist()
+        self.clock.advance(300)
+        self.greylist()
+        self.clock.advance(86399)
+        self.assertEqual(self.greylist().verdict, KNOWN)
+        self.clock.advance(86400)
+        self.assertEqual(self.greylist().verdict, NEW)
+
+    def test_auto_whitelist(self) -> None:
+        """
+        After N passed triplets, the client is whitelisted.
+        """
+        for name in ("t1", "t2"):
+            self.assertEqual(self.greylist(name, whitelist_after=2).verdict, NEW)
+        self.clock.advance(300)
+        self.assertEqual(self.greylist("t1", whitelist_after=2).verdict, PASSED)
+        self.assertEqual(self.greylist("t3", whitelist_after=2).verdict, NEW)
+        self.assertEqual(self.greylist("t2", whitelist_after=2).verdict, PASSED)
+        self.assertEqual(self.greylist("t4", whitelist_after=2).verdict, WHITELISTED)
+        self.assertEqual(self.greylist("t4", whitelist_after=0).verdict, NEW)
+
+    def test_expire(self) -> None:
+        """
+        expire() removes what expired, and only that.
+        """
+        self.consume([counter("a", 5, START + 10)])
+        self.consume([counter("b", 5, START + 100)])
+        self.greylist()
+        self.clock.advance(50)
+        self.assertEqual(self.successResultOf(self.store.expire(self.clock.seconds())), 1)
+        self.assertEqual(self.consume([counter("b", 5, START + 100)]), (True, (2,)))
+
+    def test_expiry_timer(self) -> None:
+        """
+        While the store runs, a timer sweeps expired entries every
+        expire_interval seconds, without being asked.
+        """
+        self.consume([counter("a", 5, START + 10)])
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+        self.assertEqual(self.entries(), 1)
+        self.clock.advance(299)
+        self.assertEqual(self.entries(), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.entries(), 0)
+
+
+class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
+    """
+    The in-memory store.
+    """
+
+    def make_store(self) -> MemoryStore:
+        return MemoryStore(CheckOptions({}, name="stores.memory", reactor=self.clock))
+
+    def entries(self) -> int:
+        return len(self.store.counters)
+
+
+class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
+    """
+    The SQLite store, its statements run synchronously.
+    """
+
+    def make_store(self) -> SQLiteStore:
+        path = temporary_path(self)
+        store = SQLiteStore(
+            CheckOptions({"path": path}, name="stores.sqlite", reactor=self.clock),
+            run=lambda function: maybeDeferred(function),
+        )
+        self.addCleanup(lambda: store._connection and store._connection.close())
+        return store
+
+    def entries(self) -> int:
+        connection = self.store._connect()
+        return connection.execute("SELECT COUNT(*) FROM counters").fetchone()[0]
+
+    def test_survives_reopening(self) -> None:
+        """
+        Counts are in the file: a new store on it sees them.
+        """
+        self.consume([counter("a", 3)], 2)
+        again = SQLiteStore(
+            CheckOptions({"path": self.store.path}, name="stores.sqlite", reactor=self.clock),
+            run=lambda function: maybeDeferred(function),
+        )
+        result = self.successResultOf(again.consume([counter("a", 3)], 2, self.clock.seconds()))
+        again._connection.close()
+        self.assertEqual((result.allowed, result.totals), (False, (2,)))
+
+    def test_bad_path(self) -> None:
+        """
+        A database that cannot be opened fails the operation with a
+        StoreError naming the path.
+        """
+        store = SQLiteStore(
+            CheckOptions({"path": "/nonexistent/dir/x.db"}, name="s", reactor=self.clock),
+            run=lambda function: maybeDeferred(function),
+        )
+        failure = self.failureResultOf(store.consume([counter("a", 1)], 1, START))
+        self.assertIn("/nonexistent/dir/x.db", failure.getErrorMessage())
+
+    def test_not_started(self) -> None:
+        """
+        Without the thread pool (not started), operations fail at once.
+        """
+        store = SQLiteStore(CheckOptions({"path": "x.db"}, name="s", reactor=self.clock))
+        self.failureResultOf(store.consume([counter("a", 1)], 1, START))
+
+
+class StoreConfigurationTests(SynchronousTestCase):
+    """
+    [stores.NAME] tables and the default store.
+    """
+
+    def options(self, document: dict[str, Any], **table: Any) -> CheckOptions:
+        return CheckOptions(
+            table,
+            name="q",
+            reactor=Clock(),
+            path="/etc/pfxpold/pfxpold.toml",
+            document=document,
+            shared={},
+        )
+
+    def test_default_is_sqlite_beside_configuration(self) -> None:
+        """
+        Without a store named, the default store is an SQLite file beside
+        the configuration file.
+        """
+        store = store_for(self.options({}))
+        self.assertIsInstance(store, SQLiteStore)
+        self.assertEqual(store.path, "/etc/pfxpold/pfxpold-state.sqlite3")
+
+    def test_named_store_shared(self) -> None:
+        """
+        Two checks naming one store get the same object.
+        """
+        shared: dict[Any, Any] = {}
+        document = {"stores": {"main": {"type": "redis", "endpoint": "tcp:host=127.0.0.1:port=1"}}}
+        first = CheckOptions(
+            {"store": "main"}, name="a", reactor=Clock(), document=document, shared=shared
+        )
+        second = CheckOptions(
+            {"store": "main"}, name="b", reactor=Clock(), document=document, shared=shared
+        )
+        self.assertIs(store_for(first), store_for(second))
+        self.assertIsInstance(store_for(first), RedisStore)
+        self.assertTrue(verifyObject(IStateStore, store_for(first)))
+
+    def test_unknown_store(self) -> None:
+        """
+        Naming a store that is not configured is an error naming the key.
+        """
+        error = self.assertRaises(ConfigError, store_for, self.options({}, store="nope"))
+        self.assertIn("key 'store'", str(error))
+
+    def test_unknown_setting(self) -> None:
+        """
+        A misspelt store setting is reported.
+        """
+        options = self.options({"stores": {"x": {"type": "memory", "expire_intreval": 5}}})
+        error = self.assertRaises(ConfigError, make_store, store_options(options, "x"))
+        self.assertIn("expire_intreval", str(error))
+
+    def test_bad_type(self) -> None:
+        """
+        An unknown store type is reported with the choices.
+        """
+        options = self.options({"stores": {"x": {"type": "mongodb"}}})
+        error = self.assertRaises(ConfigError, make_store, store_options(options, "x"))
+        self.assertIn("memory, sqlite, redis", str(error))
+
+    def test_bad_endpoint(self) -> None:
+        """
+        A Redis endpoint that is not an endpoint string is reported.
+        """
+        options = self.options({"stores": {"x": {"type": "redis", "endpoint": "nonsense:"}}})
+        error = self.assertRaises(ConfigError, make_store, store_options(options, "x"))
+        self.assertIn("endpoint", str(error))
+
+
+class SQLiteMatchesModelTests(SynchronousTestCase):
+    """
+    The SQLite store answers random operation sequences exactly as the
+    in-memory store does, expiry and windows included.
+    """
+
+    def test_random_sequences(self) -> None:
+        """
+        200 sequences of 60 operations on colliding keys, with clock steps
+        across delays, windows and lifetimes: identical answers.
+        """
+        from tests.state_model import apply, operations
+
+        directory = os.path.dirname(temporary_path(self))
+        for seed in range(200):
+            clock = Clock()
+            clock.advance(START)
+            memory = MemoryStore(CheckOptions({}, name="m", reactor=clock))
+            sqlite = SQLiteStore(
+                CheckOptions(
+                    {"path": os.path.join(directory, f"{seed}.db")}, name="s", reactor=clock
+                ),
+                run=lambda function: maybeDeferred(function),
+            )
+            try:
+                for number, operation in enumerate(
+                    operations(seed, 60, (1.0, 299.0, 301.0, 600.0, 3601.0, 7300.0))
+                ):
+                    if operation[0] == "advance":
+                        clock.advance(operation[1])
+                        continue
+                    now = clock.seconds()
+                    expected = self.successResultOf(apply(memory, operation, now))
+                    actual = self.successResultOf(apply(sqlite, operation, now))
+                    self.assertEqual(actual, expected, (seed, number, operation))
+            finally:
+                sqlite._connection.close()
