@@ -18,7 +18,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -31,7 +30,7 @@ from typing import Optional
 
 import pytest
 
-from tests.integration.support import IN_CI, REPOSITORY
+from tests.integration.support import IN_CI, REPOSITORY, stop_process
 
 #: Debian's interpreter: readable by every user, unlike this machine's
 #: default python3, which lives under /root (mode 0700).
@@ -352,14 +351,7 @@ class Twistd:
 
         @return: its exit status.
         """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 @contextmanager
