@@ -13,9 +13,13 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]) + ["twisted.plugins"],
+    # pfxpold.fixtures (data only, no __init__.py) is named so that
+    # setuptools ships it on purpose instead of warning that it may drop it.
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"])
+    + ["pfxpold.fixtures", "twisted.plugins"],
     package_data={
-        "pfxpold": ["fixtures/*.txt", "py.typed"],
+        "pfxpold": ["py.typed"],
+        "pfxpold.fixtures": ["*.txt"],
         "twisted.plugins": ["pfxpold_plugin.py"],
     },
     include_package_data=True,

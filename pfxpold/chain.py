@@ -162,6 +162,9 @@ class CheckChain:
         self.record_verdicts = record_verdicts
         self._clock = clock
         self._parsed: dict[str, Action] = {}
+        # The kind of error each failing check last raised: during a backend
+        # outage every request fails alike, and one traceback is enough.
+        self._failing: dict[str, type] = {}
         self._listeners = tuple(
             entry.check for entry in self.entries if IDecisionListener.providedBy(entry.check)
         )
@@ -205,6 +208,8 @@ class CheckChain:
                     if isinstance(result, Deferred):
                         return self._decide_later(request, index, result, passed, verdicts)
                 action = self._to_action(result)
+                if self._failing and entry.name in self._failing:
+                    self._recovered(entry)
             except Exception:
                 decision = self._failed(entry, Failure(), verdicts)
                 if decision is not None:
@@ -276,6 +281,8 @@ class CheckChain:
                 if isinstance(pending, Deferred):
                     pending = await self._within(pending, entry.timeout)
                 action = self._to_action(pending)
+                if self._failing and entry.name in self._failing:
+                    self._recovered(entry)
             except CancelledError:
                 # The whole-request deadline cancelled us; let it decide.
                 raise
@@ -345,6 +352,10 @@ class CheckChain:
             return action
         return as_action(result, self.restriction_classes)
 
+    def _recovered(self, entry: ChainEntry) -> None:
+        del self._failing[entry.name]
+        self._log.info("check {check} answers again", check=entry.name)
+
     def _failed(
         self, entry: ChainEntry, failure: Failure, verdicts: list[tuple[str, str]]
     ) -> Optional[Decision]:
@@ -372,9 +383,19 @@ class CheckChain:
                 outcome=str(policy),
             )
             verdict = "invalid action"
+        elif self._failing.get(entry.name) is failure.type:
+            self._log.warn(
+                "check {check} failed again: {error}; on_error={outcome}",
+                check=entry.name,
+                error=f"{failure.type.__name__}: {failure.getErrorMessage()}",
+                outcome=str(policy),
+            )
+            verdict = "error"
         else:
+            self._failing[entry.name] = failure.type
             self._log.failure(
-                "check {check} failed; on_error={outcome}",
+                "check {check} failed; on_error={outcome} (the same error again is"
+                " logged in one line until the check answers)",
                 failure,
                 check=entry.name,
                 outcome=str(policy),

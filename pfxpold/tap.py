@@ -4,6 +4,7 @@ The twistd plugin's command line: C{twistd pfxpold [options]}.
 
 from __future__ import annotations
 
+import codecs
 import os
 import sys
 from typing import Any, Optional
@@ -160,6 +161,31 @@ class Options(usage.Options):
             sys.exit(0)
 
 
+#: The codecs Twisted and its TLS stack encode and decode with while
+#: serving (twisted.names: idna; twisted.web.client: charmap; headers:
+#: iso-8859-1; ...). A codec is imported on first use, which fails inside a
+#: chroot jail.
+_SERVING_CODECS = ("ascii", "utf-8", "utf-16", "charmap", "idna", "iso-8859-1", "cp437")
+
+
+def preload_lazy_imports() -> None:
+    """
+    Load what Twisted itself would import only when it first needs it while
+    serving, so that it is loaded before twistd chroots: inside a jail
+    those imports fail ("unknown encoding: idna" from the dnsbl check,
+    "unknown encoding: charmap" from the http check, found by
+    tests/integration/test_chroot.py). Looking a codec up once keeps it in
+    the codec registry's cache.
+    """
+    for name in _SERVING_CODECS:
+        codecs.lookup(name)
+    try:
+        # Preferred by twisted.internet._idna for host names when installed.
+        import idna  # noqa: F401
+    except ImportError:
+        pass
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the pfxpold service from parsed L{Options}.
@@ -169,6 +195,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     starts.
     """
     from pfxpold.service import PolicyService
+
+    preload_lazy_imports()
 
     if reactor is None:
         reactor = options.reactor if options.reactor is not None else _global_reactor()

@@ -23,6 +23,10 @@ import math
 import os
 import re
 import socket
+
+# adbapi imports the driver module by name when the pool starts, which is
+# after twistd chroots: import it now, while the standard library is there.
+import sqlite3  # noqa: F401
 import threading
 import urllib.parse
 from collections import OrderedDict

@@ -1,14 +1,17 @@
 """
-Fixtures shared by integration test modules.
+Fixtures shared by several integration test modules.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.deployment import Installation, install
 from tests.integration.support import REPOSITORY
 
 
@@ -30,3 +33,35 @@ def lookup_postgresql() -> Iterator:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pfxpold_installation() -> Iterator[Installation]:
+    """
+    pfxpold built from this checkout (sdist, then a wheel from the sdist)
+    and installed in one fresh virtualenv for the whole session, under a
+    world-readable temporary directory outside /root so that the service
+    user of the privilege tests can run it.
+    """
+    # Not tmp_path_factory: pytest makes its directories 0700, which the
+    # unprivileged service user cannot enter.
+    root = tempfile.mkdtemp(prefix="pfxpold-installation-")
+    try:
+        yield install(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def world_readable_tmp() -> Iterator[str]:
+    """
+    A temporary directory every user can traverse, for files the service
+    user of the privilege tests must reach (pytest's own tmp_path is under
+    a 0700 directory, so nobody could not write a log file there).
+    """
+    path = tempfile.mkdtemp(prefix="pfxpold-test-")
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import smtplib
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-from tests.integration.support import free_port, require_program, wait_for_port
+from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
 MASTER = "/usr/lib/postfix/sbin/master"
 
@@ -176,13 +175,7 @@ class Postfix:
         """
         Stop the master we started (by its PID) and its children.
         """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _main_cf(directory: str, policy: str, overrides: Mapping[str, str]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
 
-from tests.integration.support import free_port, require_program, wait_for_port
+from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
 
 class RedisServer:
@@ -73,14 +73,8 @@ class RedisServer:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, 10, wake=True)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from typing import Optional
 
-from tests.integration.support import free_port, require_program, wait_for_port
+from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
 SUFFIX = "dc=example,dc=com"
 BIND_DN = f"cn=pfxpold,{SUFFIX}"
@@ -135,14 +135,8 @@ class Slapd:
             wait_for_port(self.tls_port, process=self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, 10, wake=True)
         self.process = None
 
     def pause(self) -> None:

@@ -43,6 +43,28 @@ def require_program(path_or_name: str, package: str) -> str:
     pytest.skip(message)
 
 
+def stop_process(
+    process: subprocess.Popen, timeout: float = 15.0, wake: bool = False
+) -> Optional[int]:
+    """
+    Stop a process this test run started, by its PID: SIGTERM (after
+    SIGCONT when C{wake}, for one a test froze), then SIGKILL when it does
+    not exit within C{timeout}.
+
+    @return: its exit status.
+    """
+    if process.poll() is None:
+        if wake:
+            process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def free_port() -> int:
     """
     A TCP port on 127.0.0.1 that nobody listens on right now.
@@ -152,14 +174,7 @@ class Daemon:
 
         @return: its exit status.
         """
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def daemon_environment(extra_path: str = "") -> dict[str, str]:

@@ -5,7 +5,7 @@ the deadline and decision listeners.
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -538,3 +538,41 @@ class ErrorPolicyTests(SynchronousTestCase):
         policy = ErrorPolicy.parse("REJECT x")
         self.assertEqual((policy.kind, str(policy)), ("reply", "REJECT x"))
         self.assertRaises(ActionError, ErrorPolicy.parse, "sometimes")
+
+
+class RepeatedFailureLoggingTests(SynchronousTestCase):
+    """
+    A backend outage makes every request fail alike: the first failure is
+    logged with its traceback, repeats in one line, and recovery is logged.
+    """
+
+    def test_repeats_are_one_line_until_recovery(self):
+        """Three identical failures give one traceback and two one-line
+        warnings; an answer logs recovery; a later failure has a traceback
+        again."""
+        outcomes = [ConnectionRefusedError("down")] * 3 + ["DUNNO", ConnectionRefusedError("down")]
+
+        @implementer(ICheck)
+        class Flaky:
+            def check(self, request):
+                outcome = outcomes.pop(0)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
+
+        chain = CheckChain(
+            [ChainEntry("flaky", Flaky(), 1.0, ErrorPolicy.parse("skip"))],
+            default_action=None,
+            deadline=5.0,
+            deadline_policy=ErrorPolicy.parse("noreply"),
+            clock=Clock(),
+        )
+        with capturedLogs() as events:
+            for _ in range(5):
+                chain.decide(make_request())
+        texts = [formatEvent(event) for event in events]
+        tracebacks = [event for event in events if "log_failure" in event]
+        self.assertEqual(len(tracebacks), 2)
+        self.assertEqual(sum("failed again" in text for text in texts), 2)
+        self.assertEqual(sum("answers again" in text for text in texts), 1)
+        self.flushLoggedErrors(ConnectionRefusedError)

@@ -1,0 +1,81 @@
+"""
+Dropping privileges for real: as root, C{twistd --uid nobody --gid
+nogroup pfxpold} binds its ports (one below 1024) first, then runs as the
+unprivileged user, and still answers.
+
+The service user must be able to read the interpreter and the installed
+package: this machine's default python lives under /root (mode 0700), so
+the virtualenv is made from Debian's /usr/bin/python3 outside /root (see
+the C{pfxpold_installation} fixture).
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+
+from tests.integration.deployment import (
+    SERVICE_GROUP,
+    SERVICE_USER,
+    SYSTEM_PYTHON,
+    free_privileged_port,
+    listening_on,
+    process_ids,
+    require_root,
+    running_twistd,
+)
+from tests.integration.support import PolicyClient, free_port, require_program, wait_for_port
+
+DEMO_ANSWERS = {"OK (you win!)", "DUNNO (you lose!)"}
+
+
+def test_uid_gid_drop_after_binding_a_privileged_port(pfxpold_installation, tmp_path):
+    """
+    twistd -n --uid nobody --gid nogroup pfxpold listening on a free port
+    below 1024 (given as a bare number) and on an ordinary one: both answer, and the process's real,
+    effective, saved and filesystem uid and gid are nobody/nogroup, with no
+    supplementary group of root's left.
+    """
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    assert pfxpold_installation.base_python == SYSTEM_PYTHON
+    uid = pwd.getpwnam(SERVICE_USER).pw_uid
+    gid = grp.getgrnam(SERVICE_GROUP).gr_gid
+    port = free_port()
+    privileged_port = free_privileged_port()
+    log_path = str(tmp_path / "pfxpold.log")
+    arguments = [
+        "-n",
+        "--pidfile=",
+        f"--logfile={log_path}",
+        "--uid",
+        SERVICE_USER,
+        "--gid",
+        SERVICE_GROUP,
+        "pfxpold",
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--port",
+        # A bare number, the README's short form: 127.0.0.1 only.
+        str(privileged_port),
+    ]
+    with running_twistd(
+        pfxpold_installation, str(tmp_path), arguments, listening_on(port)
+    ) as twistd:
+        wait_for_port(privileged_port, process=twistd.process)
+        answers = []
+        for listening_port in (port, privileged_port):
+            with PolicyClient(listening_port) as client:
+                answers.append(
+                    client.ask({"sender": "drop@example.com", "client_address": "192.0.2.1"})
+                )
+        ids = process_ids(twistd.pid)
+        assert twistd.process.poll() is None
+    assert set(answers) <= DEMO_ANSWERS and len(answers) == 2
+    assert ids["Uid"] == [uid] * 4
+    assert ids["Gid"] == [gid] * 4
+    assert 0 not in ids["Groups"]
+    with open(log_path, encoding="utf-8") as log:
+        text = log.read()
+    assert f"set uid/gid {uid}/{gid}" in text
+    assert text.count("from=<drop@example.com>") == 2
