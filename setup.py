@@ -31,6 +31,7 @@ setup(
         "ldap": ["ldaptor>=21.2"],
         "postgresql": ["psycopg[binary]>=3.1"],
         "redis": ["txredisapi>=1.4.10"],
+        "bench": ["matplotlib>=3.5"],
         # twisted.web Agent; [tls] brings pyOpenSSL and service_identity so
         # that https:// certificates are verified.
         "http": ["Twisted[tls]>=23.10"],

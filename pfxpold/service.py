@@ -5,20 +5,25 @@ backends that need starting and stopping.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
+from pfxpold.workers import RecordingEndpoint
 
 
 class PolicyService(MultiService):
     """
-    Serves the policy protocol with one configuration.
+    Serves the policy protocol with one configuration, on the listeners it
+    configures, or on C{adopted} endpoints (in a worker process, see
+    L{pfxpold.workers}).
 
     Backends start first and listeners last, so no request arrives before
     the checks can answer it. On stop (SIGTERM), listeners stop accepting,
@@ -28,7 +33,12 @@ class PolicyService(MultiService):
 
     _log = Logger()
 
-    def __init__(self, configuration: Configuration, reactor: Any) -> None:
+    def __init__(
+        self,
+        configuration: Configuration,
+        reactor: Any,
+        adopted: Optional[list[IStreamServerEndpoint]] = None,
+    ) -> None:
         super().__init__()
         self.configuration = configuration
         self.reactor = reactor
@@ -44,10 +54,19 @@ class PolicyService(MultiService):
             IService(backend).setServiceParent(self.backends)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
+        #: The listening endpoints, which keep their ports for worker processes.
+        self.recorders: list[RecordingEndpoint] = []
+        if adopted:
+            # A worker process serves the sockets its parent passed it.
+            for endpoint in adopted:
+                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self.listeners)
+            return
         for description in configuration.listen:
-            strports.service(description, self.factory, reactor=reactor).setServiceParent(
-                self.listeners
-            )
+            listener = strports.service(description, self.factory, reactor=reactor)
+            recorder = RecordingEndpoint(listener.endpoint)
+            listener.endpoint = recorder
+            self.recorders.append(recorder)
+            listener.setServiceParent(self.listeners)
 
     def startService(self) -> None:
         super().startService()

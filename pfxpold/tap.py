@@ -9,11 +9,11 @@ import os
 import sys
 from typing import Any, Optional
 
-from twisted.application.service import IService
+from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
 from twisted.python import usage
 
-from pfxpold import __version__
+from pfxpold import __version__, workers
 from pfxpold.config import (
     DEFAULT_LISTEN,
     ConfigError,
@@ -61,6 +61,14 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $PFXPOLD_CONFIG)."],
+        [
+            "workers",
+            None,
+            1,
+            "Processes serving the listening ports: this one and N-1 workers"
+            " (one per core; state shared between them must live in the store).",
+            int,
+        ],
     ]
     compData = usage.Completions(optActions={"config": usage.CompleteFiles("*.toml")})
 
@@ -71,6 +79,7 @@ class Options(usage.Options):
         """
         super().__init__()
         self["port"] = []
+        self["adopt"] = []
         self.reactor = reactor
         self.configuration: Optional[Configuration] = None
 
@@ -81,6 +90,12 @@ class Options(usage.Options):
         self["port"].append(endpoint_description(port))
 
     opt_p = opt_port
+
+    def opt_adopt(self, specification: str) -> None:
+        """
+        Internal, for worker processes: serve the inherited listening socket FD:FAMILY.
+        """
+        self["adopt"].append(specification)
 
     def opt_version(self) -> None:
         """
@@ -118,10 +133,17 @@ class Options(usage.Options):
         return configuration
 
     def postOptions(self) -> None:
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be 1 or more")
+        if self["workers"] > 1 and self["adopt"]:
+            raise usage.UsageError("a worker (--adopt) cannot start workers")
         if not self["config"]:
             # Read when the options are parsed, not when this module is
             # imported, so a tac file or a test can set it.
             self["config"] = os.environ.get("PFXPOLD_CONFIG") or None
+        if self["config"]:
+            # Workers load the same file whatever directory they start in.
+            self["config"] = os.path.abspath(self["config"])
         if self.reactor is None:
             self.reactor = _global_reactor()
         self.configuration = self.load(self.reactor)
@@ -182,4 +204,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if configuration is None or options.reactor is not reactor:
         # Checks hold the reactor they were built with: build them again.
         configuration = options.load(reactor)
-    return PolicyService(configuration, reactor)
+    if options["adopt"]:
+        try:
+            adopted = workers.adopted_endpoints(reactor, options["adopt"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        service = PolicyService(configuration, reactor, adopted=adopted)
+        workers.ParentWatchService(reactor).setServiceParent(service)
+        return service
+    service = PolicyService(configuration, reactor)
+    if options["workers"] <= 1:
+        return service
+    # The pool stops alongside the parent's own service: both answer what
+    # is in flight within shutdown_grace.
+    top = MultiService()
+    service.setServiceParent(top)
+    arguments = ["--config", options["config"]] if options["config"] else []
+    workers.WorkerPool(
+        reactor,
+        options["workers"],
+        service.recorders,
+        arguments,
+        stop_timeout=configuration.shutdown_grace + 5.0,
+        # twistd's own options: workers log the way the parent does.
+        log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
+    ).setServiceParent(top)
+    return top

@@ -1,0 +1,326 @@
+"""
+Worker processes: all cores serving the same listening ports.
+
+One pfxpold process runs on one core. With C{twistd pfxpold --workers N}
+the process twistd starts (the parent) binds the listening ports as usual,
+serves them itself, and starts N-1 worker processes that adopt the same
+sockets (L{AdoptedStreamServerEndpoint}, i.e. C{reactor.adoptStreamPort}):
+the kernel hands each new Postfix connection to whichever process accepts
+it first. Each process runs its own copy of the configured checks, so state
+that must be exact across processes (quotas, greylisting) has to live in
+the store (SQLite, Redis, SQL), never in memory.
+
+Workers are started after twistd has dropped privileges, as the same user.
+They stop with the parent: on SIGTERM the parent sends them SIGTERM and
+waits for them (each answers its requests in flight first), and a worker
+whose parent dies anyhow sees its stdin pipe close and stops itself. A
+worker that exits unexpectedly is started again after a second. Workers
+log the way the parent does (the same C{--logger} or C{--syslog}), or to a
+file of their own beside the parent's log file; when the parent logs to
+stdout, their lines go through the parent's log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.reflect import fullyQualifiedName
+from zope.interface import implementer
+
+#: The names C{--adopt FD:FAMILY} uses for address families.
+FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
+_FAMILY_NAMES = {value: name for name, value in FAMILIES.items()}
+
+#: File descriptors in a worker where the listening sockets are passed.
+FIRST_LISTENER_FD = 3
+
+#: Seconds before a worker that exited unexpectedly is started again.
+RESTART_DELAY = 1.0
+
+
+@implementer(IStreamServerEndpoint)
+class RecordingEndpoint:
+    """
+    Wraps a server endpoint and keeps the ports it listens on, so that the
+    parent can hand their sockets to its workers.
+
+    @ivar ports: the L{IListeningPort}s, once listening.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self._endpoint = endpoint
+        self.ports: list[IListeningPort] = []
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.ports.append(port)
+            return port
+
+        return self._endpoint.listen(factory).addCallback(listening)
+
+
+def adopted_endpoints(reactor: Any, specifications: list[str]) -> list[IStreamServerEndpoint]:
+    """
+    Endpoints for the sockets a worker inherited, from C{--adopt FD:FAMILY}
+    values.
+
+    @raise ValueError: for a malformed specification.
+    """
+    result = []
+    for specification in specifications:
+        fd, _, family = specification.partition(":")
+        if not fd.isdigit() or family not in FAMILIES:
+            raise ValueError(f"--adopt wants FD:INET, FD:INET6 or FD:UNIX, not {specification!r}")
+        result.append(endpoints.AdoptedStreamServerEndpoint(reactor, int(fd), FAMILIES[family]))
+    return result
+
+
+class _ParentWatch(Protocol):
+    """
+    A worker's stdin, a pipe from its parent: when it closes, the parent is
+    gone and the worker stops.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self._reactor.running:
+            self._log.warn("the parent process is gone: stopping this worker")
+            self._reactor.stop()
+
+
+class ParentWatchService(Service):
+    """
+    Runs in a worker: stops the worker's reactor when its parent's pipe on
+    stdin closes, so that no worker outlives its parent.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.stdio import StandardIO
+
+        StandardIO(
+            _ParentWatch(self._reactor),
+            stdout=os.open(os.devnull, os.O_WRONLY),
+            reactor=self._reactor,
+        )
+
+
+def worker_log_arguments(
+    twistd_options: Optional[Mapping[str, Any]],
+) -> Optional[Callable[[int], list[str]]]:
+    """
+    How workers log, following the parent's twistd options: the same
+    C{--logger} or C{--syslog}, or a log file of their own beside the
+    parent's (C{pfxpold.log}: C{pfxpold.worker1.log}, ...), so that no
+    process has to format and write the others' request logs.
+
+    @param twistd_options: twistd's own options (the parent of pfxpold's).
+    @return: a function giving worker N's twistd logging arguments, or
+        L{None} when the parent logs to stdout: worker output then goes
+        through the parent's log.
+    """
+    if not twistd_options:
+        return None
+    logger = twistd_options.get("logger")
+    if logger is not None:
+        name = logger if isinstance(logger, str) else fullyQualifiedName(logger)
+        return lambda number: ["--logger", name]
+    if twistd_options.get("syslog"):
+        prefix = twistd_options.get("prefix") or "twisted"
+        return lambda number: ["--syslog", "--prefix", prefix]
+    logfile = twistd_options.get("logfile")
+    if not logfile and not twistd_options.get("nodaemon"):
+        logfile = "twistd.log"
+    if not logfile or logfile == "-":
+        return None
+    # Made absolute now: twistd changes to --rundir before workers start.
+    root, extension = os.path.splitext(os.path.abspath(logfile))
+    return lambda number: ["--logfile", f"{root}.worker{number}{extension}"]
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """
+    One worker process as the parent sees it: its output goes to the
+    parent's log, and its end is reported to the pool.
+    """
+
+    _log = Logger()
+
+    def __init__(self, pool: WorkerPool, number: int) -> None:
+        self.pool = pool
+        self.number = number
+        self.ended: Deferred[None] = Deferred()
+        self.pid: Optional[int] = None
+        self._partial = b""
+
+    def connectionMade(self) -> None:
+        self._partial = b""
+
+    def outReceived(self, data: bytes) -> None:
+        # One event per batch of whole lines: under load a read holds many,
+        # and the parent must not pay a log event per worker request.
+        data = self._partial + data
+        end = data.rfind(b"\n") + 1
+        self._partial = data[end:]
+        if end:
+            self._emit(data[:end])
+
+    errReceived = outReceived
+
+    def _emit(self, output: bytes) -> None:
+        self._log.info(
+            "worker {worker} (pid {pid}):\n{worker_output}",
+            worker=self.number,
+            pid=self.pid,
+            worker_output=output.decode("utf-8", "replace").rstrip("\n"),
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        if self._partial:
+            self._emit(self._partial)
+            self._partial = b""
+        self.pool.worker_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerPool(Service):
+    """
+    Starts and supervises the worker processes of a parent.
+
+    @ivar recorders: the L{RecordingEndpoint}s of the parent's listeners;
+        their sockets are passed to every worker.
+    @ivar arguments: the pfxpold options a worker gets (C{--config ...}),
+        before its C{--adopt} options.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        recorders: list[RecordingEndpoint],
+        arguments: list[str],
+        stop_timeout: float,
+        executable: str = sys.executable,
+        log_arguments: Optional[Callable[[int], list[str]]] = None,
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.recorders = recorders
+        self.arguments = arguments
+        self.stop_timeout = stop_timeout
+        self.executable = executable
+        self.log_arguments = log_arguments
+        self.workers: dict[int, _WorkerProtocol] = {}
+        self._stopping = False
+
+    def _listeners(self) -> list[tuple[int, int]]:
+        """
+        The parent's listening sockets: (file descriptor, address family).
+        """
+        listeners = []
+        for recorder in self.recorders:
+            for port in recorder.ports:
+                listeners.append((port.fileno(), port.addressFamily))
+        return listeners
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        for number in range(1, self.count):
+            self._spawn(number)
+
+    def _spawn(self, number: int) -> None:
+        if self._stopping:
+            return
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        adopt = []
+        for index, (fd, family) in enumerate(self._listeners()):
+            child_fds[FIRST_LISTENER_FD + index] = fd
+            adopt += ["--adopt", f"{FIRST_LISTENER_FD + index}:{_FAMILY_NAMES[family]}"]
+        arguments = [
+            self.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            *(self.log_arguments(number) if self.log_arguments else ["--logfile=-"]),
+            "pfxpold",
+            *self.arguments,
+            *adopt,
+        ]
+        worker = _WorkerProtocol(self, number)
+        env = os.environ.copy()
+        # Log lines reach the parent as they are written, not at exit; under
+        # load the parent still reads them in large batches.
+        env["PYTHONUNBUFFERED"] = "1"
+        self.reactor.spawnProcess(worker, self.executable, arguments, env=env, childFDs=child_fds)
+        worker.pid = worker.transport.pid
+        self.workers[number] = worker
+        self._log.info("started worker {worker} (pid {pid})", worker=number, pid=worker.pid)
+
+    def worker_ended(self, worker: _WorkerProtocol, reason: Failure) -> None:
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        if self._stopping:
+            return
+        self._log.error(
+            "worker {worker} ended unexpectedly ({reason}); starting it again",
+            worker=worker.number,
+            reason=reason.getErrorMessage(),
+        )
+        self.reactor.callLater(RESTART_DELAY, self._spawn, worker.number)
+
+    def stopService(self) -> Optional[Deferred[Any]]:
+        """
+        SIGTERM every worker and wait for them to exit; SIGKILL those still
+        running after C{stop_timeout} seconds.
+        """
+        super().stopService()
+        self._stopping = True
+        workers = list(self.workers.values())
+        for worker in workers:
+            _signal(worker, signal.SIGTERM)
+
+        def kill_stragglers() -> None:
+            for worker in workers:
+                if not worker.ended.called:
+                    self._log.warn("worker {worker} did not stop: killing it", worker=worker.number)
+                    _signal(worker, signal.SIGKILL)
+
+        killer = self.reactor.callLater(self.stop_timeout, kill_stragglers)
+        done = DeferredList([worker.ended for worker in workers])
+
+        def stopped(result: Any) -> None:
+            if killer.active():
+                killer.cancel()
+
+        return done.addCallback(stopped)
+
+
+def _signal(worker: _WorkerProtocol, number: int) -> None:
+    try:
+        worker.transport.signalProcess(number)
+    except Exception:
+        # ProcessExitedAlready: it is gone, which is what we want.
+        pass

@@ -1,0 +1,145 @@
+"""
+C{twistd pfxpold --workers N}: worker processes serve the parent's
+listening socket and never outlive the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import time
+
+from tests.integration.support import running_daemon
+
+#: A check that answers with the PID of the process that ran it.
+PID_CHECK = textwrap.dedent(
+    '''
+    """Answers with the serving process's PID, to see which process served."""
+    import os
+
+    from zope.interface import implementer
+
+    from pfxpold.interfaces import ICheck
+
+
+    @implementer(ICheck)
+    class PidCheck:
+        """Answers OK pid=<pid>."""
+
+        def __init__(self, options):
+            pass
+
+        def check(self, request):
+            return f"OK pid={os.getpid()}"
+    '''
+)
+
+CONFIG = """
+[[check]]
+name = "pid"
+type = "pidcheck:PidCheck"
+"""
+
+
+def children_of(pid: int) -> list[int]:
+    """
+    The PIDs whose parent is C{pid}.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """
+    Whether C{pid} is a running (not zombie) process.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def read(path: str) -> str:
+    """
+    A file's text, or C{""} while it does not exist.
+    """
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    """
+    Poll C{condition} until it is true or C{timeout} seconds pass.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def start(tmp_path):
+    (tmp_path / "pidcheck.py").write_text(PID_CHECK)
+    return running_daemon(
+        tmp_path, CONFIG, extra_args=("--workers", "2"), extra_path=os.fspath(tmp_path)
+    )
+
+
+def test_workers_share_the_port_and_stop_with_the_parent(tmp_path):
+    """Both processes answer on the one port, and SIGTERM stops the worker too."""
+    with start(tmp_path) as daemon:
+        parent = daemon.process.pid
+        assert wait_until(lambda: len(children_of(parent)) == 1)
+        [worker] = children_of(parent)
+        # The worker logs to a file of its own beside the parent's.
+        worker_log = daemon.log_path.replace(".log", ".worker1.log")
+        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        serving = set()
+        clients = []
+        try:
+            # The kernel gives each new connection to whichever process
+            # accepts first: keep connecting until both have answered.
+            for _ in range(300):
+                client = daemon.client()
+                clients.append(client)
+                answer = client.ask({"request": "smtpd_access_policy", "sender": "a@b.example"})
+                serving.add(int(answer.split("pid=")[1]))
+                if len(serving) == 2:
+                    break
+        finally:
+            for client in clients:
+                client.close()
+        assert serving == {parent, worker}
+        # twistd ends by re-raising the signal that stopped it.
+        assert daemon.stop() in (0, -signal.SIGTERM)
+        assert "Server Shut Down" in daemon.log()
+    assert wait_until(lambda: not alive(worker))
+
+
+def test_worker_stops_when_the_parent_is_killed(tmp_path):
+    """A worker whose parent dies without stopping it exits by itself."""
+    with start(tmp_path) as daemon:
+        parent = daemon.process.pid
+        assert wait_until(lambda: len(children_of(parent)) == 1)
+        [worker] = children_of(parent)
+        # Let the worker finish starting, so the test sees its watch work.
+        assert wait_until(lambda: "started worker 1" in daemon.log())
+        os.kill(parent, signal.SIGKILL)
+        daemon.process.wait()
+        assert wait_until(lambda: not alive(worker))

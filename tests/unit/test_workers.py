@@ -1,0 +1,302 @@
+"""
+Tests for L{pfxpold.workers}: passing listening sockets to worker processes,
+starting, restarting and stopping them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from twisted.internet import endpoints
+from twisted.internet.defer import succeed
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from pfxpold import tap, workers
+
+
+class FakePort:
+    """
+    A listening port with a file descriptor and an address family.
+    """
+
+    def __init__(self, fd: int, family: int = socket.AF_INET) -> None:
+        self._fd = fd
+        self.addressFamily = family
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class FakeEndpoint:
+    """
+    An endpoint that listens at once on a L{FakePort}.
+    """
+
+    def __init__(self, port: FakePort) -> None:
+        self.port = port
+        self.factories = []
+
+    def listen(self, factory):
+        self.factories.append(factory)
+        return succeed(self.port)
+
+
+class FakeProcess:
+    """
+    The transport of a spawned process: records signals.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, number) -> None:
+        self.signals.append(number)
+
+
+class ProcessReactor(MemoryReactorClock):
+    """
+    A memory reactor that records spawnProcess calls.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, childFDs=None, **kwargs):
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((protocol, executable, args, env, childFDs, process))
+        protocol.makeConnection(process)
+        return process
+
+
+class RecordingEndpointTests(SynchronousTestCase):
+    """
+    L{workers.RecordingEndpoint} keeps the ports it listens on.
+    """
+
+    def test_interface(self):
+        """It provides IStreamServerEndpoint."""
+        verifyObject(IStreamServerEndpoint, workers.RecordingEndpoint(FakeEndpoint(FakePort(5))))
+
+    def test_records_port(self):
+        """Listening passes the factory on and remembers the port."""
+        port = FakePort(5)
+        inner = FakeEndpoint(port)
+        recorder = workers.RecordingEndpoint(inner)
+        factory = object()
+        self.assertIs(self.successResultOf(recorder.listen(factory)), port)
+        self.assertEqual(recorder.ports, [port])
+        self.assertEqual(inner.factories, [factory])
+
+
+class AdoptedEndpointTests(SynchronousTestCase):
+    """
+    L{workers.adopted_endpoints} reads C{--adopt FD:FAMILY} values.
+    """
+
+    def test_families(self):
+        """Each specification becomes an adopted endpoint of its family."""
+        reactor = MemoryReactorClock()
+        [inet, inet6, unix] = workers.adopted_endpoints(reactor, ["3:INET", "4:INET6", "5:UNIX"])
+        for endpoint, fd, family in (
+            (inet, 3, socket.AF_INET),
+            (inet6, 4, socket.AF_INET6),
+            (unix, 5, socket.AF_UNIX),
+        ):
+            self.assertIsInstance(endpoint, endpoints.AdoptedStreamServerEndpoint)
+            self.assertEqual((endpoint.fileno, endpoint.addressFamily), (fd, family))
+
+    def test_malformed(self):
+        """A specification that is not FD:FAMILY is refused."""
+        for bad in ("3", "x:INET", "3:IPX", ""):
+            self.assertRaises(ValueError, workers.adopted_endpoints, MemoryReactorClock(), [bad])
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    """
+    L{workers.WorkerPool} starts N-1 workers on the parent's sockets, starts
+    a crashed one again and stops them all with the parent.
+    """
+
+    def make_pool(self, count=3):
+        self.reactor = ProcessReactor()
+        recorder = workers.RecordingEndpoint(FakeEndpoint(FakePort(7, socket.AF_INET6)))
+        self.successResultOf(recorder.listen(object()))
+        pool = workers.WorkerPool(
+            self.reactor, count, [recorder], ["--config", "/etc/p.toml"], stop_timeout=15.0
+        )
+        return pool
+
+    def test_spawns_workers_with_sockets(self):
+        """N-1 workers get the listening socket as fd 3 and --adopt 3:INET6."""
+        pool = self.make_pool(3)
+        pool.startService()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        for _protocol, _executable, args, env, child_fds, _process in self.reactor.spawned:
+            self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 3: 7})
+            self.assertEqual(
+                args[args.index("pfxpold") :],
+                [
+                    "pfxpold",
+                    "--config",
+                    "/etc/p.toml",
+                    "--adopt",
+                    "3:INET6",
+                ],
+            )
+            self.assertIn("--pidfile=", args)
+            self.assertEqual(env["PYTHONUNBUFFERED"], "1")
+        self.assertEqual(sorted(pool.workers), [1, 2])
+
+    def test_one_worker_spawns_nothing(self):
+        """With --workers 1 the parent serves alone."""
+        pool = self.make_pool(1)
+        pool.startService()
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_restart_after_crash(self):
+        """A worker that exits unexpectedly is started again after a delay."""
+        pool = self.make_pool(2)
+        pool.startService()
+        protocol = self.reactor.spawned[0][0]
+        protocol.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertEqual(pool.workers, {})
+        self.reactor.advance(workers.RESTART_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(list(pool.workers), [1])
+
+    def test_stop_terminates_workers(self):
+        """Stopping sends SIGTERM and waits for every worker to end."""
+        pool = self.make_pool(3)
+        pool.startService()
+        stopped = pool.stopService()
+        processes = [spawned[5] for spawned in self.reactor.spawned]
+        self.assertEqual([p.signals for p in processes], [[signal.SIGTERM]] * 2)
+        self.assertNoResult(stopped)
+        for spawned in self.reactor.spawned:
+            spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        # Stopping is not a crash: nothing is started again.
+        self.reactor.advance(60)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_kills_stragglers(self):
+        """A worker still running after stop_timeout gets SIGKILL."""
+        pool = self.make_pool(2)
+        pool.startService()
+        stopped = pool.stopService()
+        self.reactor.advance(15.0)
+        process = self.reactor.spawned[0][5]
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(signal=9)))
+        self.successResultOf(stopped)
+
+    def test_output_logged_by_whole_lines(self):
+        """Worker output reaches the parent's log in whole lines, batched."""
+        from twisted.logger import capturedLogs
+
+        pool = self.make_pool(2)
+        pool.startService()
+        protocol = self.reactor.spawned[0][0]
+        with capturedLogs() as events:
+            protocol.outReceived(b"line one\nline t")
+            protocol.outReceived(b"wo\n")
+        outputs = [e["worker_output"] for e in events if "worker_output" in e]
+        self.assertEqual(outputs, ["line one", "line two"])
+        self.assertEqual(events[0]["pid"], 1000)
+
+
+class LogArgumentTests(SynchronousTestCase):
+    """
+    L{workers.worker_log_arguments}: workers log the way the parent does.
+    """
+
+    def test_log_file(self):
+        """A parent's log file gives each worker a file beside it."""
+        make = workers.worker_log_arguments({"logfile": "/var/log/pfxpold/pfxpold.log"})
+        self.assertEqual(make(2), ["--logfile", "/var/log/pfxpold/pfxpold.worker2.log"])
+
+    def test_daemon_default(self):
+        """A daemon without --logfile logs to twistd.log: workers beside it."""
+        make = workers.worker_log_arguments({"logfile": None, "nodaemon": False})
+        self.assertEqual(make(1)[1], os.path.abspath("twistd.worker1.log"))
+
+    def test_stdout(self):
+        """In the foreground without a file, worker output goes through the parent."""
+        self.assertIsNone(workers.worker_log_arguments({"logfile": None, "nodaemon": True}))
+        self.assertIsNone(workers.worker_log_arguments({"logfile": "-", "nodaemon": True}))
+        self.assertIsNone(workers.worker_log_arguments(None))
+
+    def test_syslog(self):
+        """--syslog and its prefix are passed on."""
+        make = workers.worker_log_arguments({"syslog": True, "prefix": "pfxpold"})
+        self.assertEqual(make(1), ["--syslog", "--prefix", "pfxpold"])
+
+    def test_logger(self):
+        """A --logger observer factory (already imported by twistd) is named again."""
+        from pfxpold.logger import mail_syslog
+
+        make = workers.worker_log_arguments({"logger": mail_syslog, "syslog": False})
+        self.assertEqual(make(1), ["--logger", "pfxpold.logger.mail_syslog"])
+
+    def test_pool_uses_them(self):
+        """The pool puts the logging arguments on the worker's command line."""
+        reactor = ProcessReactor()
+        pool = workers.WorkerPool(
+            reactor, 2, [], [], 15.0, log_arguments=lambda number: ["--logfile", f"w{number}"]
+        )
+        pool.startService()
+        args = reactor.spawned[0][2]
+        self.assertEqual(args[args.index("--logfile") : args.index("pfxpold")], ["--logfile", "w1"])
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{--workers} and the internal C{--adopt} on the command line.
+    """
+
+    def parse(self, *argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_workers_default(self):
+        """One process unless asked for more."""
+        self.assertEqual(self.parse()["workers"], 1)
+
+    def test_workers_zero(self):
+        """--workers 0 is refused."""
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
+
+    def test_worker_cannot_start_workers(self):
+        """--adopt and --workers 2 together are refused."""
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "2", "--adopt", "3:INET")
+
+    def test_parent_service(self):
+        """--workers 2 builds the policy service and a pool beside it."""
+        reactor = ProcessReactor()
+        options = self.parse("--workers", "2")
+        top = tap.makeService(options, reactor)
+        services = list(top)
+        self.assertEqual([type(s).__name__ for s in services], ["PolicyService", "WorkerPool"])
+        self.assertEqual(services[1].recorders, services[0].recorders)
+
+    def test_worker_service(self):
+        """--adopt builds a policy service on the inherited socket, watching its parent."""
+        reactor = ProcessReactor()
+        options = self.parse("--adopt", "3:INET")
+        service = tap.makeService(options, reactor)
+        self.assertEqual(service.recorders, [])
+        [listener] = list(service.listeners)
+        self.assertIsInstance(listener.endpoint, endpoints.AdoptedStreamServerEndpoint)
+        self.assertTrue([s for s in service if isinstance(s, workers.ParentWatchService)])
