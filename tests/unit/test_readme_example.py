@@ -47,7 +47,7 @@ class ReadmeExampleTests(SynchronousTestCase):
         )
         from mycompany.test import test_policy  # type: ignore[import-not-found]
 
-        suite = unittest.TestLoader().loadTestsFromModule(test_policy)
+        suite = unittest.TestLoader().loadTestsFromTestCase(test_policy.RelayCheckTests)
         result = unittest.TestResult()
         suite.run(result)
         self.assertEqual((result.testsRun, result.failures, result.errors), (2, [], []))
