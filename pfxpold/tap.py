@@ -45,7 +45,7 @@ class Options(usage.Options):
     Options for C{twistd pfxpold}.
     """
 
-    synopsis = "[--port ENDPOINT]... [--config FILE] [--check-config]"
+    synopsis = "[--port ENDPOINT]... [--config FILE] [--workers N] [--check-config]"
     longdesc = (
         "pfxpold answers Postfix SMTPD policy requests by running the chain of "
         "checks in its configuration file. Without --config it runs the demo "
