@@ -30,7 +30,9 @@ setup(
     extras_require={
         "ldap": ["ldaptor>=21.2"],
         "postgresql": ["psycopg[binary]>=3.1"],
-        "redis": ["txredisapi>=1.4.10"],
+        # The Redis store speaks RESP itself (pfxpold/state/resp.py): no
+        # client library. The extra stays so that "pfxpold[redis]" installs.
+        "redis": [],
         "bench": ["matplotlib>=3.5"],
         # twisted.web Agent; [tls] brings pyOpenSSL and service_identity so
         # that https:// certificates are verified.
