@@ -8,6 +8,7 @@ processes they started, by PID.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -162,8 +163,25 @@ class Daemon:
         self.log_path = log_path
 
     def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        """
+        Everything the daemon logged: twistd rotates its log at 1 MB, so
+        the rotated files come first, oldest first. A file renamed while
+        we read is skipped; callers poll for what they wait for.
+        """
+        rotated = [
+            path
+            for path in glob.glob(glob.escape(self.log_path) + ".*")
+            if path.rsplit(".", 1)[1].isdigit()
+        ]
+        rotated.sort(key=lambda path: int(path.rsplit(".", 1)[1]), reverse=True)
+        parts = []
+        for path in rotated + [self.log_path]:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    parts.append(f.read())
+            except FileNotFoundError:
+                continue
+        return "".join(parts)
 
     def client(self) -> PolicyClient:
         return PolicyClient(self.port)
