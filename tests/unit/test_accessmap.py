@@ -25,7 +25,7 @@ from pfxpold.accessmap import (
 )
 from pfxpold.action import Action
 from pfxpold.testing import make_request
-from tests.unit.lookup_support import temporary_path
+from tests.unit.tempdir import temporary_path
 
 
 def parse(text: str, **keywords) -> AccessMap:

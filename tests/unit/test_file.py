@@ -17,7 +17,7 @@ from pfxpold.checks.file import FileCheck
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request
-from tests.unit.lookup_support import temporary_path
+from tests.unit.tempdir import temporary_path
 
 EXAMPLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"

@@ -7,9 +7,6 @@ in-memory responses).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -26,6 +23,7 @@ from pfxpold.checks.http import HTTPCheck, ServiceError, read_body, xml_template
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import make_options, make_request
+from tests.unit.tempdir import secret_file
 
 SOAP_OPTIONS: dict[str, Any] = {
     "url": "http://policy.example/soap",
@@ -34,19 +32,6 @@ SOAP_OPTIONS: dict[str, Any] = {
     "action_path": "p:Body/p:action",
     "namespaces": {"p": "urn:p"},
 }
-
-
-def secret_file(case: Any, secret: str) -> str:
-    """
-    A file holding C{secret}, in a directory removed after the test (not
-    trial's mktemp, which writes into the working directory under pytest).
-    """
-    directory = tempfile.mkdtemp()
-    case.addCleanup(shutil.rmtree, directory)
-    path = os.path.join(directory, "secret")
-    with open(path, "w") as f:
-        f.write(secret + "\n")
-    return path
 
 
 class FakeResponse:

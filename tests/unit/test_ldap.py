@@ -6,9 +6,6 @@ L{Clock} instead of a directory.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from typing import Any
 
 from ldaptor.protocols import pureldap
@@ -24,19 +21,7 @@ from pfxpold.checks.ldap import FilterTemplate, LDAPCheck, LDAPCheckError
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
-
-
-def secret_file(case: Any, secret: str) -> str:
-    """
-    A file holding C{secret}, in a directory removed after the test (not
-    trial's mktemp, which writes into the working directory under pytest).
-    """
-    directory = tempfile.mkdtemp()
-    case.addCleanup(shutil.rmtree, directory)
-    path = os.path.join(directory, "secret")
-    with open(path, "w") as f:
-        f.write(secret + "\n")
-    return path
+from tests.unit.tempdir import secret_file
 
 
 class FakeService:

@@ -20,7 +20,7 @@ from pfxpold.interfaces import ICheck, IDecisionListener
 from pfxpold.request import PolicyRequest
 from pfxpold.state import Consumption, StoreError
 from pfxpold.testing import CheckTestCase, make_request, run_check
-from tests.unit.lookup_support import temporary_path
+from tests.unit.tempdir import temporary_path
 
 # Tue 2027-01-05 10:00:00 UTC
 START = datetime.datetime(2027, 1, 5, 10, 0, tzinfo=datetime.UTC).timestamp()

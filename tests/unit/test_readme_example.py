@@ -7,10 +7,11 @@ the test is run.
 import os
 import re
 import sys
-import tempfile
 import unittest
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.tempdir import temporary_directory
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 
@@ -28,8 +29,7 @@ def python_block(marker: str) -> str:
 class ReadmeExampleTests(SynchronousTestCase):
     def test_example_check_and_its_tests_pass(self):
         """The example check loads, and the example's two trial tests pass."""
-        directory = tempfile.mkdtemp()
-        self.addCleanup(lambda: __import__("shutil").rmtree(directory))
+        directory = temporary_directory(self)
         package = os.path.join(directory, "mycompany")
         os.makedirs(os.path.join(package, "test"))
         for path in ("__init__.py", os.path.join("test", "__init__.py")):

@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from pfxpold.config import load_configuration
 from pfxpold.testing import CheckTestCase, make_request
-from tests.unit.lookup_support import temporary_path
+from tests.unit.tempdir import temporary_path
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REJECT = (

@@ -30,7 +30,7 @@ from pfxpold.state import (
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
 from pfxpold.state.sqlite import SQLiteStore
-from tests.unit.lookup_support import temporary_path
+from tests.unit.tempdir import temporary_path
 
 START = 1_800_000_000.0
 
