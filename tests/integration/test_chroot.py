@@ -115,6 +115,30 @@ def _postfix_user() -> pwd.struct_passwd:
         pytest.skip(message)
 
 
+def jailed_arguments(work: str, jail: str, config_path: str, port: int) -> list[str]:
+    """
+    twistd's arguments for pfxpold in the foreground, logging to
+    C{work}/pfxpold.log, chrooted to C{jail} as the service user, with the
+    configuration at C{config_path}, on 127.0.0.1:C{port}.
+    """
+    return [
+        "-n",
+        "--pidfile=",
+        f"--logfile={work}/pfxpold.log",
+        "--chroot",
+        jail,
+        "--uid",
+        SERVICE_USER,
+        "--gid",
+        SERVICE_GROUP,
+        "pfxpold",
+        "--config",
+        config_path,
+        "--port",
+        f"tcp:{port}:interface=127.0.0.1",
+    ]
+
+
 def test_jail_is_the_postfix_queue_directory(pfxpold_installation, tmp_path):
     """
     Chrooted into a directory laid out like Postfix's queue directory and
@@ -202,22 +226,7 @@ def test_dotted_path_check_in_its_own_jail(pfxpold_installation, tmp_path):
         config.write(JAIL_CONFIG)
     jail = build_jail(os.path.join(work, "jail"))
     port = free_port()
-    arguments = [
-        "-n",
-        "--pidfile=",
-        f"--logfile={work}/pfxpold.log",
-        "--chroot",
-        jail,
-        "--uid",
-        SERVICE_USER,
-        "--gid",
-        SERVICE_GROUP,
-        "pfxpold",
-        "--config",
-        config_path,
-        "--port",
-        f"tcp:{port}:interface=127.0.0.1",
-    ]
+    arguments = jailed_arguments(work, jail, config_path, port)
     with (
         running_twistd(
             pfxpold_installation,
@@ -302,9 +311,7 @@ def test_builtin_dnsbl_check_in_a_jail(pfxpold_installation, tmp_path, bl_test_d
         config.write(DNSBL_CONFIG.format(port=bl_test_dns_server))
     jail = build_jail(os.path.join(work, "jail"))
     port = free_port()
-    arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
-    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
-    arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+    arguments = jailed_arguments(work, jail, config_path, port)
     with (
         running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
         PolicyClient(port) as client,
@@ -366,9 +373,7 @@ def test_builtin_http_check_over_tls_in_a_jail(pfxpold_installation, tmp_path):
             config.write(HTTP_CONFIG.format(port=web_port, ca_file=ca_file))
         jail = build_jail(os.path.join(work, "jail"))
         port = free_port()
-        arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
-        arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
-        arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+        arguments = jailed_arguments(work, jail, config_path, port)
         with (
             running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
             PolicyClient(port) as client,
@@ -406,9 +411,7 @@ def test_builtin_ldap_check_in_a_jail(pfxpold_installation, tmp_path):
             )
         jail = build_jail(os.path.join(work, "jail"))
         port = free_port()
-        arguments = ["-n", "--pidfile=", f"--logfile={work}/pfxpold.log", "--chroot", jail]
-        arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
-        arguments += ["--config", config_path, "--port", f"tcp:{port}:interface=127.0.0.1"]
+        arguments = jailed_arguments(work, jail, config_path, port)
         with (
             running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
             PolicyClient(port) as client,
@@ -479,10 +482,7 @@ def test_relay_acl_example_in_a_jail(
         examples = _relay_acl_examples(work)
     port = free_port()
     log_path = f"{work}/pfxpold.log"
-    arguments = ["-n", "--pidfile=", f"--logfile={log_path}", "--chroot", jail]
-    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
-    arguments += ["--config", os.path.join(examples, example)]
-    arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
+    arguments = jailed_arguments(work, jail, os.path.join(examples, example), port)
     newcomer = {"client_address": "198.51.100.7", "sender": "new@example.com"}
     with (
         running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd,
