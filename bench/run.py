@@ -622,15 +622,18 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
     return Server(scenario, directory, port, records, process, pids)
 
 
-def run_loadgen(
+def loadgen_command(
     loadgen: str,
     server: Server,
     connections: int,
     duration: float,
     warmup: float,
     threads: int,
-) -> dict:
-    command = [
+) -> list[str]:
+    """
+    The load generator's command line against C{server}.
+    """
+    return [
         loadgen,
         "-p",
         str(server.port),
@@ -645,6 +648,17 @@ def run_loadgen(
         "-t",
         str(threads),
     ]
+
+
+def run_loadgen(
+    loadgen: str,
+    server: Server,
+    connections: int,
+    duration: float,
+    warmup: float,
+    threads: int,
+) -> dict:
+    command = loadgen_command(loadgen, server, connections, duration, warmup, threads)
     for pid in server.pids:
         command += ["-P", str(pid)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -723,21 +737,7 @@ def profile(
     if py_spy is None:
         print("py-spy is not installed (pip install py-spy): no profile")
         return None
-    command = [
-        loadgen,
-        "-p",
-        str(server.port),
-        "-f",
-        server.records,
-        "-c",
-        str(connections),
-        "-d",
-        str(seconds + 2),
-        "-w",
-        "0.5",
-        "-t",
-        str(threads),
-    ]
+    command = loadgen_command(loadgen, server, connections, seconds + 2, 0.5, threads)
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
