@@ -412,6 +412,20 @@ on_error = "DEFER_IF_PERMIT quota check failed"
     return pfxpold_command(config), expect
 
 
+def _without_request_log(setup: tuple[list[str], Callable[[dict], list[str]]]):
+    """
+    A pfxpold set-up's command and expectations, with C{log_requests =
+    false} added to its configuration's C{[server]} table.
+    """
+    command, expect = setup
+    config = command[command.index("--config") + 1]
+    with open(config) as f:
+        text = f.read()
+    with open(config, "w") as f:
+        f.write(text.replace("[server]\n", "[server]\nlog_requests = false\n", 1))
+    return command, expect
+
+
 SCENARIOS = [
     Scenario(
         "trivial-c",
@@ -446,6 +460,13 @@ SCENARIOS = [
         "the realistic chain without the quota check",
         lambda directory, requests: setup_chain(directory, requests, quota=False),
         needs=("file", "sql", "dnsbl"),
+        optional=True,
+    ),
+    Scenario(
+        "chain-nolog",
+        "the realistic chain, log_requests = false",
+        lambda directory, requests: _without_request_log(setup_chain(directory, requests)),
+        needs=("file", "sql", "dnsbl", "quota"),
         optional=True,
     ),
     Scenario(
