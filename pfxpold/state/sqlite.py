@@ -109,20 +109,31 @@ ON CONFLICT (key) DO UPDATE SET
 """
 
 
+#: The summing query for each shape of counters (how many keys each reads).
+_TOTAL_QUERIES: dict[tuple[int, ...], str] = {}
+
+
 def _total_query(counters: Sequence[Counter]) -> tuple[str, list[Any]]:
     """
     One SELECT that sums each counter's live keys.
     """
-    parts = []
+    shape = tuple(len(counter.read_keys) for counter in counters)
+    query = _TOTAL_QUERIES.get(shape)
+    if query is None:
+        parts = [
+            "(SELECT COALESCE(SUM(count), 0) FROM counters"
+            f" WHERE key IN ({', '.join('?' * size)}) AND expires > ?)"
+            for size in shape
+        ]
+        query = "SELECT " + ", ".join(parts)
+        # Shapes come from the configuration's windows: a handful.
+        if len(_TOTAL_QUERIES) < 1024:
+            _TOTAL_QUERIES[shape] = query
     parameters: list[Any] = []
     for counter in counters:
-        marks = ", ".join("?" for _ in counter.read_keys)
-        parts.append(
-            f"(SELECT COALESCE(SUM(count), 0) FROM counters WHERE key IN ({marks}) AND expires > ?)"
-        )
         parameters.extend(counter.read_keys)
         parameters.append(None)
-    return "SELECT " + ", ".join(parts), parameters
+    return query, parameters
 
 
 def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
