@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +33,11 @@ _REQUEST_LOG = (
     " from=<{sender}> to=<{recipient}> instance={instance}"
     " queue_id={queue_id}: {action} ({check}, {elapsed_ms:.1f} ms)"
 )
+
+
+#: The constant arguments of the fast path's C{str.split} calls.
+_EQUALS = repeat("=")
+_ONCE = repeat(1)
 
 
 @dataclass(frozen=True)
@@ -274,7 +280,9 @@ class PolicyProtocol(LineReceiver):
         lines = text.split("\n")
         lines.pop()
         try:
-            attributes = dict(line.split("=", 1) for line in lines)
+            # str.split(line, "=", 1) for every line, called from C: about
+            # a fifth cheaper than a generator expression.
+            attributes = dict(map(str.split, lines, _EQUALS, _ONCE))
         except ValueError:
             return False
         if len(attributes) != count or "" in attributes:
