@@ -244,6 +244,8 @@ class Configuration:
     log_requests: bool
     shutdown_grace: float
     services: list[IService] = field(default_factory=list)
+    #: The file the request log goes to, or L{None} for twistd's log.
+    request_log: Optional[str] = None
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -337,6 +339,14 @@ def load_document(
     if deadline >= limits.idle_timeout:
         raise server.error("deadline", "must be shorter than idle_timeout")
     log_requests = server.boolean("log_requests", True)
+    request_log = server.string("request_log", None)
+    if request_log is not None:
+        if not request_log.strip():
+            raise server.error("request_log", "must name a file (leave it out for twistd's log)")
+        base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        request_log = os.path.join(base, os.path.expanduser(request_log))
+        if not os.path.isdir(os.path.dirname(request_log)):
+            raise server.error("request_log", f"{os.path.dirname(request_log)} is not a directory")
     log_verdicts = server.boolean("log_verdicts", False)
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
     if server.unused():
@@ -400,7 +410,9 @@ def load_document(
         restriction_classes=classes,
         record_verdicts=log_verdicts,
     )
-    return Configuration(path, listen, chain, limits, log_requests, shutdown_grace, services)
+    return Configuration(
+        path, listen, chain, limits, log_requests, shutdown_grace, services, request_log
+    )
 
 
 def load_configuration(path: str, reactor: IReactorTime) -> Configuration:

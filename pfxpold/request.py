@@ -109,6 +109,19 @@ class PolicyRequest(Mapping[str, str]):
     def __hash__(self) -> int:
         return hash(frozenset(self._attributes.items()))
 
+    def summary(self) -> str:
+        """
+        The request as one log line shows it: stage, client, HELO name,
+        envelope and queue id.
+        """
+        get = self._attributes.get
+        return (
+            f"{get('protocol_state', '').upper()} {get('client_name', '')}"
+            f"[{get('client_address', '')}] helo=<{get('helo_name', '')}>"
+            f" from=<{get('sender', '')}> to=<{get('recipient', '')}>"
+            f" instance={get('instance', '')} queue_id={get('queue_id', '')}"
+        )
+
     def replace(self, **changes: str) -> PolicyRequest:
         """
         A copy of this request with some attributes changed or added.

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
+from pfxpold.requestlog import FileRequestLog
 from pfxpold.workers import RecordingEndpoint
 
 
@@ -50,6 +51,12 @@ class PolicyService(MultiService):
         )
         self.backends = MultiService()
         self.backends.setServiceParent(self)
+        if configuration.log_requests and configuration.request_log is not None:
+            # A backend: it starts before the listeners and stops after
+            # the last answer, flushing it.
+            request_log = FileRequestLog(configuration.request_log, reactor)
+            request_log.setServiceParent(self.backends)
+            self.factory.request_log = request_log
         for backend in configuration.services:
             IService(backend).setServiceParent(self.backends)
         self.listeners = MultiService()

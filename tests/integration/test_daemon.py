@@ -603,3 +603,38 @@ def test_demo_without_configuration(tmp_path):
         else:
             reply = ask_raw(daemon.port, request)
         assert reply in (b"action=OK (you win!)\n\n", b"action=DUNNO (you lose!)\n\n")
+
+
+# The request log in a file of its own
+
+
+def test_request_log_file(tmp_path):
+    """
+    With request_log, answered requests go to that file (written within
+    about a second while the daemon runs, and the last ones on SIGTERM),
+    and not to twistd's log; moving the file away (logrotate) makes the
+    daemon start a new one.
+    """
+    config = SHARED_CONFIG.replace("[server]", '[server]\nrequest_log = "requests.log"')
+    path = tmp_path / "requests.log"
+    with running_daemon(tmp_path, config) as daemon:
+        with daemon.client() as client:
+            assert client.ask({"answer": "REJECT first", "sender": "one@example.com"}) == (
+                "REJECT first"
+            )
+        wait_until(lambda: "one@example.com" in path.read_text(), message="the first line")
+        path.rename(tmp_path / "requests.log.1")
+        with daemon.client() as client:
+            assert client.ask({"answer": "OK", "sender": "two@example.com"}) == "OK"
+            wait_until(lambda: "reopened" in daemon.log(), message="the reopened log")
+            assert client.ask({"answer": "OK", "sender": "three@example.com"}) == "OK"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert_clean_sigterm_exit(daemon.process.wait(30), daemon.log())
+        log = daemon.log()
+    rotated = (tmp_path / "requests.log.1").read_text()
+    assert ": REJECT first (script, " in rotated
+    current = path.read_text()
+    assert "from=<three@example.com>" in current
+    assert "one@example.com" not in current
+    assert "two@example.com" in rotated + current
+    assert "one@example.com" not in log

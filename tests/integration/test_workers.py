@@ -143,3 +143,41 @@ def test_worker_stops_when_the_parent_is_killed(tmp_path):
         os.kill(parent, signal.SIGKILL)
         daemon.process.wait()
         assert wait_until(lambda: not alive(worker))
+
+
+def test_workers_share_the_request_log(tmp_path):
+    """
+    With request_log, the parent and its worker append to the one file:
+    every answered request is there once, as a whole line, whichever
+    process answered it.
+    """
+    (tmp_path / "pidcheck.py").write_text(PID_CHECK)
+    config = '[server]\nrequest_log = "requests.log"\n' + CONFIG
+    answers = []
+    with running_daemon(
+        tmp_path, config, extra_args=("--workers", "2"), extra_path=os.fspath(tmp_path)
+    ) as daemon:
+        parent = daemon.process.pid
+        assert wait_until(lambda: len(children_of(parent)) == 1)
+        worker_log = daemon.log_path.replace(".log", ".worker1.log")
+        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        clients = []
+        try:
+            for index in range(300):
+                client = daemon.client()
+                clients.append(client)
+                for number in range(5):
+                    sender = f"s{index}-{number}@example.com"
+                    answers.append((sender, client.ask({"sender": sender})))
+                if len({answer for _, answer in answers}) == 2 and index >= 20:
+                    break
+        finally:
+            for client in clients:
+                client.close()
+        assert daemon.stop() in (0, -signal.SIGTERM)
+    lines = read(os.fspath(tmp_path / "requests.log")).splitlines()
+    assert len({answer for _, answer in answers}) == 2
+    assert len(lines) == len(answers)
+    by_sender = {line.split("from=<")[1].split(">")[0]: line for line in lines}
+    for sender, answer in answers:
+        assert f": {answer} (pid, " in by_sender[sender]

@@ -123,6 +123,29 @@ class ServerTests(ConfigTestCase):
     The [server] table and its defaults.
     """
 
+    def test_request_log_default(self):
+        """Without request_log, requests are logged in twistd's log."""
+        self.assertIsNone(self.load(CHECK).request_log)
+
+    def test_request_log_relative(self):
+        """A relative request_log is resolved from the configuration's folder."""
+        configuration = self.load('[server]\nrequest_log = "requests.log"\n' + CHECK)
+        self.assertEqual(configuration.request_log, os.path.join(self.directory, "requests.log"))
+
+    def test_request_log_no_directory(self):
+        """A request_log in a folder that does not exist is a configuration error."""
+        self.assertConfigError(
+            '[server]\nrequest_log = "nowhere/requests.log"\n' + CHECK,
+            "key 'request_log'",
+            "is not a directory",
+        )
+
+    def test_request_log_empty(self):
+        """An empty request_log is an error, not the configuration's folder."""
+        self.assertConfigError(
+            '[server]\nrequest_log = ""\n' + CHECK, "key 'request_log'", "must name a file"
+        )
+
     def test_defaults(self):
         """Every server setting has its documented default."""
         configuration = self.load(CHECK)

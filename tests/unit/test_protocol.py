@@ -279,6 +279,31 @@ class RequestReplyTests(ProtocolTestCase):
         self.assertEqual(event["elapsed_ms"], 0.0)
         self.assertEqual(event["peer"], "192.0.2.9:40000")
 
+    def test_request_log_elsewhere(self):
+        """
+        With a request log of its own, the factory hands it each answered
+        request, its decision, the time taken and the peer, and logs no
+        event.
+        """
+        recorded = []
+
+        class Recorder:
+            def record(self, request, decision, elapsed_ms, peer):
+                recorded.append((request, decision, elapsed_ms, peer))
+
+        self.factory.log_requests = True
+        self.factory.request_log = Recorder()
+        with capturedLogs() as events:
+            self.send(request_bytes(wait=1, answer="OK"))
+            self.clock.advance(0.5)
+            self.decider.fire(0)
+        [(request, decision, elapsed_ms, peer)] = recorded
+        self.assertEqual(request["answer"], "OK")
+        self.assertEqual(str(decision.action), "OK")
+        self.assertEqual(elapsed_ms, 500.0)
+        self.assertEqual(peer, "192.0.2.9:40000")
+        self.assertFalse([e for e in events if "elapsed_ms" in e])
+
     def test_request_log_elapsed(self):
         """The logged time is the time the decision took, on the clock."""
         self.factory.log_requests = True

@@ -177,6 +177,28 @@ class PolicyRequestTests(SynchronousTestCase):
         ):
             self.assertEqual(getattr(request, helper), "", helper)
 
+    def test_summary(self):
+        """
+        The summary shows the stage (upper case), client, HELO name,
+        envelope and queue id; missing attributes show empty.
+        """
+        request = PolicyRequest(
+            {
+                "protocol_state": "rcpt",
+                "client_name": "mx.example.org",
+                "client_address": "192.0.2.1",
+                "helo_name": "helo.example.org",
+                "sender": "a@example.org",
+                "recipient": "b@example.net",
+                "instance": "1.2.3",
+            }
+        )
+        self.assertEqual(
+            request.summary(),
+            "RCPT mx.example.org[192.0.2.1] helo=<helo.example.org> from=<a@example.org>"
+            " to=<b@example.net> instance=1.2.3 queue_id=",
+        )
+
     def test_repr(self):
         """The repr shows the attributes."""
         self.assertIn("'sender': 'a@b'", repr(PolicyRequest({"sender": "a@b"})))

@@ -4,6 +4,8 @@ answers requests in flight before closing connections and stopping
 backends.
 """
 
+import os
+
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -14,7 +16,10 @@ from zope.interface import implementer
 
 from pfxpold.config import load_document
 from pfxpold.interfaces import ICheck
+from pfxpold.requestlog import FileRequestLog
 from pfxpold.service import PolicyService
+
+from .tempdir import temporary_directory
 
 #: What the checks and listeners did, in order, for the test running now.
 EVENTS = []
@@ -173,3 +178,72 @@ class ServiceTests(SynchronousTestCase):
         self.check.waiting[0].callback("OK")
         self.assertEqual(transport.value(), b"")
         self.assertEqual(self.service.factory.in_flight, 0)
+
+
+@implementer(ICheck)
+class OKCheck:
+    """
+    Answers OK.
+    """
+
+    def __init__(self, options):
+        pass
+
+    def check(self, request):
+        return "OK"
+
+
+class RequestLogServiceTests(SynchronousTestCase):
+    """
+    C{request_log} gives the daemon a L{FileRequestLog} that the protocol
+    writes to, started and stopped with the backends.
+    """
+
+    def make(self, **server):
+        reactor = MemoryReactorClock()
+        server.setdefault("listen", ["tcp:7102:interface=127.0.0.1"])
+        configuration = load_document(
+            {"server": server, "check": [{"name": "c", "type": f"{__name__}.OKCheck"}]},
+            reactor,
+        )
+        return reactor, PolicyService(configuration, reactor)
+
+    def test_file_request_log(self):
+        """
+        Answered requests go to the file; stopping the daemon writes the
+        last of them.
+        """
+        path = os.path.join(temporary_directory(self), "requests.log")
+        reactor, service = self.make(request_log=path)
+        self.assertIsInstance(service.factory.request_log, FileRequestLog)
+        self.assertIs(service.factory.request_log.parent, service.backends)
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+            protocol = service.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
+            self.assertEqual(transport.value(), b"action=OK\n\n")
+            stopped = service.stopService()
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+            self.successResultOf(stopped)
+        with open(path) as f:
+            [line] = f.read().splitlines()
+        self.assertIn(" RCPT [] helo=<> from=<a@example.com> ", line)
+        self.assertIn(": OK (c, ", line)
+        self.assertFalse([e for e in events if "protocol_state" in e])
+
+    def test_twistd_log(self):
+        """Without request_log, no file log is made."""
+        reactor, service = self.make()
+        self.assertIsNone(service.factory.request_log)
+        self.assertTrue(service.factory.log_requests)
+
+    def test_log_requests_off(self):
+        """log_requests = false wins over request_log."""
+        path = os.path.join(temporary_directory(self), "requests.log")
+        reactor, service = self.make(request_log=path, log_requests=False)
+        self.assertIsNone(service.factory.request_log)
+        self.assertEqual(list(service.backends), [])

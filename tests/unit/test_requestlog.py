@@ -1,0 +1,216 @@
+"""
+Tests for L{pfxpold.requestlog}: the request log in a file of its own,
+written in batches, following logrotate, and never in the way of answers.
+"""
+
+import os
+import time
+
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from pfxpold.action import Action
+from pfxpold.chain import Decision
+from pfxpold.requestlog import FileRequestLog
+from pfxpold.testing import make_request
+
+from .tempdir import temporary_directory
+
+#: 2026-11-24 21:00:00 UTC, well inside a second.
+NOW = 1795554000.25
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+class BrokenFile:
+    """
+    A file whose writes fail the way a full disk does.
+    """
+
+    def __init__(self):
+        self.closed = False
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class FileRequestLogTests(SynchronousTestCase):
+    """
+    L{FileRequestLog} buffers lines and writes them on its timer, when the
+    buffer is full, and when it stops.
+    """
+
+    def setUp(self):
+        self.directory = temporary_directory(self)
+        self.path = os.path.join(self.directory, "requests.log")
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.log = FileRequestLog(self.path, self.clock)
+        self.decision = Decision(Action.parse("REJECT go away"), "senders")
+
+    def start(self):
+        self.log.privilegedStartService()
+        self.log.startService()
+        self.addCleanup(lambda: self.log.running and self.log.stopService())
+
+    def record(self, decision=None, **attributes):
+        self.log.record(make_request(**attributes), decision or self.decision, 1.25, "peer")
+
+    def test_line(self):
+        """
+        A line is twistd's timestamp, then the request as the twistd log
+        shows it, the action, the deciding check and the time taken.
+        """
+        self.start()
+        self.record(sender="a@example.com")
+        self.log.flush()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(NOW)))
+        request = make_request(sender="a@example.com")
+        self.assertEqual(
+            read(self.path),
+            f"{stamp} {request.summary()}: REJECT go away (senders, 1.2 ms)\n",
+        )
+
+    def test_no_reply(self):
+        """A request answered with no reply says so."""
+        self.start()
+        self.record(Decision(None, "deadline"))
+        self.log.flush()
+        self.assertIn(": no reply (deadline, ", read(self.path))
+
+    def test_timestamp_follows_clock(self):
+        """Each line carries the second it was recorded in."""
+        self.start()
+        self.record()
+        self.clock.advance(61)
+        self.record()
+        self.log.flush()
+        first, second = read(self.path).splitlines()
+        self.assertEqual(
+            first.split()[0], time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(NOW)))
+        )
+        self.assertEqual(
+            second.split()[0], time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(NOW) + 61))
+        )
+
+    def test_written_on_timer(self):
+        """Lines wait in memory until the flush interval passes."""
+        self.start()
+        self.record()
+        self.assertEqual(read(self.path), "")
+        self.clock.advance(1.0)
+        self.assertEqual(len(read(self.path).splitlines()), 1)
+
+    def test_written_when_buffer_full(self):
+        """A full buffer is written without waiting for the timer."""
+        self.log = FileRequestLog(self.path, self.clock, max_buffered=1000)
+        self.start()
+        for _ in range(20):
+            self.record()
+        self.assertGreaterEqual(len(read(self.path).splitlines()), 1)
+        self.log.flush()
+        self.assertEqual(len(read(self.path).splitlines()), 20)
+
+    def test_stop_flushes_and_closes(self):
+        """Stopping writes every buffered line and cancels the timer."""
+        self.start()
+        self.record()
+        self.log.stopService()
+        self.assertEqual(len(read(self.path).splitlines()), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_appends(self):
+        """An existing file is appended to, not truncated."""
+        with open(self.path, "w") as f:
+            f.write("earlier\n")
+        self.start()
+        self.record()
+        self.log.stopService()
+        self.assertEqual(read(self.path).splitlines()[0], "earlier")
+        self.assertEqual(len(read(self.path).splitlines()), 2)
+
+    def test_opened_before_privileges_drop(self):
+        """The file is open once privilegedStartService has run."""
+        self.log.privilegedStartService()
+        self.addCleanup(self.log.stopService)
+        self.assertTrue(os.path.exists(self.path))
+
+    def test_cannot_open(self):
+        """A path that cannot be opened fails the start, naming the path."""
+        log = FileRequestLog(os.path.join(self.directory, "missing", "x.log"), self.clock)
+        error = self.assertRaises(OSError, log.privilegedStartService)
+        self.assertIn("missing", str(error))
+
+    def test_follows_rotation(self):
+        """
+        After the file is moved away, earlier lines end up in the moved file
+        and later ones in a new file at the path.
+        """
+        self.start()
+        self.record(sender="before@example.com")
+        self.clock.advance(1.0)
+        os.rename(self.path, self.path + ".1")
+        self.record(sender="between@example.com")
+        with capturedLogs() as events:
+            self.clock.advance(1.0)
+        self.record(sender="after@example.com")
+        self.log.stopService()
+        old = read(self.path + ".1")
+        self.assertIn("before@example.com", old)
+        self.assertIn("between@example.com", old)
+        self.assertEqual(len(read(self.path).splitlines()), 1)
+        self.assertIn("after@example.com", read(self.path))
+        self.assertTrue(any("reopened" in event["log_format"] for event in events))
+
+    def test_rotation_cannot_reopen(self):
+        """
+        When a new file cannot be made at the path, the lines go on to the
+        moved file and the error is logged once.
+        """
+        self.start()
+        moved = os.path.join(self.directory, "moved.log")
+        os.rename(self.path, moved)
+        os.mkdir(self.path)  # the path is now a directory: cannot be opened
+        with capturedLogs() as events:
+            self.record(sender="one@example.com")
+            self.clock.advance(1.0)
+            self.record(sender="two@example.com")
+            self.clock.advance(1.0)
+        self.log.stopService()
+        self.assertEqual(len(read(moved).splitlines()), 2)
+        errors = [event for event in events if "cannot be opened again" in event["log_format"]]
+        self.assertEqual(len(errors), 1)
+
+    def test_write_failure(self):
+        """
+        Lines a write loses are counted and logged once per outage; the
+        next good write says how many were lost.
+        """
+        self.start()
+        good = self.log._file
+        self.log._file = BrokenFile()
+        with capturedLogs() as events:
+            self.record()
+            self.log.flush()
+            self.record()
+            self.log.flush()
+            self.log._file = good
+            self.record()
+            self.log.flush()
+        self.assertEqual(self.log.dropped, 2)
+        errors = [event for event in events if "cannot write" in event["log_format"]]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["reason"], "No space left on device")
+        recovered = [event for event in events if "written again" in event["log_format"]]
+        self.assertEqual(recovered[0]["dropped"], 2)
+        self.assertEqual(len(read(self.path).splitlines()), 1)
