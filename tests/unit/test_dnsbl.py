@@ -7,8 +7,11 @@ L{Clock}.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.task import Clock
@@ -116,6 +119,34 @@ class NameTests(CheckTestCase):
             "evil.example\n.com",
         ]:
             self.assertIsNone(valid_host_name(bad), bad)
+
+    @given(
+        st.one_of(
+            st.text(alphabet="aZ09-.\u00e9 _", max_size=80),
+            st.lists(st.text(alphabet="aZ09-", max_size=70), min_size=1, max_size=6)
+            .map(".".join)
+            .flatmap(lambda name: st.sampled_from([name, name + "."])),
+        )
+    )
+    def test_host_name_rule(self, name: str) -> None:
+        """
+        The one-regex validation accepts exactly the names that the rule
+        label by label accepts: 2+ labels of 1-63 letters, digits and
+        inner hyphens, 253 characters at most (a trailing dot dropped).
+        """
+        label = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+        expected = None
+        if name and name.isascii():
+            lowered = name.lower()
+            lowered = lowered[:-1] if lowered.endswith(".") else lowered
+            labels = lowered.split(".")
+            if (
+                len(lowered) <= 253
+                and len(labels) >= 2
+                and all(label.fullmatch(part) for part in labels)
+            ):
+                expected = lowered
+        self.assertEqual(valid_host_name(name), expected)
 
     def test_resolver_addresses(self) -> None:
         """Resolver addresses take an optional port; IPv6 ones in brackets."""
