@@ -238,7 +238,7 @@ class _Continuation:
         # The check's timeout first when both are due, as when each had
         # its own timer: its on_error may still answer.
         check_timed_out = self.check_at <= self.deadline_at
-        waiting.pending.cancel()
+        self._abandon(waiting.pending)
         if check_timed_out:
             timeout = chain.entries[waiting.index].timeout
             failure = Failure(TimeoutError(f"not done within {timeout}s"))
@@ -261,8 +261,7 @@ class _Continuation:
             return
         if type(outcome) is _Waiting:
             if self.chain._clock.seconds() >= self.deadline_at:
-                outcome.pending.cancel()
-                outcome.pending.addErrback(lambda failure: None)
+                self._abandon(outcome.pending.addErrback(lambda failure: None))
                 self._finish(self.chain._deadline_passed(self.request, self.verdicts))
             else:
                 self.wait(outcome)
@@ -287,8 +286,18 @@ class _Continuation:
         """
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
-            waiting.pending.cancel()
+            self._abandon(waiting.pending)
         self._finish(Decision(self.chain.deadline_policy.action, "error", self.verdicts))
+
+    def _abandon(self, pending: Deferred[Any]) -> None:
+        """
+        Cancel a check's Deferred the chain no longer waits for; a check
+        whose cancellation breaks must not leave the request unanswered.
+        """
+        try:
+            pending.cancel()
+        except Exception:
+            self.chain._log.failure("cancelling a check's Deferred failed")
 
 
 class _CheckFailed(Exception):

@@ -578,6 +578,23 @@ class RequestTimerTests(ChainTestCase):
         self.assertEqual(result.verdicts, [("c1", "timeout"), ("c2", "OK")])
         self.assertEqual(last.calls, 1)
 
+    def test_breaking_cancellation(self):
+        """
+        A check whose cancellation raises, past its timeout, still lets
+        the request be answered (its on_error); the error is logged.
+        """
+
+        def broken_canceller(deferred):
+            raise RuntimeError("cannot cancel")
+
+        clock = Clock()
+        checks = chain((Answer(Deferred(broken_canceller)), 2.0, "REJECT slow"), clock=clock)
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            clock.advance(2.0)
+        self.assertEqual(str(self.successResultOf(decision).action), "REJECT slow")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_caller_cancels(self):
         """
         Cancelling a pending decision cancels the check waited for, stops
