@@ -88,6 +88,10 @@ struct worker {
 
 static struct record *records;
 static size_t n_records;
+/* How far a connection moves through the records after each request: the
+ * number of connections, so that connections do not send the same records
+ * in lockstep (which made every record a burst of C identical requests). */
+static size_t record_step = 1;
 static struct sockaddr_in server;
 static uint64_t start_ns, measure_ns, end_ns;
 static double request_timeout = 10.0;
@@ -216,7 +220,7 @@ static int conn_send(struct conn *c, int epfd, struct stats *st)
 {
     struct record *r = &records[c->next_record];
     c->current = c->next_record;
-    c->next_record = (c->next_record + 1) % n_records;
+    c->next_record = (c->next_record + record_step) % n_records;
     c->started_ns = now_ns();
     c->sent = 0;
     while (c->sent < r->request_len) {
@@ -459,6 +463,9 @@ int main(int argc, char **argv)
     }
     load_records(path);
 
+    record_step = (size_t)n_conns % n_records;
+    if (record_step == 0)
+        record_step = 1;
     struct conn *conns = calloc(n_conns, sizeof *conns);
     for (int i = 0; i < n_conns; i++) {
         conns[i].fd = -1;

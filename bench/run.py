@@ -479,6 +479,13 @@ SCENARIOS = [
         optional=True,
     ),
     Scenario(
+        "chain-nolog",
+        "the realistic chain, log_requests = false",
+        lambda directory, requests: setup_chain(directory, requests, log="off"),
+        needs=("file", "sql", "dnsbl", "quota"),
+        optional=True,
+    ),
+    Scenario(
         "chain-noquota",
         "the realistic chain without the quota check",
         lambda directory, requests: setup_chain(directory, requests, quota=False),

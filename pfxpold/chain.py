@@ -5,7 +5,8 @@ answers, failures and timeouts into one decision per request.
 Checks that answer at once are run without a Deferred or a timer, so the
 common case costs a few function calls; a check that returns a Deferred or a
 coroutine moves the rest of the request onto an asynchronous path bounded by
-the check's timeout and the whole-request deadline.
+the check's timeout and the whole-request deadline, with one timer per
+request for whichever of the two comes first.
 """
 
 from __future__ import annotations
@@ -125,6 +126,180 @@ def _settled(pending: Any) -> Any:
     return result
 
 
+class _Waiting:
+    """
+    Where a request's chain stopped: check C{index} answers later, with
+    C{pending}; C{passed} is the last non-decisive answer before it.
+    """
+
+    __slots__ = ("index", "passed", "pending")
+
+    def __init__(self, index: int, pending: Deferred[Any], passed: Action) -> None:
+        self.index = index
+        self.pending = pending
+        self.passed = passed
+
+
+class _Continuation:
+    """
+    The rest of a request's chain once a check answered with a Deferred:
+    waits for it, then runs the following checks, with one timer for
+    whichever comes first of the waited-for check's timeout and the
+    request's deadline.
+
+    One timer per request instead of one per check and one for the
+    request, and no coroutine or Deferred of the chain's own around each
+    check: on a chain where every request waits for a store, these cost
+    more than the rest of the chain.
+    """
+
+    __slots__ = (
+        "chain",
+        "request",
+        "verdicts",
+        "decision",
+        "deadline_at",
+        "waiting",
+        "check_at",
+        "timer",
+        "timer_at",
+    )
+
+    def __init__(
+        self, chain: CheckChain, request: PolicyRequest, verdicts: list[tuple[str, str]]
+    ) -> None:
+        self.chain = chain
+        self.request = request
+        self.verdicts = verdicts
+        self.decision: Deferred[Decision] = Deferred(self._cancelled)
+        self.deadline_at = chain._clock.seconds() + chain.deadline
+        self.waiting: Optional[_Waiting] = None
+        self.check_at = 0.0
+        self.timer: Any = None
+        self.timer_at = 0.0
+
+    def wait(self, waiting: _Waiting) -> Deferred[Decision]:
+        """
+        Wait for C{waiting.pending}, within its check's timeout and the
+        deadline.
+
+        @return: the Deferred of the request's decision.
+        """
+        chain = self.chain
+        clock = chain._clock
+        now = clock.seconds()
+        self.waiting = waiting
+        self.check_at = now + chain.entries[waiting.index].timeout
+        due = min(self.check_at, self.deadline_at)
+        if self.timer is None or due != self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = clock.callLater(max(0.0, due - now), self._expired)
+            self.timer_at = due
+        waiting.pending.addBoth(self._answered, waiting)
+        return self.decision
+
+    def _answered(self, outcome: Any, waiting: _Waiting) -> None:
+        # None: the result (or a late failure) of a check given up on is
+        # swallowed, not an unhandled error.
+        if waiting is not self.waiting:
+            return None
+        self.waiting = None
+        chain = self.chain
+        entry = chain.entries[waiting.index]
+        try:
+            if isinstance(outcome, Failure):
+                if outcome.check(CancelledError):
+                    # Not cancelled by the chain (it stopped waiting first):
+                    # the check broke; end the request as a chain error.
+                    self._unexpected(outcome)
+                    return None
+                outcome.raiseException()
+            action = chain._to_action(outcome)
+            if chain._failing and entry.name in chain._failing:
+                chain._recovered(entry)
+        except Exception:
+            self._go_on_after_failure(waiting, Failure())
+            return None
+        if chain.record_verdicts:
+            self.verdicts.append((entry.name, str(action)))
+        if action.decisive:
+            self._finish(Decision(action, entry.name, self.verdicts))
+        else:
+            self._go_on(waiting.index + 1, action)
+        return None
+
+    def _expired(self) -> None:
+        self.timer = None
+        waiting, self.waiting = self.waiting, None
+        if waiting is None:
+            return
+        chain = self.chain
+        # The check's timeout first when both are due, as when each had
+        # its own timer: its on_error may still answer.
+        check_timed_out = self.check_at <= self.deadline_at
+        self._abandon(waiting.pending)
+        if check_timed_out:
+            timeout = chain.entries[waiting.index].timeout
+            failure = Failure(TimeoutError(f"not done within {timeout}s"))
+            self._go_on_after_failure(waiting, failure)
+        else:
+            self._finish(chain._deadline_passed(self.request, self.verdicts))
+
+    def _go_on_after_failure(self, waiting: _Waiting, failure: Failure) -> None:
+        decision = self.chain._failed(self.chain.entries[waiting.index], failure, self.verdicts)
+        if decision is not None:
+            self._finish(decision)
+        else:
+            self._go_on(waiting.index + 1, waiting.passed)
+
+    def _go_on(self, index: int, passed: Action) -> None:
+        try:
+            outcome, _ = self.chain._run_checks(self.request, index, passed, self.verdicts)
+        except Exception:
+            self._unexpected(Failure())
+            return
+        if type(outcome) is _Waiting:
+            if self.chain._clock.seconds() >= self.deadline_at:
+                self._abandon(outcome.pending.addErrback(lambda failure: None))
+                self._finish(self.chain._deadline_passed(self.request, self.verdicts))
+            else:
+                self.wait(outcome)
+            return
+        self._finish(outcome)
+
+    def _unexpected(self, failure: Failure) -> None:
+        self.chain._log.failure("check chain failed", failure)
+        self._finish(Decision(self.chain.deadline_policy.action, "error", self.verdicts))
+
+    def _finish(self, decision: Decision) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.decision.called:
+            self.decision.callback(decision)
+
+    def _cancelled(self, decision: Deferred[Decision]) -> None:
+        """
+        The caller gave up on the decision: stop waiting, and answer as a
+        chain error rather than fail (a decider never fails).
+        """
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            self._abandon(waiting.pending)
+        self._finish(Decision(self.chain.deadline_policy.action, "error", self.verdicts))
+
+    def _abandon(self, pending: Deferred[Any]) -> None:
+        """
+        Cancel a check's Deferred the chain no longer waits for; a check
+        whose cancellation breaks must not leave the request unanswered.
+        """
+        try:
+            pending.cancel()
+        except Exception:
+            self.chain._log.failure("cancelling a check's Deferred failed")
+
+
 class _CheckFailed(Exception):
     """
     A check's answer could not be used; carries the policy outcome.
@@ -194,19 +369,39 @@ class CheckChain:
 
     def _decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         verdicts: list[tuple[str, str]] = []
-        passed = DUNNO
+        outcome, settled = self._run_checks(request, 0, DUNNO, verdicts)
+        if type(outcome) is _Waiting:
+            return _Continuation(self, request, verdicts).wait(outcome)
+        # A check answered with a Deferred or coroutine that had already
+        # finished: the caller still gets a (fired) Deferred, as before.
+        return succeed(outcome) if settled else outcome
+
+    def _run_checks(
+        self,
+        request: PolicyRequest,
+        index: int,
+        passed: Action,
+        verdicts: list[tuple[str, str]],
+    ) -> tuple[Union[Decision, _Waiting], bool]:
+        """
+        Run the checks from C{index} on, for as long as they answer at once.
+
+        @return: the decision, or a L{_Waiting} when a check answers later;
+            and whether a check answered with a Deferred or a coroutine
+            (that had already finished).
+        """
         decision: Optional[Decision] = None
-        # Whether a check answered with a Deferred or a coroutine that had
-        # already finished: the caller then still gets a (fired) Deferred.
         settled = False
-        for index, entry in enumerate(self.entries):
+        entries = self.entries
+        while index < len(entries):
+            entry = entries[index]
             try:
                 result = entry.check.check(request)
                 if isinstance(result, (Deferred, CoroutineType)):
                     settled = True
                     result = _settled(result)
                     if isinstance(result, Deferred):
-                        return self._decide_later(request, index, result, passed, verdicts)
+                        return _Waiting(index, result, passed), True
                 action = self._to_action(result)
                 if self._failing and entry.name in self._failing:
                     self._recovered(entry)
@@ -214,6 +409,7 @@ class CheckChain:
                 decision = self._failed(entry, Failure(), verdicts)
                 if decision is not None:
                     break
+                index += 1
                 continue
             if self.record_verdicts:
                 verdicts.append((entry.name, str(action)))
@@ -221,120 +417,20 @@ class CheckChain:
                 decision = Decision(action, entry.name, verdicts)
                 break
             passed = action
+            index += 1
         if decision is None:
             decision = Decision(self.default_action or passed, "default", verdicts)
-        return succeed(decision) if settled else decision
+        return decision, settled
 
-    def _decide_later(
-        self,
-        request: PolicyRequest,
-        index: int,
-        pending: Any,
-        passed: Action,
-        verdicts: list[tuple[str, str]],
-    ) -> Deferred[Decision]:
-        """
-        Finish the chain asynchronously, from check C{index} whose result
-        C{pending} is a Deferred or a coroutine, within the deadline.
-        """
-        decision = self._within(
-            Deferred.fromCoroutine(self._run_from(request, index, pending, passed, verdicts)),
-            self.deadline,
+    def _deadline_passed(self, request: PolicyRequest, verdicts: list[tuple[str, str]]) -> Decision:
+        policy = self.deadline_policy
+        self._log.warn(
+            "request from {client} missed the {deadline}s deadline; answering {outcome}",
+            client=request.client_address,
+            deadline=self.deadline,
+            outcome=str(policy),
         )
-
-        def deadline_passed(failure: Failure) -> Decision:
-            failure.trap(TimeoutError)
-            policy = self.deadline_policy
-            self._log.warn(
-                "request from {client} missed the {deadline}s deadline; answering {outcome}",
-                client=request.client_address,
-                deadline=self.deadline,
-                outcome=str(policy),
-            )
-            return Decision(policy.action, "deadline", verdicts)
-
-        def unexpected(failure: Failure) -> Decision:
-            self._log.failure("check chain failed", failure)
-            return Decision(self.deadline_policy.action, "error", verdicts)
-
-        decision.addErrback(deadline_passed)
-        decision.addErrback(unexpected)
-        return decision
-
-    async def _run_from(
-        self,
-        request: PolicyRequest,
-        index: int,
-        pending: Any,
-        passed: Action,
-        verdicts: list[tuple[str, str]],
-    ) -> Decision:
-        entries = self.entries
-        while index < len(entries):
-            entry = entries[index]
-            index += 1
-            try:
-                if pending is None:
-                    pending = entry.check.check(request)
-                if isinstance(pending, CoroutineType):
-                    pending = Deferred.fromCoroutine(pending)
-                if isinstance(pending, Deferred):
-                    pending = await self._within(pending, entry.timeout)
-                action = self._to_action(pending)
-                if self._failing and entry.name in self._failing:
-                    self._recovered(entry)
-            except CancelledError:
-                # The whole-request deadline cancelled us; let it decide.
-                raise
-            except Exception:
-                decision = self._failed(entry, Failure(), verdicts)
-                if decision is not None:
-                    return decision
-                pending = None
-                continue
-            pending = None
-            if self.record_verdicts:
-                verdicts.append((entry.name, str(action)))
-            if action.decisive:
-                return Decision(action, entry.name, verdicts)
-            passed = action
-        return Decision(self.default_action or passed, "default", verdicts)
-
-    def _within(self, pending: Deferred[Any], seconds: float) -> Deferred[Any]:
-        """
-        Bound C{pending} by C{seconds}.
-
-        Unlike L{Deferred.addTimeout}, this does not depend on C{pending}
-        honouring its cancellation: a coroutine that catches
-        L{CancelledError} and keeps waiting would otherwise hold the request
-        for as long as it likes.
-
-        @return: a Deferred that fires with C{pending}'s result, or fails
-            with L{TimeoutError} after C{seconds}; C{pending} is then
-            cancelled and whatever it does later is ignored.
-        """
-        bounded: Deferred[Any] = Deferred(lambda _: pending.cancel())
-
-        def timed_out() -> None:
-            if not bounded.called:
-                bounded.errback(TimeoutError(f"not done within {seconds}s"))
-            pending.cancel()
-
-        timer = self._clock.callLater(seconds, timed_out)
-
-        def done(outcome: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if not bounded.called:
-                if isinstance(outcome, Failure):
-                    bounded.errback(outcome)
-                else:
-                    bounded.callback(outcome)
-            # Swallowed: a late failure of an abandoned check is not an
-            # unhandled error.
-
-        pending.addBoth(done)
-        return bounded
+        return Decision(policy.action, "deadline", verdicts)
 
     def _to_action(self, result: object) -> Action:
         """

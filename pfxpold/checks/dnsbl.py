@@ -32,12 +32,14 @@ from zope.interface import implementer
 from pfxpold.action import DUNNO, Action, ActionError, clean_text
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
-from pfxpold.request import PolicyRequest
+from pfxpold.request import PolicyRequest, parse_ip
 
 #: What a list looks up.
 SOURCES = ("client_address", "sender_domain", "helo_name", "client_name")
 
-_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+#: Two labels or more, in one match: a loop over the labels cost more.
+_HOST_NAME = re.compile(rf"(?:{_LABEL}\.)+{_LABEL}")
 
 #: The default codes that count: anything in 127.0.0.0/8 except
 #: 127.255.255.0/24, which Spamhaus and others use to say "query refused"
@@ -54,6 +56,8 @@ DEFAULT_SKIP_FOR = 60.0
 DEFAULT_NEGATIVE_TTL = 60
 DEFAULT_MAX_TTL = 3600
 MAX_CACHE_ENTRIES = 100_000
+#: Client addresses whose reversed form is remembered.
+MAX_REMEMBERED_ADDRESSES = 10_000
 
 
 def valid_host_name(name: str) -> Optional[str]:
@@ -68,10 +72,7 @@ def valid_host_name(name: str) -> Optional[str]:
     name = name.lower()
     if name.endswith("."):
         name = name[:-1]
-    if len(name) > 253:
-        return None
-    labels = name.split(".")
-    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
+    if len(name) > 253 or _HOST_NAME.fullmatch(name) is None:
         return None
     return name
 
@@ -236,6 +237,9 @@ class DNSBLCheck(Service):
         ]
         if not self.lists:
             raise options.error("lists", "must be a non-empty list of [[check.lists]] tables")
+        # Each source once, in the lists' order: what _subjects computes.
+        self._sources = tuple(dict.fromkeys(dns_list.source for dns_list in self.lists))
+        self._reversed: dict[str, str] = {}
         self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
         self._in_flight: dict[tuple[str, int], list[Deferred[Answer]]] = {}
 
@@ -293,16 +297,17 @@ class DNSBLCheck(Service):
 
     # ICheck
 
-    def check(self, request: PolicyRequest) -> Deferred[Action]:
-        return Deferred.fromCoroutine(self._check(request))
-
-    async def _check(self, request: PolicyRequest) -> Action:
+    def check(self, request: PolicyRequest) -> Any:
+        """
+        The action, at once when the cache holds every answer the request
+        needs (the common case on a busy relay: the same clients again and
+        again), else a Deferred that fires with it once the lists answered.
+        """
         if self._resolver is None:
             raise ListUnavailable("the check is not started")
         subjects = self._subjects(request)
         now = self._clock.seconds()
-        asked = []
-        lookups = []
+        asked: list[tuple[DNSList, str]] = []
         skipped = 0
         for dns_list in self.lists:
             subject = subjects.get(dns_list.source)
@@ -314,40 +319,75 @@ class DNSBLCheck(Service):
             query_name = f"{subject}.{dns_list.zone}"
             if len(query_name) > 253:
                 continue
-            asked.append(dns_list)
-            lookups.append(self._lookup(query_name, dns.A))
+            asked.append((dns_list, query_name))
         if not asked:
             if skipped:
                 raise ListUnavailable("every list that applies is being skipped after failures")
             return DUNNO
-        results = await DeferredList(lookups, consumeErrors=True)
+        cache = self._cache
+        answers: list[Any] = []
+        for _, query_name in asked:
+            cached = cache.get((query_name, dns.A))
+            if cached is None or cached[0] <= now:
+                return Deferred.fromCoroutine(self._check_later(asked))
+            answers.append(cached[1])
+        listed, whitelisted = self._weigh(asked, answers)
+        if not listed:
+            return self.whitelisted_action if whitelisted else DUNNO
+        reasons = self._cached_reasons(listed, now)
+        if reasons is None:
+            return Deferred.fromCoroutine(self._listed_later(listed))
+        return self._listed_action(listed, reasons)
+
+    async def _check_later(self, asked: list[tuple[DNSList, str]]) -> Action:
+        results = await DeferredList(
+            [self._lookup(query_name, dns.A) for _, query_name in asked], consumeErrors=True
+        )
+        listed, whitelisted = self._weigh(asked, [result for _, result in results])
+        if listed:
+            return self._listed_action(listed, await self._reasons(listed))
+        return self.whitelisted_action if whitelisted else DUNNO
+
+    async def _listed_later(self, listed: list[tuple[DNSList, str]]) -> Action:
+        return self._listed_action(listed, await self._reasons(listed))
+
+    def _weigh(
+        self, asked: list[tuple[DNSList, str]], answers: list[Any]
+    ) -> tuple[list[tuple[DNSList, str]], bool]:
+        """
+        Score the lists' answers (an L{Answer} or a L{Failure} each).
+
+        @return: the lists (and query names) that list the request when the
+            score reaches the threshold (else none), and whether a whitelist
+            lists it.
+        @raise ListUnavailable: when no list answered.
+        """
         score = 0.0
         listed: list[tuple[DNSList, str]] = []
         whitelisted = False
         answered = 0
-        for dns_list, (success, result) in zip(asked, results, strict=True):
-            if not success:
-                self._failed(dns_list, result)
+        for (dns_list, query_name), answer in zip(asked, answers, strict=True):
+            if isinstance(answer, Failure):
+                self._failed(dns_list, answer)
                 continue
             answered += 1
-            dns_list.failures = 0
-            if any(dns_list.counts(address) for address in result.addresses):
+            if dns_list.failures:
+                dns_list.failures = 0
+            if answer.addresses and any(dns_list.counts(address) for address in answer.addresses):
                 score += dns_list.weight
                 if dns_list.weight < 0:
                     whitelisted = True
                 else:
-                    listed.append((dns_list, f"{subjects[dns_list.source]}.{dns_list.zone}"))
+                    listed.append((dns_list, query_name))
         if not answered:
             raise ListUnavailable("no list answered")
         if score >= self.threshold and listed:
-            reasons = await self._reasons(listed)
-            text = self._fill(
-                self.listed_action, [dns_list.zone for dns_list, _ in listed], reasons
-            )
-            return Action.parse(text)
-        if whitelisted:
-            return self.whitelisted_action
-        return DUNNO
+            return listed, whitelisted
+        return [], whitelisted
+
+    def _listed_action(self, listed: list[tuple[DNSList, str]], reasons: list[str]) -> Action:
+        text = self._fill(self.listed_action, [dns_list.zone for dns_list, _ in listed], reasons)
+        return Action.parse(text)
 
     @staticmethod
     def _fill(template: str, zones: list[str], reasons: list[str]) -> str:
@@ -362,16 +402,36 @@ class DNSBLCheck(Service):
             for dns_list, name in listed
         ]
         for (dns_list, _), lookup in zip(listed, lookups, strict=True):
-            text = ""
+            answer = None
             if lookup is not None:
                 try:
                     answer = await lookup
-                    text = clean_text(" ".join(answer.reasons), 120)
                 except Exception:
                     # The reason is a nicety; the listing stands without it.
-                    text = ""
-            texts.append(text or f"listed by {dns_list.zone}")
+                    answer = None
+            texts.append(self._reason(dns_list, answer))
         return texts
+
+    def _cached_reasons(self, listed: list[tuple[DNSList, str]], now: float) -> Optional[list[str]]:
+        """
+        The reasons of C{listed} from the cache, or L{None} when a TXT
+        answer that is needed is not there.
+        """
+        texts = []
+        for dns_list, name in listed:
+            answer = None
+            if dns_list.fetch_reason:
+                cached = self._cache.get((name, dns.TXT))
+                if cached is None or cached[0] <= now:
+                    return None
+                answer = cached[1]
+            texts.append(self._reason(dns_list, answer))
+        return texts
+
+    @staticmethod
+    def _reason(dns_list: DNSList, answer: Optional[Answer]) -> str:
+        text = clean_text(" ".join(answer.reasons), 120) if answer is not None else ""
+        return text or f"listed by {dns_list.zone}"
 
     def _failed(self, dns_list: DNSList, failure: Failure) -> None:
         dns_list.failures += 1
@@ -397,15 +457,38 @@ class DNSBLCheck(Service):
             )
 
     def _subjects(self, request: PolicyRequest) -> dict[str, str]:
+        """
+        What the lists look up for C{request}, by source; only the sources
+        some list uses, and only valid ones.
+        """
         subjects = {}
-        address = request.client_ip
-        if address is not None:
-            subjects["client_address"] = reversed_ip(address)
-        for source in ("sender_domain", "helo_name", "client_name"):
-            name = valid_host_name(getattr(request, source))
-            if name is not None:
-                subjects[source] = name
+        for source in self._sources:
+            if source == "client_address":
+                reversed_name = self._reversed_address(request.client_address)
+                if reversed_name is not None:
+                    subjects[source] = reversed_name
+            else:
+                name = valid_host_name(getattr(request, source))
+                if name is not None:
+                    subjects[source] = name
         return subjects
+
+    def _reversed_address(self, client_address: str) -> Optional[str]:
+        """
+        The DNSBL form of a client address, remembered for the addresses
+        seen lately: a relay sees the same clients again and again.
+        """
+        reversed_name = self._reversed.get(client_address)
+        if reversed_name is None:
+            address = parse_ip(client_address)
+            if address is None:
+                # Not remembered: invalid values must not fill memory.
+                return None
+            reversed_name = reversed_ip(address)
+            if len(self._reversed) >= MAX_REMEMBERED_ADDRESSES:
+                self._reversed.clear()
+            self._reversed[client_address] = reversed_name
+        return reversed_name
 
     def _lookup(self, name: str, record_type: int) -> Deferred[Answer]:
         """

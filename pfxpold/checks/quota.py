@@ -93,6 +93,10 @@ class Window:
     seconds: int = 0
     precision: int = 0
 
+    #: The last window or buckets computed, reused while C{now} falls in
+    #: them: the date arithmetic cost more than the rest of the check.
+    _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
     def bounds(self, now: float) -> tuple[str, float]:
         """
         The fixed window that C{now} is in.
@@ -112,6 +116,22 @@ class Window:
         end = datetime.datetime.combine(day + datetime.timedelta(days=1), reset, self.zone)
         return day.strftime("%Y%m%d"), end.timestamp()
 
+    def _fixed_bounds(self, now: float) -> tuple[str, float]:
+        """
+        L{bounds}, reused while the local time is in the same hour (or the
+        same day, on the same side of the reset time): what L{bounds}
+        answers depends on nothing else.
+        """
+        local = datetime.datetime.fromtimestamp(now, self.zone)
+        if self.period == "hour":
+            key: tuple = (local.year, local.month, local.day, local.hour, local.fold)
+        else:
+            key = (local.date(), local.hour * 3600 + local.minute * 60 < self.reset)
+        memo = self._memo.get("fixed")
+        if memo is None or memo[0] != key:
+            memo = self._memo["fixed"] = (key, self.bounds(now))
+        return memo[1]
+
     def counter(self, prefix: str, now: float, limit: int) -> Counter:
         """
         The counter of this window at C{now} for the identity whose keys
@@ -121,11 +141,15 @@ class Window:
             width = self.precision
             current = int(now // width)
             oldest = int((now - self.seconds) // width)
-            keys = tuple(
-                f"{prefix}:{self.name}:{bucket}" for bucket in range(current, oldest - 1, -1)
-            )
+            buckets = self._memo.get("sliding")
+            if buckets is None or buckets[0] != (current, oldest):
+                suffixes = tuple(
+                    f":{self.name}:{bucket}" for bucket in range(current, oldest - 1, -1)
+                )
+                buckets = self._memo["sliding"] = ((current, oldest), suffixes)
+            keys = tuple(prefix + suffix for suffix in buckets[1])
             return Counter(keys[0], keys, limit, (current + 1) * width + self.seconds + 60)
-        window, end = self.bounds(now)
+        window, end = self._fixed_bounds(now)
         key = f"{prefix}:{self.name}:{window}"
         # A minute of grace, so that taking a count back at the end of a
         # window finds its key.
@@ -497,14 +521,16 @@ class QuotaCheck(MultiService):
             if self.refuse_early and state == "RCPT":
                 return self._check_early(request)
             return DUNNO
+        # A message already counted (Postfix asking again) answers before
+        # its identity and counters are built.
+        token = self._token(request)
+        if token is not None and (token in self._counted or token in self._reservations):
+            return DUNNO
         identity = self.identity(request)
         if identity is None:
             return DUNNO
         amount = self._amount(request)
         if amount <= 0:
-            return DUNNO
-        token = self._token(request)
-        if token is not None and (token in self._counted or token in self._reservations):
             return DUNNO
         now = self.now()
         counters = self._counters(identity, now)

@@ -497,6 +497,44 @@ class Database:
                     self._log.failure("cannot interrupt a query")
 
 
+class _SharedLookup:
+    """
+    One lookup in flight and the requests waiting for its answer.
+    """
+
+    __slots__ = ("lookup", "waiters")
+
+    def __init__(self) -> None:
+        self.lookup: Optional[Deferred[Action]] = None
+        self.waiters: list[Deferred[Action]] = []
+
+    def wait(self) -> Deferred[Action]:
+        """
+        @return: a Deferred of the lookup's action for one more request.
+        """
+        waiter: Deferred[Action] = Deferred(self._give_up)
+        self.waiters.append(waiter)
+        return waiter
+
+    def _give_up(self, waiter: Deferred[Action]) -> None:
+        self.waiters.remove(waiter)
+        if not self.waiters and self.lookup is not None and not self.lookup.called:
+            self.lookup.cancel()
+
+    def deliver(self, outcome: Any) -> None:
+        """
+        Give every waiting request the lookup's action or failure.
+        """
+        for waiter in tuple(self.waiters):
+            if waiter.called:
+                continue
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(outcome)
+        self.waiters.clear()
+
+
 @implementer(ICheck)
 class SQLCheck(Service):
     """
@@ -563,6 +601,7 @@ class SQLCheck(Service):
         if database is None:
             database = Database(driver, options.reactor, pool_size, max_waiting, query_timeout)
         self.database = database
+        self._waiting: dict[tuple, _SharedLookup] = {}
 
     def startService(self) -> None:
         super().startService()
@@ -578,16 +617,54 @@ class SQLCheck(Service):
         """
         The action from the cache, or a Deferred that fires with it once the
         database answered.
+
+        With a cache, requests that miss on the same values while their
+        lookup runs wait for that one lookup instead of asking again: a
+        burst of requests from one client (a cold cache after a restart,
+        or many recipients at once) then costs one query, not one each,
+        and cannot fill the pool's queue until lookups are refused.
         """
         values = [attribute_value(request, name) for name in self.parameters]
         key = tuple(values)
-        if self.cache is not None:
-            hit, action = self.cache.get(key)
-            if hit:
-                return action
-        answer = self.database.lookup(self.sql, values)
-        answer.addCallback(self._to_action, key)
-        return answer
+        cache = self.cache
+        if cache is None:
+            return self.database.lookup(self.sql, values).addCallback(self._to_action, key)
+        hit, action = cache.get(key)
+        if hit:
+            return action
+        if sum(len(value or "") for value in key) > MAX_CACHED_KEY_LENGTH:
+            # Not cached, so not shared either: no memory for huge keys.
+            return self.database.lookup(self.sql, values).addCallback(self._to_action, key)
+        return self._shared_lookup(key, values)
+
+    def _shared_lookup(self, key: tuple, values: list[Any]) -> Deferred[Action]:
+        """
+        A Deferred of the action for C{key}, from the lookup already in
+        flight for it or from a new one.
+
+        Each request gets its own Deferred: cancelling one (the chain's
+        timeout) leaves the others waiting; the lookup itself is cancelled
+        (interrupted) only when every request waiting for it gave up.
+        """
+        shared = self._waiting.get(key)
+        if shared is not None:
+            return shared.wait()
+        shared = _SharedLookup()
+        waiter = shared.wait()
+        # Registered before the lookup starts, which may answer at once.
+        self._waiting[key] = shared
+        try:
+            shared.lookup = self.database.lookup(self.sql, values)
+        except BaseException:
+            del self._waiting[key]
+            raise
+        shared.lookup.addCallback(self._to_action, key).addBoth(self._deliver, key, shared)
+        return waiter
+
+    def _deliver(self, outcome: Any, key: tuple, shared: _SharedLookup) -> None:
+        if self._waiting.get(key) is shared:
+            del self._waiting[key]
+        shared.deliver(outcome)
 
     def _to_action(self, row: Optional[Sequence[Any]], key: tuple) -> Action:
         found = row is not None and (self.found is not None or row[0] is not None)

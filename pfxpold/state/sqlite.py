@@ -6,19 +6,31 @@ All statements run on one connection in one thread of a private
 single-thread pool, so this daemon is SQLite's only writer and never
 blocks the reactor. Several processes may share the file (a busy timeout
 makes them wait for each other instead of failing with C{database is
-locked}). Every update is one upsert statement; a limit check and its
-upserts run in one C{BEGIN IMMEDIATE} transaction, which holds the write
-lock from its first statement, so no other writer can slip in between.
+locked}).
+
+Operations are committed in groups: those asked for while a group runs in
+the store's thread go together into the next one (at most
+L{MAX_BATCH}), which costs one thread hop and one C{BEGIN IMMEDIATE} ...
+C{COMMIT} for all of them instead of one each. C{BEGIN IMMEDIATE} holds the
+write lock from its first statement, so no other writer can slip in
+between a limit check and its upserts; inside a group the operations run
+one after the other, in the order they were asked for, each seeing the
+ones before it. Each runs in its own C{SAVEPOINT}, so one that fails is
+rolled back alone and fails only its own Deferred. Nothing is answered
+before the group is committed: when the commit itself fails, every
+operation of the group fails.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -39,6 +51,8 @@ from pfxpold.state import (
 from pfxpold.state.memory import ExpiringStore
 
 DEFAULT_BUSY_TIMEOUT = 5.0
+#: The most operations committed together.
+MAX_BATCH = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -95,39 +109,31 @@ ON CONFLICT (key) DO UPDATE SET
 """
 
 
+#: The summing query for each shape of counters (how many keys each reads).
+_TOTAL_QUERIES: dict[tuple[int, ...], str] = {}
+
+
 def _total_query(counters: Sequence[Counter]) -> tuple[str, list[Any]]:
     """
     One SELECT that sums each counter's live keys.
     """
-    parts = []
+    shape = tuple(len(counter.read_keys) for counter in counters)
+    query = _TOTAL_QUERIES.get(shape)
+    if query is None:
+        parts = [
+            "(SELECT COALESCE(SUM(count), 0) FROM counters"
+            f" WHERE key IN ({', '.join('?' * size)}) AND expires > ?)"
+            for size in shape
+        ]
+        query = "SELECT " + ", ".join(parts)
+        # Shapes come from the configuration's windows: a handful.
+        if len(_TOTAL_QUERIES) < 1024:
+            _TOTAL_QUERIES[shape] = query
     parameters: list[Any] = []
     for counter in counters:
-        marks = ", ".join("?" for _ in counter.read_keys)
-        parts.append(
-            f"(SELECT COALESCE(SUM(count), 0) FROM counters WHERE key IN ({marks}) AND expires > ?)"
-        )
         parameters.extend(counter.read_keys)
         parameters.append(None)
-    return "SELECT " + ", ".join(parts), parameters
-
-
-class _Transaction:
-    """
-    C{BEGIN IMMEDIATE} ... C{COMMIT}, rolled back on any error.
-    """
-
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        self.connection = connection
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.connection.execute("BEGIN IMMEDIATE")
-        return self.connection
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-        if kind is None:
-            self.connection.execute("COMMIT")
-        else:
-            self.connection.execute("ROLLBACK")
+    return query, parameters
 
 
 def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
@@ -149,47 +155,81 @@ def consume_in(
 ) -> Consumption:
     query, parameters = _total_query(counters)
     parameters = [now if p is None else p for p in parameters]
-    with _Transaction(connection):
-        totals = tuple(int(t) for t in connection.execute(query, parameters).fetchone())
-        if any(total + amount > c.limit for total, c in zip(totals, counters, strict=True)):
-            return Consumption(False, totals)
-        for c in counters:
-            connection.execute(
-                _ADD, {"key": c.key, "amount": amount, "expires": c.expires_at, "now": now}
-            )
+    totals = tuple(int(t) for t in connection.execute(query, parameters).fetchone())
+    if any(total + amount > c.limit for total, c in zip(totals, counters, strict=True)):
+        return Consumption(False, totals)
+    for c in counters:
+        connection.execute(
+            _ADD, {"key": c.key, "amount": amount, "expires": c.expires_at, "now": now}
+        )
     return Consumption(True, tuple(total + amount for total in totals))
 
 
 def release_in(
     connection: sqlite3.Connection, counters: Sequence[Counter], amount: int, now: float
 ) -> None:
-    with _Transaction(connection):
-        connection.executemany(_RELEASE, [{"key": c.key, "amount": amount} for c in counters])
+    connection.executemany(_RELEASE, [{"key": c.key, "amount": amount} for c in counters])
 
 
 def greylist_in(connection: sqlite3.Connection, **values: Any) -> GreylistState:
-    with _Transaction(connection):
-        if values["whitelist_after"]:
-            if connection.execute(_WHITELISTED, values).fetchone() is not None:
-                return GreylistState(WHITELISTED, 0.0)
-        first_seen, passes, attempts = connection.execute(_ATTEMPT, values).fetchone()
-        if passes == 0:
-            return GreylistState(NEW if attempts == 1 else EARLY, float(first_seen))
-        if passes > 1:
-            return GreylistState(KNOWN, float(first_seen))
-        if values["whitelist_after"]:
-            connection.execute(_CLIENT_PASSED, values)
-        return GreylistState(PASSED, float(first_seen))
+    if values["whitelist_after"]:
+        if connection.execute(_WHITELISTED, values).fetchone() is not None:
+            return GreylistState(WHITELISTED, 0.0)
+    first_seen, passes, attempts = connection.execute(_ATTEMPT, values).fetchone()
+    if passes == 0:
+        return GreylistState(NEW if attempts == 1 else EARLY, float(first_seen))
+    if passes > 1:
+        return GreylistState(KNOWN, float(first_seen))
+    if values["whitelist_after"]:
+        connection.execute(_CLIENT_PASSED, values)
+    return GreylistState(PASSED, float(first_seen))
 
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:
     removed = 0
-    with _Transaction(connection):
-        for table in ("counters", "triplets", "clients"):
-            removed += connection.execute(
-                f"DELETE FROM {table} WHERE expires <= ?", (now,)
-            ).rowcount
+    for table in ("counters", "triplets", "clients"):
+        removed += connection.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,)).rowcount
     return removed
+
+
+#: One operation: the function, its arguments, and the Deferred to fire.
+_Operation = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]
+
+
+def run_batch(
+    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
+) -> list[Any]:
+    """
+    Run C{operations} (C{function(connection, *args, **kwargs)} each) in
+    one C{BEGIN IMMEDIATE} transaction, each in its own savepoint.
+
+    @return: each operation's result, or the exception it raised (its
+        savepoint rolled back), in order, once the transaction committed.
+    @raise sqlite3.Error: when the transaction could not be begun or
+        committed, or was lost (every operation then failed).
+    """
+    outcomes: list[Any] = []
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for function, args, kwargs in operations:
+            connection.execute("SAVEPOINT operation")
+            try:
+                outcome = function(connection, *args, **kwargs)
+            except Exception as e:
+                if not connection.in_transaction:
+                    # SQLite rolled the whole transaction back (a full
+                    # disk, an I/O error): the ones before are lost too.
+                    raise
+                connection.execute("ROLLBACK TO operation")
+                outcome = e
+            connection.execute("RELEASE operation")
+            outcomes.append(outcome)
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    return outcomes
 
 
 @implementer(IStateStore)
@@ -201,9 +241,9 @@ class SQLiteStore(ExpiringStore):
     file; default C{pfxpold-state.sqlite3}), C{busy_timeout} (seconds to
     wait for another process's lock, default 5), C{expire_interval}.
 
-    @param run: for tests: a callable C{run(function, *args)} returning a
-        Deferred of C{function(connection, *args)}; without it, calls go to a
-        one-thread pool started with the service.
+    @param run: for tests: a callable C{run(function)} returning a
+        Deferred of C{function()}, which runs one group of operations;
+        without it, groups go to a one-thread pool started with the service.
     """
 
     def __init__(
@@ -217,6 +257,9 @@ class SQLiteStore(ExpiringStore):
         self._run_for_tests = run
         self._pool: Optional[ThreadPool] = None
         self._connection: Optional[sqlite3.Connection] = None
+        self._queue: deque[_Operation] = deque()
+        self._running = False
+        self._idle_waiters: list[Deferred[None]] = []
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -224,17 +267,73 @@ class SQLiteStore(ExpiringStore):
         return self._connection
 
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        def in_thread() -> Any:
+        """
+        Queue C{function(connection, *args, **kwargs)} for the next group.
+
+        @return: a Deferred that fires with its result once its group is
+            committed, or fails with L{StoreError}.
+        """
+        if self._run_for_tests is None and self._pool is None:
+            return fail(StoreError(f"{self.name}: not started"))
+        result: Deferred[Any] = Deferred()
+        self._queue.append((function, args, kwargs, result))
+        if not self._running:
+            self._next_batch()
+        return result
+
+    def _next_batch(self) -> None:
+        """
+        Send the operations waiting (at most L{MAX_BATCH}) to the store's
+        thread as one group.
+        """
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
+        if not batch:
+            self._running = False
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+            return
+        self._running = True
+        operations = [(function, args, kwargs) for function, args, kwargs, _ in batch]
+
+        def in_thread() -> list[Any]:
             try:
-                return function(self._connect(), *args, **kwargs)
+                return run_batch(self._connect(), operations)
             except sqlite3.Error as e:
                 raise StoreError(f"{self.name}: {self.path}: {e}") from e
 
         if self._run_for_tests is not None:
-            return self._run_for_tests(in_thread)
-        if self._pool is None:
-            return fail(StoreError(f"{self.name}: not started"))
-        return deferToThreadPool(self.reactor, self._pool, in_thread)
+            running = self._run_for_tests(in_thread)
+        elif self._pool is not None:
+            running = deferToThreadPool(self.reactor, self._pool, in_thread)
+        else:
+            running = fail(StoreError(f"{self.name}: not started"))
+        running.addBoth(self._batch_done, batch)
+
+    def _batch_done(self, outcomes: Any, batch: list[_Operation]) -> None:
+        for index, (_, _, _, result) in enumerate(batch):
+            if isinstance(outcomes, Failure):
+                result.errback(outcomes)
+                continue
+            outcome = outcomes[index]
+            if isinstance(outcome, sqlite3.Error):
+                result.errback(StoreError(f"{self.name}: {self.path}: {outcome}"))
+            elif isinstance(outcome, Exception):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+        self._next_batch()
+
+    def _drained(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires once no operation waits or runs.
+        """
+        if not self._running:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
 
     def startService(self) -> None:
         if self._run_for_tests is None:
@@ -257,6 +356,8 @@ class SQLiteStore(ExpiringStore):
 
     async def _stop(self) -> None:
         await super().stopService()
+        # Operations already asked for are committed before the file closes.
+        await self._drained()
         if self._connection is not None:
             connection, self._connection = self._connection, None
             if self._run_for_tests is None and self._pool is not None:

@@ -459,6 +459,158 @@ class AsynchronousChainTests(ChainTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
 
+class RequestTimerTests(ChainTestCase):
+    """
+    A request waiting for checks holds one timer, due at whichever comes
+    first of the waited-for check's timeout and the request's deadline.
+    """
+
+    def test_one_timer_per_request(self):
+        """
+        While a request waits for one check and then another, the clock
+        holds one timer for it, due at the check's timeout; none is left.
+        """
+        clock = Clock()
+        first, second = Deferred(), Deferred()
+        checks = chain((Answer(first), 3.0, "skip"), (Answer(second), 4.0, "skip"), clock=clock)
+        decision = checks.decide(make_request())
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [3.0])
+        clock.advance(1.0)
+        first.callback("DUNNO")
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [5.0])
+        second.callback("OK")
+        self.assertEqual(self.successResultOf(decision).action, Action("OK"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timer_at_deadline_when_sooner(self):
+        """
+        When the deadline comes before a check's timeout, the timer is due
+        at the deadline, which decides (the check's timeout is not logged).
+        """
+        clock = Clock()
+        cancelled = []
+        waiting = Deferred(lambda d: cancelled.append(True))
+        checks = chain(
+            (Answer(waiting), 30.0, "REJECT own timeout"),
+            deadline=5.0,
+            on_deadline="DEFER late",
+            clock=clock,
+        )
+        with capturedLogs() as events:
+            decision = checks.decide(make_request())
+            self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [5.0])
+            clock.advance(5.0)
+        result = self.successResultOf(decision)
+        self.assertEqual((str(result.action), result.decided_by), ("DEFER late", "deadline"))
+        self.assertEqual(cancelled, [True])
+        self.assertFalse([e for e in events if e.get("check") == "c1"])
+
+    def test_timeout_equal_to_deadline(self):
+        """
+        A check timing out exactly at the deadline is handled as its own
+        timeout first, as when each had its own timer: its on_error answers.
+        """
+        clock = Clock()
+        checks = chain(
+            (Answer(Deferred()), 5.0, "REJECT own timeout"),
+            deadline=5.0,
+            on_deadline="DEFER late",
+            clock=clock,
+        )
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            clock.advance(5.0)
+        result = self.successResultOf(decision)
+        self.assertEqual((str(result.action), result.decided_by), ("REJECT own timeout", "c1"))
+
+    def test_deadline_passed_before_next_check_answers(self):
+        """
+        When a check times out (skip) at the deadline and the next one
+        answers later, the deadline decides at once and the next check's
+        Deferred is cancelled.
+        """
+        clock = Clock()
+        cancelled = []
+        second = Deferred(lambda d: cancelled.append(True))
+        checks = chain(
+            (Answer(Deferred()), 5.0, "skip"),
+            (Answer(second), 5.0, "skip"),
+            deadline=5.0,
+            on_deadline="DEFER late",
+            clock=clock,
+        )
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            clock.advance(5.0)
+        result = self.successResultOf(decision)
+        self.assertEqual((str(result.action), result.decided_by), ("DEFER late", "deadline"))
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_late_answer_ignored(self):
+        """
+        A check that answers after its timeout (an C{async def} check that
+        swallowed the cancellation) changes nothing: the request was
+        decided by its on_error, once, and the next check ran once.
+        """
+        from twisted.internet.defer import CancelledError
+
+        clock = Clock()
+        later = Deferred()
+
+        @implementer(ICheck)
+        class Stubborn:
+            async def check(self, request):
+                try:
+                    await Deferred()
+                except CancelledError:
+                    pass
+                return await later
+
+        last = Answer("OK")
+        checks = chain((Stubborn(), 2.0, "skip"), last, clock=clock, record_verdicts=True)
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            clock.advance(2.0)
+        result = self.successResultOf(decision)
+        later.callback("REJECT too late")
+        self.assertEqual(result.action, Action("OK"))
+        self.assertEqual(result.verdicts, [("c1", "timeout"), ("c2", "OK")])
+        self.assertEqual(last.calls, 1)
+
+    def test_breaking_cancellation(self):
+        """
+        A check whose cancellation raises, past its timeout, still lets
+        the request be answered (its on_error); the error is logged.
+        """
+
+        def broken_canceller(deferred):
+            raise RuntimeError("cannot cancel")
+
+        clock = Clock()
+        checks = chain((Answer(Deferred(broken_canceller)), 2.0, "REJECT slow"), clock=clock)
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            clock.advance(2.0)
+        self.assertEqual(str(self.successResultOf(decision).action), "REJECT slow")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_caller_cancels(self):
+        """
+        Cancelling a pending decision cancels the check waited for, stops
+        the timer, and still answers (as a chain error): a decider never fails.
+        """
+        clock = Clock()
+        cancelled = []
+        waiting = Deferred(lambda d: cancelled.append(True))
+        decision = chain(Answer(waiting), clock=clock).decide(make_request())
+        decision.cancel()
+        result = self.successResultOf(decision)
+        self.assertEqual((str(result.action), result.decided_by), (DEFER, "error"))
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class ListenerTests(ChainTestCase):
     """
     L{IDecisionListener} checks hear the final answer once per request.

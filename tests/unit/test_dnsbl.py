@@ -7,8 +7,11 @@ L{Clock}.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.task import Clock
@@ -116,6 +119,34 @@ class NameTests(CheckTestCase):
             "evil.example\n.com",
         ]:
             self.assertIsNone(valid_host_name(bad), bad)
+
+    @given(
+        st.one_of(
+            st.text(alphabet="aZ09-.\u00e9 _", max_size=80),
+            st.lists(st.text(alphabet="aZ09-", max_size=70), min_size=1, max_size=6)
+            .map(".".join)
+            .flatmap(lambda name: st.sampled_from([name, name + "."])),
+        )
+    )
+    def test_host_name_rule(self, name: str) -> None:
+        """
+        The one-regex validation accepts exactly the names that the rule
+        label by label accepts: 2+ labels of 1-63 letters, digits and
+        inner hyphens, 253 characters at most (a trailing dot dropped).
+        """
+        label = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+        expected = None
+        if name and name.isascii():
+            lowered = name.lower()
+            lowered = lowered[:-1] if lowered.endswith(".") else lowered
+            labels = lowered.split(".")
+            if (
+                len(lowered) <= 253
+                and len(labels) >= 2
+                and all(label.fullmatch(part) for part in labels)
+            ):
+                expected = lowered
+        self.assertEqual(valid_host_name(name), expected)
 
     def test_resolver_addresses(self) -> None:
         """Resolver addresses take an optional port; IPv6 ones in brackets."""
@@ -401,3 +432,111 @@ class FailureTests(CheckTestCase):
         self.assertEqual(len(resolver.queries), 3)
         self.assertEqual(str(self.successResultOf(pending[0])), "DUNNO")
         self.assertNoResult(pending[4])
+
+
+class CacheHitTests(CheckTestCase):
+    """
+    When the cache holds every answer a request needs, the check answers
+    with a plain L{Action}, at once, without a Deferred.
+    """
+
+    def test_not_listed_from_cache(self) -> None:
+        """A client the cache knows as not listed is answered DUNNO at once."""
+        check, resolver, _ = make_check({}, [{"zone": "bl.test"}, {"zone": "other.test"}])
+        request = make_request(client_address="127.0.0.3")
+        self.assertIsInstance(check.check(request), Deferred)
+        answer = check.check(request)
+        self.assertNotIsInstance(answer, Deferred)
+        self.assertEqual(str(answer), "DUNNO")
+        self.assertEqual(len(resolver.queries), 2)
+
+    def test_listed_with_cached_reason(self) -> None:
+        """A listed client's answer, TXT reason included, comes from the cache at once."""
+        check, resolver, _ = make_check(LISTED, [{"zone": "bl.test"}])
+        request = make_request(client_address="127.0.0.2")
+        first = self.successResultOf(run_check(check, request))
+        answer = check.check(request)
+        self.assertNotIsInstance(answer, Deferred)
+        self.assertEqual(answer, first)
+        self.assertIn("Blocked, see https://bl.test/127.0.0.2", answer.text)
+        self.assertEqual(len(resolver.queries), 2)
+
+    def test_reason_missing_from_cache(self) -> None:
+        """
+        When the listing is cached but its reason is not (the TXT query
+        failed), only the reason is asked again, asynchronously.
+        """
+        check, resolver, _ = make_check(LISTED, [{"zone": "bl.test"}])
+        request = make_request(client_address="127.0.0.2")
+        # The A answer is in the cache; the TXT query fails.
+        check._cache[("2.0.0.127.bl.test", dns.A)] = (1000.0, _answer(("127.0.0.2",)))
+        resolver.failing["2.0.0.127.bl.test"] = DNSServerError(dns.Message())
+        action = self.successResultOf(run_check(check, request))
+        self.assertEqual(action.text, "listed by bl.test")
+        self.assertEqual([kind for kind, _, _ in resolver.queries], ["TXT"])
+        del resolver.failing["2.0.0.127.bl.test"]
+        answer = check.check(request)
+        self.assertIsInstance(answer, Deferred)
+        self.assertIn("Blocked", self.successResultOf(answer).text)
+        self.assertEqual(
+            [(kind, name) for kind, name, _ in resolver.queries[-1:]],
+            [("TXT", "2.0.0.127.bl.test")],
+        )
+        self.assertNotIsInstance(check.check(request), Deferred)
+
+    def test_whitelisted_from_cache(self) -> None:
+        """A whitelisted client is answered the whitelist action at once."""
+        records = {"2.0.0.127.wl.test": {"A": ["127.0.0.2"]}}
+        lists = [{"zone": "wl.test", "weight": -10}, {"zone": "bl.test"}]
+        check, _, _ = make_check(records, lists, whitelist_action="OK")
+        request = make_request(client_address="127.0.0.2")
+        self.successResultOf(run_check(check, request))
+        self.assertEqual(str(check.check(request)), "OK")
+
+    def test_expired_answer_asked_again(self) -> None:
+        """An answer past its TTL is asked again, asynchronously."""
+        check, resolver, clock = make_check(LISTED, [{"zone": "bl.test"}])
+        request = make_request(client_address="127.0.0.2")
+        self.successResultOf(run_check(check, request))
+        clock.advance(300)
+        answer = check.check(request)
+        self.assertIsInstance(answer, Deferred)
+        self.assertEqual(self.successResultOf(answer).verb, "REJECT")
+        self.assertEqual(len(resolver.queries), 4)
+
+    def test_skipped_list_not_answered_from_cache(self) -> None:
+        """A list being skipped after failures is not consulted, even from the cache."""
+        check, resolver, clock = make_check(LISTED, [{"zone": "bl.test"}])
+        request = make_request(client_address="127.0.0.2")
+        self.successResultOf(run_check(check, request))
+        check.lists[0].skip_until = clock.seconds() + 60
+        self.assertRaises(ListUnavailable, check.check, request)
+
+    def test_only_used_sources_computed(self) -> None:
+        """Sources no list looks up are not computed (nor validated)."""
+        check, _, _ = make_check({}, [{"zone": "bl.test"}])
+        subjects = check._subjects(make_request(client_address="127.0.0.2"))
+        self.assertEqual(subjects, {"client_address": "2.0.0.127"})
+
+    def test_reversed_addresses_remembered(self) -> None:
+        """
+        Reversed client addresses are remembered (v4-mapped ones folded),
+        invalid values are not, and the memory is bounded.
+        """
+        from pfxpold.checks import dnsbl
+
+        check, _, _ = make_check({}, [{"zone": "bl.test"}])
+        self.assertEqual(check._reversed_address("::ffff:192.0.2.1"), "1.2.0.192")
+        self.assertIsNone(check._reversed_address("not an address"))
+        self.assertEqual(check._reversed, {"::ffff:192.0.2.1": "1.2.0.192"})
+        self.patch(dnsbl, "MAX_REMEMBERED_ADDRESSES", 2)
+        for octet in range(5):
+            check._reversed_address(f"192.0.2.{octet}")
+        self.assertLessEqual(len(check._reversed), 2)
+        self.assertEqual(check._reversed_address("192.0.2.4"), "4.2.0.192")
+
+
+def _answer(addresses: tuple[str, ...]) -> Any:
+    from pfxpold.checks.dnsbl import Answer
+
+    return Answer(addresses, 300)

@@ -449,3 +449,51 @@ class FakeStore:
     def release(self, counters: Any, amount: int, now: float) -> Deferred[None]:
         self.released.append((counters, amount))
         return succeed(None)
+
+
+class WindowMemoTests(CheckTestCase):
+    """
+    A window reuses the span or buckets it computed last while the time
+    stays in them; the keys are exactly those computed afresh.
+    """
+
+    def test_memo_matches_fresh_computation(self) -> None:
+        """
+        Across DST changes (whole-hour, half-hour and Lord Howe's 30-minute
+        one), every 7 minutes for two days, forwards and then at random
+        times: the memoized counter equals a fresh window's.
+        """
+        import random
+        from zoneinfo import ZoneInfo
+
+        # Around 2026-03-29 (Europe), 2026-04-05 (Lord Howe), 2026-03-08
+        # (Newfoundland) and 2026-10-25 (Europe, back).
+        moments = [1774742400.0, 1775311200.0, 1772928000.0, 1792886400.0]
+        zones = ["UTC", "Europe/Berlin", "Australia/Lord_Howe", "America/St_Johns"]
+        rng = random.Random(6)
+        for zone_name in zones:
+            zone = ZoneInfo(zone_name)
+            windows = [
+                Window("hour", "hour", 10, zone),
+                Window("day", "day", 10, zone, reset=2 * 3600 + 30 * 60),
+                Window("10m", "sliding", 10, zone, seconds=600, precision=7),
+            ]
+            for moment in moments:
+                times = [moment - 86400 + step * 420.0 for step in range(412)]
+                times += rng.sample(times, 100)
+                for window in windows:
+                    for now in times:
+                        fresh = Window(
+                            window.name,
+                            window.period,
+                            window.maximum,
+                            window.zone,
+                            window.reset,
+                            window.seconds,
+                            window.precision,
+                        )
+                        self.assertEqual(
+                            window.counter("q:{x}", now, 5),
+                            fresh.counter("q:{x}", now, 5),
+                            (zone_name, window.name, now),
+                        )

@@ -102,10 +102,11 @@ class FakeDatabase:
     def __init__(self) -> None:
         self.lookups: list[tuple[str, list]] = []
         self.pending: list[Deferred] = []
+        self.cancelled: list[Deferred] = []
 
     def lookup(self, sql, values):
         self.lookups.append((sql, list(values)))
-        d: Deferred = Deferred()
+        d: Deferred = Deferred(self.cancelled.append)
         self.pending.append(d)
         return d
 
@@ -246,6 +247,91 @@ class SQLCheckTests(CheckTestCase):
         self.database.pending[0].errback(RuntimeError("down"))
         run_check(check, make_request())
         self.assertEqual(len(self.database.lookups), 2)
+
+    def test_concurrent_misses_share_one_lookup(self):
+        """With a cache, requests missing on the same values wait for one lookup."""
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60, not_found="REJECT no")
+        same = [check.check(make_request(sender="a@example.com")) for _ in range(3)]
+        other = check.check(make_request(sender="b@example.com"))
+        self.assertEqual(len(self.database.lookups), 2)
+        self.database.pending[0].callback((1,))
+        self.database.pending[1].callback(None)
+        self.assertEqual([str(self.successResultOf(each)) for each in same], ["OK"] * 3)
+        self.assertEqual(str(self.successResultOf(other)), "REJECT no")
+        self.assertAction(check, make_request(sender="a@example.com"), "OK")
+        self.assertEqual(len(self.database.lookups), 2)
+        self.assertEqual(check._waiting, {})
+
+    def test_shared_lookup_failure_goes_to_every_waiter(self):
+        """A shared lookup's failure fails every waiting request and is not cached."""
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
+        waiting = [check.check(make_request()) for _ in range(2)]
+        self.database.pending[0].errback(sqlite3.OperationalError("disk I/O error"))
+        for each in waiting:
+            self.failureResultOf(each, sqlite3.OperationalError)
+        check.check(make_request())
+        self.assertEqual(len(self.database.lookups), 2)
+
+    def test_one_waiter_giving_up_leaves_the_others(self):
+        """Cancelling one request's wait does not cancel the lookup the others share."""
+        from twisted.internet.defer import CancelledError
+
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
+        first, second = (check.check(make_request()) for _ in range(2))
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.assertEqual(self.database.cancelled, [])
+        self.database.pending[0].callback((1,))
+        self.assertEqual(str(self.successResultOf(second)), "OK")
+
+    def test_lookup_cancelled_when_every_waiter_gave_up(self):
+        """When every request waiting for a lookup gave up, the lookup is cancelled."""
+        from twisted.internet.defer import CancelledError
+
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
+        waiting = [check.check(make_request()) for _ in range(2)]
+        for each in waiting:
+            each.cancel()
+            self.failureResultOf(each, CancelledError)
+        self.assertEqual(self.database.cancelled, self.database.pending[:1])
+        self.assertEqual(check._waiting, {})
+        later = check.check(make_request())
+        self.assertEqual(len(self.database.lookups), 2)
+        self.database.pending[1].callback((1,))
+        self.assertEqual(str(self.successResultOf(later)), "OK")
+
+    def test_huge_values_not_shared(self):
+        """Requests with huge values (never cached) are not shared either."""
+        check = self.make_check(cache_positive_ttl=60, cache_negative_ttl=60)
+        huge = make_request(sender="x" * 2000 + "@example.com")
+        check.check(huge)
+        check.check(huge)
+        self.assertEqual(len(self.database.lookups), 2)
+        self.assertEqual(check._waiting, {})
+
+    def test_burst_from_one_client_not_refused(self):
+        """
+        A burst of requests for one client, more than the pool's queue
+        holds, costs one query and none is refused as DatabaseBusy.
+        """
+        clock = ImmediateClock()
+        driver = FakeDriver([("REJECT blocked",)])
+        database = Database(driver, clock, pool_size=1, max_waiting=1, query_timeout=2.0)
+        database.pool = pool = FakePool()
+        check = SQLCheck(
+            make_options(
+                reactor=clock,
+                database="a.sqlite",
+                query="SELECT action FROM t WHERE c = :client_address",
+                cache_positive_ttl=60,
+                cache_negative_ttl=60,
+            ),
+            database=database,
+        )
+        burst = [check.check(make_request(client_address="192.0.2.9")) for _ in range(50)]
+        pool.threadpool.run()
+        self.assertEqual({str(self.successResultOf(each)) for each in burst}, {"REJECT blocked"})
+        self.assertEqual(len(driver.seen), 1)
 
     def test_no_cache_by_default(self):
         """Without TTLs there is no cache."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -23,6 +23,7 @@ from pfxpold.state import (
     PASSED,
     WHITELISTED,
     Counter,
+    StoreError,
     make_store,
     store_for,
     store_options,
@@ -261,6 +262,175 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         """
         store = SQLiteStore(CheckOptions({"path": "x.db"}, name="s", reactor=self.clock))
         self.failureResultOf(store.consume([counter("a", 1)], 1, START))
+
+
+class HeldGroups:
+    """
+    Stands in for the SQLite store's thread: holds each group of
+    operations until the test runs it.
+    """
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[Any, Deferred[Any]]] = []
+
+    def __call__(self, function: Any) -> Deferred[Any]:
+        held: Deferred[Any] = Deferred()
+        self.groups.append((function, held))
+        return held
+
+    def run_next(self) -> None:
+        function, held = self.groups.pop(0)
+        try:
+            result = function()
+        except Exception:
+            held.errback()
+        else:
+            held.callback(result)
+
+
+class SQLiteGroupCommitTests(SynchronousTestCase):
+    """
+    Operations asked for while a group runs are committed together in the
+    next group, in order, each isolated from the others' failures.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.groups = HeldGroups()
+        self.store = SQLiteStore(
+            CheckOptions({"path": temporary_path(self)}, name="stores.sqlite", reactor=self.clock),
+            run=self.groups,
+        )
+        self.addCleanup(lambda: self.store._connection and self.store._connection.close())
+        self.statements: list[str] = []
+        self.store._connect().set_trace_callback(self.statements.append)
+
+    def consume(self, key: str = "a", limit: int = 3) -> Deferred[Any]:
+        return self.store.consume([counter(key, limit)], 1, START)
+
+    def count(self, key: str) -> Any:
+        row = (
+            self.store._connect()
+            .execute("SELECT count FROM counters WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return row and row[0]
+
+    def test_queued_operations_share_one_transaction(self) -> None:
+        """
+        The first operation goes at once; the ones asked for meanwhile go
+        together in one BEGIN IMMEDIATE ... COMMIT.
+        """
+        first = self.consume("a")
+        rest = [self.consume(f"k{number}") for number in range(5)]
+        self.assertEqual(len(self.groups.groups), 1)
+        self.groups.run_next()
+        self.successResultOf(first)
+        for each in rest:
+            self.assertNoResult(each)
+        self.assertEqual(len(self.groups.groups), 1)
+        self.groups.run_next()
+        for each in rest:
+            self.assertTrue(self.successResultOf(each).allowed)
+        self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 2)
+        self.assertEqual(self.statements.count("COMMIT"), 2)
+        self.assertEqual(self.groups.groups, [])
+
+    def test_order_and_exact_limits(self) -> None:
+        """
+        Inside a group operations run in the order asked, each seeing the
+        ones before: a limit of 3 lets exactly the first 3 of 5 through.
+        """
+        self.consume("other")
+        results = [self.consume("a", 3) for _ in range(5)]
+        self.groups.run_next()
+        self.groups.run_next()
+        answers = [self.successResultOf(each) for each in results]
+        self.assertEqual([each.allowed for each in answers], [True, True, True, False, False])
+        self.assertEqual([each.totals for each in answers], [(1,), (2,), (3,), (3,), (3,)])
+        self.assertEqual(self.count("a"), 3)
+
+    def test_failing_operation_fails_alone(self) -> None:
+        """
+        An operation that fails is rolled back alone (to its savepoint)
+        and fails only its own Deferred; the others are committed.
+        """
+        import sqlite3
+
+        def writes_then_fails(connection: Any) -> None:
+            connection.execute("INSERT INTO counters VALUES ('bad', 1, ?)", (START + 60,))
+            raise sqlite3.IntegrityError("constraint failed")
+
+        def bug(connection: Any) -> None:
+            raise ValueError("a bug")
+
+        self.consume("first")
+        before = self.consume("a")
+        failing = self.store._call(writes_then_fails)
+        buggy = self.store._call(bug)
+        after = self.consume("b")
+        self.groups.run_next()
+        self.groups.run_next()
+        self.assertTrue(self.successResultOf(before).allowed)
+        self.assertTrue(self.successResultOf(after).allowed)
+        failure = self.failureResultOf(failing, StoreError)
+        self.assertIn("constraint failed", failure.getErrorMessage())
+        self.failureResultOf(buggy, ValueError)
+        self.assertEqual((self.count("a"), self.count("b"), self.count("bad")), (1, 1, None))
+
+    def test_lost_transaction_fails_the_group(self) -> None:
+        """
+        When SQLite rolls the whole transaction back (an I/O error), every
+        operation of the group fails, including those that had succeeded:
+        nothing is answered before the commit.
+        """
+        import sqlite3
+
+        def rolled_back(connection: Any) -> None:
+            connection.execute("ROLLBACK")
+            raise sqlite3.OperationalError("disk I/O error")
+
+        self.consume("first")
+        before = self.consume("a")
+        lost = self.store._call(rolled_back)
+        self.groups.run_next()
+        self.groups.run_next()
+        self.failureResultOf(before, StoreError)
+        self.failureResultOf(lost, StoreError)
+        self.assertIsNone(self.count("a"))
+        self.assertFalse(self.store._connect().in_transaction)
+        self.assertTrue(self.successResultOf(self.run_alone(self.consume("a"))).allowed)
+
+    def run_alone(self, result: Deferred[Any]) -> Deferred[Any]:
+        self.groups.run_next()
+        return result
+
+    def test_group_size_bounded(self) -> None:
+        """At most MAX_BATCH operations go into one group; the rest wait for the next."""
+        from pfxpold.state import sqlite
+
+        self.patch(sqlite, "MAX_BATCH", 3)
+        self.consume("first")
+        results = [self.consume(f"k{number}") for number in range(5)]
+        self.groups.run_next()
+        self.groups.run_next()
+        self.assertEqual([each.called for each in results], [True] * 3 + [False] * 2)
+        self.groups.run_next()
+        self.assertEqual([each.called for each in results], [True] * 5)
+        self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 3)
+
+    def test_stop_commits_queued_operations(self) -> None:
+        """Stopping the store waits for the operations already asked for."""
+        self.store.startService()
+        queued = self.consume("a")
+        stopped = self.store.stopService()
+        self.assertNoResult(stopped)
+        while self.groups.groups:
+            self.groups.run_next()
+        self.successResultOf(stopped)
+        self.assertTrue(self.successResultOf(queued).allowed)
+        self.assertIsNone(self.store._connection)
 
 
 class StoreConfigurationTests(SynchronousTestCase):
