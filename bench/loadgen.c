@@ -18,6 +18,13 @@
  * every connection sees a different, deterministic sequence and the server
  * sees every record in turn.
  *
+ * A request may hold the 12-character mark ~STAMP~~~~~~ (bench/run.py puts
+ * it at the end of the instance attribute): each time the request is sent,
+ * the mark is replaced by 12 hex digits that no other request of this or
+ * any other run in the same 18 hours carries, so that every request is a
+ * new message to the server, as on a real relay, even when the records
+ * come round again (a quota counts each message once).
+ *
  * Built by bench/run.py as: cc -O2 -o build/loadgen bench/loadgen.c -lpthread
  * Prints one JSON object on stdout. Written in C because a Python client
  * cannot drive a fast server hard enough on one core.
@@ -44,9 +51,13 @@
 #define RECV_BUF 8192
 #define MAX_PIDS 64
 
+#define STAMP_MARK "~STAMP~~~~~~"
+#define STAMP_LEN 12
+
 struct record {
     char *request;
     size_t request_len;
+    long stamp_at; /* offset of STAMP_MARK in request, or -1 */
     int n_expect; /* 0: any reply is right */
     char *expect[MAX_EXPECT];
     size_t expect_len[MAX_EXPECT];
@@ -61,6 +72,8 @@ struct conn {
     size_t current;
     size_t sent;
     uint64_t started_ns;
+    char *out; /* the request being sent, stamped */
+    size_t out_cap;
     char buf[RECV_BUF];
     size_t have;
     uint64_t answered; /* during the measured window */
@@ -92,6 +105,9 @@ static size_t n_records;
  * number of connections, so that connections do not send the same records
  * in lockstep (which made every record a burst of C identical requests). */
 static size_t record_step = 1;
+/* The next request stamp: the run's start time in its top 16 bits (of 48),
+ * so that runs in the same 18 hours never repeat a stamp. */
+static uint64_t next_stamp;
 static struct sockaddr_in server;
 static uint64_t start_ns, measure_ns, end_ns;
 static double request_timeout = 10.0;
@@ -162,9 +178,12 @@ static void load_records(const char *path)
         memcpy(req + req_len, line, len);
         req_len += len;
         if (len == 1 && line[0] == '\n') {
-            r->request = malloc(req_len);
+            r->request = malloc(req_len + 1);
             memcpy(r->request, req, req_len);
+            r->request[req_len] = '\0';
             r->request_len = req_len;
+            char *mark = strstr(r->request, STAMP_MARK);
+            r->stamp_at = mark ? mark - r->request : -1;
             r = NULL;
         }
     }
@@ -223,8 +242,23 @@ static int conn_send(struct conn *c, int epfd, struct stats *st)
     c->next_record = (c->next_record + record_step) % n_records;
     c->started_ns = now_ns();
     c->sent = 0;
+    const char *request = r->request;
+    if (r->stamp_at >= 0) {
+        if (c->out_cap < r->request_len + 1) {
+            c->out_cap = r->request_len + 1;
+            c->out = realloc(c->out, c->out_cap);
+            if (c->out == NULL)
+                die("realloc");
+        }
+        memcpy(c->out, r->request, r->request_len);
+        char stamp[STAMP_LEN + 1];
+        uint64_t unique = __atomic_fetch_add(&next_stamp, 1, __ATOMIC_RELAXED);
+        snprintf(stamp, sizeof stamp, "%012llx", (unsigned long long)(unique & 0xffffffffffffULL));
+        memcpy(c->out + r->stamp_at, stamp, STAMP_LEN);
+        request = c->out;
+    }
     while (c->sent < r->request_len) {
-        ssize_t n = send(c->fd, r->request + c->sent, r->request_len - c->sent, MSG_NOSIGNAL);
+        ssize_t n = send(c->fd, request + c->sent, r->request_len - c->sent, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -462,6 +496,7 @@ int main(int argc, char **argv)
         exit(2);
     }
     load_records(path);
+    next_stamp = ((uint64_t)time(NULL) & 0xffff) << 32;
 
     record_step = (size_t)n_conns % n_records;
     if (record_step == 0)

@@ -49,6 +49,10 @@ sys.path.insert(0, REPOSITORY)
 
 DEMO_ANSWERS = ["OK (you win!)", "DUNNO (you lose!)"]
 
+#: Replaced by the load generator with a number unique to each request sent
+#: (see bench/loadgen.c).
+STAMP = "~STAMP~~~~~~"
+
 
 # Building the C helpers
 
@@ -141,7 +145,8 @@ def make_requests(count: int, seed: int = 6, population: Population = Population
             helo_name=name,
             sender=sender_of(rng.randrange(population.senders), population),
             recipient=recipient_of(rng.randrange(population.recipients), population),
-            instance=f"{number:x}.{rng.getrandbits(32):08x}.{rng.getrandbits(20):05x}.0",
+            # The load generator makes every request a new message.
+            instance=f"{number:x}.{rng.getrandbits(32):08x}.{rng.getrandbits(20):05x}.{STAMP}",
         )
         if stage != "rcpt":
             attributes["queue_id"] = f"4Q{rng.getrandbits(40):010X}"
