@@ -15,8 +15,9 @@ C{COMMIT} for all of them instead of one each. C{BEGIN IMMEDIATE} holds the
 write lock from its first statement, so no other writer can slip in
 between a limit check and its upserts; inside a group the operations run
 one after the other, in the order they were asked for, each seeing the
-ones before it. Each runs in its own C{SAVEPOINT}, so one that fails is
-rolled back alone and fails only its own Deferred. Nothing is answered
+ones before it. One that fails is rolled back alone and fails only its
+own Deferred (the group then runs again with a C{SAVEPOINT} around each
+operation; see L{run_batch}). Nothing is answered
 before the group is committed: when the commit itself fails, every
 operation of the group fails.
 """
@@ -196,18 +197,65 @@ def expire_in(connection: sqlite3.Connection, now: float) -> int:
 _Operation = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]
 
 
+class _OperationFailed(Exception):
+    """
+    One operation of a batch failed and the batch's transaction was rolled
+    back, the transaction itself being sound.
+    """
+
+
 def run_batch(
     connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
 ) -> list[Any]:
     """
     Run C{operations} (C{function(connection, *args, **kwargs)} each) in
-    one C{BEGIN IMMEDIATE} transaction, each in its own savepoint.
+    one C{BEGIN IMMEDIATE} transaction.
+
+    They run first without savepoints: two statements fewer per operation,
+    and every statement is a release and re-acquisition of the GIL that the
+    reactor thread is competing for. Operations seldom fail alone (a full
+    disk or a lost lock fails the transaction); when one does, the
+    transaction is rolled back and the batch runs again with a savepoint
+    around each operation, so that only the failing one fails. Nothing was
+    committed in between, so each operation still takes effect once.
 
     @return: each operation's result, or the exception it raised (its
         savepoint rolled back), in order, once the transaction committed.
     @raise sqlite3.Error: when the transaction could not be begun or
         committed, or was lost (every operation then failed).
     """
+    try:
+        return _run_together(connection, operations)
+    except _OperationFailed:
+        return _run_isolated(connection, operations)
+
+
+def _run_together(
+    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
+) -> list[Any]:
+    outcomes: list[Any] = []
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for function, args, kwargs in operations:
+            try:
+                outcomes.append(function(connection, *args, **kwargs))
+            except Exception as e:
+                if not connection.in_transaction:
+                    # SQLite rolled the whole transaction back (a full
+                    # disk, an I/O error): every operation failed.
+                    raise
+                raise _OperationFailed() from e
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _run_isolated(
+    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
+) -> list[Any]:
     outcomes: list[Any] = []
     connection.execute("BEGIN IMMEDIATE")
     try:
@@ -217,8 +265,6 @@ def run_batch(
                 outcome = function(connection, *args, **kwargs)
             except Exception as e:
                 if not connection.in_transaction:
-                    # SQLite rolled the whole transaction back (a full
-                    # disk, an I/O error): the ones before are lost too.
                     raise
                 connection.execute("ROLLBACK TO operation")
                 outcome = e
