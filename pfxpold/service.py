@@ -5,6 +5,8 @@ backends that need starting and stopping.
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from typing import Any, Optional
 
 from twisted.application import strports
@@ -121,3 +123,49 @@ class PolicyService(MultiService):
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop())
+
+
+#: The first generation's collection threshold while serving (Python's
+#: default is 700 allocations of container objects).
+SERVING_GC_THRESHOLD = 10_000
+
+
+class CollectorTuning(Service):
+    """
+    Keeps Python's cyclic garbage collector out of the way of a busy daemon.
+
+    What is loaded by the time the daemon starts (Twisted, the checks, maps
+    of 100,000 entries) lives as long as the process, but every full
+    collection traversed all of it: 20-40 ms during which no request was
+    answered, the p99 latency of a chain waiting on a backend. On start,
+    C{gc.freeze()} moves those objects out of the collector's sight, and
+    the first generation is collected every L{SERVING_GC_THRESHOLD} new
+    containers instead of 700 (an asynchronous answer allocates a few
+    dozen). On stop, both are undone.
+    """
+
+    def __init__(
+        self,
+        freeze: Callable[[], None] = gc.freeze,
+        unfreeze: Callable[[], None] = gc.unfreeze,
+        get_threshold: Callable[[], tuple[int, ...]] = gc.get_threshold,
+        set_threshold: Callable[..., None] = gc.set_threshold,
+    ) -> None:
+        self._freeze = freeze
+        self._unfreeze = unfreeze
+        self._get_threshold = get_threshold
+        self._set_threshold = set_threshold
+        self._previous: Optional[tuple[int, ...]] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = self._get_threshold()
+        self._set_threshold(max(SERVING_GC_THRESHOLD, self._previous[0]), *self._previous[1:])
+        self._freeze()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._unfreeze()
+        if self._previous is not None:
+            self._set_threshold(*self._previous)
+            self._previous = None

@@ -194,7 +194,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     drops privileges; they connect to their backends when the service
     starts.
     """
-    from pfxpold.service import PolicyService
+    from pfxpold.service import CollectorTuning, PolicyService
 
     preload_lazy_imports()
 
@@ -211,8 +211,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             raise usage.UsageError(str(e)) from None
         service = PolicyService(configuration, reactor, adopted=adopted)
         workers.ParentWatchService(reactor).setServiceParent(service)
+        CollectorTuning().setServiceParent(service.backends)
         return service
     service = PolicyService(configuration, reactor)
+    # The last backend: it starts once the checks have, and stops last.
+    CollectorTuning().setServiceParent(service.backends)
     if options["workers"] <= 1:
         return service
     # The pool stops alongside the parent's own service: both answer what

@@ -17,7 +17,7 @@ from zope.interface import implementer
 from pfxpold.config import load_document
 from pfxpold.interfaces import ICheck
 from pfxpold.requestlog import FileRequestLog
-from pfxpold.service import PolicyService
+from pfxpold.service import SERVING_GC_THRESHOLD, CollectorTuning, PolicyService
 
 from .tempdir import temporary_directory
 
@@ -247,3 +247,40 @@ class RequestLogServiceTests(SynchronousTestCase):
         reactor, service = self.make(request_log=path, log_requests=False)
         self.assertIsNone(service.factory.request_log)
         self.assertEqual(list(service.backends), [])
+
+
+class CollectorTuningTests(SynchronousTestCase):
+    """
+    L{CollectorTuning} freezes what start-up loaded and raises the first
+    generation's threshold while the daemon serves, and undoes both on stop.
+    """
+
+    def test_start_and_stop(self):
+        """Start freezes and raises the threshold; stop restores both."""
+        calls = []
+        thresholds = [(700, 10, 10)]
+        tuning = CollectorTuning(
+            freeze=lambda: calls.append("freeze"),
+            unfreeze=lambda: calls.append("unfreeze"),
+            get_threshold=lambda: thresholds[-1],
+            set_threshold=lambda *values: thresholds.append(values),
+        )
+        tuning.startService()
+        self.assertEqual(calls, ["freeze"])
+        self.assertEqual(thresholds[-1], (SERVING_GC_THRESHOLD, 10, 10))
+        tuning.stopService()
+        self.assertEqual(calls, ["freeze", "unfreeze"])
+        self.assertEqual(thresholds[-1], (700, 10, 10))
+
+    def test_higher_threshold_kept(self):
+        """A first-generation threshold already above ours is left alone."""
+        thresholds = [(50_000, 10, 10)]
+        tuning = CollectorTuning(
+            freeze=lambda: None,
+            unfreeze=lambda: None,
+            get_threshold=lambda: thresholds[-1],
+            set_threshold=lambda *values: thresholds.append(values),
+        )
+        tuning.startService()
+        self.assertEqual(thresholds[-1], (50_000, 10, 10))
+        tuning.stopService()

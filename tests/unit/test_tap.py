@@ -13,7 +13,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.checks.demo import DemoCheck
-from pfxpold.service import PolicyService
+from pfxpold.service import CollectorTuning, PolicyService
 from pfxpold.tap import Options, endpoint_description, makeService
 from tests.unit.tempdir import temporary_directory
 
@@ -193,15 +193,31 @@ class MakeServiceTests(TapTestCase):
     makeService builds the service tree the options describe.
     """
 
+    def start(self, service):
+        """
+        Start C{service}; stop its backends when the test ends, which
+        undoes the garbage collector's tuning.
+        """
+        with capturedLogs():
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.backends.stopService)
+
+    def test_collector_tuned(self):
+        """
+        The daemon tunes the garbage collector, as its last backend: once
+        every check has started.
+        """
+        service = makeService(self.parse(), self.reactor)
+        self.assertIsInstance(list(service.backends)[-1], CollectorTuning)
+
     def test_listeners(self):
         """Listeners are bound where asked, on start, with the policy factory."""
         options = self.parse("--port", "7003", "--port", "unix:/tmp/pfxpold-test.sock")
         service = makeService(options, self.reactor)
         self.assertIsInstance(service, PolicyService)
         self.assertEqual(self.reactor.tcpServers, [])
-        with capturedLogs():
-            service.privilegedStartService()
-            service.startService()
+        self.start(service)
         [(port, factory, _, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (7003, "127.0.0.1"))
         self.assertIs(factory, service.factory)
@@ -213,9 +229,7 @@ class MakeServiceTests(TapTestCase):
         """A tcp6 endpoint listens on the IPv6 interface given."""
         options = self.parse("--port", "tcp6:7004:interface=\\:\\:1")
         service = makeService(options, self.reactor)
-        with capturedLogs():
-            service.privilegedStartService()
-            service.startService()
+        self.start(service)
         [(port, _, _, interface)] = self.reactor.tcpServers
         self.assertEqual((port, interface), (7004, "::1"))
 
