@@ -8,6 +8,7 @@ Named in a benchmark configuration as C{type = "noop_check:NoopCheck"}
 
 from __future__ import annotations
 
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
@@ -42,3 +43,20 @@ class AsyncNoopCheck:
 
     async def check(self, request: PolicyRequest) -> Action:
         return DUNNO
+
+
+@implementer(ICheck)
+class LaterNoopCheck:
+    """
+    Answers DUNNO on the reactor's next turn, as a check waiting for a
+    backend does: the chain's and the protocol's asynchronous paths with no
+    backend cost.
+    """
+
+    def __init__(self, options: CheckOptions) -> None:
+        self._reactor = options.reactor
+
+    def check(self, request: PolicyRequest) -> Deferred[Action]:
+        answer: Deferred[Action] = Deferred()
+        self._reactor.callLater(0, answer.callback, DUNNO)
+        return answer

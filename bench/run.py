@@ -341,7 +341,41 @@ def _index(value: str, prefix: str) -> int:
     return int(digits)
 
 
-def setup_chain(directory: str, requests: list[dict], quota: bool = True, log: str = "file"):
+def start_redis(directory: str) -> int:
+    """
+    Start a private redis-server on a free loopback port for a scenario.
+
+    @return: its port.
+    """
+    port = free_port()
+    redis = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    HELPERS.append(redis)
+    wait_for_port(port, redis)
+    return port
+
+
+def setup_chain(
+    directory: str,
+    requests: list[dict],
+    quota: bool = True,
+    log: str = "file",
+    store: str = "sqlite",
+):
     """
     The realistic chain: the 100k access map on the sender, then an SQL
     table of client addresses (SQLite, cached), a DNS list of clients
@@ -407,6 +441,14 @@ zone = "bl.bench.test"
 """
         )
         if quota:
+            if store == "memory":
+                f.write('\n[stores.default]\ntype = "memory"\n')
+            elif store == "redis":
+                redis_port = start_redis(directory)
+                f.write(
+                    f'\n[stores.default]\ntype = "redis"\n'
+                    f'endpoint = "tcp:host=127.0.0.1:port={redis_port}"\n'
+                )
             f.write(
                 """
 [[check]]
@@ -491,6 +533,20 @@ SCENARIOS = [
         optional=True,
     ),
     Scenario(
+        "chain-redis",
+        "the realistic chain, its quota in Redis (a redis-server this set-up starts)",
+        lambda directory, requests: setup_chain(directory, requests, store="redis"),
+        needs=("file", "sql", "dnsbl", "quota"),
+        optional=True,
+    ),
+    Scenario(
+        "chain-memory",
+        "the realistic chain, its quota in memory",
+        lambda directory, requests: setup_chain(directory, requests, store="memory"),
+        needs=("file", "sql", "dnsbl", "quota"),
+        optional=True,
+    ),
+    Scenario(
         "chain-noquota",
         "the realistic chain without the quota check",
         lambda directory, requests: setup_chain(directory, requests, quota=False),
@@ -509,6 +565,12 @@ SCENARIOS = [
     Scenario("noop", "pfxpold, synchronous no-op check", _noop("file"), optional=True),
     Scenario(
         "noop-nolog", "pfxpold, synchronous no-op check, log off", _noop("off"), optional=True
+    ),
+    Scenario(
+        "later-nolog",
+        "pfxpold, a check answering on the reactor's next turn, log off",
+        _noop("off", "LaterNoopCheck"),
+        optional=True,
     ),
     Scenario(
         "async-nolog",
