@@ -242,6 +242,8 @@ class RedisClient(ClientService):
         self.description = description
         self._protocol: Any = None
         self._was_lost = False
+        self._ever_connected = False
+        self._gave_up_waiting = False
 
     async def _prepare(self, protocol: Any) -> None:
         if self.password is not None:
@@ -249,6 +251,7 @@ class RedisClient(ClientService):
         if self.database:
             await self._bounded(protocol.execute("SELECT", self.database), protocol)
         self._protocol = protocol
+        self._ever_connected = True
         self._log.info(
             "{description}: {what}",
             description=self.description,
@@ -292,5 +295,29 @@ class RedisClient(ClientService):
         """
         protocol = self._protocol
         if protocol is None:
+            if self.running and not self._ever_connected and not self._gave_up_waiting:
+                return self._after_first_connection(arguments)
             return fail(RedisUnavailable(f"{self.description}: not connected"))
         return self._bounded(protocol.execute(*arguments), protocol)
+
+    def _after_first_connection(self, arguments: tuple[Any, ...]) -> Deferred[Any]:
+        """
+        Send a command once the first connection is made.
+
+        A starting daemon listens as soon as its checks have started, while
+        the first connection to Redis (and its AUTH and SELECT) may still
+        be under way: its first requests wait for it, within the timeout,
+        instead of failing. Once a first connection failed to come in time,
+        commands fail at once, as they do during any outage.
+        """
+        waiting: Deferred[Any] = self.whenConnected()
+        waiting.addTimeout(self.timeout, self.reactor)
+
+        def connected(protocol: Any) -> Deferred[Any]:
+            return self.execute(*arguments)
+
+        def not_connected(failure: Failure) -> Failure:
+            self._gave_up_waiting = True
+            return Failure(RedisUnavailable(f"{self.description}: not connected"))
+
+        return waiting.addCallbacks(connected, not_connected)

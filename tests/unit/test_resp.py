@@ -141,12 +141,42 @@ class StoreTests(SynchronousTestCase):
         counter = Counter("k", ("k",), 5, 1000.0)
         return self.store.consume([counter], 1, 10.0)
 
-    def test_down_fails_at_once(self) -> None:
+    def test_waits_for_first_connection(self) -> None:
         """
-        With no connection, an operation fails at once instead of queueing.
+        Right after start, an operation waits for the first connection
+        instead of failing, and is sent once it is made.
         """
         self.store.startService()
         self.addCleanup(self.store.stopService)
+        result = self.consume()
+        self.assertNoResult(result)
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn(b"EVALSHA", transport.value())
+        protocol.dataReceived(b"*2\r\n:1\r\n:1\r\n")
+        self.assertTrue(self.successResultOf(result).allowed)
+
+    def test_first_connection_too_slow(self) -> None:
+        """
+        When the first connection does not come within the timeout, the
+        waiting operation fails, and later ones fail at once.
+        """
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+        first = self.consume()
+        self.reactor.advance(2.0)
+        self.failureResultOf(first, RedisUnavailable)
+        self.failureResultOf(self.consume(), RedisUnavailable)
+
+    def test_down_fails_at_once(self) -> None:
+        """
+        Once the connection is lost, an operation fails at once instead of
+        queueing.
+        """
+        protocol, transport = self.connect()
+        protocol.connectionLost(None)
         self.failureResultOf(self.consume(), RedisUnavailable)
 
     def test_evalsha_then_eval(self) -> None:
