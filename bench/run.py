@@ -195,7 +195,7 @@ class Scenario:
 
 #: Makes C{import OpenSSL} fail, as on a machine where pfxpold was
 #: installed without the C{http} extra (nothing else pulls pyOpenSSL in):
-#: Twisted then loads no TLS stack, 16 MB of RSS.
+#: Twisted then loads no TLS stack, about 13 MB of RSS.
 WITHOUT_TLS = "import sys; sys.modules['OpenSSL'] = None; "
 
 
