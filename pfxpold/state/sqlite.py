@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -230,12 +231,26 @@ def run_batch(
         return _run_isolated(connection, operations)
 
 
+@contextmanager
+def _immediate_transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """
+    C{BEGIN IMMEDIATE} ... C{COMMIT}, rolled back when the block raises.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
 def _run_together(
     connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
 ) -> list[Any]:
     outcomes: list[Any] = []
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate_transaction(connection):
         for function, args, kwargs in operations:
             try:
                 outcomes.append(function(connection, *args, **kwargs))
@@ -245,11 +260,6 @@ def _run_together(
                     # disk, an I/O error): every operation failed.
                     raise
                 raise _OperationFailed() from e
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
     return outcomes
 
 
@@ -257,8 +267,7 @@ def _run_isolated(
     connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
 ) -> list[Any]:
     outcomes: list[Any] = []
-    connection.execute("BEGIN IMMEDIATE")
-    try:
+    with _immediate_transaction(connection):
         for function, args, kwargs in operations:
             connection.execute("SAVEPOINT operation")
             try:
@@ -270,11 +279,6 @@ def _run_isolated(
                 outcome = e
             connection.execute("RELEASE operation")
             outcomes.append(outcome)
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
     return outcomes
 
 
