@@ -3,7 +3,7 @@ Tests for L{pfxpold.chain}: order, first decisive answer, errors, timeouts,
 the deadline and decision listeners.
 """
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -93,6 +93,24 @@ def chain(*checks, default=None, deadline=20.0, on_deadline=DEFER, clock=None, *
         restriction_classes=("local",),
         **kwargs,
     )
+
+
+def stubborn(later):
+    """
+    A check type whose C{async def} catches the chain's cancellation and
+    then waits for C{later} anyway.
+    """
+
+    @implementer(ICheck)
+    class Stubborn:
+        async def check(self, request):
+            try:
+                await Deferred()
+            except CancelledError:
+                pass
+            return await later
+
+    return Stubborn
 
 
 class ChainTestCase(SynchronousTestCase):
@@ -409,19 +427,10 @@ class AsynchronousChainTests(ChainTestCase):
         An C{async def} check that catches the cancellation and keeps
         waiting still cannot hold the request past the deadline.
         """
-        from twisted.internet.defer import CancelledError
-
         clock = Clock()
         later = Deferred()
 
-        @implementer(ICheck)
-        class Stubborn:
-            async def check(self, request):
-                try:
-                    await Deferred()
-                except CancelledError:
-                    pass
-                return await later
+        Stubborn = stubborn(later)
 
         checks = chain(
             (Stubborn(), 30.0, "skip"), deadline=5.0, on_deadline="DEFER late", clock=clock
@@ -438,18 +447,8 @@ class AsynchronousChainTests(ChainTestCase):
         A check's own timeout holds even when its coroutine catches the
         cancellation and keeps waiting.
         """
-        from twisted.internet.defer import CancelledError
-
         clock = Clock()
-
-        @implementer(ICheck)
-        class Stubborn:
-            async def check(self, request):
-                try:
-                    await Deferred()
-                except CancelledError:
-                    pass
-                return await Deferred()
+        Stubborn = stubborn(Deferred())
 
         checks = chain((Stubborn(), 2.0, "REJECT slow"), deadline=50.0, clock=clock)
         with capturedLogs():
@@ -553,19 +552,10 @@ class RequestTimerTests(ChainTestCase):
         swallowed the cancellation) changes nothing: the request was
         decided by its on_error, once, and the next check ran once.
         """
-        from twisted.internet.defer import CancelledError
-
         clock = Clock()
         later = Deferred()
 
-        @implementer(ICheck)
-        class Stubborn:
-            async def check(self, request):
-                try:
-                    await Deferred()
-                except CancelledError:
-                    pass
-                return await later
+        Stubborn = stubborn(later)
 
         last = Answer("OK")
         checks = chain((Stubborn(), 2.0, "skip"), last, clock=clock, record_verdicts=True)

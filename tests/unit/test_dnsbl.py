@@ -86,6 +86,15 @@ LISTED = {
 }
 
 
+#: A list for each part of a request a list can ask about.
+EVERY_SOURCE = [
+    {"zone": "bl.test"},
+    {"zone": "rhs.test", "lookup": "sender_domain"},
+    {"zone": "helo.test", "lookup": "helo_name"},
+    {"zone": "name.test", "lookup": "client_name"},
+]
+
+
 class NameTests(CheckTestCase):
     """
     How query names are built, and what is never looked up.
@@ -164,12 +173,7 @@ class NameTests(CheckTestCase):
         """
         check, resolver, _ = make_check(
             {},
-            [
-                {"zone": "bl.test"},
-                {"zone": "rhs.test", "lookup": "sender_domain"},
-                {"zone": "helo.test", "lookup": "helo_name"},
-                {"zone": "name.test", "lookup": "client_name"},
-            ],
+            EVERY_SOURCE,
         )
         request = make_request(
             client_address="1.2.3.4.evil",
@@ -184,12 +188,7 @@ class NameTests(CheckTestCase):
         """Each list asks about its own part of the request, under its zone."""
         check, resolver, _ = make_check(
             {},
-            [
-                {"zone": "bl.test"},
-                {"zone": "rhs.test", "lookup": "sender_domain"},
-                {"zone": "helo.test", "lookup": "helo_name"},
-                {"zone": "name.test", "lookup": "client_name"},
-            ],
+            EVERY_SOURCE,
         )
         request = make_request(
             client_address="::ffff:192.0.2.1",
