@@ -37,6 +37,23 @@ _REQUIRED_ARGUMENT = frozenset({"FILTER", "REDIRECT", "BCC", "PREPEND"})
 _NUMERIC = re.compile(r"[45][0-9][0-9]")
 _RESTRICTION_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 
+#: An RFC 3463 enhanced status code as Postfix recognises one at the start
+#: of a text (its dsn_valid()): class, subject and detail, then a space or
+#: the end. Sent with nothing after it, real Postfix 3.7 replies with
+#: whatever an earlier, longer policy answer left in its buffer, which may
+#: be another client's text.
+_STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}(?= |$)")
+
+#: What Postfix needs after these verbs; anything else it ignores with a
+#: warning and the mail passes (Postfix 3.7.11, smtpd_check.c). A header
+#: name is printable ASCII but the colon, then the colon (RFC 5322).
+_ARGUMENTS = {
+    "PREPEND": (re.compile(r"[!-9;-~]+ *:.*"), "a header line, 'Name: text'"),
+    "FILTER": (re.compile(r"[^: ]+:[^ ]*"), "transport:destination"),
+    "REDIRECT": (re.compile(r"[^ @]+@[^ @]+"), "one user@domain address"),
+    "BCC": (re.compile(r"[^ @]+@[^ @]+"), "one user@domain address"),
+}
+
 #: Longest text we send. Postfix puts a prefix such as
 #: C{"554 5.7.1 <recipient>: Recipient address rejected: "} in front of it,
 #: and an SMTP reply line may hold 512 octets in all (RFC 5321).
@@ -71,6 +88,13 @@ def clean_text(text: str, limit: int = MAX_TEXT_LENGTH) -> str:
     return text
 
 
+def value_of(verb: str, text: str) -> str:
+    """
+    The action as written after C{action=}: the verb, and the text if any.
+    """
+    return f"{verb} {text}" if text else verb
+
+
 class Action:
     """
     A validated policy action: a verb and an optional text.
@@ -99,10 +123,26 @@ class Action:
             verb = upper
         elif not _NUMERIC.fullmatch(verb) and not _RESTRICTION_NAME.fullmatch(verb):
             raise ActionError(f"{verb!r} is not a Postfix access(5) action")
+        # Validated as cleaned, i.e. as sent: cleaning strips, so
+        # "554 5.7.1 " or "REJECT 5.7.1\r\n" end up as a code alone.
         text = clean_text(text)
-        if verb in _REQUIRED_ARGUMENT and not text:
-            raise ActionError(f"{verb} needs an argument")
-        value = f"{verb} {text}" if text else verb
+        if verb in _REQUIRED_ARGUMENT:
+            if not text:
+                raise ActionError(f"{verb} needs an argument")
+            pattern, wanted = _ARGUMENTS[verb]
+            if not pattern.fullmatch(text):
+                # Postfix would log a warning and let the mail pass.
+                raise ActionError(f"{verb} needs {wanted}, not {text!r}")
+        elif _NUMERIC.fullmatch(verb) and not text:
+            # Postfix 3.7 takes a bare code as OK: the mail would pass.
+            raise ActionError(f"{verb} needs a text after the code (alone, Postfix reads it as OK)")
+        code = _STATUS_CODE.match(text)
+        if code is not None and code.end() == len(text):
+            raise ActionError(
+                f"{value_of(verb, text)!r} has a status code but no text after it"
+                " (Postfix would reply with text left over from an earlier answer)"
+            )
+        value = value_of(verb, text)
         object.__setattr__(self, "verb", verb)
         object.__setattr__(self, "text", text)
         object.__setattr__(self, "line", b"action=" + value.encode("ascii") + b"\n\n")

@@ -63,12 +63,113 @@ class VerbTests(SynchronousTestCase):
             self.assertIn("argument", str(error))
             self.assertRaises(ActionError, Action, verb, " \r\n ")
 
+    def test_bad_arguments(self):
+        """
+        Arguments Postfix would ignore with a warning, letting the mail
+        pass, are refused: PREPEND without C{header: text}, FILTER without
+        C{transport:destination}, REDIRECT and BCC without one C{user@domain}.
+        """
+        for value in (
+            "PREPEND hello",
+            "PREPEND : no name",
+            "PREPEND X Policy: spaces in the name",
+            "PREPEND 5.7.1",
+            "FILTER smtp",
+            "FILTER :destination",
+            "FILTER smtp:[127.0.0.1]:10025 extra",
+            "REDIRECT abuse",
+            "REDIRECT abuse@",
+            "REDIRECT @example.com",
+            "REDIRECT a@example.com b@example.com",
+            "REDIRECT a@b@example.com",
+            "BCC archive",
+            "BCC a@example.com, b@example.com",
+        ):
+            error = self.assertRaises(ActionError, Action.parse, value)
+            self.assertIn("needs", str(error))
+
+    def test_good_arguments(self):
+        """Arguments of the form Postfix wants are sent as they are."""
+        for value in (
+            "PREPEND X-Policy: checked",
+            "PREPEND X-Empty:",
+            "PREPEND X-Spaced : value",
+            "FILTER smtp:[127.0.0.1]:10025",
+            "FILTER filter:",
+            "FILTER lmtp:unix:/run/lmtp",
+            "REDIRECT abuse@example.com",
+            "BCC archive@example.com",
+        ):
+            self.assertEqual(str(Action.parse(value)), value)
+
     def test_numeric(self):
         """4NN and 5NN codes are actions, with an enhanced status code in the text."""
         self.assertEqual(str(Action.parse("450 4.7.1 Try later")), "450 4.7.1 Try later")
         self.assertEqual(str(Action.parse("554 5.7.1 No")), "554 5.7.1 No")
-        self.assertEqual(Action.parse("550").line, b"action=550\n\n")
-        self.assertTrue(Action.parse("421").decisive)
+        self.assertEqual(Action.parse("550 No").line, b"action=550 No\n\n")
+        self.assertTrue(Action.parse("421 4.3.2 Closing").decisive)
+
+    def test_bare_numeric(self):
+        """
+        A 3-digit code without a text is refused: Postfix 3.7 reads a bare
+        C{554} or C{450} as OK, and the mail passes.
+        """
+        for value in ("554", "450", "421", "550 ", "554 \r\n", "550\t"):
+            error = self.assertRaises(ActionError, Action.parse, value)
+            self.assertIn("needs a text", str(error))
+        self.assertRaises(ActionError, Action, "554")
+        self.assertRaises(ActionError, Action, "554", " \x00 ")
+
+
+class StatusCodeWithoutTextTests(SynchronousTestCase):
+    """
+    An enhanced status code is never sent without a text after it: Postfix
+    3.7 then replies with text left over from an earlier policy answer,
+    possibly another client's.
+    """
+
+    def test_code_alone_refused(self):
+        """A verb or 3-digit code followed by a status code and nothing else is refused."""
+        for value in (
+            "REJECT 5.7.1",
+            "550 5.1.1",
+            "DEFER 4.7.1",
+            "DEFER_IF_PERMIT 4.3.0",
+            "DEFER_IF_REJECT 4.7.1",
+            "450 4.7.1",
+            "421 4.3.2",
+            "554 2.0.0",
+            "550 5.123.456",
+            "HOLD 5.7.1",
+        ):
+            error = self.assertRaises(ActionError, Action.parse, value)
+            self.assertIn("no text after it", str(error))
+
+    def test_whitespace_is_no_text(self):
+        """
+        Text made only of spaces, tabs or control characters counts as no
+        text: C{554 5.7.1 } is refused, not stripped to C{554 5.7.1}.
+        """
+        for verb, text in (
+            ("554", "5.7.1 "),
+            ("554", "5.7.1  \t "),
+            ("REJECT", "5.7.1\r\n"),
+            ("REJECT", "5.7.1 \x00"),
+            ("REJECT", " 5.7.1 "),
+        ):
+            self.assertRaises(ActionError, Action, verb, text)
+        self.assertRaises(ActionError, Action.parse, "554 5.7.1 ")
+
+    def test_code_with_text(self):
+        """A status code followed by a text is sent as it is."""
+        self.assertEqual(str(Action.parse("REJECT 5.7.1 No relay")), "REJECT 5.7.1 No relay")
+        self.assertEqual(str(Action.parse("550 5.1.1 Unknown user")), "550 5.1.1 Unknown user")
+        self.assertEqual(Action("554", "5.7.1 x").line, b"action=554 5.7.1 x\n\n")
+
+    def test_not_a_status_code(self):
+        """Texts that only look like a code are texts."""
+        for value in ("REJECT 5.7", "REJECT 5.7.1x", "REJECT 6.7.1", "550 5.7.1.2", "REJECT 5.1234.1"):
+            self.assertEqual(str(Action.parse(value)), value)
 
     def test_bad_numeric(self):
         """Codes outside 4NN/5NN and non-codes are refused."""

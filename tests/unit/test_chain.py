@@ -208,6 +208,46 @@ class SynchronousChainTests(ChainTestCase):
             self.assertEqual(event["log_level"], LogLevel.error)
             self.assertIn("bug", event["log_format"])
 
+    def test_actions_postfix_misreads(self):
+        """
+        A check answering an action real Postfix 3.7 misreads (a status code
+        without text, a bare 3-digit code, a PREPEND, FILTER, REDIRECT or
+        BCC argument Postfix would ignore) gets its on_error, whether it
+        returns the string, an L{Action} it builds, or a Deferred.
+        """
+        misread = (
+            "REJECT 5.7.1",
+            "550 5.1.1",
+            "554 5.7.1 ",
+            "554",
+            "450",
+            "PREPEND no colon",
+            "FILTER smtp",
+            "REDIRECT nobody",
+            "BCC a@example.com b@example.com",
+        )
+        for bad in misread:
+            verb, _, text = bad.partition(" ")
+            for result in (
+                bad,
+                lambda verb=verb, text=text: Action(verb, text),
+                lambda bad=bad: succeed(bad),
+            ):
+                with capturedLogs() as events:
+                    decision = chain(
+                        (Answer(result), 1, "DEFER_IF_PERMIT 4.3.0 check broken"),
+                        Answer("OK"),
+                        record_verdicts=True,
+                    ).decide(make_request())
+                if isinstance(decision, Deferred):
+                    decision = self.successResultOf(decision)
+                self.assertEqual(
+                    str(decision.action), "DEFER_IF_PERMIT 4.3.0 check broken", (bad, result)
+                )
+                self.assertIn(("c1", "invalid action"), decision.verdicts)
+                [event] = [e for e in events if e.get("check") == "c1"]
+                self.assertEqual(event["log_level"], LogLevel.error)
+
     def test_invalid_action_skip_and_noreply(self):
         """An invalid action with skip goes on, with noreply answers nothing."""
         with capturedLogs():
