@@ -9,6 +9,7 @@ what to fix.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -31,6 +32,16 @@ DEFAULT_CHECK_TIMEOUT = 10.0
 DEFAULT_DEADLINE = 20.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
 
+#: The top-level tables of a configuration file besides C{[server]} and
+#: C{[[check]]}: checks read them with L{CheckOptions.section}.
+#: C{[stores]}: state stores (pfxpold.state); C{[metrics]}: the metrics
+#: endpoint (pfxpold.metrics).
+SECTIONS = ("stores", "metrics")
+_TABLES = ("server", "check", *SECTIONS)
+
+#: Endpoint types whose first argument (or C{port=}) is a TCP port.
+_PORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
 _T = TypeVar("_T")
 _MISSING: Any = object()
 
@@ -41,13 +52,94 @@ class ConfigError(Exception):
     """
 
 
-def _where(path: Optional[str], check: Optional[str], key: Optional[str]) -> str:
+def _where(
+    path: Optional[str], check: Optional[str], key: Optional[str], table: Optional[str] = None
+) -> str:
     parts = [path or "<configuration>"]
     if check is not None:
         parts.append(f"check {check!r}")
-    if key is not None:
+    if table is not None:
+        # "[server] key 'listen'": a key of a table is named with it.
+        parts.append(f"[{table}]" if key is None else f"[{table}] key {key!r}")
+    elif key is not None:
         parts.append(f"key {key!r}")
     return ": ".join(parts)
+
+
+def server_error(path: Optional[str], key: str, message: str) -> ConfigError:
+    """
+    @return: a L{ConfigError} naming the file, the C{[server]} table and
+        C{key}.
+    """
+    return ConfigError(f"{_where(path, None, key, 'server')}: {message}")
+
+
+def endpoint_description(port: str) -> str:
+    """
+    Turn a C{--port} or C{listen} value into a server endpoint description:
+    a bare port number listens on the loopback interface only (policy
+    servers must not be open to the world), anything else is taken as an
+    endpoint string.
+    """
+    if port.isdigit():
+        return f"tcp:{int(port)}:interface=127.0.0.1"
+    return port
+
+
+def endpoint_fields(description: str) -> tuple[str, list[str], dict[str, str]]:
+    """
+    Split an endpoint description as Twisted does: C{:} separates
+    arguments, C{name=value} ones are keywords, C{\\} escapes the next
+    character.
+
+    @return: the type (lowercase), the positional and the keyword arguments.
+    """
+    fields: list[tuple[str, Optional[str]]] = []
+    name, value, current = "", None, ""
+    escaped = False
+    for character in description:
+        if escaped:
+            current += character
+            escaped = False
+        elif character == "\\":
+            escaped = True
+        elif character == ":":
+            fields.append((name, current) if value is not None else (current, None))
+            name, value, current = "", None, ""
+        elif character == "=" and value is None:
+            name, value, current = current, "", ""
+        else:
+            current += character
+    fields.append((name, current) if value is not None else (current, None))
+    kind = fields[0][0].lower()
+    positional = [field for field, value in fields[1:] if value is None]
+    keywords = {field: value for field, value in fields[1:] if value is not None}
+    return kind, positional, keywords
+
+
+def listen_problem(description: str, root: Optional[str] = None) -> Optional[str]:
+    """
+    What would make listening on C{description} fail at start-up that can
+    be known now: a TCP port out of range, or (with C{root}) a UNIX socket
+    in a directory that does not exist.
+
+    @param root: the directory relative socket paths are resolved from
+        (twistd's run directory, inside its chroot); L{None} not to look at
+        the file system.
+    @return: what is wrong, or L{None}.
+    """
+    kind, positional, keywords = endpoint_fields(description)
+    if kind in _PORT_ENDPOINTS:
+        port = keywords.get("port", positional[0] if positional else None)
+        if port is not None and port.strip().isdigit() and not 0 < int(port) < 65536:
+            return f"port {int(port)} is out of range (1-65535)"
+    elif kind == "unix" and root is not None:
+        address = keywords.get("address", positional[0] if positional else None)
+        if address and not address.startswith("@"):
+            directory = os.path.dirname(os.path.join(root, address))
+            if not os.path.isdir(directory):
+                return f"the socket's directory {directory} does not exist"
+    return None
 
 
 class _Table:
@@ -56,17 +148,29 @@ class _Table:
     were read so that unknown (misspelt) keys can be reported.
     """
 
-    def __init__(self, table: Mapping[str, Any], path: Optional[str], check: Optional[str]):
+    def __init__(
+        self,
+        table: Mapping[str, Any],
+        path: Optional[str],
+        check: Optional[str],
+        name: Optional[str] = None,
+    ):
+        """
+        @param name: the table's name (C{"server"}) when it is a top-level
+            table rather than a check.
+        """
         self._table = table
         self._path = path
         self._check = check
+        self._name = name
         self._read: set[str] = set()
 
     def error(self, key: Optional[str], message: str) -> ConfigError:
         """
-        @return: a L{ConfigError} naming the file, the check and C{key}.
+        @return: a L{ConfigError} naming the file, the table or check and
+            C{key}.
         """
-        return ConfigError(f"{_where(self._path, self._check, key)}: {message}")
+        return ConfigError(f"{_where(self._path, self._check, key, self._name)}: {message}")
 
     def __contains__(self, key: str) -> bool:
         return key in self._table
@@ -191,6 +295,25 @@ class CheckOptions(_Table):
             return value
         return os.path.join(self.base_directory, os.path.expanduser(value))
 
+    def existing_path(self, key: str, default: Any = _MISSING) -> str:
+        """
+        A file path as L{path} gives it, which must name a file that can be
+        read when the configuration gives it (a default need not exist):
+        a missing map or database is reported by C{--check-config}, not at
+        the first request. The file is opened for reading only, never
+        created.
+        """
+        given = key in self
+        value = self.path(key, default)
+        if value is None or not given:
+            return value
+        try:
+            with open(value, "rb"):
+                pass
+        except OSError as e:
+            raise self.error(key, f"cannot open {value}: {e.strerror}") from None
+        return value
+
     def secret(self, key: str, default: Any = _MISSING) -> Optional[str]:
         """
         A secret read from the file named by C{key} (its first line, so the
@@ -285,6 +408,10 @@ def _parse_policy(table: _Table, key: str, default: str, classes: tuple[str, ...
         raise table.error(key, f"must be {SKIP!r}, {NOREPLY!r} or an action ({e})") from None
 
 
+def _table_label(name: str) -> str:
+    return "[[check]]" if name == "check" else f"[{name}]"
+
+
 def load_document(
     document: Mapping[str, Any], reactor: Any, path: Optional[str] = None
 ) -> Configuration:
@@ -296,10 +423,18 @@ def load_document(
 
     @raise ConfigError: when anything in it cannot be used.
     """
-    unknown = set(document) - {"server", "check"}
-    server = _Table(document.get("server", {}), path, None)
+    for table_name in sorted(set(document) - set(_TABLES)):
+        # Misspelt, it would be silently ignored: [sever], [[chekc]].
+        close = difflib.get_close_matches(table_name, _TABLES, n=1)
+        known = ", ".join(_table_label(name) for name in _TABLES)
+        hint = f"; did you mean {_table_label(close[0])}?" if close else f" ({known})"
+        written = f"[{table_name}]" if isinstance(document[table_name], list) else table_name
+        raise ConfigError(
+            f"{_where(path, None, None, written)}: is not a table pfxpold knows{hint}"
+        )
+    server = _Table(document.get("server", {}), path, None, "server")
     if not isinstance(document.get("server", {}), dict):
-        raise ConfigError(f"{_where(path, None, 'server')}: must be a table")
+        raise ConfigError(f"{_where(path, None, None, 'server')}: must be a table")
 
     classes = tuple(server.strings("restriction_classes", []))
     for name in classes:
@@ -313,9 +448,13 @@ def load_document(
                 f"{name!r} is an access(5) verb, reserved or not a valid name",
             )
 
-    listen = server.strings("listen", [DEFAULT_LISTEN])
+    listen = [endpoint_description(value) for value in server.strings("listen", [DEFAULT_LISTEN])]
     if not listen:
         raise server.error("listen", "must name at least one endpoint")
+    for description in listen:
+        problem = listen_problem(description)
+        if problem is not None:
+            raise server.error("listen", f"{description!r}: {problem}")
     default_action = None
     if "default_action" in server:
         try:
@@ -377,7 +516,7 @@ def load_document(
             reactor=reactor,
             path=path,
             restriction_classes=classes,
-            document={k: v for k, v in document.items() if k in unknown},
+            document={k: v for k, v in document.items() if k in SECTIONS},
             shared=shared,
         )
         try:

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import codecs
 import os
+import socket
 import sys
-from typing import Any, Optional
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, NoReturn, Optional
 
 from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pfxpold import __version__, workers
@@ -19,19 +24,126 @@ from pfxpold.config import (
     ConfigError,
     Configuration,
     default_configuration,
+    endpoint_description,
+    endpoint_fields,
+    listen_problem,
     load_configuration,
+    server_error,
 )
 
+__all__ = ["Options", "endpoint_description", "makeService"]
 
-def endpoint_description(port: str) -> str:
+#: Options only pfxpold itself passes (to worker processes): not in --help.
+_HIDDEN_OPTIONS = ("adopt=",)
+
+_log = Logger()
+
+
+def fail(message: str) -> NoReturn:
     """
-    Turn a C{--port} value into a server endpoint description: a bare port
-    number listens on the loopback interface only (policy servers must not
-    be open to the world), anything else is taken as an endpoint string.
+    Stop with a configuration or start-up error for a mail admin: one line
+    on stderr, exit status 1, without twistd's usage text or a traceback.
     """
-    if port.isdigit():
-        return f"tcp:{int(port)}:interface=127.0.0.1"
-    return port
+    raise SystemExit(" ".join(message.splitlines()))
+
+
+def _socket_root(twistd_options: Optional[Mapping[str, Any]]) -> str:
+    """
+    The directory a relative UNIX socket path is bound in: twistd changes
+    to C{--rundir} (C{/} of the jail with C{--chroot}) before listening.
+    """
+    options = twistd_options or {}
+    rundir = options.get("rundir") or "."
+    chroot = options.get("chroot")
+    if chroot:
+        inside = "/" if rundir == "." else rundir
+        return os.path.join(os.path.abspath(chroot), inside.lstrip("/"))
+    return os.path.abspath(rundir)
+
+
+def _strerror(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def probe_listen(description: str, root: str) -> Optional[str]:
+    """
+    Try whether a TCP port can be bound now, or a UNIX socket's path is
+    free, so that a port in use is reported in one line before twistd
+    daemonizes (a failure after that reaches the admin only as twistd's
+    "An error has occurred" and the log). The probe socket is closed at
+    once; what listens is made later, by the listeners as usual.
+
+    @return: what is wrong, or L{None} (also for endpoint types not probed).
+    """
+    kind, positional, keywords = endpoint_fields(description)
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = keywords.get("port", positional[0] if positional else None)
+        if port is None or not port.strip().isdigit():
+            return None
+        interface = keywords.get("interface", "::" if kind == "tcp6" else "")
+        family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            # As Twisted's listening ports do: TIME_WAIT connections of an
+            # earlier run must not count as "in use".
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((interface, int(port)))
+        except (OSError, OverflowError) as e:
+            return f"cannot listen on {description}: {_strerror(e)}"
+        finally:
+            probe.close()
+    elif kind == "unix":
+        address = keywords.get("address", positional[0] if positional else None)
+        locked = keywords.get("lockfile", "0") not in ("0", "")
+        if address and not address.startswith("@") and not locked:
+            path = os.path.join(root, address)
+            if os.path.lexists(path):
+                return f"cannot listen on {description}: address already in use ({path} exists)"
+    return None
+
+
+def _describe_listen_error(error: CannotListenError, listen: list[str]) -> str:
+    """
+    The endpoint description C{error} is about, as the admin wrote it.
+    """
+    for description in listen:
+        kind, positional, keywords = endpoint_fields(description)
+        key = "address" if kind == "unix" else "port"
+        value = keywords.get(key, positional[0] if positional else None)
+        if value is not None and value.strip() == str(error.port):
+            return description
+    return f"{error.interface or ''}:{error.port}"
+
+
+def install_startup_error_hook(listen: list[str]) -> None:
+    """
+    Make a listener that cannot bind when twistd starts the service (the
+    rare port taken between the probe and the start) end the process with
+    one line on the real stderr instead of a traceback, which twistd would
+    send to the log file; the exit status stays 1. Any other exception is
+    left to the hook there was.
+    """
+    previous = sys.excepthook
+
+    def hook(
+        kind: type[BaseException], value: BaseException, traceback: Optional[TracebackType]
+    ) -> None:
+        if not isinstance(value, CannotListenError):
+            previous(kind, value, traceback)
+            return
+        line = (
+            f"pfxpold: cannot listen on {_describe_listen_error(value, listen)}:"
+            f" {_strerror(value.socketError)}"
+        )
+        _log.critical("{startup_error}", startup_error=line)
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(line + "\n")
+            stderr.flush()
+
+    sys.excepthook = hook
 
 
 def _global_reactor() -> Any:
@@ -91,6 +203,15 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def getUsage(self, width: Optional[int] = None) -> str:
+        # --adopt is for worker processes only; it still works, unlisted.
+        shown = self.longOpt
+        self.longOpt = [option for option in shown if option not in _HIDDEN_OPTIONS]
+        try:
+            return super().getUsage(width)
+        finally:
+            self.longOpt = shown
+
     def opt_adopt(self, specification: str) -> None:
         """
         Internal, for worker processes: serve the inherited listening socket FD:FAMILY.
@@ -108,7 +229,8 @@ class Options(usage.Options):
         """
         Build the configuration these options name, with C{reactor}.
 
-        @raise usage.UsageError: with a message naming what is wrong.
+        @raise SystemExit: with one line naming what is wrong (file, table
+            or check, and key; or C{--port}).
         """
         try:
             if self["config"]:
@@ -116,25 +238,29 @@ class Options(usage.Options):
             else:
                 configuration = default_configuration(reactor)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            fail(str(e))
         if self["port"]:
             configuration.listen = list(self["port"])
+        root = _socket_root(getattr(self, "parent", None))
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
+                problem = listen_problem(description, root)
             except Exception as e:
                 # Parsers raise what they like: IndexError for a systemd
                 # socket that was not passed, OSError for a missing TLS
                 # certificate. All of them are the admin's to fix.
-                raise usage.UsageError(
-                    f"cannot listen on {description!r}:"
-                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
-                ) from None
+                problem = f"{type(e).__name__}: {e or 'not an endpoint string'}"
+            if problem is None:
+                continue
+            if self["port"] or not configuration.path:
+                fail(f"pfxpold: --port {description!r}: {problem}")
+            fail(str(server_error(configuration.path, "listen", f"{description!r}: {problem}")))
         return configuration
 
     def postOptions(self) -> None:
         if self["workers"] < 1:
-            raise usage.UsageError("--workers must be 1 or more")
+            fail(f"pfxpold: --workers must be 1 or more, not {self['workers']}")
         if self["workers"] > 1 and self["adopt"]:
             raise usage.UsageError("a worker (--adopt) cannot start workers")
         if not self["config"]:
@@ -213,6 +339,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         workers.ParentWatchService(reactor).setServiceParent(service)
         CollectorTuning().setServiceParent(service.backends)
         return service
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is not None:
+        # Under twistd, before it daemonizes: a port in use is one line on
+        # stderr and exit status 1 in either mode.
+        root = _socket_root(twistd_options)
+        for description in configuration.listen:
+            problem = probe_listen(description, root)
+            if problem is not None:
+                fail(f"pfxpold: {problem}")
+        install_startup_error_hook(configuration.listen)
     service = PolicyService(configuration, reactor)
     # The last backend: it starts once the checks have, and stops last.
     CollectorTuning().setServiceParent(service.backends)

@@ -19,6 +19,8 @@ from pfxpold.config import (
     CheckOptions,
     ConfigError,
     default_configuration,
+    endpoint_description,
+    listen_problem,
     load_configuration,
     load_document,
     resolve_check_type,
@@ -417,6 +419,151 @@ class ErrorTests(ConfigTestCase):
         self.assertConfigError(CHECK + 'answer = "ALLOW"\n', "check 'one'", "key 'answer'")
 
 
+class TableTests(ConfigTestCase):
+    """
+    Top-level tables other than the known ones are errors: misspelt, they
+    would be silently ignored.
+    """
+
+    def test_misspelt_server(self):
+        """[sever] is refused, with [server] suggested."""
+        message = self.assertConfigError(
+            "[sever]\nlisten = []\n" + CHECK, "[sever]", "not a table", "did you mean [server]?"
+        )
+        self.assertNotIn("\n", message)
+
+    def test_misspelt_check(self):
+        """[[chekc]] is refused, with [[check]] suggested."""
+        self.assertConfigError(
+            CHECK.replace("[[check]]", "[[chekc]]") + CHECK,
+            "[[chekc]]",
+            "did you mean [[check]]?",
+        )
+
+    def test_misspelt_stores(self):
+        """[store.main] is refused, with [stores] suggested."""
+        self.assertConfigError(
+            '[store.main]\ntype = "memory"\n' + CHECK, "[store]", "did you mean [stores]?"
+        )
+
+    def test_unknown_lists_known(self):
+        """A table like no known one is refused, listing the known tables."""
+        self.assertConfigError(
+            "[zzz]\n" + CHECK, "[zzz]", "[server], [[check]], [stores], [metrics]"
+        )
+
+    def test_known_tables(self):
+        """[stores] and [metrics] are known tables, and reach checks as sections."""
+        configuration = self.load(
+            '[stores.main]\ntype = "memory"\n[metrics]\nlisten = "tcp:9100"\n' + CHECK
+        )
+        options = configuration.chain.entries[0].check.options
+        self.assertEqual(options.section("metrics"), {"listen": "tcp:9100"})
+        self.assertEqual(options.section("stores"), {"main": {"type": "memory"}})
+
+    def test_server_keys_named_with_table(self):
+        """Errors in [server] name the table and the key."""
+        message = self.assertConfigError("[server]\ndeadlin = 3\n" + CHECK)
+        self.assertIn(": [server] key 'deadlin': is not a setting", message)
+        message = self.assertConfigError("[server]\nlisten = []\n" + CHECK)
+        self.assertIn(": [server] key 'listen': must name", message)
+
+    def test_server_not_a_table(self):
+        """A server that is not a table names [server]."""
+        self.assertConfigError('server = "x"\n' + CHECK, "[server]: must be a table")
+
+
+class ListenTests(ConfigTestCase):
+    """
+    [server] listen: a bare number is 127.0.0.1, as with --port, and
+    ports out of range are errors before start.
+    """
+
+    def test_bare_number(self):
+        """listen = ["9998"] listens on 127.0.0.1, as --port 9998 does."""
+        configuration = self.load('[server]\nlisten = ["9998", "unix:/tmp/x.sock"]\n' + CHECK)
+        self.assertEqual(
+            configuration.listen, ["tcp:9998:interface=127.0.0.1", "unix:/tmp/x.sock"]
+        )
+        self.assertEqual(endpoint_description("9998"), "tcp:9998:interface=127.0.0.1")
+        self.assertEqual(endpoint_description("unix:/x"), "unix:/x")
+
+    def test_port_out_of_range(self):
+        """Ports out of 1-65535 in tcp, tcp6 and ssl descriptions and bare numbers."""
+        for value in (
+            "99999",
+            "tcp:99999:interface=127.0.0.1",
+            "tcp:port=70000",
+            "tcp6:65536:interface=\\\\:\\\\:1",
+            "ssl:0:privateKey=key.pem",
+            "TCP:100000",
+        ):
+            message = self.assertConfigError(
+                f'[server]\nlisten = ["{value}"]\n' + CHECK,
+                "[server] key 'listen'",
+                "out of range (1-65535)",
+            )
+            self.assertNotIn("\n", message)
+
+    def test_ports_in_range(self):
+        """Ports 1 and 65535 are fine, and so are other endpoint types."""
+        configuration = self.load(
+            '[server]\nlisten = ["tcp:1", "tcp6:port=65535", "systemd:domain=INET:index=0"]\n'
+            + CHECK
+        )
+        self.assertEqual(len(configuration.listen), 3)
+
+    def test_unix_directory(self):
+        """With a root, a UNIX socket whose directory does not exist is reported."""
+        self.assertIsNone(listen_problem("unix:/nonexistent/dir/p.sock"))
+        problem = listen_problem("unix:/nonexistent/dir/p.sock", root="/")
+        self.assertIn("/nonexistent/dir", problem)
+        self.assertIn("does not exist", problem)
+        self.assertIsNone(listen_problem(f"unix:{self.directory}/p.sock", root="/"))
+        self.assertIsNone(listen_problem("unix:p.sock", root=self.directory))
+        self.assertIn("missing", listen_problem("unix:missing/p.sock", root=self.directory))
+        self.assertIsNone(listen_problem("unix:address=p.sock:mode=660", root=self.directory))
+        self.assertIsNone(listen_problem("unix:@abstract", root=self.directory))
+
+    def test_escapes(self):
+        """Escaped colons are part of a value, as Twisted reads them."""
+        self.assertIsNone(listen_problem("tcp6:9998:interface=\\:\\:1"))
+        self.assertIn(
+            "70000", listen_problem("tcp6:interface=\\:\\:1:port=70000")
+        )
+
+
+class BadActionTests(ConfigTestCase):
+    """
+    Actions Postfix 3.7 misreads are configuration errors naming the key.
+    """
+
+    def test_misread_actions(self):
+        """A status code without text, a bare code, arguments Postfix ignores."""
+        for action, reason in (
+            ("REJECT 5.7.1", "no text after it"),
+            ("550 5.1.1", "no text after it"),
+            ("554 5.7.1 ", "no text after it"),
+            ("554", "needs a text"),
+            ("450", "needs a text"),
+            ("PREPEND no colon", "header"),
+            ("FILTER smtp", "transport:destination"),
+            ("REDIRECT nobody", "user@domain"),
+            ("BCC a@example.com b@example.com", "user@domain"),
+        ):
+            self.assertConfigError(
+                f'[server]\ndefault_action = "{action}"\n' + CHECK,
+                "[server] key 'default_action'",
+                reason,
+            )
+            self.assertConfigError(
+                CHECK + f'answer = "{action}"\n', "check 'one'", "key 'answer'", reason
+            )
+            self.assertConfigError(
+                CHECK + f'on_error = "{action}"\n', "check 'one'", "key 'on_error'", reason
+            )
+
+
 class CheckTypeTests(ConfigTestCase):
     """
     Finding check types and building checks.
@@ -540,6 +687,26 @@ class CheckOptionsTests(ConfigTestCase):
         """Without a configuration file, relative paths are from the working directory."""
         options = make_options(rel="x.txt")
         self.assertEqual(options.path("rel"), os.path.join(os.getcwd(), "x.txt"))
+
+    def test_existing_path(self):
+        """
+        existing_path() resolves like path() and reports a given file that
+        cannot be opened, naming check and key, without creating it.
+        """
+        path = os.path.join(self.directory, "present.db")
+        with open(path, "w") as f:
+            f.write("x")
+        options = CheckOptions({"database": "present.db"}, "sql", self.clock, path=path)
+        self.assertEqual(options.existing_path("database"), path)
+        missing = os.path.join(self.directory, "missing.db")
+        options = CheckOptions({"database": "missing.db"}, "sql", self.clock, path=path)
+        error = self.assertRaises(ConfigError, options.existing_path, "database")
+        self.assertIn("check 'sql'", str(error))
+        self.assertIn("key 'database'", str(error))
+        self.assertIn(f"cannot open {missing}", str(error))
+        self.assertFalse(os.path.exists(missing))
+        self.assertIsNone(options.existing_path("other", None))
+        self.assertEqual(options.existing_path("other", "/nonexistent/default"), "/nonexistent/default")
 
     def test_secret(self):
         """A secret is the first line of the file it names, never the setting itself."""

@@ -7,6 +7,7 @@ import io
 import os
 import sys
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.python import usage
@@ -14,7 +15,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.checks.demo import DemoCheck
 from pfxpold.service import CollectorTuning, PolicyService
-from pfxpold.tap import Options, endpoint_description, makeService
+from pfxpold.tap import (
+    Options,
+    endpoint_description,
+    install_startup_error_hook,
+    makeService,
+    probe_listen,
+)
 from tests.unit.tempdir import temporary_directory
 
 GOOD = """
@@ -60,6 +67,19 @@ class TapTestCase(SynchronousTestCase):
             options.parseOptions(list(arguments))
         return options
 
+    def assertOneLineError(self, *arguments):
+        """
+        Parsing C{arguments} stops with one line for stderr (SystemExit
+        with a message: exit status 1), not twistd's usage text.
+
+        @return: the line.
+        """
+        error = self.assertRaises(SystemExit, self.parse, *arguments)
+        self.assertIsInstance(error.code, str)
+        self.assertNotIn("\n", error.code)
+        self.assertNotIn("Usage", error.code)
+        return error.code
+
 
 class EndpointTests(TapTestCase):
     """
@@ -99,18 +119,72 @@ class EndpointTests(TapTestCase):
             "systemd:domain=INET:index=0",
             "ssl:443:privateKey=/nonexistent/key.pem",
         ):
-            error = self.assertRaises(usage.UsageError, self.parse, "--port", bad)
-            self.assertIn(repr(bad), str(error))
+            message = self.assertOneLineError("--port", bad)
+            self.assertTrue(message.startswith(f"pfxpold: --port {bad!r}: "), message)
 
     def test_invalid_listen_in_config(self):
-        """An invalid endpoint in the configuration is a usage error too."""
+        """An invalid endpoint in the configuration names file, [server] and key."""
         path = self.write(
             '[server]\nlisten = ["bogus:1"]\n'
             + GOOD.split("[server]")[0]
             + BAD.replace("answr", "answer")
         )
-        error = self.assertRaises(usage.UsageError, self.parse, "--config", path)
-        self.assertIn("bogus:1", str(error))
+        message = self.assertOneLineError("--config", path)
+        self.assertTrue(message.startswith(f"{path}: [server] key 'listen': 'bogus:1': "), message)
+
+    def test_port_out_of_range(self):
+        """--port 99999 and tcp:70000 are refused in one line naming --port."""
+        message = self.assertOneLineError("--port", "99999")
+        self.assertEqual(
+            message,
+            "pfxpold: --port 'tcp:99999:interface=127.0.0.1': port 99999 is out of range (1-65535)",
+        )
+        message = self.assertOneLineError("--port", "7001", "--port", "tcp6:port=70000")
+        self.assertIn("--port 'tcp6:port=70000'", message)
+
+    def test_port_out_of_range_in_config(self):
+        """A port out of range in listen names the file, [server] and listen."""
+        path = self.write(GOOD.replace("tcp:7001:", "tcp:99999:"))
+        message = self.assertOneLineError("--check-config", "--config", path)
+        self.assertEqual(
+            message,
+            f"{path}: [server] key 'listen': 'tcp:99999:interface=127.0.0.1':"
+            " port 99999 is out of range (1-65535)",
+        )
+
+    def test_bare_number_in_config(self):
+        """listen = ["7005"] means 127.0.0.1:7005, as --port 7005 does."""
+        options = self.parse("--config", self.write(GOOD.replace("tcp:7001:interface=127.0.0.1", "7005")))
+        self.assertEqual(options.configuration.listen, ["tcp:7005:interface=127.0.0.1"])
+
+    def test_unix_socket_directory_missing(self):
+        """A UNIX socket in a directory that does not exist is refused before start."""
+        missing = os.path.join(self.directory, "missing", "p.sock")
+        message = self.assertOneLineError("--port", f"unix:{missing}")
+        self.assertIn(f"--port 'unix:{missing}'", message)
+        self.assertIn(f"{os.path.dirname(missing)} does not exist", message)
+        path = self.write(GOOD.replace("tcp:7001:interface=127.0.0.1", f"unix:{missing}"))
+        message = self.assertOneLineError("--check-config", "--config", path)
+        self.assertTrue(message.startswith(f"{path}: [server] key 'listen': "), message)
+
+    def test_unix_socket_relative_to_rundir_and_chroot(self):
+        """Relative socket paths are looked for where twistd will bind them."""
+        os.mkdir(os.path.join(self.directory, "run"))
+        for twistd, good in (
+            ({"rundir": self.directory, "chroot": None}, "run/p.sock"),
+            ({"rundir": ".", "chroot": self.directory}, "run/p.sock"),
+            ({"rundir": "/run", "chroot": self.directory}, "p.sock"),
+        ):
+            options = Options(reactor=self.reactor)
+            options.parent = twistd
+            with capturedLogs():
+                options.parseOptions(["--port", f"unix:{good}"])
+            options = Options(reactor=self.reactor)
+            options.parent = twistd
+            error = self.assertRaises(
+                SystemExit, options.parseOptions, ["--port", "unix:nowhere/p.sock"]
+            )
+            self.assertIn("does not exist", error.code)
 
 
 class ConfigOptionTests(TapTestCase):
@@ -134,18 +208,30 @@ class ConfigOptionTests(TapTestCase):
         self.assertIs(entry.check.options.reactor, self.reactor)
 
     def test_config_error(self):
-        """A bad configuration is a usage error naming file, check and key."""
+        """A bad configuration is one line naming file, check and key, not a usage error."""
         path = self.write(BAD)
-        error = self.assertRaises(usage.UsageError, self.parse, "--config", path)
-        self.assertIn(path, str(error))
-        self.assertIn("check 'first'", str(error))
-        self.assertIn("key 'answr'", str(error))
+        message = self.assertOneLineError("--config", path)
+        self.assertEqual(
+            message, f"{path}: check 'first': key 'answr': is not a setting of this check type"
+        )
 
     def test_config_missing(self):
-        """A missing file is a usage error naming it."""
+        """A missing file is one line naming it."""
         path = os.path.join(self.directory, "nope.toml")
-        error = self.assertRaises(usage.UsageError, self.parse, "-c", path)
-        self.assertIn(path, str(error))
+        message = self.assertOneLineError("-c", path)
+        self.assertTrue(message.startswith(f"{path}: cannot read"), message)
+
+    def test_misspelt_table(self):
+        """A misspelt table is one line naming it, with a suggestion."""
+        path = self.write(GOOD.replace("[server]", "[sever]"))
+        message = self.assertOneLineError("--check-config", "--config", path)
+        self.assertEqual(
+            message, f"{path}: [sever]: is not a table pfxpold knows; did you mean [server]?"
+        )
+
+    def test_unknown_option_is_usage_error(self):
+        """A genuine command-line mistake is still twistd's usage error."""
+        self.assertRaises(usage.UsageError, self.parse, "--prot", "9998")
 
     def test_environment(self):
         """PFXPOLD_CONFIG names the file when --config is not given, read at parse time."""
@@ -174,10 +260,20 @@ class ConfigOptionTests(TapTestCase):
         self.assertIn("tcp:7001:interface=127.0.0.1", text)
 
     def test_check_config_bad(self):
-        """--check-config with a bad file is a usage error (twistd exits 1)."""
+        """--check-config with a bad file is one line (exit status 1)."""
         path = self.write(BAD)
-        error = self.assertRaises(usage.UsageError, self.parse, "--check-config", "--config", path)
-        self.assertIn("key 'answr'", str(error))
+        message = self.assertOneLineError("--check-config", "--config", path)
+        self.assertIn("key 'answr'", message)
+
+    def test_adopt_hidden(self):
+        """--adopt, for worker processes only, is not in --help but still works."""
+        options = Options(reactor=self.reactor)
+        self.assertNotIn("adopt", options.getUsage())
+        self.assertIn("--check-config", options.getUsage())
+        self.assertIn("--workers", str(options))
+        self.assertIn("adopt=", options.longOpt)
+        options = self.parse("--adopt", "3:INET")
+        self.assertEqual(options["adopt"], ["3:INET"])
 
     def test_version(self):
         """--version prints the version and exits 0."""
@@ -247,3 +343,90 @@ class MakeServiceTests(TapTestCase):
         service = makeService(options, other)
         self.assertIsNot(service.configuration, options.configuration)
         self.assertIs(service.configuration.chain.entries[0].check.options.reactor, other)
+
+
+class StartupErrorTests(TapTestCase):
+    """
+    Start-up errors are one line on stderr: a probe before twistd
+    daemonizes, and a hook for a listener that fails when started anyhow.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.previous = []
+        self.hook = lambda *exc_info: self.previous.append(exc_info)
+        self.patch(sys, "excepthook", self.hook)
+        self.stderr = io.StringIO()
+        self.patch(sys, "__stderr__", self.stderr)
+
+    def test_hook_one_line(self):
+        """A CannotListenError reaching the top is one line naming the endpoint."""
+        install_startup_error_hook(["unix:/run/p.sock", "tcp:9998:interface=127.0.0.1"])
+        error = CannotListenError("127.0.0.1", 9998, OSError(98, "Address already in use"))
+        with capturedLogs() as events:
+            sys.excepthook(CannotListenError, error, None)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "pfxpold: cannot listen on tcp:9998:interface=127.0.0.1: address already in use\n",
+        )
+        self.assertEqual(self.previous, [])
+        self.assertTrue([e for e in events if "9998" in e.get("startup_error", "")])
+
+    def test_hook_unix(self):
+        """A UNIX socket's failure names its description."""
+        install_startup_error_hook(["unix:/run/p.sock"])
+        error = CannotListenError(None, "/run/p.sock", OSError(2, "No such file or directory"))
+        with capturedLogs():
+            sys.excepthook(CannotListenError, error, None)
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "pfxpold: cannot listen on unix:/run/p.sock: no such file or directory\n",
+        )
+
+    def test_hook_other_exceptions(self):
+        """Other exceptions go to the hook there was."""
+        install_startup_error_hook(["tcp:9998"])
+        error = RuntimeError("x")
+        sys.excepthook(RuntimeError, error, None)
+        self.assertEqual(self.previous, [(RuntimeError, error, None)])
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_probe_unix_socket_exists(self):
+        """A UNIX socket path that exists is in use (Twisted would fail to bind it)."""
+        path = os.path.join(self.directory, "p.sock")
+        self.assertIsNone(probe_listen(f"unix:{path}", "/"))
+        with open(path, "w"):
+            pass
+        problem = probe_listen(f"unix:{path}", "/")
+        self.assertEqual(
+            problem, f"cannot listen on unix:{path}: address already in use ({path} exists)"
+        )
+        self.assertIsNotNone(probe_listen("unix:p.sock", self.directory))
+        self.assertIsNone(probe_listen(f"unix:{path}:lockfile=1", "/"))
+
+    def test_probe_not_without_twistd(self):
+        """
+        Outside twistd (no parent options), makeService neither probes nor
+        installs the hook: a unit test's ports are a MemoryReactor's.
+        """
+        path = os.path.join(self.directory, "p.sock")
+        with open(path, "w"):
+            pass
+        makeService(self.parse("--port", f"unix:{path}"), self.reactor)
+        self.assertIs(sys.excepthook, self.hook)
+        self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_probe_under_twistd(self):
+        """Under twistd, makeService stops in one line when a listener's place is taken."""
+        path = os.path.join(self.directory, "p.sock")
+        with open(path, "w"):
+            pass
+        options = Options(reactor=self.reactor)
+        options.parent = {"rundir": ".", "chroot": None}
+        with capturedLogs():
+            options.parseOptions(["--port", f"unix:{path}"])
+        error = self.assertRaises(SystemExit, makeService, options, self.reactor)
+        self.assertEqual(
+            error.code,
+            f"pfxpold: cannot listen on unix:{path}: address already in use ({path} exists)",
+        )

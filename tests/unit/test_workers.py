@@ -275,8 +275,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse()["workers"], 1)
 
     def test_workers_zero(self):
-        """--workers 0 is refused."""
-        self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
+        """--workers 0 is refused in one line."""
+        error = self.assertRaises(SystemExit, self.parse, "--workers", "0")
+        self.assertEqual(error.code, "pfxpold: --workers must be 1 or more, not 0")
 
     def test_worker_cannot_start_workers(self):
         """--adopt and --workers 2 together are refused."""
