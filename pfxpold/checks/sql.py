@@ -253,6 +253,25 @@ class SQLiteDriver:
     def describe(self) -> str:
         return f"SQLite {self.path}"
 
+    def probe(self) -> Optional[str]:
+        """
+        Open the database as the pool will (read-only: never created) and
+        read its schema.
+
+        @return: what is wrong with it, or L{None}.
+        """
+        if not os.path.exists(self.path):
+            return f"{self.path} does not exist"
+        try:
+            connection = sqlite3.connect(*self.connect_args, uri=True, timeout=1.0)
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                connection.close()
+        except sqlite3.Error as e:
+            return f"cannot open {self.path}: {e}"
+        return None
+
     def fetch_one(
         self, connection: Any, sql: str, values: Sequence[Any], abandoned: Callable[[], bool]
     ) -> Optional[tuple]:
@@ -561,6 +580,12 @@ class SQLCheck(Service):
         driver: Any
         if driver_name == "sqlite":
             driver = SQLiteDriver(options.path("database"), busy_timeout=query_timeout)
+            if database is None:
+                # Opened now, so that --check-config reports a missing or
+                # unreadable file, not the first request.
+                problem = driver.probe()
+                if problem is not None:
+                    raise options.error("database", problem)
         else:
             conninfo = options.string("conninfo")
             password = options.secret("password_file", None)

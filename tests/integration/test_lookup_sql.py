@@ -172,14 +172,17 @@ def test_sqlite_hostile_senders(tmp_path):
 
 def test_sqlite_missing_database(tmp_path):
     """
-    A database file that is not there gives the on_error DEFER, and is not
-    created empty (which would reject every sender).
+    A database file that is not there stops the daemon from starting, in
+    one line naming the file, check and key, rather than answering the
+    on_error DEFER to every request; and it is not created empty (which
+    would reject every sender).
     """
-    config = example("relay-acl-sqlite.toml")
-    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
-        assert client.ask(ALLOWED) == DEFER
-    assert not os.path.exists(os.path.join(tmp_path, "relay-acl.sqlite"))
-    assert "relay-acl failed" in daemon.log()
+    with pytest.raises(RuntimeError) as failed:
+        with running_daemon(tmp_path, example("relay-acl-sqlite.toml")):
+            pass
+    database = os.path.join(tmp_path, "relay-acl.sqlite")
+    assert f"check 'relay-acl': key 'database': {database} does not exist" in str(failed.value)
+    assert not os.path.exists(database)
 
 
 def test_postgresql_relay_acl(tmp_path, lookup_postgresql):

@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.config import load_configuration
+from tests.unit.tempdir import examples_copy
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
 
@@ -20,7 +21,7 @@ class ExampleConfigurationTests(SynchronousTestCase):
 
     def test_every_example_loads(self):
         """Each examples/*.toml builds a configuration with at least one check."""
-        paths = sorted(glob.glob(os.path.join(EXAMPLES, "*.toml")))
+        paths = sorted(glob.glob(os.path.join(examples_copy(self), "*.toml")))
         self.assertTrue(paths)
         for path in paths:
             configuration = load_configuration(path, Clock())

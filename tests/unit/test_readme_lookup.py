@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 
 from pfxpold.config import load_configuration
 from pfxpold.testing import CheckTestCase, make_request
-from tests.unit.tempdir import temporary_path
+from tests.unit.tempdir import sqlite_database, temporary_path
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REJECT = (
@@ -79,6 +79,7 @@ class ReadmeTests(CheckTestCase):
         """The sql section's configurations load and are the shipped samples' checks."""
         toml = [text for language, text in section_blocks("sql") if language == "toml"]
         self.assertEqual(len(toml), 2)
+        sqlite_database(os.path.join(self.directory, "relay-acl.sqlite"))
         for text in toml:
             configuration = load_configuration(self.write("pfxpold.toml", text), Clock())
             self.assertEqual(str(configuration.chain.entries[0].check.found), "OK")

@@ -27,11 +27,7 @@ from pfxpold.checks.sql import (
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
-from tests.unit.tempdir import temporary_path
-
-EXAMPLES = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples"
-)
+from tests.unit.tempdir import examples_copy, sqlite_database, temporary_path
 
 HOSTILE = [
     "x'; DROP TABLE acl; --@example.com",
@@ -133,7 +129,8 @@ class SQLCheckTests(CheckTestCase):
 
     def test_interfaces(self):
         """The check provides ICheck and IService."""
-        check = SQLCheck(make_options(database="x.sqlite", query="SELECT 1"))
+        database = sqlite_database(temporary_path(self, "x.sqlite"))
+        check = SQLCheck(make_options(database=database, query="SELECT 1"))
         verifyObject(ICheck, check)
         verifyObject(IService, check)
 
@@ -354,10 +351,47 @@ class SQLCheckTests(CheckTestCase):
             error = self.assertRaises(ConfigError, self.make_check, **settings)
             self.assertIn(expected, str(error), settings)
 
+    def test_missing_database(self):
+        """
+        A SQLite database that does not exist is a configuration error
+        naming the file, check and key, and it is not created.
+        """
+        directory = os.path.dirname(temporary_path(self))
+        config = self.write_config(directory, "missing.sqlite")
+        error = self.assertRaises(ConfigError, load_configuration, config, Clock())
+        missing = os.path.join(directory, "missing.sqlite")
+        self.assertEqual(
+            str(error),
+            f"{config}: check 'acl': key 'database': {missing} does not exist",
+        )
+        self.assertFalse(os.path.exists(missing))
+
+    def test_database_cannot_be_opened(self):
+        """A file that is not an SQLite database, or a directory, is reported."""
+        directory = os.path.dirname(temporary_path(self))
+        with open(os.path.join(directory, "garbage.sqlite"), "wb") as f:
+            f.write(b"not a database" * 100)
+        os.mkdir(os.path.join(directory, "folder.sqlite"))
+        for name in ("garbage.sqlite", "folder.sqlite"):
+            config = self.write_config(directory, name)
+            error = self.assertRaises(ConfigError, load_configuration, config, Clock())
+            self.assertIn("check 'acl': key 'database': cannot open", str(error))
+            self.assertIn(name, str(error))
+
+    def write_config(self, directory, database):
+        path = os.path.join(directory, "pfxpold.toml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(
+                f'[[check]]\nname = "acl"\ntype = "sql"\ndatabase = "{database}"\n'
+                'query = "SELECT 1"\nfound = "OK"\n'
+            )
+        return path
+
     def test_examples_load(self):
-        """The SQLite and PostgreSQL samples load (no database is touched)."""
+        """The SQLite and PostgreSQL samples load (the SQLite file is only opened)."""
+        examples = examples_copy(self)
         for name in ("relay-acl-sqlite.toml", "relay-acl-postgresql.toml"):
-            configuration = load_configuration(os.path.join(EXAMPLES, name), Clock())
+            configuration = load_configuration(os.path.join(examples, name), Clock())
             entry = configuration.chain.entries[0]
             self.assertIsInstance(entry.check, SQLCheck)
             self.assertEqual(
