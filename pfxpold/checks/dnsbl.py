@@ -210,7 +210,8 @@ class DNSBLCheck(Service):
                 )
             servers.append(server)
         self._servers = servers
-        self._resolv_conf = options.path("resolv_conf", "/etc/resolv.conf")
+        # A resolv_conf given but missing would leave Twisted asking 127.0.0.1.
+        self._resolv_conf = options.existing_path("resolv_conf", "/etc/resolv.conf")
         self.threshold = options.number("threshold", 1.0)
         self.listed_action = options.string("action", DEFAULT_ACTION)
         try:

@@ -324,6 +324,20 @@ class ScoreTests(CheckTestCase):
         for table in bad:
             self.assertRaises(ConfigError, DNSBLCheck, make_options(**table))
 
+    def test_resolv_conf_missing(self) -> None:
+        """
+        A resolv_conf that is given but missing is refused (Twisted would
+        silently ask 127.0.0.1); the default one is looked at only when used.
+        """
+        error = self.assertRaises(
+            ConfigError,
+            DNSBLCheck,
+            make_options(lists=[{"zone": "bl.test"}], resolv_conf="/nonexistent/resolv.conf"),
+        )
+        self.assertIn("key 'resolv_conf'", str(error))
+        self.assertIn("cannot open /nonexistent/resolv.conf", str(error))
+        DNSBLCheck(make_options(lists=[{"zone": "bl.test"}]))
+
 
 class FailureTests(CheckTestCase):
     """
