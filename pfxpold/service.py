@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
 from pfxpold.requestlog import FileRequestLog
-from pfxpold.workers import RecordingEndpoint
+from pfxpold.workers import RecordingEndpoint, describe_address
 
 
 class PolicyService(MultiService):
@@ -65,10 +65,14 @@ class PolicyService(MultiService):
         self.listeners.setServiceParent(self)
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
+        #: A worker's adopted sockets, recorded to log what it really serves.
+        self.adopted: list[RecordingEndpoint] = []
         if adopted:
             # A worker process serves the sockets its parent passed it.
             for endpoint in adopted:
-                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self.listeners)
+                recorder = RecordingEndpoint(endpoint)
+                self.adopted.append(recorder)
+                StreamServerEndpointService(recorder, self.factory).setServiceParent(self.listeners)
             return
         for description in configuration.listen:
             listener = strports.service(description, self.factory, reactor=reactor)
@@ -79,9 +83,18 @@ class PolicyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        listen = self.configuration.listen
+        if self.adopted:
+            # Not the configuration's listen, which a worker does not bind:
+            # the sockets it adopted, as they really are.
+            listen = [
+                f"{describe_address(port.getHost())} (adopted)"
+                for recorder in self.adopted
+                for port in recorder.ports
+            ]
         self._log.info(
             "pfxpold serving on {listen} with checks {checks}",
-            listen=", ".join(self.configuration.listen),
+            listen=", ".join(listen),
             checks=", ".join(entry.name for entry in self.configuration.chain.entries),
         )
 

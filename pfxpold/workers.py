@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import ProcessProtocol, Protocol
@@ -69,6 +70,23 @@ class RecordingEndpoint:
             return port
 
         return self._endpoint.listen(factory).addCallback(listening)
+
+
+def describe_address(address: Any) -> str:
+    """
+    The endpoint description of the address a port really listens on
+    (its C{getHost()}), e.g. C{tcp:9998:interface=127.0.0.1}: what a worker
+    logs for the socket it adopted.
+    """
+    if isinstance(address, IPv4Address):
+        return f"tcp:{address.port}:interface={address.host}"
+    if isinstance(address, IPv6Address):
+        return f"tcp6:{address.port}:interface={address.host.replace(':', chr(92) + ':')}"
+    if isinstance(address, UNIXAddress):
+        raw = address.name
+        name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return f"unix:{name}"
+    return str(address)
 
 
 def adopted_endpoints(reactor: Any, specifications: list[str]) -> list[IStreamServerEndpoint]:

@@ -10,10 +10,12 @@ import signal
 import socket
 
 from twisted.internet import endpoints
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -299,5 +301,48 @@ class OptionsTests(SynchronousTestCase):
         service = tap.makeService(options, reactor)
         self.assertEqual(service.recorders, [])
         [listener] = list(service.listeners)
-        self.assertIsInstance(listener.endpoint, endpoints.AdoptedStreamServerEndpoint)
+        self.assertEqual(service.adopted, [listener.endpoint])
+        self.assertIsInstance(listener.endpoint._endpoint, endpoints.AdoptedStreamServerEndpoint)
         self.assertTrue([s for s in service if isinstance(s, workers.ParentWatchService)])
+
+    def test_worker_logs_adopted_sockets(self):
+        """
+        A worker logs the endpoints it really serves, the adopted sockets'
+        addresses, not the configuration's listen (which only its parent
+        binds).
+        """
+        reactor = ProcessReactor()
+        # Adopting closes the descriptor: give it one of its own.
+        fd = os.open(os.devnull, os.O_RDONLY)
+        options = self.parse("--port", "tcp:7201:interface=127.0.0.1", "--adopt", f"{fd}:INET6")
+        service = tap.makeService(options, reactor)
+        [watch] = [s for s in service if isinstance(s, workers.ParentWatchService)]
+        watch.disownServiceParent()
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+        self.addCleanup(service.backends.stopService)
+        self.assertEqual([adopted[:2] for adopted in reactor.adoptedPorts], [(fd, socket.AF_INET6)])
+        [event] = [e for e in events if "listen" in e]
+        self.assertEqual(event["listen"], "tcp6:1234:interface=\\:\\: (adopted)")
+        self.assertNotIn("7201", event["listen"])
+
+
+class DescribeAddressTests(SynchronousTestCase):
+    """
+    describe_address names a listening address as an endpoint description.
+    """
+
+    def test_families(self):
+        """IPv4, IPv6 (colons escaped) and UNIX addresses."""
+        self.assertEqual(
+            workers.describe_address(IPv4Address("TCP", "127.0.0.1", 9998)),
+            "tcp:9998:interface=127.0.0.1",
+        )
+        self.assertEqual(
+            workers.describe_address(IPv6Address("TCP", "::1", 9998)),
+            "tcp6:9998:interface=\\:\\:1",
+        )
+        self.assertEqual(
+            workers.describe_address(UNIXAddress(b"/run/pfxpold.sock")), "unix:/run/pfxpold.sock"
+        )
