@@ -229,8 +229,10 @@ class Options(usage.Options):
         """
         Build the configuration these options name, with C{reactor}.
 
-        @raise SystemExit: with one line naming what is wrong (file, table
-            or check, and key; or C{--port}).
+        @raise usage.UsageError: with one line naming what is wrong (file,
+            table or check, and key; or C{--port}). An exception, not a
+            L{SystemExit}, so that a caller may survive it; only
+            L{postOptions} and L{makeService} turn it into L{fail}.
         """
         try:
             if self["config"]:
@@ -238,7 +240,7 @@ class Options(usage.Options):
             else:
                 configuration = default_configuration(reactor)
         except ConfigError as e:
-            fail(str(e))
+            raise usage.UsageError(str(e)) from None
         if self["port"]:
             configuration.listen = list(self["port"])
         root = _socket_root(getattr(self, "parent", None))
@@ -254,9 +256,21 @@ class Options(usage.Options):
             if problem is None:
                 continue
             if self["port"] or not configuration.path:
-                fail(f"pfxpold: --port {description!r}: {problem}")
-            fail(str(server_error(configuration.path, "listen", f"{description!r}: {problem}")))
+                raise usage.UsageError(f"pfxpold: --port {description!r}: {problem}")
+            raise usage.UsageError(
+                str(server_error(configuration.path, "listen", f"{description!r}: {problem}"))
+            )
         return configuration
+
+    def load_or_fail(self, reactor: Any) -> Configuration:
+        """
+        L{load}, stopping with one line on stderr when it fails: twistd
+        would print a L{usage.UsageError} after the whole of --help.
+        """
+        try:
+            return self.load(reactor)
+        except usage.UsageError as e:
+            fail(str(e))
 
     def postOptions(self) -> None:
         if self["workers"] < 1:
@@ -272,7 +286,7 @@ class Options(usage.Options):
             self["config"] = os.path.abspath(self["config"])
         if self.reactor is None:
             self.reactor = _global_reactor()
-        self.configuration = self.load(self.reactor)
+        self.configuration = self.load_or_fail(self.reactor)
         if self["check-config"]:
             configuration = self.configuration
             print(f"{configuration.path or '(no file: demo check)'}: OK")
@@ -329,7 +343,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     configuration = options.configuration
     if configuration is None or options.reactor is not reactor:
         # Checks hold the reactor they were built with: build them again.
-        configuration = options.load(reactor)
+        configuration = options.load_or_fail(reactor)
     if options["adopt"]:
         try:
             adopted = workers.adopted_endpoints(reactor, options["adopt"])

@@ -229,6 +229,17 @@ class ConfigOptionTests(TapTestCase):
             message, f"{path}: [sever]: is not a table pfxpold knows; did you mean [server]?"
         )
 
+    def test_load_raises_an_exception(self):
+        """
+        load() itself raises an Exception with the one line, never
+        SystemExit: a caller such as a reload survives a broken file.
+        """
+        options = self.parse("--config", self.write(GOOD))
+        with open(options["config"], "w", encoding="utf-8") as f:
+            f.write(GOOD.replace("[server]", "[sever]"))
+        error = self.assertRaises(usage.UsageError, options.load, self.reactor)
+        self.assertIn("[sever]: is not a table pfxpold knows", str(error))
+
     def test_unknown_option_is_usage_error(self):
         """A genuine command-line mistake is still twistd's usage error."""
         self.assertRaises(usage.UsageError, self.parse, "--prot", "9998")
