@@ -117,7 +117,23 @@ def endpoint_fields(description: str) -> tuple[str, list[str], dict[str, str]]:
     return kind, positional, keywords
 
 
-def listen_problem(description: str, root: Optional[str] = None) -> Optional[str]:
+def socket_path(address: str, root: str, jail: Optional[str] = None) -> str:
+    """
+    Where the UNIX socket C{address} will be, seen from here.
+
+    @param root: the directory relative addresses are resolved from when
+        binding (twistd's run directory; inside the jail with C{jail}).
+    @param jail: the directory twistd will C{chroot} to, if any.
+    """
+    path = os.path.join(root, address)
+    if jail:
+        path = os.path.join(jail, path.lstrip("/"))
+    return path
+
+
+def listen_problem(
+    description: str, root: Optional[str] = None, jail: Optional[str] = None
+) -> Optional[str]:
     """
     What would make listening on C{description} fail at start-up that can
     be known now: a TCP port out of range, or (with C{root}) a UNIX socket
@@ -126,6 +142,7 @@ def listen_problem(description: str, root: Optional[str] = None) -> Optional[str
     @param root: the directory relative socket paths are resolved from
         (twistd's run directory, inside its chroot); L{None} not to look at
         the file system.
+    @param jail: twistd's C{--chroot} directory, if any.
     @return: what is wrong, or L{None}.
     """
     kind, positional, keywords = endpoint_fields(description)
@@ -136,7 +153,7 @@ def listen_problem(description: str, root: Optional[str] = None) -> Optional[str
     elif kind == "unix" and root is not None:
         address = keywords.get("address", positional[0] if positional else None)
         if address and not address.startswith("@"):
-            directory = os.path.dirname(os.path.join(root, address))
+            directory = os.path.dirname(socket_path(address, root, jail))
             if not os.path.isdir(directory):
                 return f"the socket's directory {directory} does not exist"
     return None

@@ -29,6 +29,7 @@ from pfxpold.config import (
     listen_problem,
     load_configuration,
     server_error,
+    socket_path,
 )
 
 __all__ = ["Options", "endpoint_description", "makeService"]
@@ -47,18 +48,18 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(" ".join(message.splitlines()))
 
 
-def _socket_root(twistd_options: Optional[Mapping[str, Any]]) -> str:
+def _socket_root(twistd_options: Optional[Mapping[str, Any]]) -> tuple[str, Optional[str]]:
     """
-    The directory a relative UNIX socket path is bound in: twistd changes
-    to C{--rundir} (C{/} of the jail with C{--chroot}) before listening.
+    Where twistd will bind UNIX sockets: the directory relative paths are
+    resolved from (C{--rundir}; C{/} inside the jail with C{--chroot}), and
+    the jail.
     """
     options = twistd_options or {}
     rundir = options.get("rundir") or "."
     chroot = options.get("chroot")
     if chroot:
-        inside = "/" if rundir == "." else rundir
-        return os.path.join(os.path.abspath(chroot), inside.lstrip("/"))
-    return os.path.abspath(rundir)
+        return ("/" if rundir == "." else os.path.join("/", rundir)), os.path.abspath(chroot)
+    return os.path.abspath(rundir), None
 
 
 def _strerror(error: BaseException) -> str:
@@ -67,7 +68,7 @@ def _strerror(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def probe_listen(description: str, root: str) -> Optional[str]:
+def probe_listen(description: str, root: str, jail: Optional[str] = None) -> Optional[str]:
     """
     Try whether a TCP port can be bound now, or a UNIX socket's path is
     free, so that a port in use is reported in one line before twistd
@@ -98,7 +99,7 @@ def probe_listen(description: str, root: str) -> Optional[str]:
         address = keywords.get("address", positional[0] if positional else None)
         locked = keywords.get("lockfile", "0") not in ("0", "")
         if address and not address.startswith("@") and not locked:
-            path = os.path.join(root, address)
+            path = socket_path(address, root, jail)
             if os.path.lexists(path):
                 return f"cannot listen on {description}: address already in use ({path} exists)"
     return None
@@ -243,11 +244,11 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["port"]:
             configuration.listen = list(self["port"])
-        root = _socket_root(getattr(self, "parent", None))
+        root, jail = _socket_root(getattr(self, "parent", None))
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
-                problem = listen_problem(description, root)
+                problem = listen_problem(description, root, jail)
             except Exception as e:
                 # Parsers raise what they like: IndexError for a systemd
                 # socket that was not passed, OSError for a missing TLS
@@ -357,9 +358,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if twistd_options is not None:
         # Under twistd, before it daemonizes: a port in use is one line on
         # stderr and exit status 1 in either mode.
-        root = _socket_root(twistd_options)
+        root, jail = _socket_root(twistd_options)
         for description in configuration.listen:
-            problem = probe_listen(description, root)
+            problem = probe_listen(description, root, jail)
             if problem is not None:
                 fail(f"pfxpold: {problem}")
         install_startup_error_hook(configuration.listen)

@@ -170,10 +170,13 @@ class EndpointTests(TapTestCase):
     def test_unix_socket_relative_to_rundir_and_chroot(self):
         """Relative socket paths are looked for where twistd will bind them."""
         os.mkdir(os.path.join(self.directory, "run"))
+        os.mkdir(os.path.join(self.directory, "jail-only"))
         for twistd, good in (
             ({"rundir": self.directory, "chroot": None}, "run/p.sock"),
             ({"rundir": ".", "chroot": self.directory}, "run/p.sock"),
             ({"rundir": "/run", "chroot": self.directory}, "p.sock"),
+            # Absolute paths are inside the jail too (Postfix's private/).
+            ({"rundir": ".", "chroot": self.directory}, "/jail-only/p.sock"),
         ):
             options = Options(reactor=self.reactor)
             options.parent = twistd
