@@ -97,12 +97,39 @@ def probe_listen(description: str, root: str, jail: Optional[str] = None) -> Opt
             probe.close()
     elif kind == "unix":
         address = keywords.get("address", positional[0] if positional else None)
-        locked = keywords.get("lockfile", "0") not in ("0", "")
-        if address and not address.startswith("@") and not locked:
-            path = socket_path(address, root, jail)
+        if not address or address.startswith("@"):
+            return None
+        path = socket_path(address, root, jail)
+        if keywords.get("lockfile", "1") in ("0", ""):
+            # Without its lock file, Twisted binds where a file is: in use.
             if os.path.lexists(path):
                 return f"cannot listen on {description}: address already in use ({path} exists)"
+        else:
+            # With it (the default), Twisted replaces a socket left behind
+            # unless a live process holds the lock: look, but never take
+            # the lock, which would make the stale socket look clean.
+            owner = _lock_owner(path + ".lock")
+            if owner is not None:
+                return f"cannot listen on {description}: address already in use (by pid {owner})"
     return None
+
+
+def _lock_owner(lock: str) -> Optional[int]:
+    """
+    The live process holding a Twisted L{FilesystemLock} (a symbolic link
+    to its PID), or L{None}.
+    """
+    try:
+        pid = int(os.readlink(lock))
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
 
 
 def _describe_listen_error(error: CannotListenError, listen: list[str]) -> str:

@@ -406,17 +406,41 @@ class StartupErrorTests(TapTestCase):
         self.assertEqual(self.stderr.getvalue(), "")
 
     def test_probe_unix_socket_exists(self):
-        """A UNIX socket path that exists is in use (Twisted would fail to bind it)."""
+        """
+        With lockfile=0, a UNIX socket path that exists is in use (Twisted
+        would fail to bind it).
+        """
         path = os.path.join(self.directory, "p.sock")
-        self.assertIsNone(probe_listen(f"unix:{path}", "/"))
+        self.assertIsNone(probe_listen(f"unix:{path}:lockfile=0", "/"))
         with open(path, "w"):
             pass
-        problem = probe_listen(f"unix:{path}", "/")
+        problem = probe_listen(f"unix:{path}:lockfile=0", "/")
         self.assertEqual(
-            problem, f"cannot listen on unix:{path}: address already in use ({path} exists)"
+            problem,
+            f"cannot listen on unix:{path}:lockfile=0: address already in use ({path} exists)",
         )
+        self.assertIsNotNone(probe_listen("unix:p.sock:lockfile=0", self.directory))
+
+    def test_probe_unix_lock(self):
+        """
+        With its lock file (the default), a socket left behind is no
+        problem (Twisted replaces it) unless a live process holds the lock;
+        the probe never takes the lock itself.
+        """
+        path = os.path.join(self.directory, "p.sock")
+        with open(path, "w"):
+            pass
+        self.assertIsNone(probe_listen(f"unix:{path}", "/"))
+        os.symlink("999999999", path + ".lock")
+        self.assertIsNone(probe_listen(f"unix:{path}", "/"))
+        os.remove(path + ".lock")
+        os.symlink(str(os.getpid()), path + ".lock")
+        self.assertEqual(
+            probe_listen(f"unix:{path}", "/"),
+            f"cannot listen on unix:{path}: address already in use (by pid {os.getpid()})",
+        )
+        self.assertEqual(os.readlink(path + ".lock"), str(os.getpid()))
         self.assertIsNotNone(probe_listen("unix:p.sock", self.directory))
-        self.assertIsNone(probe_listen(f"unix:{path}:lockfile=1", "/"))
 
     def test_probe_not_without_twistd(self):
         """
@@ -426,7 +450,7 @@ class StartupErrorTests(TapTestCase):
         path = os.path.join(self.directory, "p.sock")
         with open(path, "w"):
             pass
-        makeService(self.parse("--port", f"unix:{path}"), self.reactor)
+        makeService(self.parse("--port", f"unix:{path}:lockfile=0"), self.reactor)
         self.assertIs(sys.excepthook, self.hook)
         self.assertEqual(self.stderr.getvalue(), "")
 
@@ -438,9 +462,10 @@ class StartupErrorTests(TapTestCase):
         options = Options(reactor=self.reactor)
         options.parent = {"rundir": ".", "chroot": None}
         with capturedLogs():
-            options.parseOptions(["--port", f"unix:{path}"])
+            options.parseOptions(["--port", f"unix:{path}:lockfile=0"])
         error = self.assertRaises(SystemExit, makeService, options, self.reactor)
         self.assertEqual(
             error.code,
-            f"pfxpold: cannot listen on unix:{path}: address already in use ({path} exists)",
+            f"pfxpold: cannot listen on unix:{path}:lockfile=0:"
+            f" address already in use ({path} exists)",
         )
