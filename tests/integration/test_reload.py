@@ -64,15 +64,18 @@ REQUEST = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "sender":
 
 
 def slow_config(answer: str, delay: float = 0.0, extra: str = "") -> str:
-    return textwrap.dedent(
-        f"""
+    return (
+        textwrap.dedent(
+            f"""
         [[check]]
         name = "slow"
         type = "slowcheck:SlowCheck"
         answer = "{answer}"
         delay = {delay}
         """
-    ) + extra
+        )
+        + extra
+    )
 
 
 @contextmanager
