@@ -249,7 +249,15 @@ class Reloader:
             if self._again:
                 self._cycle()
 
-        Deferred.fromCoroutine(self._reload()).addCallback(done)
+        def broke(failure: Any) -> bool:
+            # A bug, not a bad file: still never leave the reloader busy.
+            self._log.failure("reload failed unexpectedly", failure)
+            self.reloads_failed += 1
+            self.last_reload_ok = False
+            self.last_reload_time = self.reactor.seconds()
+            return False
+
+        Deferred.fromCoroutine(self._reload()).addErrback(broke).addCallback(done)
 
     def _failed(self, message: str) -> bool:
         self.reloads_failed += 1

@@ -244,6 +244,24 @@ class ReloaderTests(SynchronousTestCase):
             f"{PATH}: check 'b': key 'misspelt': is not a setting of this check type",
         )
 
+    def test_unexpected_error_is_a_failure(self):
+        """
+        A bug while swapping is logged and counted as a failed reload, and
+        the next SIGHUP reloads again.
+        """
+
+        def broken(*args):
+            raise ZeroDivisionError()
+
+        self.reloader._swap = broken
+        ok, events = self.reload(document(check("a", answer="REJECT")))
+        self.assertFalse(ok)
+        self.assertEqual(self.reloader.reloads_failed, 1)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        del self.reloader._swap
+        ok, _ = self.reload(document(check("a", answer="REJECT")))
+        self.assertTrue(ok)
+
     def test_new_checks_start_before_the_swap_and_old_ones_stop(self):
         """
         A changed check's successor is running when the chain is swapped;
