@@ -383,3 +383,44 @@ def test_sighup_in_daemon_mode(tmp_path):
         gone = wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20)
         if not gone:
             os.kill(pid, signal.SIGKILL)
+
+
+def test_databases_are_opened_before_the_swap(tmp_path):
+    """
+    A new sql check whose SQLite file does not exist, or a state store in
+    a folder that does not exist, fails the reload before the swap; the
+    old answers stay.
+    """
+    with daemon_with(tmp_path, slow_config("OK first")) as daemon:
+        missing_database = slow_config("OK second") + textwrap.dedent(
+            """
+            [[check]]
+            name = "db"
+            type = "sql"
+            database = "missing.sqlite"
+            query = "SELECT 'OK' WHERE :sender = ''"
+            """
+        )
+        rewrite(daemon, missing_database)
+        hangup(daemon)
+        assert ask(daemon) == "OK first"
+        [line] = [line for line in daemon.log().splitlines() if "reload failed" in line]
+        assert "check 'db': cannot be opened:" in line
+        missing_folder = slow_config("OK second") + textwrap.dedent(
+            """
+            [stores.disk]
+            type = "sqlite"
+            path = "no/such/folder/state.sqlite3"
+
+            [[check]]
+            name = "quota"
+            type = "quota"
+            store = "disk"
+            limits = [{ period = "day", max = 3 }]
+            """
+        )
+        rewrite(daemon, missing_folder)
+        hangup(daemon, count=2)
+        assert ask(daemon) == "OK first"
+        [_, line] = [line for line in daemon.log().splitlines() if "reload failed" in line]
+        assert "store disk: cannot be opened:" in line
