@@ -254,8 +254,10 @@ class CheckOptions(_Table):
         the daemon.
 
         On a reload, the previous configuration's object is reused when
-        the parts of the document C{make()} read are unchanged (a store's
-        counters survive).
+        the parts of the document C{make()} read (through L{section} and
+        L{section_entry}) are unchanged: a store's counters survive. An
+        object made from nothing in the document is reused as long as its
+        key is asked for, so such a key must hold its settings.
         """
         if key not in self.shared_keys:
             self.shared_keys.append(key)
@@ -275,9 +277,6 @@ class CheckOptions(_Table):
         for path, value in self.shared_reads.get(key, {}).items():
             self._record(path, value)
         return self._shared[key]
-
-
-_ABSENT: Any = object()
 
 
 def read_path(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
