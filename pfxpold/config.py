@@ -294,6 +294,17 @@ class CheckOptions(_Table):
         self.restriction_classes = restriction_classes
         self._document = document if document is not None else {}
         self._shared = shared if shared is not None else {}
+        #: The parts of the document's other top-level tables this check
+        #: read, by path (C{("stores",)}, C{("stores", "main")}): a reload
+        #: reuses the check only if they are unchanged.
+        self.reads: dict[tuple[str, ...], Any] = {}
+        #: The keys of the shared objects this check asked for.
+        self.shared_keys: list[Any] = []
+        #: Where L{shared} records what each shared object was made from.
+        self.shared_reads: dict[Any, dict[tuple[str, ...], Any]] = {}
+        #: Shared objects of the previous configuration, for a reload.
+        self.previous_shared: dict[Any, SharedRecord] = {}
+        self._recorders: list[dict[tuple[str, ...], Any]] = []
 
     def action(self, key: str, default: Any = _MISSING) -> Action:
         """An action string, validated as Postfix would read it."""
@@ -350,10 +361,29 @@ class CheckOptions(_Table):
         A top-level table of the configuration file other than C{server} and
         C{check}, e.g. the C{[stores]} that several checks share.
         """
-        value = self._document.get(name, {})
+        value = read_path(self._document, (name,))
         if not isinstance(value, dict):
             raise ConfigError(f"{_where(self._path, None, name)}: must be a table")
+        self._record((name,), value)
         return value
+
+    def section_entry(self, name: str, key: str) -> Any:
+        """
+        C{section(name).get(key)}, remembered as a read of that entry only:
+        a reload then reuses what was built from it (a store) while other
+        entries of the section change.
+        """
+        section = read_path(self._document, (name,))
+        if not isinstance(section, dict):
+            raise ConfigError(f"{_where(self._path, None, name)}: must be a table")
+        value = read_path(self._document, (name, key))
+        self._record((name, key), value)
+        return value
+
+    def _record(self, path: tuple[str, ...], value: Any) -> None:
+        self.reads[path] = value
+        for recorder in self._recorders:
+            recorder[path] = value
 
     def shared(self, key: Any, make: Callable[[], _T]) -> _T:
         """
@@ -362,10 +392,83 @@ class CheckOptions(_Table):
         the first call. A shared object that provides
         L{twisted.application.service.IService} is started and stopped with
         the daemon.
+
+        On a reload, the previous configuration's object is reused when
+        the parts of the document C{make()} read (through L{section} and
+        L{section_entry}) are unchanged: a store's counters survive. An
+        object made from nothing in the document is reused as long as its
+        key is asked for, so such a key must hold its settings.
         """
+        if key not in self.shared_keys:
+            self.shared_keys.append(key)
         if key not in self._shared:
-            self._shared[key] = make()
+            previous = self.previous_shared.get(key)
+            if previous is not None and previous.holds(self._document):
+                self._shared[key] = previous.value
+                self.shared_reads[key] = previous.reads
+            else:
+                recorder: dict[tuple[str, ...], Any] = {}
+                self._recorders.append(recorder)
+                try:
+                    self._shared[key] = make()
+                finally:
+                    self._recorders.remove(recorder)
+                self.shared_reads[key] = recorder
+        for path, value in self.shared_reads.get(key, {}).items():
+            self._record(path, value)
         return self._shared[key]
+
+
+def read_path(document: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """
+    The value at C{path} in C{document}'s top-level tables: C{{}} for an
+    absent top-level table, L{None} for an absent entry of one.
+    """
+    value: Any = document.get(path[0], {})
+    for part in path[1:]:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+@dataclass
+class SharedRecord:
+    """
+    A shared object and the parts of the document it was made from.
+    """
+
+    value: Any
+    reads: dict[tuple[str, ...], Any]
+
+    def holds(self, document: Mapping[str, Any]) -> bool:
+        """
+        Whether C{document} still says what this object was made from.
+        """
+        return all(read_path(document, path) == value for path, value in self.reads.items())
+
+
+@dataclass
+class CheckRecord:
+    """
+    What a check was built from, so that a reload can tell whether it can
+    keep the very same object.
+
+    @ivar type_name: its C{type}.
+    @ivar table: its table less the chain's keys (C{name}, C{type},
+        C{timeout}, C{on_error}).
+    @ivar raw: its whole table.
+    @ivar restriction_classes: the server's, which its actions were
+        parsed with.
+    @ivar reads: the parts of other top-level tables it read.
+    @ivar shared_keys: the shared objects it uses.
+    """
+
+    check: Any
+    type_name: str
+    table: dict[str, Any]
+    raw: dict[str, Any]
+    restriction_classes: tuple[str, ...]
+    reads: dict[tuple[str, ...], Any]
+    shared_keys: list[Any]
 
 
 @dataclass
@@ -386,6 +489,10 @@ class Configuration:
     services: list[IService] = field(default_factory=list)
     #: The file the request log goes to, or L{None} for twistd's log.
     request_log: Optional[str] = None
+    #: What each check was built from, by name (for a reload).
+    checks: dict[str, CheckRecord] = field(default_factory=dict)
+    #: The shared objects (stores, pools), by key, and what made them.
+    shared: dict[Any, SharedRecord] = field(default_factory=dict)
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -430,7 +537,10 @@ def _table_label(name: str) -> str:
 
 
 def load_document(
-    document: Mapping[str, Any], reactor: Any, path: Optional[str] = None
+    document: Mapping[str, Any],
+    reactor: Any,
+    path: Optional[str] = None,
+    previous: Optional[Configuration] = None,
 ) -> Configuration:
     """
     Build a L{Configuration} from a parsed TOML document.
@@ -438,6 +548,12 @@ def load_document(
     Check types are imported and built here (before twistd chroots or drops
     privileges), but not started.
 
+    @param previous: the configuration in force, on a reload: a check whose
+        table, type, restriction classes and the parts of shared tables it
+        read are unchanged is that configuration's very object (started,
+        with its caches and connections), and so is a shared object (a
+        store) whose settings are unchanged. Nothing of C{previous} is
+        changed.
     @raise ConfigError: when anything in it cannot be used.
     """
     for table_name in sorted(set(document) - set(_TABLES)):
@@ -512,6 +628,10 @@ def load_document(
     if not isinstance(raw_checks, list):
         raise ConfigError(f"{_where(path, None, 'check')}: use [[check]] tables, one per check")
     shared: dict[Any, Any] = {}
+    shared_reads: dict[Any, dict[tuple[str, ...], Any]] = {}
+    previous_shared = previous.shared if previous is not None else {}
+    sections = {k: v for k, v in document.items() if k in SECTIONS}
+    records: dict[str, CheckRecord] = {}
     entries: list[ChainEntry] = []
     services: list[IService] = []
     names: set[str] = set()
@@ -527,29 +647,46 @@ def load_document(
         type_name = outer.string("type")
         timeout = outer.number("timeout", DEFAULT_CHECK_TIMEOUT, positive=True)
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
-        options = CheckOptions(
-            {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")},
-            name=name,
-            reactor=reactor,
-            path=path,
-            restriction_classes=classes,
-            document={k: v for k, v in document.items() if k in SECTIONS},
-            shared=shared,
-        )
-        try:
-            factory = resolve_check_type(type_name)
-        except LookupError as e:
-            raise outer.error("type", str(e)) from None
-        try:
-            check = factory(options)
-        except ConfigError:
-            raise
-        except Exception as e:
-            raise outer.error(None, f"cannot be set up: {e}") from None
-        if not ICheck.providedBy(check):
-            raise outer.error("type", f"{type_name!r} does not make an ICheck provider")
-        if options.unused():
-            raise options.error(options.unused()[0], "is not a setting of this check type")
+        table = {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")}
+        kept = previous.checks.get(name) if previous is not None else None
+        if kept is not None and _reusable(kept, type_name, table, classes, sections, previous_shared):
+            # Unchanged: the running object, caches, connections and all.
+            check = kept.check
+            for key in kept.shared_keys:
+                shared.setdefault(key, previous_shared[key].value)
+                shared_reads.setdefault(key, previous_shared[key].reads)
+            records[name] = CheckRecord(
+                check, type_name, table, dict(raw), classes, kept.reads, kept.shared_keys
+            )
+        else:
+            options = CheckOptions(
+                table,
+                name=name,
+                reactor=reactor,
+                path=path,
+                restriction_classes=classes,
+                document=sections,
+                shared=shared,
+            )
+            options.shared_reads = shared_reads
+            options.previous_shared = previous_shared
+            try:
+                factory = resolve_check_type(type_name)
+            except LookupError as e:
+                raise outer.error("type", str(e)) from None
+            try:
+                check = factory(options)
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise outer.error(None, f"cannot be set up: {e}") from None
+            if not ICheck.providedBy(check):
+                raise outer.error("type", f"{type_name!r} does not make an ICheck provider")
+            if options.unused():
+                raise options.error(options.unused()[0], "is not a setting of this check type")
+            records[name] = CheckRecord(
+                check, type_name, table, dict(raw), classes, options.reads, options.shared_keys
+            )
         entries.append(ChainEntry(name, check, timeout, on_error))
         if IService.providedBy(check):
             services.append(check)
@@ -567,14 +704,51 @@ def load_document(
         record_verdicts=log_verdicts,
     )
     return Configuration(
-        path, listen, chain, limits, log_requests, shutdown_grace, services, request_log
+        path,
+        listen,
+        chain,
+        limits,
+        log_requests,
+        shutdown_grace,
+        services,
+        request_log,
+        checks=records,
+        shared={key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()},
     )
 
 
-def load_configuration(path: str, reactor: IReactorTime) -> Configuration:
+def _reusable(
+    kept: CheckRecord,
+    type_name: str,
+    table: dict[str, Any],
+    classes: tuple[str, ...],
+    sections: Mapping[str, Any],
+    previous_shared: Mapping[Any, SharedRecord],
+) -> bool:
+    """
+    Whether a reload may keep the check L{CheckRecord} C{kept} describes:
+    its settings, and everything it was built from, are unchanged.
+    """
+    return (
+        kept.type_name == type_name
+        and kept.table == table
+        and kept.restriction_classes == classes
+        and all(read_path(sections, p) == value for p, value in kept.reads.items())
+        and all(
+            key in previous_shared and previous_shared[key].holds(sections)
+            for key in kept.shared_keys
+        )
+    )
+
+
+def load_configuration(
+    path: str, reactor: IReactorTime, previous: Optional[Configuration] = None
+) -> Configuration:
     """
     Read and build the configuration in the TOML file at C{path}.
 
+    @param previous: the configuration in force, on a reload (see
+        L{load_document}).
     @raise ConfigError: when the file cannot be read or used.
     """
     try:
@@ -587,7 +761,7 @@ def load_configuration(path: str, reactor: IReactorTime) -> Configuration:
     except UnicodeDecodeError as e:
         # TOML files are UTF-8; an editor saving Latin-1 is a common slip.
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
-    return load_document(document, reactor, path)
+    return load_document(document, reactor, path, previous)
 
 
 def default_configuration(reactor: IReactorTime) -> Configuration:

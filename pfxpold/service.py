@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
+from pfxpold.reload import ServiceSet
 from pfxpold.requestlog import FileRequestLog
 from pfxpold.workers import RecordingEndpoint, describe_address
 
@@ -53,20 +54,27 @@ class PolicyService(MultiService):
         )
         self.backends = MultiService()
         self.backends.setServiceParent(self)
+        #: The L{pfxpold.reload.Reloader} that SIGHUP runs (set by
+        #: L{pfxpold.tap.makeService}); its counters are the reload metrics.
+        self.reloader: Optional[Any] = None
         if configuration.log_requests and configuration.request_log is not None:
             # A backend: it starts before the listeners and stops after
             # the last answer, flushing it.
             request_log = FileRequestLog(configuration.request_log, reactor)
             request_log.setServiceParent(self.backends)
             self.factory.request_log = request_log
-        for backend in configuration.services:
-            IService(backend).setServiceParent(self.backends)
+        #: The checks and shared objects of the configuration in force,
+        #: which a reload changes while they run (L{pfxpold.reload}).
+        self.checks = ServiceSet(IService(backend) for backend in configuration.services)
+        self.checks.setServiceParent(self.backends)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         #: A worker's adopted sockets, recorded to log what it really serves.
         self.adopted: list[RecordingEndpoint] = []
+        #: The listener of each C{listen} endpoint string (none when adopted).
+        self.listening: dict[str, IService] = {}
         if adopted:
             # A worker process serves the sockets its parent passed it.
             for endpoint in adopted:
@@ -80,6 +88,7 @@ class PolicyService(MultiService):
             listener.endpoint = recorder
             self.recorders.append(recorder)
             listener.setServiceParent(self.listeners)
+            self.listening[description] = listener
 
     def startService(self) -> None:
         super().startService()

@@ -253,18 +253,20 @@ class Options(usage.Options):
         print(f"pfxpold {__version__}")
         sys.exit(0)
 
-    def load(self, reactor: Any) -> Configuration:
+    def load(self, reactor: Any, previous: Optional[Configuration] = None) -> Configuration:
         """
         Build the configuration these options name, with C{reactor}.
 
+        @param previous: the configuration in force, on a reload: what is
+            unchanged is kept (see L{pfxpold.config.load_document}).
         @raise usage.UsageError: with one line naming what is wrong (file,
             table or check, and key; or C{--port}). An exception, not a
-            L{SystemExit}, so that a caller may survive it; only
+            L{SystemExit}, so that a caller may survive it (a reload); only
             L{postOptions} and L{makeService} turn it into L{fail}.
         """
         try:
             if self["config"]:
-                configuration = load_configuration(self["config"], reactor)
+                configuration = load_configuration(self["config"], reactor, previous)
             else:
                 configuration = default_configuration(reactor)
         except ConfigError as e:
@@ -362,6 +364,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     drops privileges; they connect to their backends when the service
     starts.
     """
+    from pfxpold.reload import Reloader, SignalService
     from pfxpold.service import CollectorTuning, PolicyService
 
     preload_lazy_imports()
@@ -372,6 +375,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if configuration is None or options.reactor is not reactor:
         # Checks hold the reactor they were built with: build them again.
         configuration = options.load_or_fail(reactor)
+
+    def reload(previous: Configuration) -> Configuration:
+        return options.load(reactor, previous)
+
+    def signals(service: PolicyService, reloader: Reloader) -> SignalService:
+        return SignalService(reactor, reloader, lambda: service.factory.request_log)
+
     if options["adopt"]:
         try:
             adopted = workers.adopted_endpoints(reactor, options["adopt"])
@@ -380,6 +390,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         service = PolicyService(configuration, reactor, adopted=adopted)
         workers.ParentWatchService(reactor).setServiceParent(service)
         CollectorTuning().setServiceParent(service.backends)
+        # The parent validated the file before it sent this worker SIGHUP.
+        service.reloader = Reloader(service, reload, reactor, adopted=True)
+        signals(service, service.reloader).setServiceParent(service)
         return service
     twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:
@@ -395,13 +408,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # The last backend: it starts once the checks have, and stops last.
     CollectorTuning().setServiceParent(service.backends)
     if options["workers"] <= 1:
+        service.reloader = Reloader(service, reload, reactor)
+        signals(service, service.reloader).setServiceParent(service)
         return service
     # The pool stops alongside the parent's own service: both answer what
     # is in flight within shutdown_grace.
     top = MultiService()
     service.setServiceParent(top)
     arguments = ["--config", options["config"]] if options["config"] else []
-    workers.WorkerPool(
+    pool = workers.WorkerPool(
         reactor,
         options["workers"],
         service.recorders,
@@ -409,5 +424,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         stop_timeout=configuration.shutdown_grace + 5.0,
         # twistd's own options: workers log the way the parent does.
         log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
-    ).setServiceParent(top)
+    )
+    pool.setServiceParent(top)
+    # The parent reloads first, and tells the workers only if it could.
+    service.reloader = Reloader(service, reload, reactor, pool=pool)
+    signals(service, service.reloader).setServiceParent(top)
     return top

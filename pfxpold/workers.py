@@ -309,6 +309,17 @@ class WorkerPool(Service):
         )
         self.reactor.callLater(RESTART_DELAY, self._spawn, worker.number)
 
+    def signal_workers(self, number: int) -> int:
+        """
+        Send signal C{number} to every running worker (SIGHUP: reload).
+
+        @return: how many workers were signalled.
+        """
+        workers = list(self.workers.values())
+        for worker in workers:
+            _signal(worker, number)
+        return len(workers)
+
     def stopService(self) -> Optional[Deferred[Any]]:
         """
         SIGTERM every worker and wait for them to exit; SIGKILL those still

@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.enterprise.adbapi import ConnectionPool
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -637,6 +637,17 @@ class SQLCheck(Service):
         super().stopService()
         if self._own_database:
             self.database.stop()
+
+    def verify(self) -> Deferred[None]:
+        """
+        Open a connection to the database, once started: a reload swaps in
+        a configuration only when this succeeds (a missing SQLite file, a
+        refused login).
+        """
+        pool = getattr(self.database, "pool", None)
+        if pool is None:
+            return succeed(None)
+        return pool.runWithConnection(lambda connection: None)
 
     def check(self, request: PolicyRequest) -> Any:
         """

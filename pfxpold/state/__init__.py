@@ -113,11 +113,12 @@ def store_options(options: CheckOptions, name: str) -> CheckOptions:
 
     @raise ConfigError: when there is no such store.
     """
-    stores = options.section("stores")
-    table = stores.get(name)
+    # Only this store's entry: a reload keeps the store (and its counters)
+    # while other stores are added or changed.
+    table = options.section_entry("stores", name)
     if table is None:
         if name != DEFAULT_STORE:
-            known = ", ".join(sorted(stores)) or "none"
+            known = ", ".join(sorted(options.section("stores"))) or "none"
             raise options.error("store", f"no [stores.{name}] table (stores: {known})")
         table = {"type": "sqlite", "path": DEFAULT_SQLITE_PATH}
     if not isinstance(table, dict):

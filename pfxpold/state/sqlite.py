@@ -400,6 +400,16 @@ class SQLiteStore(ExpiringStore):
         )
         super().startService()
 
+    def verify(self) -> Deferred[None]:
+        """
+        Open the file, once started: a reload swaps in a configuration
+        only when this succeeds.
+
+        @return: a Deferred that fails with L{StoreError} when the file
+            cannot be opened.
+        """
+        return self._call(lambda connection: None)
+
     def stopService(self) -> Deferred[None]:
         d = Deferred.fromCoroutine(self._stop())
         return d

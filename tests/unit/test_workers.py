@@ -291,7 +291,7 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--workers", "2")
         top = tap.makeService(options, reactor)
         services = list(top)
-        self.assertEqual([type(s).__name__ for s in services], ["PolicyService", "WorkerPool"])
+        self.assertEqual([type(s).__name__ for s in services], ["PolicyService", "WorkerPool", "SignalService"])
         self.assertEqual(services[1].recorders, services[0].recorders)
 
     def test_worker_service(self):
