@@ -405,7 +405,7 @@ def test_databases_are_opened_before_the_swap(tmp_path):
         hangup(daemon)
         assert ask(daemon) == "OK first"
         [line] = [line for line in daemon.log().splitlines() if "reload failed" in line]
-        assert "check 'db': cannot be opened:" in line
+        assert "check 'db': key 'database':" in line and "missing.sqlite does not exist" in line
         missing_folder = slow_config("OK second") + textwrap.dedent(
             """
             [stores.disk]
