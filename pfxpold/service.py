@@ -6,6 +6,7 @@ backends that need starting and stopping.
 from __future__ import annotations
 
 import gc
+import resource
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -19,6 +20,12 @@ from twisted.logger import Logger
 from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
 from pfxpold.requestlog import FileRequestLog
+from pfxpold.resources import (
+    AcceptErrorLog,
+    AcceptErrorLogEndpoint,
+    raise_open_files_limit,
+    with_backlog,
+)
 from pfxpold.workers import RecordingEndpoint
 
 
@@ -32,9 +39,18 @@ class PolicyService(MultiService):
     the checks can answer it. On stop (SIGTERM), listeners stop accepting,
     requests in flight are answered for up to C{shutdown_grace} seconds,
     connections are closed, and then the backends stop.
+
+    Before listening, the soft limit of open files is raised to the hard
+    one (each Postfix connection is one), and listeners ask for a listen
+    queue of C{backlog} connections.
+
+    @ivar resource_module: the L{resource} module (tests set a stand-in).
+    @ivar accept_log: what keeps accept errors (out of open files) to a
+        line per interval; counts the others in C{suppressed}.
     """
 
     _log = Logger()
+    resource_module: Any = resource
 
     def __init__(
         self,
@@ -63,21 +79,39 @@ class PolicyService(MultiService):
             IService(backend).setServiceParent(self.backends)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
+        self.accept_log = AcceptErrorLog(reactor)
+        self._limit_raised = False
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         if adopted:
             # A worker process serves the sockets its parent passed it.
             for endpoint in adopted:
-                StreamServerEndpointService(endpoint, self.factory).setServiceParent(self.listeners)
+                StreamServerEndpointService(
+                    AcceptErrorLogEndpoint(endpoint, self.accept_log), self.factory
+                ).setServiceParent(self.listeners)
             return
         for description in configuration.listen:
-            listener = strports.service(description, self.factory, reactor=reactor)
-            recorder = RecordingEndpoint(listener.endpoint)
+            listener = strports.service(
+                with_backlog(description, configuration.backlog), self.factory, reactor=reactor
+            )
+            recorder = RecordingEndpoint(AcceptErrorLogEndpoint(listener.endpoint, self.accept_log))
             listener.endpoint = recorder
             self.recorders.append(recorder)
             listener.setServiceParent(self.listeners)
 
+    def privilegedStartService(self) -> None:
+        self._raise_open_files_limit()
+        super().privilegedStartService()
+
+    def _raise_open_files_limit(self) -> None:
+        if not self._limit_raised:
+            self._limit_raised = True
+            raise_open_files_limit(self.resource_module)
+
     def startService(self) -> None:
+        # Started without privilegedStartService (a tac file's own service
+        # tree): raise it now, still before listening.
+        self._raise_open_files_limit()
         super().startService()
         self._log.info(
             "pfxpold serving on {listen} with checks {checks}",
@@ -118,6 +152,7 @@ class PolicyService(MultiService):
             # Not awaited: an aborted connection is gone when the reactor
             # stops, whatever its protocol hears.
             self.factory.close_connections(abort=True)
+        self.accept_log.stop()
         await self.backends.stopService()
 
     def stopService(self) -> Deferred[None]:
