@@ -439,7 +439,7 @@ class DNSBLCheck(Service):
 
     def _failed(self, dns_list: DNSList, failure: Failure) -> None:
         dns_list.failures += 1
-        reason = "timed out" if failure.check(TimeoutError) else failure.getErrorMessage()
+        reason = "timed out" if failure.check(TimeoutError) else escape(failure.getErrorMessage())
         if dns_list.failures >= self.failure_limit:
             dns_list.skip_until = self._clock.seconds() + self.skip_for
             dns_list.failures = 0

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from pfxpold.action import Action, ActionError
 from pfxpold.checks._values import ControlCharacterGuard, template_value
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
@@ -288,7 +289,7 @@ class LDAPCheck(Service):
                 "check {check}: bind as {dn} failed: {reason}",
                 check=self.name,
                 dn=self.bind_dn,
-                reason=str(error),
+                reason=escape(str(error)),
             )
             raise error
 

@@ -46,6 +46,7 @@ from pfxpold.accessmap import attribute_value, check_attribute
 from pfxpold.action import Action, ActionError
 from pfxpold.checks._values import ControlCharacterGuard
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
@@ -446,7 +447,7 @@ class Database:
                 self._log.info(
                     "{database}: a connection had failed ({error}); reconnected",
                     database=self.driver.describe(),
-                    error=retried_after,
+                    error=escape(str(retried_after)),
                 )
             result.callback(row)
             return None

@@ -326,3 +326,16 @@ class ControlCharacterTests(CheckTestCase):
         for value in ["a\rb@x.test", "a\x1b[2J@x.test", "a\x7f@x.test", "a\x85@x.test"]:
             self.assertAction(check, make_request(sender=value), "REJECT unknown")
         self.assertEqual(driver.sent, [])
+
+    def test_bind_error_escaped(self) -> None:
+        """The directory's own error text is escaped in the bind failure's log line."""
+        path = secret_file(self, "s3cret")
+        check, _ = make_check(bind_dn="cn=pfxpold,dc=x", bind_password_file=path)
+        refused = LDAPClientTestDriver(
+            [pureldap.LDAPBindResponse(resultCode=49, errorMessage="no\r\x1b[2Jway")]
+        )
+        with capturedLogs() as events:
+            self.failureResultOf(check._prepare(refused))
+        [text] = [formatEvent(event) for event in events]
+        self.assertTrue(text.isprintable(), text)
+        self.assertIn("no\\x0d\\x1b[2Jway", text)
