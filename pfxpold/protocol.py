@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.chain import Decision
-from pfxpold.escape import escape
+from pfxpold.escape import escape, is_clean
 from pfxpold.interfaces import IPolicyDecider
 from pfxpold.request import PolicyRequest
 
@@ -464,7 +464,7 @@ class PolicyProtocol(LineReceiver):
         # about as much as the rest of the request. The fields stay in
         # the event for observers that want them.
         text = _REQUEST_LOG.format_map(fields)
-        if not (text.isprintable() and "\\" not in text):
+        if not is_clean(text):
             # A value with a CR, an escape sequence, U+2028...: escaped,
             # in the line and in the fields. The fixed parts of the line
             # need none, so escaping the line escapes each value.

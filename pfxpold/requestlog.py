@@ -34,7 +34,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from pfxpold.escape import escape
+from pfxpold.escape import escape, is_clean
 from pfxpold.request import PolicyRequest
 
 #: Seconds between writes of what is buffered.
@@ -144,7 +144,7 @@ class FileRequestLog(Service):
             f"{self._stamp} {request.summary()}: {'no reply' if action is None else action}"
             f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
         )
-        if not (line.isprintable() and "\\" not in line):
+        if not is_clean(line):
             # A value with a CR, an escape sequence, U+2028...: the fixed
             # parts of the line need no escaping, so escaping the line
             # escapes each value.

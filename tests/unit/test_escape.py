@@ -5,6 +5,8 @@ test every backend lookup applies.
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.escape import escape, has_control, is_clean
@@ -44,6 +46,20 @@ class EscapeTests(SynchronousTestCase):
         for text in ["", "RCPT mx.example[192.0.2.1] from=<a@b.example>", "ünï©ødé 🙂"]:
             self.assertIs(escape(text), text)
             self.assertTrue(is_clean(text))
+
+    @given(st.text())
+    def test_any_text(self, text: str) -> None:
+        """
+        Any text escapes to a printable line, is clean exactly when
+        escaping leaves it alone (the ASCII fast test included), and reads
+        back as it was.
+        """
+        escaped = escape(text)
+        self.assertTrue(escaped.isprintable())
+        self.assertEqual(is_clean(text), escaped == text)
+        if text.isascii():
+            # Python's own unescaping reads it back.
+            self.assertEqual(escaped.encode().decode("unicode_escape"), text)
 
     def test_unambiguous(self) -> None:
         """Different texts never escape to the same line."""
