@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError, as_action
+from pfxpold.escape import escape, is_clean
 from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.request import PolicyRequest
 
@@ -426,7 +427,7 @@ class CheckChain:
         policy = self.deadline_policy
         self._log.warn(
             "request from {client} missed the {deadline}s deadline; answering {outcome}",
-            client=request.client_address,
+            client=escape(request.client_address),
             deadline=self.deadline,
             outcome=str(policy),
         )
@@ -475,7 +476,7 @@ class CheckChain:
                 "check {check} returned an invalid action ({reason}); this is a bug"
                 " in the check; on_error={outcome}",
                 check=entry.name,
-                reason=failure.getErrorMessage(),
+                reason=escape(failure.getErrorMessage()),
                 outcome=str(policy),
             )
             verdict = "invalid action"
@@ -483,7 +484,19 @@ class CheckChain:
             self._log.warn(
                 "check {check} failed again: {error}; on_error={outcome}",
                 check=entry.name,
-                error=f"{failure.type.__name__}: {failure.getErrorMessage()}",
+                error=escape(f"{failure.type.__name__}: {failure.getErrorMessage()}"),
+                outcome=str(policy),
+            )
+            verdict = "error"
+        elif not is_clean(failure.getErrorMessage()):
+            # A message quoting a backend's or a client's text with control
+            # characters in it: escaped, in one line, since a traceback
+            # would carry it raw.
+            self._failing[entry.name] = failure.type
+            self._log.warn(
+                "check {check} failed: {error}; on_error={outcome}",
+                check=entry.name,
+                error=escape(f"{failure.type.__name__}: {failure.getErrorMessage()}"),
                 outcome=str(policy),
             )
             verdict = "error"

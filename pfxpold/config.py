@@ -25,6 +25,7 @@ from pfxpold.chain import NOREPLY, SKIP, ChainEntry, CheckChain, ErrorPolicy
 from pfxpold.checks import BUILTIN_CHECKS
 from pfxpold.interfaces import ICheck
 from pfxpold.protocol import Limits
+from pfxpold.resources import DEFAULT_BACKLOG
 
 DEFAULT_LISTEN = "tcp:9998:interface=127.0.0.1"
 DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
@@ -489,6 +490,8 @@ class Configuration:
     services: list[IService] = field(default_factory=list)
     #: The file the request log goes to, or L{None} for twistd's log.
     request_log: Optional[str] = None
+    #: The listen queue asked of tcp, tcp6 and unix endpoints.
+    backlog: int = DEFAULT_BACKLOG
     #: What each check was built from, by name (for a reload).
     checks: dict[str, CheckRecord] = field(default_factory=dict)
     #: The shared objects (stores, pools), by key, and what made them.
@@ -621,6 +624,7 @@ def load_document(
             raise server.error("request_log", f"{os.path.dirname(request_log)} is not a directory")
     log_verdicts = server.boolean("log_verdicts", False)
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
+    backlog = server.integer("backlog", DEFAULT_BACKLOG, minimum=1)
     if server.unused():
         raise server.error(server.unused()[0], "is not a setting pfxpold knows")
 
@@ -712,6 +716,7 @@ def load_document(
         shutdown_grace,
         services,
         request_log,
+        backlog,
         checks=records,
         shared={key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()},
     )

@@ -4,13 +4,14 @@ The Postfix SMTPD policy delegation protocol, server side.
 Postfix sends C{name=value} lines and an empty line; we answer one
 C{action=...} line and an empty line, in request order, and never write
 before a request has arrived. Anything outside the protocol's limits closes
-the connection without a reply, logged with the peer's address, and leaves
-every other connection alone.
+the connection without a reply to the offending request, logged with the
+peer's address, and leaves every other connection alone; the answers to the
+requests before it are sent first.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Optional
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.chain import Decision
+from pfxpold.escape import escape, is_clean
 from pfxpold.interfaces import IPolicyDecider
 from pfxpold.request import PolicyRequest
 
@@ -57,6 +59,9 @@ class Limits:
         line.
     @ivar max_pipelined: requests one connection may have waiting for an
         answer before we stop reading from it.
+    @ivar close_timeout: seconds a closing connection may take to send what
+        was written to it before it is dropped: a peer that does not read
+        must not keep it open.
     """
 
     max_line_length: int = 4096
@@ -65,6 +70,7 @@ class Limits:
     idle_timeout: float = 1200.0
     request_timeout: float = 60.0
     max_pipelined: int = 32
+    close_timeout: float = 30.0
 
 
 class _Pending:
@@ -104,6 +110,7 @@ class PolicyProtocol(LineReceiver):
         self._timer_reason = ""
         self._closing = False
         self._eof = False
+        self._violated = False
         self._paused_for: set[str] = set()
         self.peer = "?"
 
@@ -113,7 +120,11 @@ class PolicyProtocol(LineReceiver):
         peer: Any = self.transport.getPeer()
         host = getattr(peer, "host", None)
         if host is None:
-            self.peer = f"unix:{getattr(peer, 'name', None) or '?'}"
+            name = getattr(peer, "name", None) or "?"
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            # A socket path is a file name: any byte but NUL and slash.
+            self.peer = f"unix:{escape(name)}"
         elif ":" in host:
             # IPv6: brackets keep the port apart from the address.
             self.peer = f"[{host}]:{peer.port}"
@@ -149,7 +160,12 @@ class PolicyProtocol(LineReceiver):
         answered, including requests still unread because we had paused
         reading (LineReceiver keeps them in C{_buffer}).
         """
-        if not self._eof or self._closing or self._queue:
+        if self._closing or self._queue:
+            return
+        if self._violated:
+            self._close()
+            return
+        if not self._eof:
             return
         if self.delimiter in self._buffer:
             # Complete lines not read yet: reading resumes, or the loop
@@ -177,20 +193,45 @@ class PolicyProtocol(LineReceiver):
         if self._timer_reason == "idle":
             self._log.info("closing idle connection from {peer}", peer=self.peer)
             self._close()
+        elif self._timer_reason == "close":
+            self._log.info(
+                "connection from {peer} did not take its last answers within {seconds}s;"
+                " dropping it",
+                peer=self.peer,
+                seconds=self.factory.limits.close_timeout,
+            )
+            self.transport.abortConnection()
         else:
-            self._violation(f"request not finished within {self.factory.limits.request_timeout}s")
+            self._violation(
+                "request_timeout",
+                f"request not finished within {self.factory.limits.request_timeout}s",
+            )
 
-    def _violation(self, reason: str) -> None:
+    def _violation(self, kind: str, reason: str) -> None:
         """
         Close a connection that broke the protocol or its limits, without a
-        reply to its unfinished request.
+        reply to the offending request and without reading anything more
+        from it. Requests it sent before, still waiting for a check, are
+        answered first; then the connection is closed after the answers
+        are sent (within C{close_timeout}). Postfix sends one request at a
+        time, so there is rarely one waiting.
+
+        @param kind: the violation's name, counted in the factory's
+            C{violations}.
         """
+        if self._violated or self._closing:
+            return
+        self._violated = True
+        self.factory.violations[kind] += 1
         self._log.warn(
             "closing connection from {peer} without a reply: {reason}",
             peer=self.peer,
             reason=reason,
         )
-        self._close(abort=True)
+        self._attributes = {}
+        self.clearLineBuffer()
+        self._pause("protocol violation")
+        self._finish_if_done()
 
     def _close(self, abort: bool = False) -> None:
         if self._closing:
@@ -206,6 +247,9 @@ class PolicyProtocol(LineReceiver):
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
+            # loseConnection waits for the written answers to leave, which
+            # a peer that does not read makes wait forever.
+            self._arm(self.factory.limits.close_timeout, "close")
 
     # Flow control: stop reading while the peer does not read our answers or
     # has too many requests waiting.
@@ -239,6 +283,9 @@ class PolicyProtocol(LineReceiver):
         L{lineReceived} line by line from where the fast path stopped, so
         limits and errors behave exactly the same either way.
         """
+        if self._violated:
+            # Nothing more is read after a violation.
+            return
         if self._buffer or self._attributes or self.paused or self._closing or self._busyReceiving:
             LineReceiver.dataReceived(self, data)
             return
@@ -293,10 +340,10 @@ class PolicyProtocol(LineReceiver):
         return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._violation(f"line longer than {self.MAX_LENGTH} bytes")
+        self._violation("line_too_long", f"line longer than {self.MAX_LENGTH} bytes")
 
     def lineReceived(self, line: bytes) -> None:
-        if self._closing:
+        if self._closing or self._violated:
             return
         if line[-1:] == b"\r":
             line = line[:-1]
@@ -304,7 +351,7 @@ class PolicyProtocol(LineReceiver):
             if self._attributes:
                 self._request_complete()
             else:
-                self._violation("empty line where a request should start")
+                self._violation("empty_line", "empty line where a request should start")
             return
         limits = self.factory.limits
         attributes = self._attributes
@@ -313,17 +360,19 @@ class PolicyProtocol(LineReceiver):
             self._arm(limits.request_timeout, "request")
         self._size += len(line) + 1
         if self._size > limits.max_request_size:
-            self._violation(f"request larger than {limits.max_request_size} bytes")
+            self._violation(
+                "request_too_large", f"request larger than {limits.max_request_size} bytes"
+            )
             return
         if len(attributes) >= limits.max_attributes:
-            self._violation(f"more than {limits.max_attributes} attributes")
+            self._violation("too_many_attributes", f"more than {limits.max_attributes} attributes")
             return
         name, sep, value = line.decode("utf-8", "replace").partition("=")
         if not sep or not name:
-            self._violation("a line that is not name=value")
+            self._violation("not_name_value", "a line that is not name=value")
             return
         if "\x00" in name or name in attributes:
-            self._violation(f"a bad or repeated attribute name {name!r}")
+            self._violation("bad_attribute_name", f"a bad or repeated attribute name '{escape(name)}'")
             return
         attributes[name] = value
 
@@ -414,7 +463,16 @@ class PolicyProtocol(LineReceiver):
         # the same format costs twisted.logger's pure-Python formatter
         # about as much as the rest of the request. The fields stay in
         # the event for observers that want them.
-        self._log.info("{request_text}", request_text=_REQUEST_LOG.format_map(fields), **fields)
+        text = _REQUEST_LOG.format_map(fields)
+        if not is_clean(text):
+            # A value with a CR, an escape sequence, U+2028...: escaped,
+            # in the line and in the fields. The fixed parts of the line
+            # need none, so escaping the line escapes each value.
+            text = escape(text)
+            for name, value in fields.items():
+                if type(value) is str and name != "peer":  # escaped already
+                    fields[name] = escape(value)
+        self._log.info("{request_text}", request_text=text, **fields)
 
 
 class PolicyFactory(Factory):
@@ -429,6 +487,10 @@ class PolicyFactory(Factory):
     @ivar request_log: where they are logged: an object with a C{record}
         method like L{pfxpold.requestlog.FileRequestLog}'s, or L{None} for
         an event in twistd's log.
+    @ivar violations: connections closed for breaking the protocol, by
+        kind (C{line_too_long}, C{request_too_large}, C{too_many_attributes},
+        C{not_name_value}, C{bad_attribute_name}, C{empty_line},
+        C{request_timeout}).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -451,6 +513,7 @@ class PolicyFactory(Factory):
         self.request_log = request_log
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
+        self.violations: Counter[str] = Counter()
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
 

@@ -37,18 +37,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pfxpold.config import Configuration
+from pfxpold.escape import escape
+from pfxpold.resources import AcceptErrorLogEndpoint, with_backlog
 
 #: Seconds a new check's or store's C{verify()} may take before the reload
 #: is given up.
 VERIFY_TIMEOUT = 30.0
-
-
-def _printable(text: str) -> str:
-    """
-    C{text} on one line, control characters escaped: an error message may
-    quote a value from the file.
-    """
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _contains(items: Iterable[Any], item: Any) -> bool:
@@ -265,7 +259,7 @@ class Reloader:
         self.last_reload_time = self.reactor.seconds()
         self._log.error(
             "reload failed; still serving the previous configuration: {error}",
-            error=_printable(message),
+            error=escape(message),
         )
         return False
 
@@ -410,7 +404,14 @@ class Reloader:
             if description in service.listening:
                 continue
             try:
-                endpoint = endpoints.serverFromString(self.reactor, description)
+                # Like the listeners made at start: the backlog asked for,
+                # and accept errors (out of open files) kept to a few lines.
+                endpoint = AcceptErrorLogEndpoint(
+                    endpoints.serverFromString(
+                        self.reactor, with_backlog(description, new.backlog)
+                    ),
+                    service.accept_log,
+                )
                 port = await endpoint.listen(service.factory)
             except Exception as e:
                 for _, port in opened:
@@ -420,7 +421,7 @@ class Reloader:
                     "reload: cannot listen on {endpoint}: {reason}; keeping the listeners"
                     " as they are ({listen}); restart pfxpold to apply server.listen",
                     endpoint=description,
-                    reason=_printable(str(reason)),
+                    reason=escape(str(reason)),
                     listen=", ".join(old.listen),
                 )
                 new.listen = old.listen

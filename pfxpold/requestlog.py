@@ -34,6 +34,7 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from pfxpold.escape import escape, is_clean
 from pfxpold.request import PolicyRequest
 
 #: Seconds between writes of what is buffered.
@@ -141,8 +142,14 @@ class FileRequestLog(Service):
         action = decision.action
         line = (
             f"{self._stamp} {request.summary()}: {'no reply' if action is None else action}"
-            f" ({decision.decided_by}, {elapsed_ms:.1f} ms)\n"
+            f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
         )
+        if not is_clean(line):
+            # A value with a CR, an escape sequence, U+2028...: the fixed
+            # parts of the line need no escaping, so escaping the line
+            # escapes each value.
+            line = escape(line)
+        line += "\n"
         self._lines.append(line)
         self._size += len(line)
         if self._size >= self._max_buffered:

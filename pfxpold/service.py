@@ -6,6 +6,7 @@ backends that need starting and stopping.
 from __future__ import annotations
 
 import gc
+import resource
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -20,6 +21,12 @@ from pfxpold.config import Configuration
 from pfxpold.protocol import PolicyFactory
 from pfxpold.reload import ServiceSet
 from pfxpold.requestlog import FileRequestLog
+from pfxpold.resources import (
+    AcceptErrorLog,
+    AcceptErrorLogEndpoint,
+    raise_open_files_limit,
+    with_backlog,
+)
 from pfxpold.workers import RecordingEndpoint, describe_address
 
 
@@ -33,9 +40,18 @@ class PolicyService(MultiService):
     the checks can answer it. On stop (SIGTERM), listeners stop accepting,
     requests in flight are answered for up to C{shutdown_grace} seconds,
     connections are closed, and then the backends stop.
+
+    Before listening, the soft limit of open files is raised to the hard
+    one (each Postfix connection is one), and listeners ask for a listen
+    queue of C{backlog} connections.
+
+    @ivar resource_module: the L{resource} module (tests set a stand-in).
+    @ivar accept_log: what keeps accept errors (out of open files) to a
+        line per interval; counts the others in C{suppressed}.
     """
 
     _log = Logger()
+    resource_module: Any = resource
 
     def __init__(
         self,
@@ -69,6 +85,8 @@ class PolicyService(MultiService):
         self.checks.setServiceParent(self.backends)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
+        self.accept_log = AcceptErrorLog(reactor)
+        self._limit_raised = False
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         #: A worker's adopted sockets, recorded to log what it really serves.
@@ -78,19 +96,33 @@ class PolicyService(MultiService):
         if adopted:
             # A worker process serves the sockets its parent passed it.
             for endpoint in adopted:
-                recorder = RecordingEndpoint(endpoint)
+                recorder = RecordingEndpoint(AcceptErrorLogEndpoint(endpoint, self.accept_log))
                 self.adopted.append(recorder)
                 StreamServerEndpointService(recorder, self.factory).setServiceParent(self.listeners)
             return
         for description in configuration.listen:
-            listener = strports.service(description, self.factory, reactor=reactor)
-            recorder = RecordingEndpoint(listener.endpoint)
+            listener = strports.service(
+                with_backlog(description, configuration.backlog), self.factory, reactor=reactor
+            )
+            recorder = RecordingEndpoint(AcceptErrorLogEndpoint(listener.endpoint, self.accept_log))
             listener.endpoint = recorder
             self.recorders.append(recorder)
             listener.setServiceParent(self.listeners)
             self.listening[description] = listener
 
+    def privilegedStartService(self) -> None:
+        self._raise_open_files_limit()
+        super().privilegedStartService()
+
+    def _raise_open_files_limit(self) -> None:
+        if not self._limit_raised:
+            self._limit_raised = True
+            raise_open_files_limit(self.resource_module)
+
     def startService(self) -> None:
+        # Started without privilegedStartService (a tac file's own service
+        # tree): raise it now, still before listening.
+        self._raise_open_files_limit()
         super().startService()
         listen = self.configuration.listen
         if self.adopted:
@@ -140,6 +172,7 @@ class PolicyService(MultiService):
             # Not awaited: an aborted connection is gone when the reactor
             # stops, whatever its protocol hears.
             self.factory.close_connections(abort=True)
+        self.accept_log.stop()
         await self.backends.stopService()
 
     def stopService(self) -> Deferred[None]:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError, clean_text
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest, parse_ip
 
@@ -241,6 +242,9 @@ class DNSBLCheck(Service):
         # Each source once, in the lists' order: what _subjects computes.
         self._sources = tuple(dict.fromkeys(dns_list.source for dns_list in self.lists))
         self._reversed: dict[str, str] = {}
+        #: Client addresses not looked up because they are not IP
+        #: addresses (for the metrics).
+        self.unusable_addresses = 0
         self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
         self._in_flight: dict[tuple[str, int], list[Deferred[Answer]]] = {}
 
@@ -436,7 +440,7 @@ class DNSBLCheck(Service):
 
     def _failed(self, dns_list: DNSList, failure: Failure) -> None:
         dns_list.failures += 1
-        reason = "timed out" if failure.check(TimeoutError) else failure.getErrorMessage()
+        reason = "timed out" if failure.check(TimeoutError) else escape(failure.getErrorMessage())
         if dns_list.failures >= self.failure_limit:
             dns_list.skip_until = self._clock.seconds() + self.skip_for
             dns_list.failures = 0
@@ -481,9 +485,19 @@ class DNSBLCheck(Service):
         """
         reversed_name = self._reversed.get(client_address)
         if reversed_name is None:
-            address = parse_ip(client_address)
+            # A scoped IPv6 address (fe80::1%eth0) parses, but has no
+            # DNSBL form: the scope is not part of the address.
+            address = parse_ip(client_address) if "%" not in client_address else None
             if address is None:
                 # Not remembered: invalid values must not fill memory.
+                if client_address:
+                    self.unusable_addresses += 1
+                    self._log.info(
+                        "check {check}: client address {address} is not an IP address;"
+                        " not looked up",
+                        check=self.name,
+                        address=escape(client_address),
+                    )
                 return None
             reversed_name = reversed_ip(address)
             if len(self._reversed) >= MAX_REMEMBERED_ADDRESSES:

@@ -23,6 +23,7 @@ from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IStateStore
 from pfxpold.request import PolicyRequest
 from pfxpold.state import EARLY, NEW, PASSED, GreylistState, store_for
@@ -195,8 +196,8 @@ class GreylistCheck:
                 check=self.name,
                 verdict=state.verdict,
                 network=network,
-                sender=sender,
-                recipient=request.recipient,
+                sender=escape(sender),
+                recipient=escape(request.recipient),
                 seconds=wait,
             )
             return Action(self.action.verb, self.action.text.format(seconds=wait))
@@ -206,8 +207,8 @@ class GreylistCheck:
                 "greylist {check}: triplet {network} {sender} -> {recipient} passed after {seconds}s",
                 check=self.name,
                 network=network,
-                sender=sender,
-                recipient=request.recipient,
+                sender=escape(sender),
+                recipient=escape(request.recipient),
                 seconds=waited,
             )
             if self.header:

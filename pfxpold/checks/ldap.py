@@ -26,8 +26,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import Action, ActionError
-from pfxpold.checks._values import template_value
+from pfxpold.checks._values import ControlCharacterGuard, template_value
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
@@ -223,6 +224,7 @@ class LDAPCheck(Service):
             options.integer("max_requests", DEFAULT_MAX_REQUESTS, minimum=1)
         )
         self._cache: dict[str, tuple[float, Action]] = {}
+        self.guard = ControlCharacterGuard(options.name)
         if service is None:
             try:
                 endpoint = clientFromString(self._clock, server)
@@ -287,7 +289,7 @@ class LDAPCheck(Service):
                 "check {check}: bind as {dn} failed: {reason}",
                 check=self.name,
                 dn=self.bind_dn,
-                reason=str(error),
+                reason=escape(str(error)),
             )
             raise error
 
@@ -304,6 +306,10 @@ class LDAPCheck(Service):
         if any(not value for value in values.values()):
             # An empty sender (a bounce) or a missing attribute: nothing to
             # look up.
+            return self.not_found
+        if self.guard.refuses(values.items()):
+            # slapd would stop at a NUL: alice@example.com\x00 would find
+            # alice. No entry holds such a value, so: not found.
             return self.not_found
         search_filter = self.filter.fill(values)
         key = search_filter.asText()

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IStateStore
 from pfxpold.request import PolicyRequest
 from pfxpold.state import Consumption, Counter, store_for
@@ -504,7 +505,7 @@ class QuotaCheck(MultiService):
             "quota {check}: {key} is over its {limit} limit: {count} + {amount} > {max}"
             " {unit}; answering {action}",
             check=self.name,
-            key=identity,
+            key=escape(identity),
             limit=window.name,
             count=total,
             amount=max(amount, 1),

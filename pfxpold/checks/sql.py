@@ -44,7 +44,9 @@ from zope.interface import implementer
 
 from pfxpold.accessmap import attribute_value, check_attribute
 from pfxpold.action import Action, ActionError
+from pfxpold.checks._values import ControlCharacterGuard
 from pfxpold.config import CheckOptions
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
@@ -464,7 +466,7 @@ class Database:
                 self._log.info(
                     "{database}: a connection had failed ({error}); reconnected",
                     database=self.driver.describe(),
-                    error=retried_after,
+                    error=escape(str(retried_after)),
                 )
             result.callback(row)
             return None
@@ -627,6 +629,7 @@ class SQLCheck(Service):
             database = Database(driver, options.reactor, pool_size, max_waiting, query_timeout)
         self.database = database
         self._waiting: dict[tuple, _SharedLookup] = {}
+        self.guard = ControlCharacterGuard(self.check_name)
 
     def startService(self) -> None:
         super().startService()
@@ -661,6 +664,10 @@ class SQLCheck(Service):
         and cannot fill the pool's queue until lookups are refused.
         """
         values = [attribute_value(request, name) for name in self.parameters]
+        if self.guard.refuses(zip(self.parameters, values, strict=True)):
+            # PostgreSQL refuses a NUL in text, SQLite compares it: either
+            # way no row holds such a value, so: not found.
+            return self.not_found
         key = tuple(values)
         cache = self.cache
         if cache is None:

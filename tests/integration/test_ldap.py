@@ -110,6 +110,29 @@ def test_filter_injection(tmp_path, slapd):
         assert ask(daemon.port, sender="a\\2a") == "OK not found"
 
 
+def test_control_characters_not_searched(tmp_path, slapd):
+    """
+    slapd stops reading a value at a NUL, so C{alice@example.com\\x00}
+    would find alice; it is not searched at all: not_found answers, and the
+    log shows the value escaped. So for an escape sequence.
+    """
+    text = config(
+        tmp_path,
+        slapd.port,
+        filter='"(mail={sender})"',
+        found='"REJECT found"',
+        not_found='"OK not found"',
+    )
+    with running_daemon(tmp_path, text) as daemon:
+        assert ask(daemon.port, sender="alice@example.com") == "REJECT found"
+        assert ask(daemon.port, sender="alice@example.com\x00") == "OK not found"
+        assert ask(daemon.port, sender="alice@example.com\x00x") == "OK not found"
+        assert ask(daemon.port, sender="alice@example.com\x1b[2J") == "OK not found"
+        log = daemon.log()
+    assert "sender holds a control character, not looked up: alice@example.com\\x00" in log
+    assert "\x00" not in log and "\x1b" not in log
+
+
 def test_substring_template(tmp_path, slapd):
     """A placeholder inside a substring filter stays a literal value."""
     text = config(tmp_path, slapd.port, filter='"(mail=*@{sender_domain})"', scope='"one"')

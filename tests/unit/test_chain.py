@@ -728,6 +728,60 @@ class RepeatedFailureLoggingTests(SynchronousTestCase):
     logged with its traceback, repeats in one line, and recovery is logged.
     """
 
+    def test_error_messages_escaped(self):
+        """
+        A check error quoting a client's or a backend's control characters
+        (first time, again, or an invalid action) is logged escaped, in one
+        printable line without a traceback; so is the client address of a
+        request that missed the deadline.
+        """
+        outcomes = [LookupError("no \x1b[2J\rFORGED")] * 2 + ["BOGUS\x1b[2J\rverb"]
+
+        @implementer(ICheck)
+        class Hostile:
+            def check(self, request):
+                outcome = outcomes.pop(0)
+                if isinstance(outcome, Exception):
+                    raise outcome
+                return outcome
+
+        clock = Clock()
+        chain = CheckChain(
+            [ChainEntry("hostile", Hostile(), 1.0, ErrorPolicy.parse("skip"))],
+            default_action=None,
+            deadline=5.0,
+            deadline_policy=ErrorPolicy.parse("noreply"),
+            clock=clock,
+        )
+        with capturedLogs() as events:
+            for _ in range(3):
+                chain.decide(make_request())
+        texts = [formatEvent(event) for event in events]
+        self.assertEqual(len(texts), 3, texts)
+        self.assertFalse([event for event in events if "log_failure" in event])
+        for text in texts:
+            self.assertTrue(text.isprintable(), text)
+        self.assertIn("no \\x1b[2J\\x0dFORGED", texts[0])
+        self.assertIn("no \\x1b[2J\\x0dFORGED", texts[1])
+
+        @implementer(ICheck)
+        class Slow:
+            def check(self, request):
+                return Deferred()
+
+        chain = CheckChain(
+            [ChainEntry("slow", Slow(), 10.0, ErrorPolicy.parse("skip"))],
+            default_action=None,
+            deadline=1.0,
+            deadline_policy=ErrorPolicy.parse("DUNNO"),
+            clock=clock,
+        )
+        with capturedLogs() as events:
+            chain.decide(make_request(client_address="192.0.2.1\r\x85"))
+            clock.advance(1.0)
+        [text] = [formatEvent(event) for event in events if "deadline" in formatEvent(event)]
+        self.assertIn("192.0.2.1\\x0d\\x85", text)
+
     def test_repeats_are_one_line_until_recovery(self):
         """Three identical failures give one traceback and two one-line
         warnings; an answer logs recovery; a later failure has a traceback

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DNSServerError
 from zope.interface.verify import verifyObject
@@ -183,6 +184,40 @@ class NameTests(CheckTestCase):
         )
         self.assertAction(check, request, "DUNNO")
         self.assertEqual(resolver.queries, [])
+
+    def test_scoped_ipv6_not_looked_up(self) -> None:
+        """
+        A scoped IPv6 client address (C{fe80::1%eth0}) is not looked up:
+        no query, no failure that C{on_error = "skip"} would turn into a
+        bypass; the other lists still answer, and it is logged once per
+        request, escaped, and counted.
+        """
+        check, resolver, _ = make_check(
+            {"evil.test.rhs.test": {"A": ["127.0.0.2"]}},
+            [
+                {"zone": "bl.test"},
+                {"zone": "bl2.test"},
+                {"zone": "rhs.test", "lookup": "sender_domain", "reason": False},
+            ],
+            action="REJECT {lists}",
+        )
+        for address in ["fe80::1%eth0", "fe80::1%evil.example.com", "::ffff:192.0.2.1%x\x1b"]:
+            with capturedLogs() as events:
+                self.assertAction(check, make_request(client_address=address), "DUNNO")
+                self.assertAction(
+                    check,
+                    make_request(client_address=address, sender="a@evil.test"),
+                    "REJECT rhs.test",
+                )
+            texts = [formatEvent(event) for event in events]
+            self.assertEqual(len(texts), 2, texts)
+            self.assertTrue(all(text.isprintable() for text in texts))
+        self.assertIn("::ffff:192.0.2.1%x\\x1b", texts[0])
+        self.assertEqual(
+            [name for _, name, _ in resolver.queries],
+            ["example.com.rhs.test", "evil.test.rhs.test"],
+        )
+        self.assertEqual(check.unusable_addresses, 6)
 
     def test_sources(self) -> None:
         """Each list asks about its own part of the request, under its zone."""

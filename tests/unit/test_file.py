@@ -99,6 +99,27 @@ class FileCheckTests(CheckTestCase):
         )
         self.assertAction(check, make_request(sender="a@mail.example.com"), "REJECT no")
 
+    def test_control_characters_match_nothing(self):
+        """
+        Values are compared exactly: C{alice@example.com\\x00} (which slapd
+        would read as alice) matches neither alice nor example.com, and
+        answers not_found like any unknown value.
+        """
+        write(self.path, "alice@example.com OK\nexample.org OK\n192.0.2.10 OK\n")
+        check = FileCheck(
+            make_options(
+                reactor=self.clock,
+                map=self.path,
+                lookup=["client_address", "sender"],
+                not_found="REJECT unknown",
+            )
+        )
+        self.assertAction(check, make_request(sender="alice@example.com"), "OK")
+        for sender in ["alice@example.com\x00", "a@example.org\x00", "a@example.org\r"]:
+            self.assertAction(check, make_request(sender=sender), "REJECT unknown")
+        request = make_request(client_address="192.0.2.10\x00", sender="nobody@example.net")
+        self.assertAction(check, request, "REJECT unknown")
+
     def test_case_sensitive_local_part(self):
         """case_sensitive_local_part keeps local parts apart by case."""
         write(self.path, "Joe@example.com OK\n")

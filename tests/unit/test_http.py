@@ -19,6 +19,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface.verify import verifyObject
 
+from pfxpold.checks._values import RefusedValue
 from pfxpold.checks.http import HTTPCheck, ServiceError, read_body, xml_template
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
@@ -199,3 +200,37 @@ class BodyTests(SynchronousTestCase):
         body.cancel()
         self.failureResultOf(body, CancelledError)
         self.assertEqual(response.protocol.transport.producerState, "stopped")
+
+
+class ControlCharacterTests(SynchronousTestCase):
+    """
+    A value with a control character is never sent to the service.
+    """
+
+    def test_sent_value_refused(self) -> None:
+        """
+        A NUL in a value the body would carry fails the check at once
+        (on_error decides), with nothing sent; the refusal is counted.
+        """
+        for options in [
+            {"url": "http://p.example/", "attributes": ["sender"]},
+            {"url": "http://p.example/", "mode": "form"},
+            SOAP_OPTIONS,
+        ]:
+            reactor = MemoryReactorClock()
+            check = HTTPCheck(make_options(reactor=reactor, **options))
+            failure = self.failureResultOf(
+                check.check(make_request(sender="alice@example.com\x00")), RefusedValue
+            )
+            self.assertIn("control character", failure.getErrorMessage())
+            self.assertEqual(reactor.tcpClients, [])
+            self.assertEqual(check.guard.refused, 1)
+
+    def test_unsent_value_not_refused(self) -> None:
+        """A control character in an attribute the body does not carry is no reason."""
+        check = HTTPCheck(make_options(url="http://p.example/", attributes=["recipient"]))
+        self.assertEqual(
+            check.sent_values(make_request(sender="a\x00", recipient="b@example.org")),
+            [("recipient", "b@example.org")],
+        )
+        self.assertFalse(check.guard.refuses(check.sent_values(make_request(sender="a\x00"))))

@@ -14,6 +14,7 @@ from twisted.application.service import IService
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -295,3 +296,46 @@ class ConnectionTests(CheckTestCase):
         self.assertEqual(driver.sent[0].auth, "s3cret")
         refused = LDAPClientTestDriver([pureldap.LDAPBindResponse(resultCode=49)])
         self.failureResultOf(check._prepare(refused))
+
+
+class ControlCharacterTests(CheckTestCase):
+    """
+    A value with a control character is never sent to the directory.
+    """
+
+    def test_nul_not_searched(self) -> None:
+        """
+        C{alice@example.com\\x00} (slapd stops at the NUL and would find
+        alice) answers not_found without a search, logged escaped and
+        counted.
+        """
+        check, driver = make_check(found="OK alice", not_found="REJECT unknown")
+        with capturedLogs() as events:
+            self.assertAction(
+                check, make_request(sender="alice@example.com\x00"), "REJECT unknown"
+            )
+        self.assertEqual(driver.sent, [])
+        self.assertEqual(check.guard.refused, 1)
+        texts = [formatEvent(event) for event in events]
+        self.assertIn("alice@example.com\\x00", " ".join(texts))
+        self.assertTrue(all(text.isprintable() for text in texts))
+
+    def test_other_controls_not_searched(self) -> None:
+        """CR, ESC, DEL and C1 controls are refused as well."""
+        check, driver = make_check(not_found="REJECT unknown")
+        for value in ["a\rb@x.test", "a\x1b[2J@x.test", "a\x7f@x.test", "a\x85@x.test"]:
+            self.assertAction(check, make_request(sender=value), "REJECT unknown")
+        self.assertEqual(driver.sent, [])
+
+    def test_bind_error_escaped(self) -> None:
+        """The directory's own error text is escaped in the bind failure's log line."""
+        path = secret_file(self, "s3cret")
+        check, _ = make_check(bind_dn="cn=pfxpold,dc=x", bind_password_file=path)
+        refused = LDAPClientTestDriver(
+            [pureldap.LDAPBindResponse(resultCode=49, errorMessage="no\r\x1b[2Jway")]
+        )
+        with capturedLogs() as events:
+            self.failureResultOf(check._prepare(refused))
+        [text] = [formatEvent(event) for event in events]
+        self.assertTrue(text.isprintable(), text)
+        self.assertIn("no\\x0d\\x1b[2Jway", text)

@@ -9,13 +9,14 @@ from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pfxpold.action import Action
 from pfxpold.chain import ChainEntry, CheckChain, Decision, ErrorPolicy
+from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.protocol import Limits, PolicyFactory
 from pfxpold.testing import fixture_bytes
@@ -411,6 +412,106 @@ class LimitTests(ProtocolTestCase):
         """A request exactly at the attribute limit is served."""
         self.send(b"".join(b"a%d=1\n" % i for i in range(5)) + b"\n")
         self.assertEqual(self.written(), b"action=DUNNO\n\n")
+
+
+class ViolationCloseTests(ProtocolTestCase):
+    """
+    A violation closes the connection gracefully: the answers written
+    before it are sent, requests still waiting are answered first, and a
+    peer that does not read is dropped after close_timeout.
+    """
+
+    def test_answer_sent_before_close(self):
+        """
+        A valid request and a malformed one in the same write: the valid
+        one's answer is written and the connection closed after it is sent,
+        not aborted.
+        """
+        with capturedLogs():
+            self.send(request_bytes(answer="OK") + b"garbage\n")
+        self.assertEqual(self.written(), b"action=OK\n\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.assertEqual(self.factory.violations, {"not_name_value": 1})
+
+    def test_dropped_when_peer_does_not_read(self):
+        """A closing connection whose answers do not leave is aborted after close_timeout."""
+        with capturedLogs() as events:
+            self.send(request_bytes(answer="OK") + b"\n")
+            self.clock.advance(self.limits.close_timeout - 0.5)
+            self.assertFalse(self.transport.disconnected)
+            self.clock.advance(0.5)
+        self.assertTrue(self.transport.disconnected)
+        self.assertTrue([e for e in events if "did not take its last answers" in e["log_format"]])
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_pending_answered_then_closed(self):
+        """
+        Requests still waiting for a check when the violation comes are
+        answered, in order, and then the connection closes; nothing more
+        is read.
+        """
+        with capturedLogs():
+            self.send(request_bytes(wait=1, answer="OK") + request_bytes(wait=1, answer="HOLD"))
+            self.send(b"sender\n\n" + request_bytes(answer="REJECT never"))
+        self.assertFalse(self.transport.disconnecting)
+        self.decider.fire(1)
+        self.assertEqual(self.written(), b"")
+        self.decider.fire(0)
+        self.assertEqual(self.written(), b"action=OK\n\naction=HOLD\n\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.assertEqual(len(self.decider.requests), 2)
+        self.send(request_bytes(answer="REJECT later"))
+        self.assertEqual(len(self.decider.requests), 2)
+
+
+class EscapedLogTests(ProtocolTestCase):
+    """
+    Client-provided text is escaped in every log line.
+    """
+
+    def test_request_line_escaped(self):
+        """
+        A CR, an escape sequence, U+2028 or a NUL in a value cannot forge
+        or corrupt the request line; the fields are escaped as well.
+        """
+        self.factory.log_requests = True
+        sender = "evil\rRCPT forged[192.0.2.1] from=<x> OK\x1b[2J\u2028\x00@x.test"
+        with capturedLogs() as events:
+            self.send(request_bytes(sender=sender, helo_name="a\\b"))
+        [event] = [e for e in events if "request_text" in e]
+        text = formatEvent(event)
+        self.assertTrue(text.isprintable(), text)
+        self.assertIn(
+            "from=<evil\\x0dRCPT forged[192.0.2.1] from=<x> OK\\x1b[2J\\u2028\\x00@x.test>",
+            text,
+        )
+        self.assertIn("helo=<a\\\\b>", text)
+        self.assertEqual(event["sender"], escape(sender))
+
+    def test_clean_request_line_unchanged(self):
+        """A request without anything to escape is logged as it came."""
+        self.factory.log_requests = True
+        with capturedLogs() as events:
+            self.send(request_bytes(sender="ünï@exämple.test"))
+        [event] = [e for e in events if "request_text" in e]
+        self.assertIn("from=<ünï@exämple.test>", formatEvent(event))
+
+    def test_attribute_name_escaped(self):
+        """A repeated attribute name with a control character is escaped in the warning."""
+        with capturedLogs() as events:
+            self.send(b"a\x1b[31m=1\na\x1b[31m=2\n\n")
+        [event] = [e for e in events if "reason" in e]
+        self.assertTrue(formatEvent(event).isprintable())
+        self.assertIn("a\\x1b[31m", formatEvent(event))
+
+    def test_unix_peer_escaped(self):
+        """A unix socket path with a control character is escaped in the peer's name."""
+        protocol = self.factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport(peerAddress=UNIXAddress(b"/tmp/a\rb")))
+        self.assertEqual(protocol.peer, "unix:/tmp/a\\x0db")
 
 
 class TimeoutTests(ProtocolTestCase):

@@ -81,6 +81,27 @@ class FileRequestLogTests(SynchronousTestCase):
             f"{stamp} {request.summary()}: REJECT go away (senders, 1.2 ms)\n",
         )
 
+    def test_hostile_values_escaped(self):
+        """
+        A CR, an escape sequence, C{\\x0b}, C{\\x85}, U+2028 or a NUL in a
+        value cannot forge or corrupt a line: each request stays one
+        printable line, its values escaped (backslashes doubled).
+        """
+        self.start()
+        sender = "evil\rRCPT forged[192.0.2.1] OK\x1b[2J\x0b\x85\u2028\x00\\@x.test"
+        self.record(sender=sender)
+        self.record(sender="clean@example.com")
+        self.log.flush()
+        lines = read(self.path).split("\n")
+        self.assertEqual(lines[2], "")
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(lines[0].isprintable() and lines[1].isprintable())
+        self.assertIn(
+            "from=<evil\\x0dRCPT forged[192.0.2.1] OK\\x1b[2J\\x0b\\x85\\u2028\\x00\\\\@x.test>",
+            lines[0],
+        )
+        self.assertIn("from=<clean@example.com>", lines[1])
+
     def test_no_reply(self):
         """A request answered with no reply says so."""
         self.start()

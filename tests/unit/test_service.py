@@ -20,6 +20,7 @@ from pfxpold.requestlog import FileRequestLog
 from pfxpold.service import SERVING_GC_THRESHOLD, CollectorTuning, PolicyService
 
 from .tempdir import temporary_directory
+from .test_resources import FakeResource
 
 #: What the checks and listeners did, in order, for the test running now.
 EVENTS = []
@@ -72,6 +73,8 @@ class ServiceTests(SynchronousTestCase):
             self.reactor,
         )
         self.service = PolicyService(self.configuration, self.reactor)
+        # Not the test process's own open-files limit (tests.unit.test_resources).
+        self.service.resource_module = FakeResource(1024, 1024)
         self.check = self.configuration.chain.entries[0].check
         self.check.tree = self.service
         with capturedLogs():

@@ -12,6 +12,7 @@ import sqlite3
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
 from pfxpold.checks.sql import (
@@ -152,11 +153,31 @@ class SQLCheckTests(CheckTestCase):
     def test_hostile_values_stay_values(self):
         """Hostile senders never reach the SQL text; they are bound exactly as sent."""
         check = self.make_check()
-        for sender in HOSTILE:
+        # A NUL is not looked up at all (test_control_characters_not_looked_up).
+        hostile = [sender for sender in HOSTILE if "\x00" not in sender]
+        for sender in hostile:
             run_check(check, make_request(sender=sender))
-        for (sql, values), sender in zip(self.database.lookups, HOSTILE, strict=True):
+        for (sql, values), sender in zip(self.database.lookups, hostile, strict=True):
             self.assertEqual(sql, self.database.lookups[0][0])
             self.assertEqual(values[2], sender)
+
+    def test_control_characters_not_looked_up(self):
+        """
+        A value with a control character (PostgreSQL refuses a NUL, SQLite
+        compares it) is not looked up: not_found answers, logged escaped and
+        counted; a NULL (not an address) is no reason to refuse.
+        """
+        check = self.make_check(not_found="REJECT not allowed")
+        with capturedLogs() as events:
+            for sender in ["a\x00@example.com", "a\r@example.com", "a\x9b@example.com"]:
+                self.assertAction(check, make_request(sender=sender), "REJECT not allowed")
+        self.assertEqual(self.database.lookups, [])
+        self.assertEqual(check.guard.refused, 3)
+        texts = [formatEvent(event) for event in events]
+        self.assertIn("a\\x00@example.com", texts[0])
+        self.assertTrue(all(text.isprintable() for text in texts))
+        run_check(check, make_request(client_address="unknown"))
+        self.assertEqual(len(self.database.lookups), 1)
 
     def test_found_not_found(self):
         """found answers a row, not_found no row."""
