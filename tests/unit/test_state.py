@@ -210,7 +210,7 @@ class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
         return MemoryStore(CheckOptions({}, name="stores.memory", reactor=self.clock))
 
     def entries(self) -> int:
-        return len(self.store.counters)
+        return len(self.store.counts)
 
 
 class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
