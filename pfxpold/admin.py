@@ -253,6 +253,7 @@ async def quota_show(check: QuotaCheck, identity: str) -> dict[str, Any]:
     keys = [key for counter in counters for key in counter.read_keys]
     values: dict[str, CounterValue] = await check.store.counters(keys, now)
     for window, counter in zip(check.windows, counters, strict=True):
+        resets: Optional[float]
         counts = [values[key].count if key in values else 0 for key in counter.read_keys]
         count = sum(counts)
         if window.period == "sliding":
