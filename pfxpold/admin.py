@@ -196,7 +196,10 @@ def prepare_store(store: IStateStore, timeout: float) -> None:
     if isinstance(store, SQLiteStore):
         if not os.path.exists(store.path):
             raise AdminError(f"{store.name}: {store.path}: no such file (has the daemon run?)")
-        store.busy_timeout = timeout
+        # Opening the file when the store starts, then the command, may
+        # each wait for another process's lock: both within the timeout,
+        # so that SQLite's own "database is locked" is what is said.
+        store.busy_timeout = timeout / 2
     if isinstance(store, RedisStore):
         store.client.timeout = timeout
 
@@ -613,7 +616,7 @@ async def execute(reactor: Any, arguments: argparse.Namespace) -> dict[str, Any]
 
 def _describe(store: Any) -> str:
     if isinstance(store, SQLiteStore):
-        return store.path
+        return f"{store.name}: {store.path}"
     if isinstance(store, RedisStore):
         return store.client.description
     return str(store.name)
