@@ -15,7 +15,7 @@ import ipaddress
 import math
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred
@@ -117,14 +117,20 @@ def whitelist_entry(kind: str, value: str, added: float = 0.0, comment: str = ""
 class RuntimeWhitelist:
     """
     A store's run-time whitelist, ready to match.
+
+    @ivar networks: for each IP version, the prefix lengths in use with
+        the set of network numbers (the address's top bits) of that
+        length: a lookup costs one shift and one set look-up per length
+        in use, however many networks there are.
+    @ivar domains: sender domains (their subdomains match too).
     """
 
-    networks: tuple[Union[ipaddress.IPv4Network, ipaddress.IPv6Network], ...] = ()
+    networks: dict[int, tuple[tuple[int, frozenset[int]], ...]] = field(default_factory=dict)
     domains: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, entries: list[WhitelistEntry]) -> RuntimeWhitelist:
-        networks = []
+        numbers: dict[int, dict[int, set[int]]] = {}
         domains = set()
         for entry in entries:
             try:
@@ -134,20 +140,36 @@ class RuntimeWhitelist:
                 # failing every request.
                 continue
             if entry.kind == WHITELIST_CLIENT:
-                networks.append(ipaddress.ip_network(entry.value))
+                network = ipaddress.ip_network(entry.value)
+                shift = network.max_prefixlen - network.prefixlen
+                by_length = numbers.setdefault(network.version, {})
+                by_length.setdefault(network.prefixlen, set()).add(
+                    int(network.network_address) >> shift
+                )
             else:
                 domains.add(entry.value)
-        return cls(tuple(networks), frozenset(domains))
+        networks = {
+            version: tuple((length, frozenset(values)) for length, values in by_length.items())
+            for version, by_length in numbers.items()
+        }
+        return cls(networks, frozenset(domains))
 
     def covers(self, address: IPAddress, sender: str) -> bool:
         """
         Whether the client C{address} or the domain of the (normalised)
         C{sender} is on this whitelist.
         """
-        if any(address in network for network in self.networks):
-            return True
+        lengths = self.networks.get(address.version)
+        if lengths:
+            number = int(address)
+            bits = address.max_prefixlen
+            for length, values in lengths:
+                if number >> (bits - length) in values:
+                    return True
+        if not self.domains:
+            return False
         _, at, domain = sender.rpartition("@")
-        return bool(at and domain and self.domains) and _in_domains(domain, self.domains)
+        return bool(at and domain) and _in_domains(domain, self.domains)
 
 
 @implementer(ICheck)
