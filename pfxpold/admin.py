@@ -224,14 +224,15 @@ def quota_identity(check: QuotaCheck, arguments: argparse.Namespace) -> str:
         return str(arguments.identity)
     identity = check.identity(_request(arguments))
     if identity is None:
-        options = " ".join("--" + part.replace("_", "-") for part in check.key_parts)
-        options = options.replace("--sender-domain", "--sender").replace(
-            "--client-network", "--client-address"
+        # The option each key part is computed from, once each.
+        given_by = {"sender_domain": "sender", "client_network": "client_address"}
+        given_by["recipient_domain"] = "recipient"
+        options = dict.fromkeys(
+            "--" + given_by.get(part, part).replace("_", "-") for part in check.key_parts
         )
-        options = options.replace("--recipient-domain", "--recipient")
         raise AdminError(
             f"quota {check.name} counts by {', '.join(check.key_parts)}:"
-            f" give {options} (or --identity)"
+            f" give {' '.join(options)} (or --identity)"
         )
     return identity
 

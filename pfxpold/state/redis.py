@@ -7,6 +7,13 @@ command runs between a script's reads and writes. Keys carry an absolute
 expiry (PEXPIREAT computed from the window's end), so every writer of a
 key sets the same expiry and a fixed window stays fixed. The keys of one
 operation share a hash tag, so the scripts also work on Redis Cluster.
+
+A greylisting triplet's hash also holds the triplet in clear (written with
+its first attempt, in the same HSET), so that C{pfxpold-admin} can list
+entries by client, sender or recipient: it finds them with SCAN under the
+check's key prefix, which never blocks Redis, and no index is kept on the
+daemon's path. The run-time whitelist is one hash per store
+(L{WHITELIST_KEY}), which the greylist checks read every few seconds.
 """
 
 from __future__ import annotations

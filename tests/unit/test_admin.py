@@ -186,6 +186,36 @@ class CommandTests(SynchronousTestCase):
             str(error), "quota q counts by sasl_username: give --sasl-username (or --identity)"
         )
 
+    def test_quota_identity_options_named_once(self) -> None:
+        """
+        Key parts computed from one option (sender and sender_domain)
+        name it once.
+        """
+        check = QuotaCheck(
+            self.options(
+                "q2",
+                key=["sender", "sender_domain", "client_network"],
+                limits=[{"period": "hour", "max": 5}],
+            )
+        )
+        error = self.assertRaises(
+            admin.AdminError,
+            admin.quota_identity,
+            check,
+            self.arguments("quota", "show", "--client-address", "192.0.2.1"),
+        )
+        self.assertEqual(
+            str(error),
+            "quota q2 counts by sender, sender_domain, client_network:"
+            " give --sender --client-address (or --identity)",
+        )
+        arguments = self.arguments(
+            "quota", "show", "--client-address", "192.0.2.1", "--sender", "a@Example.com"
+        )
+        self.assertEqual(
+            admin.quota_identity(check, arguments), "a@example.com,example.com,192.0.2.0/24"
+        )
+
     def test_quota_reset(self) -> None:
         """
         reset forgets one identity's counts (the next message passes where
