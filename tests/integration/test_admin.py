@@ -17,21 +17,11 @@ from typing import Any, Optional
 
 import pytest
 
+from tests.integration import test_state_stores as state_stores
 from tests.integration.redis_server import RedisServer, running_redis
 from tests.integration.support import daemon_environment, free_port, running_daemon
+from tests.integration.test_state_stores import EOM
 
-EOM = {
-    "request": "smtpd_access_policy",
-    "protocol_state": "END-OF-MESSAGE",
-    "protocol_name": "ESMTP",
-    "client_address": "192.0.2.10",
-    "client_name": "client.example",
-    "sender": "app@example.com",
-    "recipient": "",
-    "recipient_count": "1",
-    "size": "1000",
-    "queue_id": "4AB12",
-}
 RCPT = dict(EOM, protocol_state="RCPT", recipient="bob@example.net", recipient_count="0")
 
 
@@ -43,14 +33,9 @@ def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 
 
 def store_table(kind: str, redis: Optional[RedisServer], directory: str) -> str:
-    if kind == "redis":
-        assert redis is not None
-        # A prefix per test directory: tests sharing the server never meet.
-        prefix = f"t{abs(hash(directory))}:"
-        return (
-            f'[stores.main]\ntype = "redis"\nendpoint = "{redis.endpoint}"\nprefix = "{prefix}"\n'
-        )
-    return f'[stores.main]\ntype = "sqlite"\npath = "{os.path.join(directory, "state.sqlite3")}"\n'
+    table = state_stores.store_table(kind, redis, directory)
+    # A prefix per test directory: tests sharing the server never meet.
+    return table + (f'prefix = "t{abs(hash(directory))}:"\n' if kind == "redis" else "")
 
 
 def config(store: str) -> str:
