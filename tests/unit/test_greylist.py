@@ -347,7 +347,8 @@ class GreylistTests(CheckTestCase):
     def test_runtime_whitelist_one_read(self) -> None:
         """
         Requests that come while the whitelist is read wait for that one
-        read; a failed read fails them (on_error applies) and is not kept.
+        read; a failed read fails them (on_error applies) and is not kept;
+        a request given up meanwhile (cancelled) is left alone.
         """
         check = self.make(whitelist_refresh=10)
         pending: list[Deferred[Any]] = []
@@ -365,7 +366,11 @@ class GreylistTests(CheckTestCase):
         self.failureResultOf(second, StoreError)
         third = run_check(check, self.request())
         self.assertEqual(len(pending), 2)
+        cancelled = run_check(check, self.request(recipient="dave@example.net"))
+        cancelled.cancel()
+        self.failureResultOf(cancelled)
         pending[1].callback([WhitelistEntry("client", "192.0.2.10/32"), WhitelistEntry("x", "y")])
+        self.assertIsNone(self.successResultOf(pending[1]))
         self.assertEqual(str(self.successResultOf(third)), "DUNNO")
         self.assertEqual(len(pending), 2)
 
