@@ -48,6 +48,7 @@ setup(
     entry_points={
         "console_scripts": [
             "pfxpold-query = pfxpold.query:main",
+            "pfxpold-admin = pfxpold.admin:main",
         ],
     },
     classifiers=[

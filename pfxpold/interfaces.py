@@ -112,7 +112,7 @@ class IStateStore(Interface):
         @return: a Deferred that fires with L{None}.
         """
 
-    def greylist(triplet, client, now, delay, retry_window, lifetime, whitelist_after):
+    def greylist(triplet, client, now, delay, retry_window, lifetime, whitelist_after, clear=None):
         """
         Record an attempt of the greylisting C{triplet} and say what it is.
 
@@ -128,6 +128,10 @@ class IStateStore(Interface):
         @param whitelist_after: passed triplets after which the client is
             whitelisted; C{0} to never auto-whitelist.
 
+        @param clear: the triplet in clear (a L{pfxpold.state.Triplet}),
+            kept with a new entry for L{greylist_entries}; L{None} keeps
+            nothing.
+
         @return: a Deferred that fires with a L{pfxpold.state.GreylistState}.
         """
 
@@ -137,4 +141,72 @@ class IStateStore(Interface):
         expire by themselves (Redis) do nothing.
 
         @return: a Deferred that fires with the number of entries removed.
+        """
+
+    # What pfxpold-admin asks; the daemon's hot path never calls these.
+
+    def counters(keys, now):
+        """
+        Read counter keys.
+
+        @param keys: the keys (a counter's C{read_keys}).
+        @type keys: sequence of L{str}
+        @return: a Deferred that fires with a L{dict} from each key that is
+            live at C{now} to its L{pfxpold.state.CounterValue}.
+        """
+
+    def reset(keys):
+        """
+        Forget counter keys.
+
+        @return: a Deferred that fires with the number of keys removed.
+        """
+
+    def reset_prefix(prefix):
+        """
+        Forget every counter whose key starts with C{prefix} (every count
+        of one quota check).
+
+        @return: a Deferred that fires with the number of keys removed.
+        """
+
+    def greylist_entries(prefix, now, network=None, sender=None, recipient=None):
+        """
+        The live greylisting entries whose key starts with C{prefix} and
+        whose clear triplet has the given parts (any part given as L{None}
+        matches everything; entries without a clear triplet match only
+        when no part is given).
+
+        @return: a Deferred that fires with a L{list} of
+            L{pfxpold.state.GreylistEntry}, oldest first.
+        """
+
+    def delete_greylist(keys):
+        """
+        Forget greylisting entries (triplets or auto-whitelisted clients)
+        by key.
+
+        @return: a Deferred that fires with the number of entries removed.
+        """
+
+    def whitelist_add(entry):
+        """
+        Add (or replace) a L{pfxpold.state.WhitelistEntry} of the store's
+        run-time whitelist, which every greylist check on the store
+        honours.
+
+        @return: a Deferred that fires with L{None}.
+        """
+
+    def whitelist_remove(kind, value):
+        """
+        Remove a run-time whitelist entry.
+
+        @return: a Deferred that fires with whether there was one.
+        """
+
+    def whitelist_list():
+        """
+        @return: a Deferred that fires with the run-time whitelist: a
+            L{list} of L{pfxpold.state.WhitelistEntry} by kind and value.
         """

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from pfxpold.state import Counter
+from pfxpold.state import Counter, Triplet
 
 #: Window length of the generated counters.
 WINDOW = 600
@@ -39,7 +39,9 @@ def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tupl
     C{count} random operations on a few keys, so that they collide:
     C{("advance", seconds)}, C{("consume", ((name, limit), ...), amount)},
     C{("release", name, amount)}, C{("greylist", triplet, client,
-    whitelist_after)}, C{("expire",)}.
+    whitelist_after)}, C{("expire",)}, and what pfxpold-admin does:
+    C{("reset", name)}, C{("forget", triplet)}, C{("entries", sender)},
+    C{("read", name)}.
     """
     rng = random.Random(seed)
     for _ in range(count):
@@ -59,6 +61,14 @@ def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tupl
                 f"{{model}}:c{rng.randint(1, 2)}",
                 rng.choice([0, 2]),
             )
+        elif roll < 0.96:
+            yield ("reset", rng.choice("abc"))
+        elif roll < 0.97:
+            yield ("forget", f"{{model}}:t{rng.randint(1, 3)}")
+        elif roll < 0.98:
+            yield ("entries", rng.choice([None, "s1", "s2"]))
+        elif roll < 0.99:
+            yield ("read", rng.choice("abc"))
         else:
             yield ("expire",)
 
@@ -79,8 +89,27 @@ def apply(store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0
         return store.release([counter(operation[1], 0, now, slack)], operation[2], now)
     if kind == "greylist":
         _, triplet, client, after = operation
-        d = store.greylist(triplet, client, now, DELAY, RETRY_WINDOW, LIFETIME, after)
+        # The clear triplet of t1 and t2 share a sender, t3 has none kept.
+        clear = None if triplet.endswith("t3") else Triplet("n", f"s{triplet[-1]}", "r")
+        d = store.greylist(triplet, client, now, DELAY, RETRY_WINDOW, LIFETIME, after, clear)
         return d.addCallback(lambda state: (state.verdict, state.first_seen))
+    # Removal counts are not compared (stores differ in when they drop an
+    # expired entry, as for expire); their effect shows in later answers.
+    if kind == "reset":
+        keys = counter(operation[1], 0, now, slack).read_keys
+        return store.reset(keys).addCallback(lambda count: None)
+    if kind == "forget":
+        return store.delete_greylist([operation[1]]).addCallback(lambda count: None)
+    if kind == "entries":
+        d = store.greylist_entries("{model}:", now, sender=operation[1])
+        return d.addCallback(
+            lambda entries: sorted((e.key, e.triplet, e.first_seen, e.passes) for e in entries)
+        )
+    if kind == "read":
+        keys = counter(operation[1], 0, now, slack).read_keys
+        d = store.counters(keys, now)
+        # Redis reads expiry back through PTTL, in milliseconds: counts only.
+        return d.addCallback(lambda found: {key: value.count for key, value in found.items()})
     if kind == "expire":
         return store.expire(now).addCallback(lambda count: None)
     raise ValueError(operation)

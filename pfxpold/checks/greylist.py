@@ -15,20 +15,34 @@ import ipaddress
 import math
 import re
 import socket
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IStateStore
-from pfxpold.request import PolicyRequest
-from pfxpold.state import EARLY, NEW, PASSED, GreylistState, store_for
+from pfxpold.request import IPAddress, PolicyRequest
+from pfxpold.state import (
+    EARLY,
+    NEW,
+    PASSED,
+    WHITELIST_CLIENT,
+    WHITELIST_SENDER,
+    GreylistState,
+    Triplet,
+    WhitelistEntry,
+    store_for,
+)
 
 DEFAULT_ACTION = "DEFER_IF_PERMIT Greylisted, please try again in {seconds} seconds"
+#: Seconds the store's run-time whitelist is kept before it is read again.
+DEFAULT_WHITELIST_REFRESH = 10.0
 
 _SRS0 = re.compile(r"^SRS0[=+-][^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
 _SRS1 = re.compile(r"^SRS1[=+-][^=]*=[^=]*==[^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
@@ -76,6 +90,87 @@ def _in_domains(name: str, domains: frozenset[str]) -> bool:
         if not dot:
             return False
     return False
+
+
+def whitelist_entry(kind: str, value: str, added: float = 0.0, comment: str = "") -> WhitelistEntry:
+    """
+    A run-time whitelist entry, its value in the form the check compares:
+    a network in its canonical form, a domain lowercased.
+
+    @raise ValueError: when C{value} is not a network (or an address) for
+        L{WHITELIST_CLIENT}, not a domain for L{WHITELIST_SENDER}.
+    """
+    if kind == WHITELIST_CLIENT:
+        try:
+            network = ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network or an address") from None
+        return WhitelistEntry(kind, str(network), added, comment)
+    if kind == WHITELIST_SENDER:
+        domain = value.strip().lower().strip(".")
+        if not domain or any(c.isspace() or c in "@/\\" for c in domain):
+            raise ValueError(f"{value!r} is not a domain")
+        return WhitelistEntry(kind, domain, added, comment)
+    raise ValueError(f"{kind!r} is not a kind of whitelist entry")
+
+
+@dataclass(frozen=True)
+class RuntimeWhitelist:
+    """
+    A store's run-time whitelist, ready to match.
+
+    @ivar networks: for each IP version, the prefix lengths in use with
+        the set of network numbers (the address's top bits) of that
+        length: a lookup costs one shift and one set look-up per length
+        in use, however many networks there are.
+    @ivar domains: sender domains (their subdomains match too).
+    """
+
+    networks: dict[int, tuple[tuple[int, frozenset[int]], ...]] = field(default_factory=dict)
+    domains: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, entries: list[WhitelistEntry]) -> RuntimeWhitelist:
+        numbers: dict[int, dict[int, set[int]]] = {}
+        domains = set()
+        for entry in entries:
+            try:
+                entry = whitelist_entry(entry.kind, entry.value)
+            except ValueError:
+                # Written by hand into the store: skipped rather than
+                # failing every request.
+                continue
+            if entry.kind == WHITELIST_CLIENT:
+                network = ipaddress.ip_network(entry.value)
+                shift = network.max_prefixlen - network.prefixlen
+                by_length = numbers.setdefault(network.version, {})
+                by_length.setdefault(network.prefixlen, set()).add(
+                    int(network.network_address) >> shift
+                )
+            else:
+                domains.add(entry.value)
+        networks = {
+            version: tuple((length, frozenset(values)) for length, values in by_length.items())
+            for version, by_length in numbers.items()
+        }
+        return cls(networks, frozenset(domains))
+
+    def covers(self, address: IPAddress, sender: str) -> bool:
+        """
+        Whether the client C{address} or the domain of the (normalised)
+        C{sender} is on this whitelist.
+        """
+        lengths = self.networks.get(address.version)
+        if lengths:
+            number = int(address)
+            bits = address.max_prefixlen
+            for length, values in lengths:
+                if number >> (bits - length) in values:
+                    return True
+        if not self.domains:
+            return False
+        _, at, domain = sender.rpartition("@")
+        return bool(at and domain) and _in_domains(domain, self.domains)
 
 
 @implementer(ICheck)
@@ -126,7 +221,13 @@ class GreylistCheck:
         self.header = options.boolean("header", False)
         self.hostname = options.string("hostname", socket.gethostname())
         self.time_offset = options.number("time_offset", 0.0)
+        self.whitelist_refresh = options.number("whitelist_refresh", DEFAULT_WHITELIST_REFRESH)
+        if self.whitelist_refresh < 0:
+            raise options.error("whitelist_refresh", "must be 0 or more seconds")
         self.store: IStateStore = store_for(options)
+        self._runtime: Optional[RuntimeWhitelist] = None
+        self._runtime_until = 0.0
+        self._runtime_waiters: Optional[list[Deferred[RuntimeWhitelist]]] = None
 
     def now(self) -> float:
         """
@@ -142,8 +243,83 @@ class GreylistCheck:
         address = request.client_ip
         if address is None:
             return None
+        return self.client_network(address)
+
+    def client_network(self, address: IPAddress) -> str:
+        """
+        The client network of the triplet for a client C{address}.
+        """
         prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
         return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+    def triplet(self, network: str, sender: str, recipient: str) -> Triplet:
+        """
+        The triplet as this check compares it: the sender normalised (see
+        L{normalise_sender}), the recipient's domain lowercased.
+        """
+        sender = normalise_sender(
+            sender, self.extension_separators, self.strip_batv, self.strip_srs
+        )
+        local, at, domain = recipient.rpartition("@")
+        return Triplet(network, sender, f"{local}@{domain.lower()}" if at else recipient)
+
+    def key_prefix(self, network: Optional[str] = None) -> str:
+        """
+        What the keys of this check's triplets start with: all of them, or
+        those of one client network.
+        """
+        if network is None:
+            return f"greylist:{{{self.name}:"
+        return f"greylist:{{{self.name}:{network}}}:t:"
+
+    def keys(self, triplet: Triplet) -> tuple[str, str]:
+        """
+        The store keys of a triplet and of its client network (which
+        counts the network's passed triplets for auto-whitelisting).
+        """
+        digest = hashlib.sha256(
+            f"{triplet.network}\0{triplet.sender}\0{triplet.recipient}".encode()
+        ).hexdigest()[:40]
+        # The braces are a Redis hash tag: a client's keys share a slot.
+        base = f"greylist:{{{self.name}:{triplet.network}}}"
+        return f"{base}:t:{digest}", f"{base}:client"
+
+    def runtime_whitelist(self) -> Union[RuntimeWhitelist, Deferred[RuntimeWhitelist]]:
+        """
+        The store's run-time whitelist (what C{pfxpold-admin whitelist}
+        adds), read again once C{whitelist_refresh} seconds passed since it
+        was last read. Requests that come while it is read wait for that
+        one read.
+
+        @return: the whitelist, or a Deferred that fires with it (or fails
+            when the store cannot be read; nothing is kept then, so the
+            next request reads again).
+        """
+        now = self.reactor.seconds()
+        if self._runtime is not None and now < self._runtime_until:
+            return self._runtime
+        waiter: Deferred[RuntimeWhitelist] = Deferred()
+        if self._runtime_waiters is not None:
+            self._runtime_waiters.append(waiter)
+            return waiter
+        self._runtime_waiters = [waiter]
+
+        def read(entries: list[WhitelistEntry]) -> RuntimeWhitelist:
+            self._runtime = RuntimeWhitelist.of(entries)
+            self._runtime_until = now + self.whitelist_refresh
+            return self._runtime
+
+        def settle(result: Union[RuntimeWhitelist, Failure]) -> None:
+            waiters, self._runtime_waiters = self._runtime_waiters or [], None
+            for each in waiters:
+                if isinstance(result, Failure):
+                    each.errback(result)
+                else:
+                    each.callback(result)
+
+        d = self.store.whitelist_list()
+        d.addCallback(read).addBoth(settle)
+        return waiter
 
     def whitelisted(self, request: PolicyRequest) -> bool:
         """
@@ -162,28 +338,39 @@ class GreylistCheck:
         # Only RCPT has the recipient of the triplet.
         if request.protocol_state != "RCPT" or not request.recipient:
             return DUNNO
-        network = self.network(request)
-        if network is None or self.whitelisted(request):
+        address = request.client_ip
+        if address is None or self.whitelisted(request):
             return DUNNO
-        sender = normalise_sender(
-            request.sender, self.extension_separators, self.strip_batv, self.strip_srs
-        )
-        local, at, domain = request.recipient.rpartition("@")
-        recipient = f"{local}@{domain.lower()}" if at else request.recipient
-        digest = hashlib.sha256(f"{network}\0{sender}\0{recipient}".encode()).hexdigest()[:40]
-        # The braces are a Redis hash tag: a client's keys share a slot.
-        base = f"greylist:{{{self.name}:{network}}}"
+        triplet = self.triplet(self.client_network(address), request.sender, request.recipient)
+        runtime = self.runtime_whitelist()
+        if isinstance(runtime, Deferred):
+            return runtime.addCallback(
+                lambda runtime: self._greylist(request, address, triplet, runtime)
+            )
+        return self._greylist(request, address, triplet, runtime)
+
+    def _greylist(
+        self,
+        request: PolicyRequest,
+        address: IPAddress,
+        triplet: Triplet,
+        runtime: RuntimeWhitelist,
+    ) -> Any:
+        if runtime.covers(address, triplet.sender):
+            return DUNNO
+        triplet_key, client_key = self.keys(triplet)
         now = self.now()
         d: Deferred[GreylistState] = self.store.greylist(
-            f"{base}:t:{digest}",
-            f"{base}:client",
+            triplet_key,
+            client_key,
             now,
             self.delay,
             self.retry_window,
             self.lifetime,
             self.whitelist_after,
+            triplet,
         )
-        return d.addCallback(self._answer, request, network, sender, now)
+        return d.addCallback(self._answer, request, triplet.network, triplet.sender, now)
 
     def _answer(
         self, state: GreylistState, request: PolicyRequest, network: str, sender: str, now: float

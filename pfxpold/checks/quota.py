@@ -438,7 +438,13 @@ class QuotaCheck(MultiService):
             values.append(value)
         return ",".join(values)
 
-    def _prefix(self, identity: str) -> str:
+    def key_prefix(self, identity: Optional[str] = None) -> str:
+        """
+        What the keys of an C{identity}'s counters start with (every
+        window's, every bucket's), or of every identity's when L{None}.
+        """
+        if identity is None:
+            return f"quota:{{{self.name}:"
         if len(identity) > _MAX_IDENTITY or "{" in identity or "}" in identity:
             identity = "sha256:" + hashlib.sha256(identity.encode("utf-8")).hexdigest()
         # The braces are a Redis hash tag: one identity's keys share a slot.
@@ -472,7 +478,7 @@ class QuotaCheck(MultiService):
             }
         )
 
-    def _counters(self, identity: str, now: float, room: int = 0) -> tuple[Counter, ...]:
+    def counters_for(self, identity: str, now: float, room: int = 0) -> tuple[Counter, ...]:
         """
         The identity's counters at C{now}, their limits lowered by C{room}.
 
@@ -481,7 +487,7 @@ class QuotaCheck(MultiService):
         limits = self.overrides.get(identity, {})
         if limits is None:
             return ()
-        prefix = self._prefix(identity)
+        prefix = self.key_prefix(identity)
         return tuple(
             window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
             for window in self.windows
@@ -534,7 +540,7 @@ class QuotaCheck(MultiService):
         if amount <= 0:
             return DUNNO
         now = self.now()
-        counters = self._counters(identity, now)
+        counters = self.counters_for(identity, now)
         if not counters:
             return DUNNO
         reservation = _Reservation(counters, amount)
@@ -580,7 +586,7 @@ class QuotaCheck(MultiService):
         identity = self.identity(request)
         if identity is None:
             return DUNNO
-        counters = self._counters(identity, self.now(), room=1)
+        counters = self.counters_for(identity, self.now(), room=1)
         if not counters:
             return DUNNO
 

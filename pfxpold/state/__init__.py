@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from pfxpold.config import CheckOptions, ConfigError
 from pfxpold.interfaces import IStateStore
@@ -94,6 +94,73 @@ class GreylistState:
 
     verdict: str
     first_seen: float
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """
+    A greylisting triplet in clear, as the greylist check compares it
+    (sender and recipient normalised), kept with the entry so that
+    C{pfxpold-admin} can list entries by any of its parts.
+    """
+
+    network: str
+    sender: str
+    recipient: str
+
+
+@dataclass(frozen=True)
+class GreylistEntry:
+    """
+    One greylisting triplet as the store holds it.
+
+    @ivar key: the triplet's key (what L{IStateStore.delete_greylist} takes).
+    @ivar triplet: the clear triplet, or L{None} for an entry first seen
+        before the store kept it.
+    @ivar first_seen: when the triplet was first seen.
+    @ivar passes: how many times it passed (0: still waiting).
+    @ivar expires_at: when the store forgets it.
+    """
+
+    key: str
+    triplet: Optional[Triplet]
+    first_seen: float
+    passes: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class CounterValue:
+    """
+    A live counter key's value (see L{IStateStore.counters}).
+    """
+
+    count: int
+    expires_at: float
+
+
+#: Kinds of run-time whitelist entries.
+WHITELIST_CLIENT = "client"
+WHITELIST_SENDER = "sender"
+WHITELIST_KINDS = (WHITELIST_CLIENT, WHITELIST_SENDER)
+
+
+@dataclass(frozen=True)
+class WhitelistEntry:
+    """
+    One entry of a store's run-time greylisting whitelist.
+
+    @ivar kind: L{WHITELIST_CLIENT} (C{value} is a network, e.g.
+        C{"192.0.2.0/24"}) or L{WHITELIST_SENDER} (C{value} is a sender
+        domain; its subdomains match too).
+    @ivar added: when it was added.
+    @ivar comment: why, in the admin's words.
+    """
+
+    kind: str
+    value: str
+    added: float = 0.0
+    comment: str = ""
 
 
 def _store_types() -> dict[str, Callable[[CheckOptions], Any]]:

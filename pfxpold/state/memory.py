@@ -9,7 +9,7 @@ without locks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
@@ -27,7 +27,11 @@ from pfxpold.state import (
     WHITELISTED,
     Consumption,
     Counter,
+    CounterValue,
+    GreylistEntry,
     GreylistState,
+    Triplet,
+    WhitelistEntry,
 )
 
 #: Seconds between two sweeps of expired entries, by default.
@@ -79,14 +83,18 @@ class MemoryStore(ExpiringStore):
     def __init__(self, options: CheckOptions) -> None:
         super().__init__(options)
         #: key -> [count, expires_at]
-        self.counters: dict[str, list[float]] = {}
+        self.counts: dict[str, list[float]] = {}
         #: triplet -> [first_seen, passes, expires_at]
         self.triplets: dict[str, list[float]] = {}
+        #: triplet -> the triplet in clear, for listing
+        self.clear: dict[str, Triplet] = {}
+        #: (kind, value) -> the run-time whitelist entry
+        self.whitelist: dict[tuple[str, str], WhitelistEntry] = {}
         #: client -> [passes, expires_at]
         self.clients: dict[str, list[float]] = {}
 
     def _count(self, key: str, now: float) -> int:
-        entry = self.counters.get(key)
+        entry = self.counts.get(key)
         if entry is None or entry[1] <= now:
             return 0
         return int(entry[0])
@@ -98,9 +106,9 @@ class MemoryStore(ExpiringStore):
         if any(total + amount > c.limit for total, c in zip(totals, counters, strict=True)):
             return succeed(Consumption(False, tuple(totals)))
         for c in counters:
-            entry = self.counters.get(c.key)
+            entry = self.counts.get(c.key)
             if entry is None or entry[1] <= now:
-                self.counters[c.key] = [amount, c.expires_at]
+                self.counts[c.key] = [amount, c.expires_at]
             else:
                 entry[0] += amount
                 entry[1] = max(entry[1], c.expires_at)
@@ -108,7 +116,7 @@ class MemoryStore(ExpiringStore):
 
     def release(self, counters: Sequence[Counter], amount: int, now: float) -> Deferred[None]:
         for c in counters:
-            entry = self.counters.get(c.key)
+            entry = self.counts.get(c.key)
             if entry is not None:
                 entry[0] = max(0, entry[0] - amount)
         return succeed(None)
@@ -122,6 +130,7 @@ class MemoryStore(ExpiringStore):
         retry_window: float,
         lifetime: float,
         whitelist_after: int,
+        clear: Optional[Triplet] = None,
     ) -> Deferred[GreylistState]:
         if whitelist_after:
             seen = self.clients.get(client)
@@ -131,6 +140,10 @@ class MemoryStore(ExpiringStore):
         entry = self.triplets.get(triplet)
         if entry is None or entry[2] <= now or (entry[1] == 0 and now > entry[0] + retry_window):
             self.triplets[triplet] = [now, 0, now + retry_window]
+            if clear is not None:
+                self.clear[triplet] = clear
+            else:
+                self.clear.pop(triplet, None)
             return succeed(GreylistState(NEW, now))
         first_seen, passes, _ = entry
         if passes == 0 and now < first_seen + delay:
@@ -150,9 +163,86 @@ class MemoryStore(ExpiringStore):
 
     def expire(self, now: float) -> Deferred[int]:
         removed = 0
-        for table, position in ((self.counters, 1), (self.triplets, 2), (self.clients, 1)):
+        for table, position in ((self.counts, 1), (self.triplets, 2), (self.clients, 1)):
             expired = [key for key, entry in table.items() if entry[position] <= now]
             for key in expired:
                 del table[key]
+                if table is self.triplets:
+                    self.clear.pop(key, None)
             removed += len(expired)
         return succeed(removed)
+
+    def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
+        found = {}
+        for key in keys:
+            entry = self.counts.get(key)
+            if entry is not None and entry[1] > now:
+                found[key] = CounterValue(int(entry[0]), entry[1])
+        return succeed(found)
+
+    def reset(self, keys: Sequence[str]) -> Deferred[int]:
+        removed = 0
+        for key in keys:
+            if self.counts.pop(key, None) is not None:
+                removed += 1
+        return succeed(removed)
+
+    def reset_prefix(self, prefix: str) -> Deferred[int]:
+        return self.reset([key for key in self.counts if key.startswith(prefix)])
+
+    def greylist_entries(
+        self,
+        prefix: str,
+        now: float,
+        network: Optional[str] = None,
+        sender: Optional[str] = None,
+        recipient: Optional[str] = None,
+    ) -> Deferred[list[GreylistEntry]]:
+        found = []
+        for key, (first_seen, passes, expires_at) in self.triplets.items():
+            if not key.startswith(prefix) or expires_at <= now:
+                continue
+            entry = GreylistEntry(key, self.clear.get(key), first_seen, int(passes), expires_at)
+            if matches(entry, network, sender, recipient):
+                found.append(entry)
+        found.sort(key=lambda entry: (entry.first_seen, entry.key))
+        return succeed(found)
+
+    def delete_greylist(self, keys: Sequence[str]) -> Deferred[int]:
+        removed = 0
+        for key in keys:
+            self.clear.pop(key, None)
+            if self.triplets.pop(key, None) is not None or self.clients.pop(key, None) is not None:
+                removed += 1
+        return succeed(removed)
+
+    def whitelist_add(self, entry: WhitelistEntry) -> Deferred[None]:
+        self.whitelist[(entry.kind, entry.value)] = entry
+        return succeed(None)
+
+    def whitelist_remove(self, kind: str, value: str) -> Deferred[bool]:
+        return succeed(self.whitelist.pop((kind, value), None) is not None)
+
+    def whitelist_list(self) -> Deferred[list[WhitelistEntry]]:
+        return succeed([self.whitelist[key] for key in sorted(self.whitelist)])
+
+
+def matches(
+    entry: GreylistEntry,
+    network: Optional[str],
+    sender: Optional[str],
+    recipient: Optional[str],
+) -> bool:
+    """
+    Whether C{entry}'s clear triplet has the parts given (L{None}: any).
+    """
+    if network is None and sender is None and recipient is None:
+        return True
+    clear = entry.triplet
+    if clear is None:
+        return False
+    return (
+        (network is None or clear.network == network)
+        and (sender is None or clear.sender == sender)
+        and (recipient is None or clear.recipient == recipient)
+    )

@@ -7,22 +7,38 @@ command runs between a script's reads and writes. Keys carry an absolute
 expiry (PEXPIREAT computed from the window's end), so every writer of a
 key sets the same expiry and a fixed window stays fixed. The keys of one
 operation share a hash tag, so the scripts also work on Redis Cluster.
+
+A greylisting triplet's hash also holds the triplet in clear (written with
+its first attempt, in the same HSET), so that C{pfxpold-admin} can list
+entries by client, sender or recipient: it finds them with SCAN under the
+check's key prefix, which never blocks Redis, and no index is kept on the
+daemon's path. The run-time whitelist is one hash per store
+(L{WHITELIST_KEY}), which the greylist checks read every few seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import clientFromString
 from zope.interface import implementer
 
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import IStateStore
-from pfxpold.state import Consumption, Counter, GreylistState
+from pfxpold.state import (
+    Consumption,
+    Counter,
+    CounterValue,
+    GreylistEntry,
+    GreylistState,
+    Triplet,
+    WhitelistEntry,
+)
+from pfxpold.state.memory import matches
 from pfxpold.state.resp import RedisClient, RedisError
 
 DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=6379"
@@ -81,7 +97,12 @@ end
 local t = redis.call('HMGET', KEYS[1], 'first', 'passes')
 local first, passes = tonumber(t[1]), tonumber(t[2])
 if first == nil or (passes == 0 and now > first + window) then
-  redis.call('HSET', KEYS[1], 'first', ARGV[1], 'passes', 0)
+  if ARGV[6] == '1' then
+    redis.call('HSET', KEYS[1], 'first', ARGV[1], 'passes', 0,
+               'network', ARGV[7], 'sender', ARGV[8], 'recipient', ARGV[9])
+  else
+    redis.call('HSET', KEYS[1], 'first', ARGV[1], 'passes', 0)
+  end
   redis.call('PEXPIREAT', KEYS[1], at(now + window))
   return {'new', ARGV[1]}
 end
@@ -95,6 +116,27 @@ if after > 0 then
 end
 return {'passed', t[1]}
 """
+
+COUNTERS = """
+local found = {}
+for i = 1, #KEYS do
+  found[i] = {redis.call('GET', KEYS[i]) or false, redis.call('PTTL', KEYS[i])}
+end
+return found
+"""
+
+#: The hash of a store's run-time whitelist, after the prefix: fields are
+#: KIND:VALUE, values "ADDED COMMENT".
+WHITELIST_KEY = "greylist-whitelist"
+#: Keys asked for per SCAN step.
+SCAN_COUNT = 1000
+
+
+def glob_escape(text: str) -> str:
+    """
+    C{text} as a Redis MATCH pattern that matches it literally.
+    """
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class Script:
@@ -123,6 +165,7 @@ class Script:
 _CONSUME = Script(CONSUME)
 _RELEASE = Script(RELEASE)
 _GREYLIST = Script(GREYLIST)
+_COUNTERS = Script(COUNTERS)
 
 
 def _milliseconds(timestamp: float) -> int:
@@ -188,14 +231,152 @@ class RedisStore(MultiService):
         retry_window: float,
         lifetime: float,
         whitelist_after: int,
+        clear: Optional[Triplet] = None,
     ) -> Deferred[GreylistState]:
-        d = _GREYLIST.run(
-            self.client,
-            [self.prefix + triplet, self.prefix + client],
-            [repr(float(now)), delay, retry_window, lifetime, whitelist_after],
-        )
+        arguments: list[Any] = [repr(float(now)), delay, retry_window, lifetime, whitelist_after]
+        if clear is None:
+            arguments.append(0)
+        else:
+            arguments.extend([1, clear.network, clear.sender, clear.recipient])
+        d = _GREYLIST.run(self.client, [self.prefix + triplet, self.prefix + client], arguments)
         return d.addCallback(lambda reply: GreylistState(reply[0].decode(), float(reply[1])))
 
     def expire(self, now: float) -> Deferred[int]:
         # Redis forgets keys by itself (every key has an expiry).
         return succeed(0)
+
+    def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
+        keys = list(keys)
+        d = _COUNTERS.run(self.client, [self.prefix + key for key in keys], [])
+
+        def found(reply: list[Any]) -> dict[str, CounterValue]:
+            values = {}
+            for key, (count, ttl) in zip(keys, reply, strict=True):
+                if count is not None:
+                    # PTTL is -1 for a key without expiry (never written so
+                    # by pfxpold): shown as expiring now.
+                    values[key] = CounterValue(int(count), now + max(ttl, 0) / 1000)
+            return values
+
+        return d.addCallback(found)
+
+    def reset(self, keys: Sequence[str]) -> Deferred[int]:
+        if not keys:
+            return succeed(0)
+        # One quota identity's keys share a hash tag: one DEL is fine on a
+        # cluster too.
+        return self.client.execute("DEL", *(self.prefix + key for key in keys))
+
+    async def _scan(self, prefix: str, kind: Optional[str] = None) -> list[str]:
+        """
+        Every key that starts with C{prefix} (after the store's prefix),
+        found with SCAN: incremental, so Redis keeps serving the daemons
+        between steps.
+        """
+        pattern = glob_escape(self.prefix + prefix) + "*"
+        extra = ["TYPE", kind] if kind is not None else []
+        cursor = b"0"
+        found: list[str] = []
+        while True:
+            cursor, keys = await self.client.execute(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, *extra
+            )
+            found.extend(key.decode("utf-8")[len(self.prefix) :] for key in keys)
+            if cursor == b"0":
+                return sorted(set(found))
+
+    def reset_prefix(self, prefix: str) -> Deferred[int]:
+        async def reset() -> int:
+            keys = await self._scan(prefix, "string")
+            removed = 0
+            for key in keys:
+                # One key at a time: keys of different identities are in
+                # different slots of a cluster.
+                removed += await self.client.execute("DEL", self.prefix + key)
+            return removed
+
+        return Deferred.fromCoroutine(reset())
+
+    def greylist_entries(
+        self,
+        prefix: str,
+        now: float,
+        network: Optional[str] = None,
+        sender: Optional[str] = None,
+        recipient: Optional[str] = None,
+    ) -> Deferred[list[GreylistEntry]]:
+        async def entries() -> list[GreylistEntry]:
+            keys = await self._scan(prefix, "hash")
+            # Pipelined: every HMGET and PTTL goes out before the first
+            # reply comes back.
+            replies = await gatherResults(
+                [
+                    self.client.execute(
+                        "HMGET",
+                        self.prefix + key,
+                        "first",
+                        "passes",
+                        "network",
+                        "sender",
+                        "recipient",
+                    )
+                    for key in keys
+                ]
+                + [self.client.execute("PTTL", self.prefix + key) for key in keys],
+                consumeErrors=True,
+            )
+            found = []
+            for key, fields, ttl in zip(
+                keys, replies[: len(keys)], replies[len(keys) :], strict=True
+            ):
+                first, passes, *clear = fields
+                if first is None or ttl == -2:
+                    continue
+                triplet = (
+                    Triplet(*(part.decode("utf-8") for part in clear))
+                    if None not in clear
+                    else None
+                )
+                entry = GreylistEntry(
+                    key, triplet, float(first), int(passes or 0), now + max(ttl, 0) / 1000
+                )
+                if matches(entry, network, sender, recipient):
+                    found.append(entry)
+            found.sort(key=lambda entry: (entry.first_seen, entry.key))
+            return found
+
+        return Deferred.fromCoroutine(entries())
+
+    def delete_greylist(self, keys: Sequence[str]) -> Deferred[int]:
+        if not keys:
+            return succeed(0)
+        d = gatherResults(
+            [self.client.execute("DEL", self.prefix + key) for key in keys], consumeErrors=True
+        )
+        return d.addCallback(sum)
+
+    def whitelist_add(self, entry: WhitelistEntry) -> Deferred[None]:
+        d = self.client.execute(
+            "HSET",
+            self.prefix + WHITELIST_KEY,
+            f"{entry.kind}:{entry.value}",
+            f"{entry.added!r} {entry.comment}",
+        )
+        return d.addCallback(lambda reply: None)
+
+    def whitelist_remove(self, kind: str, value: str) -> Deferred[bool]:
+        d = self.client.execute("HDEL", self.prefix + WHITELIST_KEY, f"{kind}:{value}")
+        return d.addCallback(bool)
+
+    def whitelist_list(self) -> Deferred[list[WhitelistEntry]]:
+        d = self.client.execute("HGETALL", self.prefix + WHITELIST_KEY)
+
+        def entries(reply: list[bytes]) -> list[WhitelistEntry]:
+            found = []
+            for field, value in zip(reply[::2], reply[1::2], strict=True):
+                kind, _, name = field.decode("utf-8").partition(":")
+                added, _, comment = value.decode("utf-8").partition(" ")
+                found.append(WhitelistEntry(kind, name, float(added), comment))
+            return sorted(found, key=lambda entry: (entry.kind, entry.value))
+
+        return d.addCallback(entries)

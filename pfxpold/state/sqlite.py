@@ -47,10 +47,14 @@ from pfxpold.state import (
     WHITELISTED,
     Consumption,
     Counter,
+    CounterValue,
+    GreylistEntry,
     GreylistState,
     StoreError,
+    Triplet,
+    WhitelistEntry,
 )
-from pfxpold.state.memory import ExpiringStore
+from pfxpold.state.memory import ExpiringStore, matches
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: The most operations committed together.
@@ -70,7 +74,16 @@ CREATE TABLE IF NOT EXISTS clients (
 CREATE INDEX IF NOT EXISTS counters_expires ON counters (expires);
 CREATE INDEX IF NOT EXISTS triplets_expires ON triplets (expires);
 CREATE INDEX IF NOT EXISTS clients_expires ON clients (expires);
+CREATE TABLE IF NOT EXISTS whitelist (
+    kind TEXT NOT NULL, value TEXT NOT NULL, added REAL NOT NULL, comment TEXT NOT NULL,
+    PRIMARY KEY (kind, value)
+) WITHOUT ROWID;
 """
+
+#: Columns added to the triplets table after its first release: the
+#: triplet in clear, for pfxpold-admin. Not indexed: the daemon writes a
+#: triplet far more often than an admin looks for one.
+_CLEAR_COLUMNS = ("network", "sender", "recipient")
 
 _ADD = """
 INSERT INTO counters (key, count, expires) VALUES (:key, :amount, :expires)
@@ -92,10 +105,13 @@ RETURNING passes
 _STALE = "(expires <= :now OR (passes = 0 AND :now > first_seen + :retry_window))"
 _PASSES = "(passes > 0 OR :now >= first_seen + :delay)"
 _ATTEMPT = f"""
-INSERT INTO triplets (key, first_seen, passes, attempts, expires)
-VALUES (:triplet, :now, 0, 1, :now + :retry_window)
+INSERT INTO triplets (key, first_seen, passes, attempts, expires, network, sender, recipient)
+VALUES (:triplet, :now, 0, 1, :now + :retry_window, :network, :sender, :recipient)
 ON CONFLICT (key) DO UPDATE SET
     first_seen = CASE WHEN {_STALE} THEN :now ELSE first_seen END,
+    network = CASE WHEN {_STALE} THEN :network ELSE network END,
+    sender = CASE WHEN {_STALE} THEN :sender ELSE sender END,
+    recipient = CASE WHEN {_STALE} THEN :recipient ELSE recipient END,
     attempts = CASE WHEN {_STALE} THEN 1 ELSE attempts + 1 END,
     passes = CASE WHEN {_STALE} THEN 0 WHEN {_PASSES} THEN passes + 1 ELSE 0 END,
     expires = CASE WHEN {_STALE} THEN :now + :retry_window
@@ -149,6 +165,10 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.executescript(_SCHEMA)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(triplets)")}
+    for column in _CLEAR_COLUMNS:
+        if column not in columns:
+            connection.execute(f"ALTER TABLE triplets ADD COLUMN {column} TEXT")
     return connection
 
 
@@ -185,6 +205,91 @@ def greylist_in(connection: sqlite3.Connection, **values: Any) -> GreylistState:
     if values["whitelist_after"]:
         connection.execute(_CLIENT_PASSED, values)
     return GreylistState(PASSED, float(first_seen))
+
+
+def counters_in(
+    connection: sqlite3.Connection, keys: Sequence[str], now: float
+) -> dict[str, CounterValue]:
+    found = {}
+    for key in keys:
+        row = connection.execute(
+            "SELECT count, expires FROM counters WHERE key = ? AND expires > ?", (key, now)
+        ).fetchone()
+        if row is not None:
+            found[key] = CounterValue(int(row[0]), float(row[1]))
+    return found
+
+
+def reset_in(connection: sqlite3.Connection, keys: Sequence[str]) -> int:
+    return sum(
+        connection.execute("DELETE FROM counters WHERE key = ?", (key,)).rowcount for key in keys
+    )
+
+
+def reset_prefix_in(connection: sqlite3.Connection, prefix: str) -> int:
+    return connection.execute(
+        "DELETE FROM counters WHERE key >= ? AND key < ?", (prefix, _after_prefix(prefix))
+    ).rowcount
+
+
+def _after_prefix(prefix: str) -> str:
+    """
+    A string above every key that starts with C{prefix}: a range on the
+    primary key finds them through its index (LIKE would not, and a key
+    may hold C{%} and C{_}).
+    """
+    return prefix + "\U0010ffff"
+
+
+def greylist_entries_in(
+    connection: sqlite3.Connection,
+    prefix: str,
+    now: float,
+    network: Optional[str],
+    sender: Optional[str],
+    recipient: Optional[str],
+) -> list[GreylistEntry]:
+    rows = connection.execute(
+        "SELECT key, first_seen, passes, expires, network, sender, recipient FROM triplets"
+        " WHERE key >= ? AND key < ? AND expires > ? ORDER BY first_seen, key",
+        (prefix, _after_prefix(prefix), now),
+    )
+    found = []
+    for key, first_seen, passes, expires, *clear in rows:
+        triplet = Triplet(*clear) if None not in clear else None
+        entry = GreylistEntry(key, triplet, float(first_seen), int(passes), float(expires))
+        if matches(entry, network, sender, recipient):
+            found.append(entry)
+    return found
+
+
+def delete_greylist_in(connection: sqlite3.Connection, keys: Sequence[str]) -> int:
+    removed = 0
+    for key in keys:
+        for table in ("triplets", "clients"):
+            removed += connection.execute(f"DELETE FROM {table} WHERE key = ?", (key,)).rowcount
+    return removed
+
+
+def whitelist_add_in(connection: sqlite3.Connection, entry: WhitelistEntry) -> None:
+    connection.execute(
+        "INSERT OR REPLACE INTO whitelist (kind, value, added, comment) VALUES (?, ?, ?, ?)",
+        (entry.kind, entry.value, entry.added, entry.comment),
+    )
+
+
+def whitelist_remove_in(connection: sqlite3.Connection, kind: str, value: str) -> bool:
+    cursor = connection.execute("DELETE FROM whitelist WHERE kind = ? AND value = ?", (kind, value))
+    return cursor.rowcount > 0
+
+
+def whitelist_list_in(connection: sqlite3.Connection) -> list[WhitelistEntry]:
+    rows = connection.execute(
+        "SELECT kind, value, added, comment FROM whitelist ORDER BY kind, value"
+    )
+    return [
+        WhitelistEntry(kind, value, float(added), comment) for kind, value, added, comment in rows
+    ]
 
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:
@@ -445,6 +550,7 @@ class SQLiteStore(ExpiringStore):
         retry_window: float,
         lifetime: float,
         whitelist_after: int,
+        clear: Optional[Triplet] = None,
     ) -> Deferred[GreylistState]:
         return self._call(
             greylist_in,
@@ -455,7 +561,41 @@ class SQLiteStore(ExpiringStore):
             retry_window=retry_window,
             lifetime=lifetime,
             whitelist_after=whitelist_after,
+            network=clear.network if clear is not None else None,
+            sender=clear.sender if clear is not None else None,
+            recipient=clear.recipient if clear is not None else None,
         )
 
     def expire(self, now: float) -> Deferred[int]:
         return self._call(expire_in, now)
+
+    def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
+        return self._call(counters_in, tuple(keys), now)
+
+    def reset(self, keys: Sequence[str]) -> Deferred[int]:
+        return self._call(reset_in, tuple(keys))
+
+    def reset_prefix(self, prefix: str) -> Deferred[int]:
+        return self._call(reset_prefix_in, prefix)
+
+    def greylist_entries(
+        self,
+        prefix: str,
+        now: float,
+        network: Optional[str] = None,
+        sender: Optional[str] = None,
+        recipient: Optional[str] = None,
+    ) -> Deferred[list[GreylistEntry]]:
+        return self._call(greylist_entries_in, prefix, now, network, sender, recipient)
+
+    def delete_greylist(self, keys: Sequence[str]) -> Deferred[int]:
+        return self._call(delete_greylist_in, tuple(keys))
+
+    def whitelist_add(self, entry: WhitelistEntry) -> Deferred[None]:
+        return self._call(whitelist_add_in, entry)
+
+    def whitelist_remove(self, kind: str, value: str) -> Deferred[bool]:
+        return self._call(whitelist_remove_in, kind, value)
+
+    def whitelist_list(self) -> Deferred[list[WhitelistEntry]]:
+        return self._call(whitelist_list_in)

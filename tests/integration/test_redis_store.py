@@ -1,7 +1,8 @@
 """
 The Redis store in-process against a real redis-server: its Lua scripts
 answer random operation sequences exactly as the in-memory model does, and
-hundreds of concurrent operations on one key never pass its limit.
+hundreds of concurrent operations on one key never pass its limit, and the
+operations pfxpold-admin uses work on it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from pfxpold.config import CheckOptions
-from pfxpold.state import Counter
+from pfxpold.state import Counter, Triplet, WhitelistEntry
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
 from tests.integration.redis_server import running_redis
@@ -92,3 +93,84 @@ async def test_concurrent_consume_exact(redis_server) -> None:
         assert final.totals == (137, 137)
     finally:
         await store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_operations(redis_server) -> None:
+    """
+    The operations pfxpold-admin uses, on real Redis: counters read with
+    their expiry, reset by key and by prefix (taken literally, glob
+    characters too), greylist entries listed with their clear triplet
+    (filtered, and narrowed by key prefix), deleted, and the run-time
+    whitelist added, listed and removed. Keys of another prefix (another
+    pfxpold sharing the Redis) are never touched.
+    """
+    from twisted.internet import reactor
+
+    store = await started_store(reactor, redis_server.endpoint, "admin:")
+    other = await started_store(reactor, redis_server.endpoint, "other:")
+    try:
+        now = time.time()
+
+        def counter(key: str) -> Counter:
+            return Counter(key, (key,), 10, now + 3600)
+
+        for key in ("q:{x:a}:h", "q:{x:b}:h", "q:{y:a}:h", "q:{x*:a}:h"):
+            assert (await store.consume([counter(key)], 2, now)).allowed
+        await other.consume([counter("q:{x:a}:h")], 5, now)
+        found = await store.counters(["q:{x:a}:h", "q:{nothing}"], now)
+        assert list(found) == ["q:{x:a}:h"]
+        assert found["q:{x:a}:h"].count == 2
+        assert now + 3590 < found["q:{x:a}:h"].expires_at <= now + 3601
+        assert await store.reset(["q:{x:b}:h", "q:{nothing}"]) == 1
+        assert await store.reset_prefix("q:{x") == 2
+        left = await store.counters(["q:{x:a}:h", "q:{y:a}:h", "q:{x*:a}:h"], now)
+        assert list(left) == ["q:{y:a}:h"]
+        assert (await other.counters(["q:{x:a}:h"], now))["q:{x:a}:h"].count == 5
+
+        one = Triplet("192.0.2.0/24", "a@example.com", "x@example.net")
+        two = Triplet("192.0.2.0/24", "", "y@example.net")
+        three = Triplet("198.51.100.0/24", "a@example.com", "y@example.net")
+        for key, clear in (
+            ("g:{n1}:t:1", one),
+            ("g:{n1}:t:2", two),
+            ("g:{n2}:t:3", three),
+            ("g:{n1}:t:4", None),
+        ):
+            state = await store.greylist(key, "g:{n}:client", now, 300, 3600, 86400, 0, clear)
+            assert state.verdict == "new"
+        await store.greylist("g:{n1}:t:1", "g:{n}:client", now + 301, 300, 3600, 86400, 0, one)
+        entries = await store.greylist_entries("g:", now)
+        assert sorted(entry.key for entry in entries) == [
+            "g:{n1}:t:1",
+            "g:{n1}:t:2",
+            "g:{n1}:t:4",
+            "g:{n2}:t:3",
+        ]
+        first = next(entry for entry in entries if entry.key == "g:{n1}:t:1")
+        assert (first.triplet, first.first_seen, first.passes) == (one, now, 1)
+        assert now + 86600 < first.expires_at <= now + 86702
+        by_client = await store.greylist_entries("g:{n1}", now, network="192.0.2.0/24")
+        assert sorted(entry.key for entry in by_client) == ["g:{n1}:t:1", "g:{n1}:t:2"]
+        by_sender = await store.greylist_entries("g:", now, sender="a@example.com")
+        assert sorted(entry.key for entry in by_sender) == ["g:{n1}:t:1", "g:{n2}:t:3"]
+        null_sender = await store.greylist_entries("g:", now, sender="")
+        assert [entry.triplet for entry in null_sender] == [two]
+        assert await store.delete_greylist(["g:{n1}:t:1", "g:{nothing}"]) == 1
+        again = await store.greylist("g:{n1}:t:1", "g:{n}:client", now + 302, 300, 3600, 86400, 0)
+        assert again.verdict == "new"
+
+        entry = WhitelistEntry("client", "192.0.2.0/24", now, "ticket 7: with spaces")
+        await store.whitelist_add(entry)
+        await store.whitelist_add(WhitelistEntry("sender", "example.org", now, ""))
+        assert await store.whitelist_list() == [
+            entry,
+            WhitelistEntry("sender", "example.org", now, ""),
+        ]
+        assert await other.whitelist_list() == []
+        assert await store.whitelist_remove("sender", "example.org") is True
+        assert await store.whitelist_remove("sender", "example.org") is False
+        assert await store.whitelist_list() == [entry]
+    finally:
+        await store.stopService()
+        await other.stopService()

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from pfxpold.checks.greylist import GreylistCheck, normalise_sender
+from pfxpold.checks.greylist import GreylistCheck, normalise_sender, whitelist_entry
 from pfxpold.config import CheckOptions, ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
-from pfxpold.state import StoreError
+from pfxpold.state import StoreError, Triplet, WhitelistEntry
 from pfxpold.testing import CheckTestCase, make_request, run_check
 
 START = 1_800_000_000.0
@@ -270,7 +270,128 @@ class GreylistTests(CheckTestCase):
             ({"whitelist_clients": ["not a network"]}, "whitelist_clients"),
             ({"ipv4_prefix": 33}, "ipv4_prefix"),
             ({"action": "DEFER_IF_PERMIT {minutes}"}, "action"),
+            ({"whitelist_refresh": -1}, "whitelist_refresh"),
         ]
         for table, key in cases:
             error = self.assertRaises(ConfigError, self.make, **table)
             self.assertIn(f"key '{key}'", str(error), table)
+
+    def test_clear_triplet_kept(self) -> None:
+        """
+        The store gets the triplet in clear, normalised as compared, under
+        the key the check's keys() computes (what pfxpold-admin lists and
+        deletes by).
+        """
+        check = self.make()
+        self.answer(check, sender="alice+news@EXAMPLE.com", recipient="Bob@Example.NET")
+        clear = Triplet("192.0.2.0/24", "alice@example.com", "Bob@example.net")
+        key = check.keys(clear)[0]
+        self.assertTrue(key.startswith(check.key_prefix("192.0.2.0/24")))
+        self.assertEqual(check.store.clear, {key: clear})
+        self.assertEqual(
+            check.triplet("192.0.2.0/24", "alice+x@example.COM", "Bob@EXAMPLE.net"), clear
+        )
+
+    def test_runtime_whitelist(self) -> None:
+        """
+        A client network or a sender domain (and its subdomains) on the
+        store's run-time whitelist is not greylisted; other clients still
+        are.
+        """
+        check = self.make(whitelist_refresh=0)
+        store = check.store
+        self.successResultOf(store.whitelist_add(WhitelistEntry("client", "192.0.2.0/25")))
+        self.successResultOf(store.whitelist_add(WhitelistEntry("sender", "example.org")))
+        self.assertEqual(self.answer(check, client_address="192.0.2.7"), "DUNNO")
+        self.assertEqual(self.answer(check, client_address="192.0.2.200"), DEFERRED.format(300))
+        self.assertEqual(
+            self.answer(check, client_address="198.51.100.1", sender="x@lists.Example.org"),
+            "DUNNO",
+        )
+        self.assertEqual(
+            self.answer(
+                check, client_address="198.51.100.1", sender="SRS0=h=tt=example.org=x@fw.example"
+            ),
+            "DUNNO",
+        )
+        self.assertEqual(
+            self.answer(check, client_address="198.51.100.1", sender="x@example.org.evil"),
+            DEFERRED.format(300),
+        )
+        self.assertEqual(len(store.triplets), 2)
+
+    def test_runtime_whitelist_cached(self) -> None:
+        """
+        The run-time whitelist is read once per whitelist_refresh seconds
+        of the check's clock: an entry added meanwhile counts from the next
+        read.
+        """
+        check = self.make(whitelist_refresh=10)
+        store = check.store
+        reads = []
+        read = store.whitelist_list
+
+        def counted() -> Any:
+            reads.append(self.clock.seconds())
+            return read()
+
+        store.whitelist_list = counted
+        self.assertEqual(self.answer(check), DEFERRED.format(300))
+        self.successResultOf(store.whitelist_add(WhitelistEntry("client", "192.0.2.0/24")))
+        self.clock.advance(9)
+        self.assertEqual(self.answer(check), DEFERRED.format(291))
+        self.clock.advance(1)
+        self.assertEqual(self.answer(check), "DUNNO")
+        self.assertEqual(reads, [START, START + 10])
+
+    def test_runtime_whitelist_one_read(self) -> None:
+        """
+        Requests that come while the whitelist is read wait for that one
+        read; a failed read fails them (on_error applies) and is not kept;
+        a request given up meanwhile (cancelled) is left alone.
+        """
+        check = self.make(whitelist_refresh=10)
+        pending: list[Deferred[Any]] = []
+
+        def held() -> Deferred[Any]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        check.store.whitelist_list = held
+        first = run_check(check, self.request())
+        second = run_check(check, self.request(recipient="carol@example.net"))
+        self.assertEqual(len(pending), 1)
+        pending[0].errback(StoreError("down"))
+        self.failureResultOf(first, StoreError)
+        self.failureResultOf(second, StoreError)
+        third = run_check(check, self.request())
+        self.assertEqual(len(pending), 2)
+        cancelled = run_check(check, self.request(recipient="dave@example.net"))
+        cancelled.cancel()
+        self.failureResultOf(cancelled)
+        pending[1].callback([WhitelistEntry("client", "192.0.2.10/32"), WhitelistEntry("x", "y")])
+        self.assertIsNone(self.successResultOf(pending[1]))
+        self.assertEqual(str(self.successResultOf(third)), "DUNNO")
+        self.assertEqual(len(pending), 2)
+
+
+class WhitelistEntryTests(CheckTestCase):
+    """
+    whitelist_entry(): what pfxpold-admin stores, in the form compared.
+    """
+
+    def test_forms(self) -> None:
+        """
+        A network is made canonical (an address is a one-address
+        network), a domain lowercased; nonsense is refused.
+        """
+        self.assertEqual(whitelist_entry("client", "192.0.2.9/24").value, "192.0.2.0/24")
+        self.assertEqual(whitelist_entry("client", "2001:DB8::1").value, "2001:db8::1/128")
+        self.assertEqual(whitelist_entry("sender", "Example.ORG.").value, "example.org")
+        for kind, value in [
+            ("client", "example.org"),
+            ("sender", "a@b"),
+            ("sender", ""),
+            ("x", "y"),
+        ]:
+            self.assertRaises(ValueError, whitelist_entry, kind, value)

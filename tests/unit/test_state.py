@@ -23,7 +23,11 @@ from pfxpold.state import (
     PASSED,
     WHITELISTED,
     Counter,
+    CounterValue,
+    GreylistEntry,
     StoreError,
+    Triplet,
+    WhitelistEntry,
     make_store,
     store_for,
     store_options,
@@ -60,7 +64,9 @@ class StoreTestsMixin:
         return (result.allowed, result.totals)
 
     def greylist(self, triplet: str = "t", **kwargs: Any) -> Any:
-        values = dict(delay=300, retry_window=3600, lifetime=86400, whitelist_after=0)
+        values: dict[str, Any] = dict(
+            delay=300, retry_window=3600, lifetime=86400, whitelist_after=0
+        )
         values.update(kwargs)
         return self.successResultOf(
             self.store.greylist(triplet, "client", self.clock.seconds(), **values)
@@ -200,6 +206,106 @@ class StoreTestsMixin:
         self.clock.advance(1)
         self.assertEqual(self.entries(), 0)
 
+    # The operations pfxpold-admin uses.
+
+    def test_counters(self) -> None:
+        """
+        counters() reads the live keys asked for, with their expiry; a
+        missing or expired key is left out.
+        """
+        self.consume([counter("a", 5, START + 10)], 2)
+        self.consume([counter("b", 5, START + 100)], 3)
+        found = self.successResultOf(self.store.counters(["a", "b", "c"], START))
+        self.assertEqual(
+            found, {"a": CounterValue(2, START + 10), "b": CounterValue(3, START + 100)}
+        )
+        found = self.successResultOf(self.store.counters(["a", "b"], START + 10))
+        self.assertEqual(list(found), ["b"])
+
+    def test_reset(self) -> None:
+        """
+        reset() forgets the keys given, and only those: the next
+        consumption starts from zero.
+        """
+        self.consume([counter("a", 3)], 3)
+        self.consume([counter("b", 3)], 3)
+        self.assertEqual(self.successResultOf(self.store.reset(["a", "zzz"])), 1)
+        self.assertEqual(self.consume([counter("a", 3)], 1), (True, (1,)))
+        self.assertEqual(self.consume([counter("b", 3)], 1), (False, (3,)))
+
+    def test_reset_prefix(self) -> None:
+        """
+        reset_prefix() forgets every counter whose key starts with the
+        prefix, taken literally (SQL wildcards, glob characters).
+        """
+        for key in ("q:{x:a}:h", "q:{x:b}:h", "q:{y:a}:h", "q:{x%:a}:h", "q:{x_a}:h"):
+            self.consume([counter(key, 3)], 1)
+        self.assertEqual(self.successResultOf(self.store.reset_prefix("q:{x:")), 2)
+        left = self.successResultOf(
+            self.store.counters(["q:{x:a}:h", "q:{y:a}:h", "q:{x%:a}:h", "q:{x_a}:h"], START)
+        )
+        self.assertEqual(sorted(left), ["q:{x%:a}:h", "q:{x_a}:h", "q:{y:a}:h"])
+
+    def test_greylist_entries(self) -> None:
+        """
+        greylist_entries() lists the live triplets under a key prefix with
+        their clear parts, filtered by any of them; an entry recorded
+        without its clear triplet is listed only unfiltered.
+        """
+        one = Triplet("192.0.2.0/24", "a@example.com", "x@example.net")
+        two = Triplet("192.0.2.0/24", "b@example.com", "x@example.net")
+        self.greylist("g:n1:t1", clear=one)
+        self.clock.advance(10)
+        self.greylist("g:n1:t2", clear=two)
+        self.greylist("g:n1:t3")
+        self.greylist("other:t4", clear=one)
+        self.clock.advance(300)
+        self.greylist("g:n1:t1")
+        now = self.clock.seconds()
+        entries = self.successResultOf(self.store.greylist_entries("g:", now))
+        self.assertEqual([e.key for e in entries], ["g:n1:t1", "g:n1:t2", "g:n1:t3"])
+        self.assertEqual(entries[0], GreylistEntry("g:n1:t1", one, START, 1, now + 86400))
+        self.assertEqual(entries[1], GreylistEntry("g:n1:t2", two, START + 10, 0, START + 3610))
+        self.assertIsNone(entries[2].triplet)
+        by_sender = self.successResultOf(
+            self.store.greylist_entries("g:", now, sender="b@example.com")
+        )
+        self.assertEqual([e.key for e in by_sender], ["g:n1:t2"])
+        by_all = self.successResultOf(
+            self.store.greylist_entries(
+                "g:", now, network="192.0.2.0/24", recipient="x@example.net", sender="a@example.com"
+            )
+        )
+        self.assertEqual([e.key for e in by_all], ["g:n1:t1"])
+        later = self.successResultOf(self.store.greylist_entries("g:", START + 3611))
+        self.assertEqual([e.key for e in later], ["g:n1:t1"])
+
+    def test_delete_greylist(self) -> None:
+        """
+        delete_greylist() forgets a triplet: its next attempt is new again.
+        """
+        self.greylist("t1")
+        self.clock.advance(300)
+        self.assertEqual(self.greylist("t1").verdict, PASSED)
+        self.assertEqual(self.successResultOf(self.store.delete_greylist(["t1", "nope"])), 1)
+        self.assertEqual(self.greylist("t1").verdict, NEW)
+
+    def test_whitelist(self) -> None:
+        """
+        Run-time whitelist entries are added (replacing one of the same
+        kind and value), listed by kind and value, and removed.
+        """
+        self.assertEqual(self.successResultOf(self.store.whitelist_list()), [])
+        first = WhitelistEntry("sender", "example.org", START, "ticket 1")
+        network = WhitelistEntry("client", "192.0.2.0/24", START, "")
+        again = WhitelistEntry("sender", "example.org", START + 5, "ticket 2")
+        for entry in (first, network, again):
+            self.successResultOf(self.store.whitelist_add(entry))
+        self.assertEqual(self.successResultOf(self.store.whitelist_list()), [network, again])
+        self.assertTrue(self.successResultOf(self.store.whitelist_remove("sender", "example.org")))
+        self.assertFalse(self.successResultOf(self.store.whitelist_remove("sender", "example.org")))
+        self.assertEqual(self.successResultOf(self.store.whitelist_list()), [network])
+
 
 class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
     """
@@ -210,7 +316,7 @@ class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
         return MemoryStore(CheckOptions({}, name="stores.memory", reactor=self.clock))
 
     def entries(self) -> int:
-        return len(self.store.counters)
+        return len(self.store.counts)
 
 
 class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
