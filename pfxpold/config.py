@@ -9,6 +9,7 @@ what to fix.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
 DEFAULT_CHECK_TIMEOUT = 10.0
 DEFAULT_DEADLINE = 20.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_METRICS_LISTEN = "tcp:9101:interface=127.0.0.1"
 
 _T = TypeVar("_T")
 _MISSING: Any = object()
@@ -246,6 +248,8 @@ class Configuration:
     services: list[IService] = field(default_factory=list)
     #: The file the request log goes to, or L{None} for twistd's log.
     request_log: Optional[str] = None
+    #: Where C{/metrics} is served (L{pfxpold.metrics}), or L{None}: off.
+    metrics_listen: Optional[str] = None
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -285,6 +289,33 @@ def _parse_policy(table: _Table, key: str, default: str, classes: tuple[str, ...
         raise table.error(key, f"must be {SKIP!r}, {NOREPLY!r} or an action ({e})") from None
 
 
+def metrics_listen(document: Mapping[str, Any], path: Optional[str]) -> Optional[str]:
+    """
+    Read the C{[metrics]} table: where to serve C{/metrics}, or L{None}
+    without the table. Checks that C{prometheus_client} is installed
+    without importing it.
+
+    @raise ConfigError: naming the file, the table and the key.
+    """
+    if "metrics" not in document:
+        return None
+    where = f"{path or '<configuration>'}: table 'metrics'"
+    table = document["metrics"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for key in table:
+        if key != "listen":
+            raise ConfigError(f"{where}: key {key!r}: is not a setting pfxpold knows")
+    listen = table.get("listen", DEFAULT_METRICS_LISTEN)
+    if not isinstance(listen, str) or not listen.strip():
+        raise ConfigError(f"{where}: key 'listen': must be an endpoint string, not {listen!r}")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            f"{where}: needs the prometheus_client package: pip install 'pfxpold[metrics]'"
+        )
+    return listen
+
+
 def load_document(
     document: Mapping[str, Any], reactor: Any, path: Optional[str] = None
 ) -> Configuration:
@@ -296,7 +327,7 @@ def load_document(
 
     @raise ConfigError: when anything in it cannot be used.
     """
-    unknown = set(document) - {"server", "check"}
+    unknown = set(document) - {"server", "check", "metrics"}
     server = _Table(document.get("server", {}), path, None)
     if not isinstance(document.get("server", {}), dict):
         raise ConfigError(f"{_where(path, None, 'server')}: must be a table")
@@ -351,6 +382,7 @@ def load_document(
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
     if server.unused():
         raise server.error(server.unused()[0], "is not a setting pfxpold knows")
+    metrics = metrics_listen(document, path)
 
     raw_checks = document.get("check", [])
     if not isinstance(raw_checks, list):
@@ -411,7 +443,15 @@ def load_document(
         record_verdicts=log_verdicts,
     )
     return Configuration(
-        path, listen, chain, limits, log_requests, shutdown_grace, services, request_log
+        path,
+        listen,
+        chain,
+        limits,
+        log_requests,
+        shutdown_grace,
+        services,
+        request_log,
+        metrics,
     )
 
 

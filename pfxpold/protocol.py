@@ -178,13 +178,20 @@ class PolicyProtocol(LineReceiver):
             self._log.info("closing idle connection from {peer}", peer=self.peer)
             self._close()
         else:
-            self._violation(f"request not finished within {self.factory.limits.request_timeout}s")
+            self._violation(
+                f"request not finished within {self.factory.limits.request_timeout}s",
+                "request_timeout",
+            )
 
-    def _violation(self, reason: str) -> None:
+    def _violation(self, reason: str, kind: str) -> None:
         """
         Close a connection that broke the protocol or its limits, without a
         reply to its unfinished request.
+
+        @param kind: the limit broken, for metrics.
         """
+        if self.factory.metrics is not None:
+            self.factory.metrics.violation(kind)
         self._log.warn(
             "closing connection from {peer} without a reply: {reason}",
             peer=self.peer,
@@ -293,7 +300,7 @@ class PolicyProtocol(LineReceiver):
         return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._violation(f"line longer than {self.MAX_LENGTH} bytes")
+        self._violation(f"line longer than {self.MAX_LENGTH} bytes", "line_length")
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -304,7 +311,7 @@ class PolicyProtocol(LineReceiver):
             if self._attributes:
                 self._request_complete()
             else:
-                self._violation("empty line where a request should start")
+                self._violation("empty line where a request should start", "empty_request")
             return
         limits = self.factory.limits
         attributes = self._attributes
@@ -313,17 +320,17 @@ class PolicyProtocol(LineReceiver):
             self._arm(limits.request_timeout, "request")
         self._size += len(line) + 1
         if self._size > limits.max_request_size:
-            self._violation(f"request larger than {limits.max_request_size} bytes")
+            self._violation(f"request larger than {limits.max_request_size} bytes", "request_size")
             return
         if len(attributes) >= limits.max_attributes:
-            self._violation(f"more than {limits.max_attributes} attributes")
+            self._violation(f"more than {limits.max_attributes} attributes", "attributes")
             return
         name, sep, value = line.decode("utf-8", "replace").partition("=")
         if not sep or not name:
-            self._violation("a line that is not name=value")
+            self._violation("a line that is not name=value", "malformed_line")
             return
         if "\x00" in name or name in attributes:
-            self._violation(f"a bad or repeated attribute name {name!r}")
+            self._violation(f"a bad or repeated attribute name {name!r}", "attribute_name")
             return
         attributes[name] = value
 
@@ -372,6 +379,8 @@ class PolicyProtocol(LineReceiver):
     def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:
         action = decision.action
         factory = self.factory
+        if factory.metrics is not None:
+            factory.metrics.answered(request, decision, started)
         if factory.log_requests:
             request_log = factory.request_log
             if request_log is not None:
@@ -429,6 +438,9 @@ class PolicyFactory(Factory):
     @ivar request_log: where they are logged: an object with a C{record}
         method like L{pfxpold.requestlog.FileRequestLog}'s, or L{None} for
         an event in twistd's log.
+    @ivar metrics: what counts answers and limit violations, a
+        L{pfxpold.metrics.Metrics}, or L{None} (metrics off: nothing is
+        called).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -451,6 +463,7 @@ class PolicyFactory(Factory):
         self.request_log = request_log
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
+        self.metrics: Optional[Any] = None
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
 

@@ -6,6 +6,7 @@ backends that need starting and stopping.
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from typing import Any, Optional
 
@@ -63,6 +64,12 @@ class PolicyService(MultiService):
             IService(backend).setServiceParent(self.backends)
         self.listeners = MultiService()
         self.listeners.setServiceParent(self)
+        #: The L{pfxpold.metrics.Metrics} counting this process's work, or
+        #: L{None} without a [metrics] table (nothing imported, nothing
+        #: counted).
+        self.metrics: Optional[Any] = None
+        if configuration.metrics_listen is not None:
+            self._start_metrics(configuration.metrics_listen, adopted is not None)
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         if adopted:
@@ -76,6 +83,27 @@ class PolicyService(MultiService):
             listener.endpoint = recorder
             self.recorders.append(recorder)
             listener.setServiceParent(self.listeners)
+
+    def _start_metrics(self, listen: str, worker: bool) -> None:
+        """
+        Count this process's work: served on C{listen} by the parent, or, in
+        a worker, written for the parent to add up (nothing when the parent
+        named no directory for it).
+        """
+        from pfxpold import metrics
+
+        if worker:
+            directory = os.environ.get(metrics.WORKERS_DIRECTORY)
+            if not directory:
+                return
+            self.metrics = metrics.Metrics(self.reactor)
+            metrics.SnapshotWriter(self.metrics, directory, self.reactor).setServiceParent(
+                self.backends
+            )
+        else:
+            self.metrics = metrics.Metrics(self.reactor)
+            metrics.exporter(self.metrics, listen, self.reactor).setServiceParent(self.listeners)
+        self.metrics.attach(self.factory)
 
     def startService(self) -> None:
         super().startService()

@@ -119,6 +119,15 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["port"]:
             configuration.listen = list(self["port"])
+        if configuration.metrics_listen is not None:
+            try:
+                endpoints.serverFromString(reactor, configuration.metrics_listen)
+            except Exception as e:
+                raise usage.UsageError(
+                    f"{configuration.path or '<configuration>'}: table 'metrics': key 'listen':"
+                    f" cannot listen on {configuration.metrics_listen!r}:"
+                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
+                ) from None
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
@@ -223,7 +232,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     service.setServiceParent(top)
     arguments = ["--config", options["config"]] if options["config"] else []
-    workers.WorkerPool(
+    pool = workers.WorkerPool(
         reactor,
         options["workers"],
         service.recorders,
@@ -231,5 +240,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         stop_timeout=configuration.shutdown_grace + 5.0,
         # twistd's own options: workers log the way the parent does.
         log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
-    ).setServiceParent(top)
+    )
+    if service.metrics is not None:
+        from pfxpold.metrics import WorkerSnapshots
+
+        # Started before the pool: workers learn where to write from it.
+        service.metrics.workers = WorkerSnapshots(pool)
+        service.metrics.workers.setServiceParent(top)
+    pool.setServiceParent(top)
     return top
