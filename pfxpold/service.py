@@ -69,7 +69,7 @@ class PolicyService(MultiService):
         #: counted).
         self.metrics: Optional[Any] = None
         if configuration.metrics_listen is not None:
-            self._start_metrics(configuration.metrics_listen, adopted is not None)
+            self._start_metrics(configuration.metrics_listen, bool(adopted))
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         if adopted:

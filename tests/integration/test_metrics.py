@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 import urllib.request
@@ -15,7 +17,12 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.support import free_port, running_daemon, wait_for_port
+from tests.integration.support import (
+    daemon_environment,
+    free_port,
+    running_daemon,
+    wait_for_port,
+)
 from tests.integration.test_workers import children_of, read
 
 MAP_CONFIG = """
@@ -246,3 +253,74 @@ def test_workers_add_up(tmp_path):
         assert os.listdir(directory) == [f"worker-{worker}.json"]
     # The parent removed its directory for the workers' snapshots.
     assert not os.path.exists(directory)
+
+
+NO_METRICS = """
+import sys
+
+from twisted.internet.testing import MemoryReactorClock
+
+from pfxpold import tap
+
+options = tap.Options(reactor=MemoryReactorClock())
+options.parseOptions(["--config", sys.argv[1]])
+service = tap.makeService(options, options.reactor)
+print(service.factory.metrics, service.configuration.chain.observer)
+print(sorted(name for name in sys.modules if "prometheus" in name or name == "pfxpold.metrics"))
+"""
+
+
+def test_off_imports_nothing(tmp_path):
+    """
+    Without [metrics], neither prometheus_client nor pfxpold.metrics is
+    imported, and nothing is attached to the factory or the chain.
+    """
+    config = tmp_path / "pfxpold.toml"
+    config.write_text('[[check]]\nname = "demo"\ntype = "demo"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", NO_METRICS, os.fspath(config)],
+        env=daemon_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["None None", "[]"]
+
+
+def test_missing_library(tmp_path):
+    """
+    Without prometheus_client installed, [metrics] stops the daemon with one
+    line naming the extra to install.
+    """
+    (tmp_path / "hide").mkdir()
+    # A package that cannot be imported: found by find_spec as missing.
+    (tmp_path / "hide" / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['prometheus_client'] = None\n"
+    )
+    config = tmp_path / "pfxpold.toml"
+    config.write_text('[metrics]\n[[check]]\nname = "demo"\ntype = "demo"\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            "pfxpold",
+            "--config",
+            os.fspath(config),
+            "--check-config",
+        ],
+        env=daemon_environment(os.fspath(tmp_path / "hide")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    # twistd prints a usage error (after its usage text) with its own prefix.
+    output = result.stdout + result.stderr
+    [line] = [line for line in output.splitlines() if "table 'metrics'" in line]
+    assert line.endswith(
+        f"{config}: table 'metrics': needs the prometheus_client package:"
+        " pip install 'pfxpold[metrics]'"
+    ), output
