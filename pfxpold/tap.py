@@ -160,6 +160,8 @@ class Options(usage.Options):
             configuration = self.configuration
             print(f"{configuration.path or '(no file: demo check)'}: OK")
             print(f"  listen: {', '.join(configuration.listen)}")
+            if configuration.metrics_listen is not None:
+                print(f"  metrics: {configuration.metrics_listen} (/metrics)")
             for entry in configuration.chain.entries:
                 print(
                     f"  check {entry.name}: {type(entry.check).__name__},"

@@ -801,3 +801,22 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(
             counted.requests, {("RCPT", "OK", "error"): 1, ("RCPT", "noreply", "deadline"): 1}
         )
+
+
+class DocumentationTests(SynchronousTestCase):
+    """
+    The README's list of series.
+    """
+
+    def test_every_family_documented(self):
+        """
+        Every family pfxpold shows is in the README's Metrics table, with
+        the name a scrape shows.
+        """
+        readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("### Metrics") : text.index("## Configuration")]
+        for name, family in metrics.FAMILIES.items():
+            shown = name + "_total" if family.kind == "counter" else name
+            self.assertIn(f"| `{shown}` |", section)
