@@ -299,16 +299,16 @@ def metrics_listen(document: Mapping[str, Any], path: Optional[str]) -> Optional
     """
     if "metrics" not in document:
         return None
-    where = f"{path or '<configuration>'}: table 'metrics'"
+    where = f"{path or '<configuration>'}: [metrics]"
     table = document["metrics"]
     if not isinstance(table, dict):
         raise ConfigError(f"{where}: must be a table")
     for key in table:
         if key != "listen":
-            raise ConfigError(f"{where}: key {key!r}: is not a setting pfxpold knows")
+            raise ConfigError(f"{where} key {key!r}: is not a setting pfxpold knows")
     listen = table.get("listen", DEFAULT_METRICS_LISTEN)
     if not isinstance(listen, str) or not listen.strip():
-        raise ConfigError(f"{where}: key 'listen': must be an endpoint string, not {listen!r}")
+        raise ConfigError(f"{where} key 'listen': must be an endpoint string, not {listen!r}")
     if importlib.util.find_spec("prometheus_client") is None:
         raise ConfigError(
             f"{where}: needs the prometheus_client package: pip install 'pfxpold[metrics]'"

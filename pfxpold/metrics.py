@@ -212,8 +212,9 @@ class Metrics:
     """
     The figures of one process, and the hooks that count them.
 
-    The protocol calls L{answered} for every answer and L{violation} for
-    every connection closed for a limit (through C{PolicyFactory.metrics});
+    The protocol calls L{answered} for every answer (through
+    C{PolicyFactory.metrics}); limit violations are the factory's own
+    C{violations}, read when scraped;
     the chain calls L{check_answered}, L{check_failed} and
     L{check_abandoned} for every check run (through C{CheckChain.observer},
     set by L{instrument}). Per-check figures are kept by check name here,
@@ -237,7 +238,6 @@ class Metrics:
         self.checks: dict[str, _CheckFigures] = {}
         self.check_errors: dict[tuple[str, str], int] = {}
         self.check_on_error: dict[tuple[str, str], int] = {}
-        self.violations: dict[str, int] = {}
         self.store_duration: dict[tuple[str, str], _Histogram] = {}
         self.store_errors: dict[tuple[str, str, str], int] = {}
         self.factory: Any = None
@@ -301,12 +301,6 @@ class Metrics:
         key = (state, NOREPLY if action is None else action.verb, decision.decided_by)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
-
-    def violation(self, kind: str) -> None:
-        """
-        Count a connection closed for breaking a limit of kind C{kind}.
-        """
-        _bump(self.violations, kind)
 
     def check_answered(self, name: str, verdict: str, started: float) -> None:
         """
@@ -385,8 +379,6 @@ class Metrics:
         ):
             for labels, count in table.copy().items():
                 counters.append((family, labels, count))
-        for kind, count in self.violations.copy().items():
-            counters.append(("pfxpold_limit_violations", (kind,), count))
         for (store, operation), histogram in self.store_duration.copy().items():
             histograms.append(
                 (
@@ -400,6 +392,8 @@ class Metrics:
         if factory is not None:
             gauges.append(("pfxpold_connections", (), len(factory.connections)))
             gauges.append(("pfxpold_requests_in_flight", (), factory.in_flight))
+            for kind, count in dict(getattr(factory, "violations", {})).items():
+                counters.append(("pfxpold_limit_violations", (kind,), count))
             request_log = factory.request_log
             if request_log is not None:
                 counters.append(

@@ -10,7 +10,7 @@ every other connection alone.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Optional
@@ -179,19 +179,19 @@ class PolicyProtocol(LineReceiver):
             self._close()
         else:
             self._violation(
-                f"request not finished within {self.factory.limits.request_timeout}s",
                 "request_timeout",
+                f"request not finished within {self.factory.limits.request_timeout}s",
             )
 
-    def _violation(self, reason: str, kind: str) -> None:
+    def _violation(self, kind: str, reason: str) -> None:
         """
         Close a connection that broke the protocol or its limits, without a
         reply to its unfinished request.
 
-        @param kind: the limit broken, for metrics.
+        @param kind: the violation's name, counted in the factory's
+            C{violations}.
         """
-        if self.factory.metrics is not None:
-            self.factory.metrics.violation(kind)
+        self.factory.violations[kind] += 1
         self._log.warn(
             "closing connection from {peer} without a reply: {reason}",
             peer=self.peer,
@@ -300,7 +300,7 @@ class PolicyProtocol(LineReceiver):
         return True
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._violation(f"line longer than {self.MAX_LENGTH} bytes", "line_length")
+        self._violation("line_too_long", f"line longer than {self.MAX_LENGTH} bytes")
 
     def lineReceived(self, line: bytes) -> None:
         if self._closing:
@@ -311,7 +311,7 @@ class PolicyProtocol(LineReceiver):
             if self._attributes:
                 self._request_complete()
             else:
-                self._violation("empty line where a request should start", "empty_request")
+                self._violation("empty_line", "empty line where a request should start")
             return
         limits = self.factory.limits
         attributes = self._attributes
@@ -320,17 +320,19 @@ class PolicyProtocol(LineReceiver):
             self._arm(limits.request_timeout, "request")
         self._size += len(line) + 1
         if self._size > limits.max_request_size:
-            self._violation(f"request larger than {limits.max_request_size} bytes", "request_size")
+            self._violation(
+                "request_too_large", f"request larger than {limits.max_request_size} bytes"
+            )
             return
         if len(attributes) >= limits.max_attributes:
-            self._violation(f"more than {limits.max_attributes} attributes", "attributes")
+            self._violation("too_many_attributes", f"more than {limits.max_attributes} attributes")
             return
         name, sep, value = line.decode("utf-8", "replace").partition("=")
         if not sep or not name:
-            self._violation("a line that is not name=value", "malformed_line")
+            self._violation("not_name_value", "a line that is not name=value")
             return
         if "\x00" in name or name in attributes:
-            self._violation(f"a bad or repeated attribute name {name!r}", "attribute_name")
+            self._violation("bad_attribute_name", f"a bad or repeated attribute name {name!r}")
             return
         attributes[name] = value
 
@@ -438,9 +440,12 @@ class PolicyFactory(Factory):
     @ivar request_log: where they are logged: an object with a C{record}
         method like L{pfxpold.requestlog.FileRequestLog}'s, or L{None} for
         an event in twistd's log.
-    @ivar metrics: what counts answers and limit violations, a
-        L{pfxpold.metrics.Metrics}, or L{None} (metrics off: nothing is
-        called).
+    @ivar violations: connections closed for breaking the protocol, by
+        kind (C{line_too_long}, C{request_too_large}, C{too_many_attributes},
+        C{not_name_value}, C{bad_attribute_name}, C{empty_line},
+        C{request_timeout}).
+    @ivar metrics: what counts answers, a L{pfxpold.metrics.Metrics}, or
+        L{None} (metrics off: nothing is called).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -463,6 +468,7 @@ class PolicyFactory(Factory):
         self.request_log = request_log
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
+        self.violations: Counter[str] = Counter()
         self.metrics: Optional[Any] = None
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []

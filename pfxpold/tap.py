@@ -124,7 +124,7 @@ class Options(usage.Options):
                 endpoints.serverFromString(reactor, configuration.metrics_listen)
             except Exception as e:
                 raise usage.UsageError(
-                    f"{configuration.path or '<configuration>'}: table 'metrics': key 'listen':"
+                    f"{configuration.path or '<configuration>'}: [metrics] key 'listen':"
                     f" cannot listen on {configuration.metrics_listen!r}:"
                     f" {type(e).__name__}: {e or 'not an endpoint string'}"
                 ) from None

@@ -151,7 +151,7 @@ def test_exact_counts(tmp_path):
     assert value(samples, "pfxpold_check_verdicts_total", check="senders", verdict="REJECT") == 3
     assert value(samples, "pfxpold_check_verdicts_total", check="senders", verdict="DUNNO") == 1
     assert value(samples, "pfxpold_check_duration_seconds_count", check="senders") == 11
-    assert value(samples, "pfxpold_limit_violations_total", kind="malformed_line") == 1
+    assert value(samples, "pfxpold_limit_violations_total", kind="not_name_value") == 1
     assert sum(samples["pfxpold_limit_violations_total"].values()) == 1
     assert "pfxpold_check_errors_total" not in samples
     assert value(samples, "pfxpold_connections") == 0
@@ -319,8 +319,8 @@ def test_missing_library(tmp_path):
     assert result.returncode != 0
     # twistd prints a usage error (after its usage text) with its own prefix.
     output = result.stdout + result.stderr
-    [line] = [line for line in output.splitlines() if "table 'metrics'" in line]
+    [line] = [line for line in output.splitlines() if "[metrics]" in line]
     assert line.endswith(
-        f"{config}: table 'metrics': needs the prometheus_client package:"
+        f"{config}: [metrics]: needs the prometheus_client package:"
         " pip install 'pfxpold[metrics]'"
     ), output

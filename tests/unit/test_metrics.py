@@ -353,7 +353,7 @@ class CountingTests(SynchronousTestCase):
             second.dataReceived(b"sender=a@b\n")
             self.clock.advance(60)
         found = samples(served.metrics)
-        self.assertEqual(value(found, "pfxpold_limit_violations_total", kind="malformed_line"), 1)
+        self.assertEqual(value(found, "pfxpold_limit_violations_total", kind="not_name_value"), 1)
         self.assertEqual(value(found, "pfxpold_limit_violations_total", kind="request_timeout"), 1)
 
     def test_off_calls_nothing(self):
@@ -746,14 +746,14 @@ class ConfigurationTests(SynchronousTestCase):
         for table, message in (
             (
                 {"lisen": "tcp:1"},
-                "/etc/pfxpold.toml: table 'metrics': key 'lisen': is not a setting pfxpold knows",
+                "/etc/pfxpold.toml: [metrics] key 'lisen': is not a setting pfxpold knows",
             ),
             (
                 {"listen": 9101},
-                "/etc/pfxpold.toml: table 'metrics': key 'listen': must be an endpoint string,"
+                "/etc/pfxpold.toml: [metrics] key 'listen': must be an endpoint string,"
                 " not 9101",
             ),
-            ("on", "/etc/pfxpold.toml: table 'metrics': must be a table"),
+            ("on", "/etc/pfxpold.toml: [metrics]: must be a table"),
         ):
             error = self.assertRaises(ConfigError, self.load, table)
             self.assertEqual(str(error), message)
@@ -767,7 +767,7 @@ class ConfigurationTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, self.load, {})
         self.assertEqual(
             str(error),
-            "/etc/pfxpold.toml: table 'metrics': needs the prometheus_client package:"
+            "/etc/pfxpold.toml: [metrics]: needs the prometheus_client package:"
             " pip install 'pfxpold[metrics]'",
         )
 
@@ -781,7 +781,7 @@ class ConfigurationTests(SynchronousTestCase):
             f.write('[metrics]\nlisten = "nonsense:1"\n[[check]]\nname = "d"\ntype = "demo"\n')
         options = Options(reactor=MemoryReactorClock())
         error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", path])
-        self.assertIn("table 'metrics': key 'listen': cannot listen on 'nonsense:1'", str(error))
+        self.assertIn("[metrics] key 'listen': cannot listen on 'nonsense:1'", str(error))
         self.assertNotIn("\n", str(error))
 
 
