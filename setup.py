@@ -34,6 +34,8 @@ setup(
         # client library. The extra stays so that "pfxpold[redis]" installs.
         "redis": [],
         "bench": ["matplotlib>=3.5"],
+        # [metrics]: Prometheus's /metrics page (pfxpold/metrics.py).
+        "metrics": ["prometheus_client>=0.20"],
         # twisted.web Agent; [tls] brings pyOpenSSL and service_identity so
         # that https:// certificates are verified.
         "http": ["Twisted[tls]>=23.10"],

@@ -320,12 +320,24 @@ def map_expectation(table: dict) -> Callable[[dict], list[str]]:
     return expect
 
 
-def setup_map(directory: str, requests: list[dict], log: str = "file", tls: bool = True):
+def setup_map(
+    directory: str,
+    requests: list[dict],
+    log: str = "file",
+    tls: bool = True,
+    metrics: bool = False,
+):
+    """
+    @param metrics: with a C{[metrics]} table (counted, served on a free
+        port, never scraped: the cost is the counting).
+    """
     table = write_access_map(os.path.join(directory, "senders.map"), Population())
     config = os.path.join(directory, "pfxpold.toml")
     with open(config, "w") as f:
         f.write(server_table(**LOG_SETTINGS[log]))
         f.write(MAP_CHECK)
+        if metrics:
+            f.write(f'\n[metrics]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n')
     return pfxpold_command(config, tls), map_expectation(table)
 
 
@@ -508,6 +520,13 @@ SCENARIOS = [
         "map-100k-nolog",
         "pfxpold, access map of 100,000 entries, log_requests = false",
         lambda directory, requests: setup_map(directory, requests, log="off"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-metrics",
+        "map-100k with [metrics] on (Prometheus counters; needs prometheus_client)",
+        lambda directory, requests: setup_map(directory, requests, metrics=True),
         needs=("file",),
         optional=True,
     ),

@@ -129,16 +129,20 @@ def _settled(pending: Any) -> Any:
 
 class _Waiting:
     """
-    Where a request's chain stopped: check C{index} answers later, with
-    C{pending}; C{passed} is the last non-decisive answer before it.
+    Where a request's chain stopped: check C{index}, run at C{started} (0
+    when no observer reads it), answers later, with C{pending}; C{passed} is
+    the last non-decisive answer before it.
     """
 
-    __slots__ = ("index", "passed", "pending")
+    __slots__ = ("index", "passed", "pending", "started")
 
-    def __init__(self, index: int, pending: Deferred[Any], passed: Action) -> None:
+    def __init__(
+        self, index: int, pending: Deferred[Any], passed: Action, started: float = 0.0
+    ) -> None:
         self.index = index
         self.pending = pending
         self.passed = passed
+        self.started = started
 
 
 class _Continuation:
@@ -222,6 +226,8 @@ class _Continuation:
         except Exception:
             self._go_on_after_failure(waiting, Failure())
             return None
+        if chain.observer is not None:
+            chain.observer.check_answered(entry.name, action.verb, waiting.started)
         if chain.record_verdicts:
             self.verdicts.append((entry.name, str(action)))
         if action.decisive:
@@ -245,10 +251,18 @@ class _Continuation:
             failure = Failure(TimeoutError(f"not done within {timeout}s"))
             self._go_on_after_failure(waiting, failure)
         else:
+            self._abandoned(waiting)
             self._finish(chain._deadline_passed(self.request, self.verdicts))
 
+    def _abandoned(self, waiting: _Waiting) -> None:
+        observer = self.chain.observer
+        if observer is not None:
+            observer.check_abandoned(self.chain.entries[waiting.index].name, waiting.started)
+
     def _go_on_after_failure(self, waiting: _Waiting, failure: Failure) -> None:
-        decision = self.chain._failed(self.chain.entries[waiting.index], failure, self.verdicts)
+        decision = self.chain._failed(
+            self.chain.entries[waiting.index], failure, self.verdicts, waiting.started
+        )
         if decision is not None:
             self._finish(decision)
         else:
@@ -263,6 +277,7 @@ class _Continuation:
         if type(outcome) is _Waiting:
             if self.chain._clock.seconds() >= self.deadline_at:
                 self._abandon(outcome.pending.addErrback(lambda failure: None))
+                self._abandoned(outcome)
                 self._finish(self.chain._deadline_passed(self.request, self.verdicts))
             else:
                 self.wait(outcome)
@@ -313,7 +328,13 @@ class CheckChain:
     Runs checks in order; the first decisive answer (anything but DUNNO)
     wins, and C{default_action} applies when every check passes. Without a
     default action, the last check's DUNNO is answered, text and all.
+
+    @ivar observer: told of every check's answer, failure and abandonment
+        (a L{pfxpold.metrics.Metrics}), or L{None}: nothing is timed or
+        called.
     """
+
+    observer: Optional[Any] = None
 
     _log = Logger()
 
@@ -394,24 +415,30 @@ class CheckChain:
         decision: Optional[Decision] = None
         settled = False
         entries = self.entries
+        observer = self.observer
+        started = 0.0
         while index < len(entries):
             entry = entries[index]
+            if observer is not None:
+                started = self._clock.seconds()
             try:
                 result = entry.check.check(request)
                 if isinstance(result, (Deferred, CoroutineType)):
                     settled = True
                     result = _settled(result)
                     if isinstance(result, Deferred):
-                        return _Waiting(index, result, passed), True
+                        return _Waiting(index, result, passed, started), True
                 action = self._to_action(result)
                 if self._failing and entry.name in self._failing:
                     self._recovered(entry)
             except Exception:
-                decision = self._failed(entry, Failure(), verdicts)
+                decision = self._failed(entry, Failure(), verdicts, started)
                 if decision is not None:
                     break
                 index += 1
                 continue
+            if observer is not None:
+                observer.check_answered(entry.name, action.verb, started)
             if self.record_verdicts:
                 verdicts.append((entry.name, str(action)))
             if action.decisive:
@@ -454,10 +481,16 @@ class CheckChain:
         self._log.info("check {check} answers again", check=entry.name)
 
     def _failed(
-        self, entry: ChainEntry, failure: Failure, verdicts: list[tuple[str, str]]
+        self,
+        entry: ChainEntry,
+        failure: Failure,
+        verdicts: list[tuple[str, str]],
+        started: float = 0.0,
     ) -> Optional[Decision]:
         """
         Log a check's failure and apply its C{on_error}.
+
+        @param started: when the check was run, for the L{observer}.
 
         @return: the decision when the failure ends the request, L{None}
             when the chain goes on (C{skip}).
@@ -510,6 +543,8 @@ class CheckChain:
                 outcome=str(policy),
             )
             verdict = "error"
+        if self.observer is not None:
+            self.observer.check_failed(entry.name, failure, policy, started)
         if self.record_verdicts:
             verdicts.append((entry.name, verdict))
         if policy.kind == SKIP:

@@ -10,6 +10,7 @@ what to fix.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
 DEFAULT_CHECK_TIMEOUT = 10.0
 DEFAULT_DEADLINE = 20.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_METRICS_LISTEN = "tcp:9101:interface=127.0.0.1"
 
 #: The top-level tables of a configuration file besides C{[server]} and
 #: C{[[check]]}: checks read them with L{CheckOptions.section}.
@@ -496,6 +498,8 @@ class Configuration:
     checks: dict[str, CheckRecord] = field(default_factory=dict)
     #: The shared objects (stores, pools), by key, and what made them.
     shared: dict[Any, SharedRecord] = field(default_factory=dict)
+    #: Where C{/metrics} is served (L{pfxpold.metrics}), or L{None}: off.
+    metrics_listen: Optional[str] = None
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -537,6 +541,34 @@ def _parse_policy(table: _Table, key: str, default: str, classes: tuple[str, ...
 
 def _table_label(name: str) -> str:
     return "[[check]]" if name == "check" else f"[{name}]"
+
+
+def metrics_listen(document: Mapping[str, Any], path: Optional[str]) -> Optional[str]:
+    """
+    Read the C{[metrics]} table: where to serve C{/metrics}, or L{None}
+    without the table. Checks that C{prometheus_client} is installed
+    without importing it.
+
+    @raise ConfigError: naming the file, the table and the key.
+    """
+    if "metrics" not in document:
+        return None
+    where = f"{path or '<configuration>'}: [metrics]"
+    table = document["metrics"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    for key in table:
+        if key != "listen":
+            raise ConfigError(f"{where} key {key!r}: is not a setting pfxpold knows")
+    listen = table.get("listen", DEFAULT_METRICS_LISTEN)
+    if not isinstance(listen, str) or not listen.strip():
+        raise ConfigError(f"{where} key 'listen': must be an endpoint string, not {listen!r}")
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError(
+            f"{where}: needs the prometheus_client package: pip install 'pfxpold[metrics]'"
+        )
+    # A bare port number, as in [server] listen: 127.0.0.1 only.
+    return endpoint_description(listen)
 
 
 def load_document(
@@ -627,6 +659,7 @@ def load_document(
     backlog = server.integer("backlog", DEFAULT_BACKLOG, minimum=1)
     if server.unused():
         raise server.error(server.unused()[0], "is not a setting pfxpold knows")
+    metrics = metrics_listen(document, path)
 
     raw_checks = document.get("check", [])
     if not isinstance(raw_checks, list):
@@ -719,6 +752,7 @@ def load_document(
         backlog,
         checks=records,
         shared={key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()},
+        metrics_listen=metrics,
     )
 
 

@@ -421,6 +421,8 @@ class PolicyProtocol(LineReceiver):
     def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:
         action = decision.action
         factory = self.factory
+        if factory.metrics is not None:
+            factory.metrics.answered(request, decision, started)
         if factory.log_requests:
             request_log = factory.request_log
             if request_log is not None:
@@ -491,6 +493,8 @@ class PolicyFactory(Factory):
         kind (C{line_too_long}, C{request_too_large}, C{too_many_attributes},
         C{not_name_value}, C{bad_attribute_name}, C{empty_line},
         C{request_timeout}).
+    @ivar metrics: what counts answers, a L{pfxpold.metrics.Metrics}, or
+        L{None} (metrics off: nothing is called).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -514,6 +518,7 @@ class PolicyFactory(Factory):
         self.connections: set[PolicyProtocol] = set()
         self.in_flight = 0
         self.violations: Counter[str] = Counter()
+        self.metrics: Optional[Any] = None
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
 

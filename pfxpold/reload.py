@@ -363,6 +363,10 @@ class Reloader:
         factory = service.factory
         for member in added:
             service.checks.adopt(member)
+        metrics = getattr(service, "metrics", None)
+        if metrics is not None:
+            # The figures go on under the same check and store names.
+            metrics.instrument(new.chain)
         factory.decider = new.chain
         # Read per request by open connections too, except the longest
         # line, which a connection takes when it opens.

@@ -6,6 +6,7 @@ backends that need starting and stopping.
 from __future__ import annotations
 
 import gc
+import os
 import resource
 from collections.abc import Callable
 from typing import Any, Optional
@@ -87,6 +88,12 @@ class PolicyService(MultiService):
         self.listeners.setServiceParent(self)
         self.accept_log = AcceptErrorLog(reactor)
         self._limit_raised = False
+        #: The L{pfxpold.metrics.Metrics} counting this process's work, or
+        #: L{None} without a [metrics] table (nothing imported, nothing
+        #: counted).
+        self.metrics: Optional[Any] = None
+        if configuration.metrics_listen is not None:
+            self._start_metrics(configuration.metrics_listen, bool(adopted))
         #: The listening endpoints, which keep their ports for worker processes.
         self.recorders: list[RecordingEndpoint] = []
         #: A worker's adopted sockets, recorded to log what it really serves.
@@ -118,6 +125,27 @@ class PolicyService(MultiService):
         if not self._limit_raised:
             self._limit_raised = True
             raise_open_files_limit(self.resource_module)
+
+    def _start_metrics(self, listen: str, worker: bool) -> None:
+        """
+        Count this process's work: served on C{listen} by the parent, or, in
+        a worker, written for the parent to add up (nothing when the parent
+        named no directory for it).
+        """
+        from pfxpold import metrics
+
+        if worker:
+            directory = os.environ.get(metrics.WORKERS_DIRECTORY)
+            if not directory:
+                return
+            self.metrics = metrics.Metrics(self.reactor)
+            metrics.SnapshotWriter(self.metrics, directory, self.reactor).setServiceParent(
+                self.backends
+            )
+        else:
+            self.metrics = metrics.Metrics(self.reactor)
+            metrics.exporter(self.metrics, listen, self.reactor).setServiceParent(self.listeners)
+        self.metrics.attach(self.factory)
 
     def startService(self) -> None:
         # Started without privilegedStartService (a tac file's own service

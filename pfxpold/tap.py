@@ -274,6 +274,15 @@ class Options(usage.Options):
         if self["port"]:
             configuration.listen = list(self["port"])
         root, jail = _socket_root(getattr(self, "parent", None))
+        if configuration.metrics_listen is not None:
+            try:
+                endpoints.serverFromString(reactor, configuration.metrics_listen)
+            except Exception as e:
+                raise usage.UsageError(
+                    f"{configuration.path or '<configuration>'}: [metrics] key 'listen':"
+                    f" cannot listen on {configuration.metrics_listen!r}:"
+                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
+                ) from None
         for description in configuration.listen:
             try:
                 endpoints.serverFromString(reactor, description)
@@ -321,6 +330,8 @@ class Options(usage.Options):
             configuration = self.configuration
             print(f"{configuration.path or '(no file: demo check)'}: OK")
             print(f"  listen: {', '.join(configuration.listen)}")
+            if configuration.metrics_listen is not None:
+                print(f"  metrics: {configuration.metrics_listen} (/metrics)")
             for entry in configuration.chain.entries:
                 print(
                     f"  check {entry.name}: {type(entry.check).__name__},"
@@ -379,8 +390,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     def reload(previous: Configuration) -> Configuration:
         return options.load(reactor, previous)
 
-    def signals(service: PolicyService, reloader: Reloader) -> SignalService:
-        return SignalService(reactor, reloader, lambda: service.factory.request_log)
+    def reloading(service: PolicyService, parent: MultiService, **how: Any) -> None:
+        # SIGHUP reloads, SIGUSR1 never stops the daemon; the metrics show
+        # how the reloads went.
+        service.reloader = Reloader(service, reload, reactor, **how)
+        if service.metrics is not None:
+            service.metrics.watch_reloads(service.reloader)
+        SignalService(
+            reactor, service.reloader, lambda: service.factory.request_log
+        ).setServiceParent(parent)
 
     if options["adopt"]:
         try:
@@ -391,15 +409,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         workers.ParentWatchService(reactor).setServiceParent(service)
         CollectorTuning().setServiceParent(service.backends)
         # The parent validated the file before it sent this worker SIGHUP.
-        service.reloader = Reloader(service, reload, reactor, adopted=True)
-        signals(service, service.reloader).setServiceParent(service)
+        reloading(service, service, adopted=True)
         return service
     twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:
         # Under twistd, before it daemonizes: a port in use is one line on
         # stderr and exit status 1 in either mode.
         root, jail = _socket_root(twistd_options)
-        for description in configuration.listen:
+        for description in [*configuration.listen, *filter(None, [configuration.metrics_listen])]:
             problem = probe_listen(description, root, jail)
             if problem is not None:
                 fail(f"pfxpold: {problem}")
@@ -408,8 +425,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     # The last backend: it starts once the checks have, and stops last.
     CollectorTuning().setServiceParent(service.backends)
     if options["workers"] <= 1:
-        service.reloader = Reloader(service, reload, reactor)
-        signals(service, service.reloader).setServiceParent(service)
+        reloading(service, service)
         return service
     # The pool stops alongside the parent's own service: both answer what
     # is in flight within shutdown_grace.
@@ -425,8 +441,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # twistd's own options: workers log the way the parent does.
         log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
     )
+    if service.metrics is not None:
+        from pfxpold.metrics import WorkerSnapshots
+
+        # Started before the pool: workers learn where to write from it.
+        service.metrics.workers = WorkerSnapshots(pool)
+        service.metrics.workers.setServiceParent(top)
     pool.setServiceParent(top)
     # The parent reloads first, and tells the workers only if it could.
-    service.reloader = Reloader(service, reload, reactor, pool=pool)
-    signals(service, service.reloader).setServiceParent(top)
+    reloading(service, top, pool=pool)
     return top

@@ -242,6 +242,8 @@ class LDAPCheck(Service):
         #: Why the directory is unreachable: set when a connection is
         #: lost or an attempt fails, cleared when one is bound.
         self._down: Optional[str] = None
+        #: Whether a bound connection is up (shown by pfxpold.metrics).
+        self.connected = False
 
     def _make_protocol(self) -> _Client:
         protocol = _Client()
@@ -258,6 +260,7 @@ class LDAPCheck(Service):
                 reason=reason.getErrorMessage(),
             )
         self._down = f"connection lost: {reason.getErrorMessage()}"
+        self.connected = False
 
     def _unreachable(self, reason: Failure) -> None:
         if self._down is None or not self._down.startswith("cannot connect"):
@@ -267,6 +270,7 @@ class LDAPCheck(Service):
                 reason=reason.getErrorMessage(),
             )
         self._down = f"cannot connect: {reason.getErrorMessage()}"
+        self.connected = False
 
     def _prepare(self, protocol: LDAPClient) -> Optional[Deferred[Any]]:
         """
@@ -281,6 +285,7 @@ class LDAPCheck(Service):
     def _bound(self, response: Any) -> None:
         if response is None or response.resultCode == ldaperrors.Success.resultCode:
             self._down = None
+            self.connected = True
             self._log.info("check {check}: connected to the directory", check=self.name)
         else:
             error = ldaperrors.get(response.resultCode, response.errorMessage)
