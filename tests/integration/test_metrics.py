@@ -324,3 +324,38 @@ def test_missing_library(tmp_path):
         f"{config}: [metrics]: needs the prometheus_client package:"
         " pip install 'pfxpold[metrics]'"
     ), output
+
+
+def test_reloads_counted_and_checks_still_counted(tmp_path):
+    """
+    A SIGHUP's reload, good or broken, is counted, with the time of the
+    last one; a check rebuilt by the reload goes on counting under its name,
+    and a reload resets no figure.
+    """
+    from tests.integration.test_reload import hangup, rewrite
+
+    (tmp_path / "senders.map").write_text(SENDERS_MAP)
+    metrics_port = free_port()
+    config = MAP_CONFIG.format(metrics_port=metrics_port)
+    with running_daemon(tmp_path, config) as daemon:
+        wait_for_port(metrics_port, process=daemon.process)
+        with daemon.client() as client:
+            assert client.ask(request("good@example.com")) == "OK"
+        before = scrape(metrics_port)
+        assert value(before, "pfxpold_reloads_total", result="succeeded") == 0
+        # The check changes (a default for senders the map does not know):
+        # it is rebuilt, under the same name.
+        rewrite(daemon, config + 'not_found = "REJECT unknown sender"\n')
+        hangup(daemon)
+        with daemon.client() as client:
+            assert client.ask(request("good@example.com")) == "OK"
+            assert client.ask(request("nobody@example.com")) == "REJECT unknown sender"
+        rewrite(daemon, config + "no_such_key = 1\n")
+        hangup(daemon, count=2)
+        samples = scrape(metrics_port)
+    assert value(samples, "pfxpold_reloads_total", result="succeeded") == 1
+    assert value(samples, "pfxpold_reloads_total", result="failed") == 1
+    assert value(samples, "pfxpold_last_reload_timestamp_seconds") > 0
+    assert value(samples, "pfxpold_check_verdicts_total", check="senders", verdict="OK") == 2
+    assert value(samples, "pfxpold_check_verdicts_total", check="senders", verdict="REJECT") == 1
+    assert sum(samples["pfxpold_requests_total"].values()) == 3
