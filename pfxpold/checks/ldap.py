@@ -20,7 +20,8 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -155,12 +156,13 @@ class _Client(LDAPClient):
         self.last_received = self.clock.seconds()
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if self.lost is not None:
             self.lost(reason)
 
 
+@implementer(IStreamClientEndpoint)
 class _WatchedEndpoint:
     """
     An endpoint that says when a connection attempt fails, so that the
@@ -195,7 +197,7 @@ class LDAPCheck(Service):
         @param service: something with C{whenConnected()} to use instead of
             the L{ClientService} built from C{server} (tests).
         """
-        self.name = options.name
+        self.setName(options.name)
         self._clock = options.reactor
         self._classes = options.restriction_classes
         server = options.string("server")
@@ -342,7 +344,7 @@ class LDAPCheck(Service):
                 and getattr(protocol, "last_received", started) < started
                 and protocol.connected
             )
-            if silent:
+            if silent and protocol is not None:
                 # Nothing came back since before this search was sent: the
                 # server has stopped answering; reconnect rather than queue
                 # more searches on a dead connection.
