@@ -27,7 +27,7 @@ BUILTIN_CHECKS: dict[str, str] = {
 }
 
 #: Optional libraries by top-level module name: the distribution pip
-#: installs, and the pfxpold extra that brings it (setup.py's extras_require).
+#: installs, and the pfxpold extra that brings it (pyproject.toml's optional-dependencies).
 OPTIONAL_LIBRARIES: dict[str, tuple[str, str]] = {
     "ldaptor": ("ldaptor", "ldap"),
     "psycopg": ("psycopg", "postgresql"),
