@@ -13,7 +13,7 @@ turns the ImportError into the one line an administrator needs.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 BUILTIN_CHECKS: dict[str, str] = {
     "demo": "pfxpold.checks.demo.DemoCheck",
@@ -45,13 +45,15 @@ class MissingExtraError(LookupError):
     """
 
 
-def extra_advice(module: str) -> str:
+def extra_advice(module: str, extra: Optional[str] = None) -> str:
     """
+    @param extra: the extra to name, when not the library's usual one (the
+        C{ldap} extra brings pyOpenSSL too, for C{tls:} servers).
     @return: the advice for the missing optional library whose top-level
         module is C{module} (a key of L{OPTIONAL_LIBRARIES}).
     """
-    distribution, extra = OPTIONAL_LIBRARIES[module]
-    return f"needs {distribution}: pip install 'pfxpold[{extra}]'"
+    distribution, usual_extra = OPTIONAL_LIBRARIES[module]
+    return f"needs {distribution}: pip install 'pfxpold[{extra or usual_extra}]'"
 
 
 def missing_extra(error: ImportError) -> Optional[MissingExtraError]:
@@ -64,3 +66,27 @@ def missing_extra(error: ImportError) -> Optional[MissingExtraError]:
     if module not in OPTIONAL_LIBRARIES:
         return None
     return MissingExtraError(extra_advice(module))
+
+
+def require_tls(extra: str) -> Any:
+    """
+    Import Twisted's TLS support, which needs pyOpenSSL and
+    service_identity: only checks that speak TLS need them, and import
+    them here, when configured to.
+
+    @param extra: the extra that brings them for the calling check.
+    @return: the module L{twisted.internet.ssl}.
+    @raise MissingExtraError: when they are not installed.
+    """
+    try:
+        # service_identity: without it Twisted checks host names only
+        # loosely; require it rather than verify less.
+        import OpenSSL  # noqa: F401
+        import service_identity  # noqa: F401
+        from twisted.internet import ssl
+    except ImportError as e:
+        module = (e.name or "").partition(".")[0]
+        if module in OPTIONAL_LIBRARIES:
+            raise MissingExtraError(extra_advice(module, extra)) from None
+        raise MissingExtraError(f"needs TLS support ({e}): pip install 'pfxpold[{extra}]'") from None
+    return ssl

@@ -42,7 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pfxpold.action import Action
-from pfxpold.checks import MissingExtraError, missing_extra
+from pfxpold.checks import MissingExtraError, require_tls
 from pfxpold.checks._values import template_value
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
@@ -126,26 +126,6 @@ def read_body(response: Any, limit: int) -> Deferred[bytes]:
     return finished
 
 
-def _import_tls() -> Any:
-    """
-    Import Twisted's TLS support, which needs pyOpenSSL and
-    service_identity (the C{http} extra): only an https:// service needs
-    them, so an http:// one works without.
-
-    @return: the module L{twisted.internet.ssl}.
-    @raise MissingExtraError: when they are not installed.
-    """
-    try:
-        # service_identity: without it Twisted checks host names only
-        # loosely; require it rather than verify less.
-        import OpenSSL  # noqa: F401
-        import service_identity  # noqa: F401
-        from twisted.internet import ssl
-    except ImportError as e:
-        raise (missing_extra(e) or MissingExtraError(f"needs TLS support: {e}")) from None
-    return ssl
-
-
 @implementer(IPolicyForHTTPS)
 class _TrustCA:
     """
@@ -154,7 +134,7 @@ class _TrustCA:
     """
 
     def __init__(self, pem: bytes) -> None:
-        self._ssl = _import_tls()
+        self._ssl = require_tls("http")
         self._ca = self._ssl.Certificate.loadPEM(pem)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
@@ -249,7 +229,7 @@ class HTTPCheck(Service):
         policy: Any = None
         if parts.scheme == "https" or ca_file is not None:
             try:
-                _import_tls()
+                require_tls("http")
             except MissingExtraError as e:
                 raise options.error("ca_file" if parts.scheme == "http" else "url", str(e)) from None
         if ca_file is not None:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import Action, ActionError
+from pfxpold.checks import MissingExtraError, require_tls
 from pfxpold.checks._values import template_value
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
@@ -226,6 +227,11 @@ class LDAPCheck(Service):
         )
         self._cache: dict[str, tuple[float, Action]] = {}
         if service is None:
+            if server.split(":", 1)[0] in ("tls", "ssl"):
+                try:
+                    require_tls("ldap")
+                except MissingExtraError as e:
+                    raise options.error("server", str(e)) from None
             try:
                 endpoint = clientFromString(self._clock, server)
             except (ValueError, TypeError, KeyError) as e:

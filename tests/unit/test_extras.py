@@ -122,6 +122,27 @@ class MissingExtraTests(SynchronousTestCase):
         )
         self.assertIn("key 'ca_file': needs pyOpenSSL: pip install 'pfxpold[http]'", str(error))
 
+    def test_ldap_tls_server(self) -> None:
+        """An ldap check with a tls: server and no pyOpenSSL names the check's key and the ldap extra."""
+        from pfxpold.checks.ldap import LDAPCheck
+
+        unimportable(self, *TLS_MODULES)
+        error = self.assertRaises(
+            ConfigError,
+            LDAPCheck,
+            make_options(
+                name="directory",
+                server="tls:ldap.example.com:636",
+                base="dc=example,dc=com",
+                filter="(mail={recipient})",
+            ),
+        )
+        self.assertEqual(
+            str(error),
+            "<configuration>: check 'directory': key 'server':"
+            " needs pyOpenSSL: pip install 'pfxpold[ldap]'",
+        )
+
     def test_user_module_error_unchanged(self) -> None:
         """An ImportError of a library pfxpold does not know is not blamed on an extra."""
         error = ModuleNotFoundError("No module named 'mycompany'", name="mycompany")
