@@ -15,6 +15,7 @@ from tests.integration.support import free_port
 
 
 def _names(pids: list[int]) -> set[str]:
+    """The program names of the processes C{pids} that still exist."""
     names = set()
     for pid in pids:
         try:
