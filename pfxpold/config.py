@@ -23,7 +23,7 @@ from twisted.python.reflect import namedAny
 
 from pfxpold.action import Action, ActionError
 from pfxpold.chain import NOREPLY, SKIP, ChainEntry, CheckChain, ErrorPolicy
-from pfxpold.checks import BUILTIN_CHECKS
+from pfxpold.checks import BUILTIN_CHECKS, MissingExtraError, missing_extra
 from pfxpold.interfaces import ICheck
 from pfxpold.protocol import Limits
 from pfxpold.resources import DEFAULT_BACKLOG
@@ -521,6 +521,13 @@ def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
         )
     try:
         found = namedAny(target)
+    except ImportError as e:
+        # An optional library (ldaptor, psycopg...) is not installed: say
+        # which extra brings it.
+        advice = missing_extra(e)
+        if advice is not None:
+            raise advice from None
+        raise LookupError(f"cannot load {name!r}: {type(e).__name__}: {e}") from None
     except Exception as e:
         # A user's module may fail to import in any way (a syntax error, a
         # NameError at module level): report it as a configuration error
@@ -709,12 +716,16 @@ def load_document(
             options.previous_shared = previous_shared
             try:
                 factory = resolve_check_type(type_name)
+            except MissingExtraError as e:
+                raise outer.error(None, str(e)) from None
             except LookupError as e:
                 raise outer.error("type", str(e)) from None
             try:
                 check = factory(options)
             except ConfigError:
                 raise
+            except MissingExtraError as e:
+                raise outer.error(None, str(e)) from None
             except Exception as e:
                 raise outer.error(None, f"cannot be set up: {e}") from None
             if not ICheck.providedBy(check):

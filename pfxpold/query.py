@@ -14,9 +14,11 @@ import argparse
 import os
 import socket
 import sys
+from importlib import resources
 from typing import Optional
 
-from pfxpold.testing import fixture_bytes, parse_request
+# A one-shot command imports only the standard library: no Twisted, no
+# pfxpold.testing (trial) or pfxpold.config (the chain, every check type).
 
 #: The options that set one attribute each, and the attribute they set.
 _ATTRIBUTE_OPTIONS = (
@@ -36,12 +38,26 @@ _ATTRIBUTE_OPTIONS = (
 )
 
 
+def _parse(data: bytes) -> dict[str, str]:
+    """
+    The attributes of one request's C{name=value} lines (the empty line is
+    optional), as L{pfxpold.testing.parse_request} reads them.
+    """
+    attributes = {}
+    for line in data.decode("utf-8").splitlines():
+        if line:
+            name, _, value = line.partition("=")
+            attributes[name] = value
+    return attributes
+
+
 def _template() -> dict[str, str]:
     """
     A Postfix 3.7 RCPT request with every attribute present and unknown,
     the way Postfix sends what it does not know.
     """
-    attributes = {name: "" for name in parse_request(fixture_bytes("rcpt"))}
+    rcpt = resources.files("pfxpold").joinpath("fixtures", "rcpt.txt").read_bytes()
+    attributes = {name: "" for name in _parse(rcpt)}
     attributes.update(
         request="smtpd_access_policy",
         protocol_state="RCPT",
@@ -68,7 +84,7 @@ def build_request(arguments: argparse.Namespace, stdin: Optional[bytes] = None) 
         else:
             with open(arguments.request_file, "rb") as f:
                 data = f.read()
-        attributes = dict(parse_request(data))
+        attributes = _parse(data)
     else:
         attributes = _template()
     for option in _ATTRIBUTE_OPTIONS:

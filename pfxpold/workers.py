@@ -34,7 +34,7 @@ from twisted.internet import endpoints
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName
@@ -62,7 +62,9 @@ class RecordingEndpoint:
 
     def __init__(self, endpoint: IStreamServerEndpoint) -> None:
         self._endpoint = endpoint
-        self.ports: list[IListeningPort] = []
+        # tcp.Port or unix.Port: the parent needs their fileno() and
+        # addressFamily, which IListeningPort does not declare.
+        self.ports: list[Any] = []
 
     def listen(self, factory: Any) -> Deferred[IListeningPort]:
         def listening(port: IListeningPort) -> IListeningPort:
@@ -96,7 +98,7 @@ def adopted_endpoints(reactor: Any, specifications: list[str]) -> list[IStreamSe
 
     @raise ValueError: for a malformed specification.
     """
-    result = []
+    result: list[IStreamServerEndpoint] = []
     for specification in specifications:
         fd, _, family = specification.partition(":")
         if not fd.isdigit() or family not in FAMILIES:
@@ -116,7 +118,7 @@ class _ParentWatch(Protocol):
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._reactor.running:
             self._log.warn("the parent process is gone: stopping this worker")
             self._reactor.stop()
@@ -135,7 +137,9 @@ class ParentWatchService(Service):
         super().startService()
         from twisted.internet.stdio import StandardIO
 
-        StandardIO(
+        # mypy reads twisted.internet.stdio's Windows branch, whose
+        # StandardIO takes no stdout; the POSIX one (used here) does.
+        StandardIO(  # type: ignore[call-arg]
             _ParentWatch(self._reactor),
             stdout=os.open(os.devnull, os.O_WRONLY),
             reactor=self._reactor,
@@ -252,7 +256,7 @@ class WorkerPool(Service):
         self.workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
 
-    def _listeners(self) -> list[tuple[int, int]]:
+    def _listeners(self) -> list[tuple[int, socket.AddressFamily]]:
         """
         The parent's listening sockets: (file descriptor, address family).
         """
@@ -292,8 +296,10 @@ class WorkerPool(Service):
         # Log lines reach the parent as they are written, not at exit; under
         # load the parent still reads them in large batches.
         env["PYTHONUNBUFFERED"] = "1"
-        self.reactor.spawnProcess(worker, self.executable, arguments, env=env, childFDs=child_fds)
-        worker.pid = worker.transport.pid
+        transport = self.reactor.spawnProcess(
+            worker, self.executable, arguments, env=env, childFDs=child_fds
+        )
+        worker.pid = transport.pid
         self.workers[number] = worker
         self._log.info("started worker {worker} (pid {pid})", worker=number, pid=worker.pid)
 
@@ -348,6 +354,9 @@ class WorkerPool(Service):
 
 
 def _signal(worker: _WorkerProtocol, number: int) -> None:
+    if worker.transport is None:
+        # Not started (spawnProcess failed): nothing to signal.
+        return
     try:
         worker.transport.signalProcess(number)
     except Exception:

@@ -197,7 +197,7 @@ class DNSBLCheck(Service):
         @param resolver: an L{twisted.internet.interfaces.IResolver} to use
             instead of the one built from C{resolvers} at start-up (tests).
         """
-        self.name = options.name
+        self.setName(options.name)
         self._clock = options.reactor
         self._resolver = resolver
         servers = []

@@ -24,8 +24,8 @@ from xml.sax.saxutils import escape
 
 from twisted.application.service import IService, Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
-from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -42,6 +42,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IPolicyForHTTPS
 from zope.interface import implementer
 
 from pfxpold.action import Action
+from pfxpold.checks import MissingExtraError, require_tls
 from pfxpold.checks._values import ControlCharacterGuard, RefusedValue, template_value
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
@@ -81,20 +82,27 @@ class _BodyCollector(Protocol):
             return
         self.size += len(data)
         if self.size > self.limit or self.declared_too_large:
-            self.transport.stopProducing()
+            _stop_producing(self)
             self.finished.errback(
                 Failure(ServiceError(f"answer is larger than {self.limit} bytes"))
             )
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.finished.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
             self.finished.callback(b"".join(self.parts))
         else:
             self.finished.errback(reason)
+
+
+def _stop_producing(collector: _BodyCollector) -> None:
+    # deliverBody makes an IPushProducer the body protocol's transport:
+    # stopping it drops the connection.
+    if collector.transport is not None:
+        IPushProducer(collector.transport).stopProducing()
 
 
 def read_body(response: Any, limit: int) -> Deferred[bytes]:
@@ -106,8 +114,8 @@ def read_body(response: Any, limit: int) -> Deferred[bytes]:
     collector: Optional[_BodyCollector] = None
 
     def cancel(deferred: Deferred[bytes]) -> None:
-        if collector is not None and collector.transport is not None:
-            collector.transport.stopProducing()
+        if collector is not None:
+            _stop_producing(collector)
 
     finished: Deferred[bytes] = Deferred(cancel)
     collector = _BodyCollector(finished, limit)
@@ -126,10 +134,11 @@ class _TrustCA:
     """
 
     def __init__(self, pem: bytes) -> None:
-        self._ca = Certificate.loadPEM(pem)
+        self._ssl = require_tls("http")
+        self._ca = self._ssl.Certificate.loadPEM(pem)
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
-        return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._ca)
+        return self._ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._ca)
 
 
 def xml_template(template: str, request: PolicyRequest) -> str:
@@ -155,7 +164,7 @@ class HTTPCheck(Service):
     _log = Logger()
 
     def __init__(self, options: CheckOptions) -> None:
-        self.name = options.name
+        self.setName(options.name)
         self._reactor = options.reactor
         self._classes = options.restriction_classes
         url = options.string("url")
@@ -218,24 +227,37 @@ class HTTPCheck(Service):
         self.headers = headers
         self.guard = ControlCharacterGuard(options.name)
         ca_file = options.path("ca_file", None)
+        policy: Any = None
+        if parts.scheme == "https" or ca_file is not None:
+            try:
+                require_tls("http")
+            except MissingExtraError as e:
+                raise options.error("ca_file" if parts.scheme == "http" else "url", str(e)) from None
         if ca_file is not None:
             try:
                 with open(ca_file, "rb") as f:
-                    policy: Any = _TrustCA(f.read())
+                    policy = _TrustCA(f.read())
             except OSError as e:
                 raise options.error("ca_file", f"cannot read {ca_file}: {e.strerror}") from None
             except Exception as e:
                 raise options.error("ca_file", f"not a PEM certificate: {e}") from None
-        else:
+        elif parts.scheme == "https":
             policy = BrowserLikePolicyForHTTPS()
         max_requests = options.integer("max_requests", DEFAULT_MAX_REQUESTS, minimum=1)
         connect_timeout = options.number("connect_timeout", DEFAULT_CONNECT_TIMEOUT, positive=True)
         self._semaphore = DeferredSemaphore(max_requests)
         self._pool = HTTPConnectionPool(self._reactor, persistent=True)
         self._pool.maxPersistentPerHost = max_requests
-        self._agent = Agent(
-            self._reactor, contextFactory=policy, pool=self._pool, connectTimeout=connect_timeout
-        )
+        if policy is None:
+            # http://: the Agent's own policy is never used, and needs no TLS.
+            self._agent = Agent(self._reactor, pool=self._pool, connectTimeout=connect_timeout)
+        else:
+            self._agent = Agent(
+                self._reactor,
+                contextFactory=policy,
+                pool=self._pool,
+                connectTimeout=connect_timeout,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -330,9 +352,10 @@ class HTTPCheck(Service):
         if not 200 <= code < 300:
             raise ServiceError(f"HTTP status {code}")
         element = root.find(self.action_path, self.namespaces)
-        if element is None or not (element.text or "").strip():
+        action = (element.text or "").strip() if element is not None else ""
+        if not action:
             raise ServiceError(f"SOAP answer has no {self.action_path!r}")
-        return element.text.strip()
+        return action
 
 
 _EMPTY_REQUEST = PolicyRequest({})

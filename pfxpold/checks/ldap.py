@@ -20,12 +20,14 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, Service
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import Action, ActionError
+from pfxpold.checks import MissingExtraError, require_tls
 from pfxpold.checks._values import ControlCharacterGuard, template_value
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
@@ -156,12 +158,13 @@ class _Client(LDAPClient):
         self.last_received = self.clock.seconds()
         super().dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         if self.lost is not None:
             self.lost(reason)
 
 
+@implementer(IStreamClientEndpoint)
 class _WatchedEndpoint:
     """
     An endpoint that says when a connection attempt fails, so that the
@@ -196,7 +199,7 @@ class LDAPCheck(Service):
         @param service: something with C{whenConnected()} to use instead of
             the L{ClientService} built from C{server} (tests).
         """
-        self.name = options.name
+        self.setName(options.name)
         self._clock = options.reactor
         self._classes = options.restriction_classes
         server = options.string("server")
@@ -226,6 +229,11 @@ class LDAPCheck(Service):
         self._cache: dict[str, tuple[float, Action]] = {}
         self.guard = ControlCharacterGuard(options.name)
         if service is None:
+            if server.split(":", 1)[0] in ("tls", "ssl"):
+                try:
+                    require_tls("ldap")
+                except MissingExtraError as e:
+                    raise options.error("server", str(e)) from None
             try:
                 endpoint = clientFromString(self._clock, server)
             except (ValueError, TypeError, KeyError) as e:
@@ -353,7 +361,7 @@ class LDAPCheck(Service):
                 and getattr(protocol, "last_received", started) < started
                 and protocol.connected
             )
-            if silent:
+            if silent and protocol is not None:
                 # Nothing came back since before this search was sent: the
                 # server has stopped answering; reconnect rather than queue
                 # more searches on a dead connection.

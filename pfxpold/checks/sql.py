@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from pfxpold.accessmap import attribute_value, check_attribute
 from pfxpold.action import Action, ActionError
+from pfxpold.checks import MissingExtraError, extra_advice
 from pfxpold.checks._values import ControlCharacterGuard
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
@@ -323,7 +324,7 @@ class PostgreSQLDriver:
         query_timeout: float,
     ) -> None:
         if psycopg is None:
-            raise RuntimeError("psycopg is not installed: pip install 'pfxpold[postgresql]'")
+            raise MissingExtraError(extra_advice("psycopg"))
         self.conninfo = conninfo
         self.connect_args = (conninfo,)
         self.connect_keywords: dict[str, Any] = {
@@ -526,7 +527,9 @@ class _SharedLookup:
     __slots__ = ("lookup", "waiters")
 
     def __init__(self) -> None:
-        self.lookup: Optional[Deferred[Action]] = None
+        # The database's Deferred, kept only to cancel it: its callbacks
+        # turn the row into an action and hand it to the waiters.
+        self.lookup: Optional[Deferred[Any]] = None
         self.waiters: list[Deferred[Action]] = []
 
     def wait(self) -> Deferred[Action]:
@@ -591,17 +594,14 @@ class SQLCheck(Service):
         else:
             conninfo = options.string("conninfo")
             password = options.secret("password_file", None)
-            if psycopg is not None:
-                try:
-                    psycopg.conninfo.conninfo_to_dict(conninfo)
-                except psycopg.ProgrammingError as e:
-                    raise options.error(
-                        "conninfo", f"is not a libpq connection string: {e}"
-                    ) from None
+            if psycopg is None:
+                # config.py reports it as one line naming the check.
+                raise MissingExtraError(extra_advice("psycopg"))
             try:
-                driver = PostgreSQLDriver(conninfo, password, connect_timeout, query_timeout)
-            except RuntimeError as e:
-                raise options.error("driver", str(e)) from None
+                psycopg.conninfo.conninfo_to_dict(conninfo)
+            except psycopg.ProgrammingError as e:
+                raise options.error("conninfo", f"is not a libpq connection string: {e}") from None
+            driver = PostgreSQLDriver(conninfo, password, connect_timeout, query_timeout)
         try:
             self.sql, self.parameters = translate_query(
                 options.string("query"), driver.placeholder, driver.escape_percent
@@ -697,11 +697,11 @@ class SQLCheck(Service):
         # Registered before the lookup starts, which may answer at once.
         self._waiting[key] = shared
         try:
-            shared.lookup = self.database.lookup(self.sql, values)
+            lookup = shared.lookup = self.database.lookup(self.sql, values)
         except BaseException:
             del self._waiting[key]
             raise
-        shared.lookup.addCallback(self._to_action, key).addBoth(self._deliver, key, shared)
+        lookup.addCallback(self._to_action, key).addBoth(self._deliver, key, shared)
         return waiter
 
     def _deliver(self, outcome: Any, key: tuple, shared: _SharedLookup) -> None:

@@ -17,6 +17,7 @@ import grp
 import os
 import pwd
 import random
+import re
 import shutil
 import socket
 import stat
@@ -173,55 +174,60 @@ class Installation:
         )
 
 
-def build_distributions(output: str) -> tuple[str, str]:
-    """
-    Build the sdist from a copy of the checkout, and the wheel from that
-    sdist (what C{python -m build} does), into C{output}.
+#: A module only a stale build/ directory holds: the README's install steps
+#: must keep it out of the wheel.
+STALE_MODULE = "pfxpold/stale_deleted_module.py"
 
-    @return: the paths of the sdist and the wheel.
+
+def readme_block(marker: str) -> str:
     """
-    source = os.path.join(output, "source")
-    shutil.copytree(REPOSITORY, source, ignore=_NOT_SOURCE)
-    _run(
-        [sys.executable, "-m", "build", "--outdir", output, source],
-        env=_builder_environment(),
-    )
-    (sdist,) = glob.glob(os.path.join(output, "pfxpold-*.tar.gz"))
-    (wheel,) = glob.glob(os.path.join(output, "pfxpold-*.whl"))
-    return sdist, wheel
+    The shell block of README.md that follows the comment
+    C{<!-- MARKER ... -->}, as written there.
+    """
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    found = re.search(r"<!-- " + re.escape(marker) + r"[: ].*?-->\n```sh\n(.*?)\n```\n", text, re.S)
+    if found is None:
+        raise LookupError(f"README.md has no ```sh block after <!-- {marker} -->")
+    return found.group(1) + "\n"
+
+
+def copy_checkout(destination: str) -> str:
+    """
+    Copy the checkout's source (no build products, caches or virtualenvs)
+    to C{destination}, as a fresh clone would have it.
+    """
+    shutil.copytree(REPOSITORY, destination, ignore=_NOT_SOURCE)
+    return destination
 
 
 def install(root: str) -> Installation:
     """
-    Build pfxpold and install its wheel in a fresh virtualenv under
-    C{root}, with Debian's interpreter when there is one (so that an
-    unprivileged user can run it), then regenerate Twisted's plugin cache
-    as an administrator must after installing a dropin.
+    Run the README's production install steps (build the sdist and the
+    wheel in a virtualenv of their own, install the wheel in a fresh
+    virtualenv made with Debian's interpreter, regenerate Twisted's plugin
+    cache) with temporary paths under C{root}, from a copy of the checkout
+    that has a stale C{build/} directory, as a clone used before may have.
     """
     os.chmod(root, 0o755)
-    sdist, wheel = build_distributions(os.path.join(root, "dist"))
+    source = copy_checkout(os.path.join(root, "source"))
+    stale = os.path.join(source, "build", "lib", STALE_MODULE)
+    os.makedirs(os.path.dirname(stale))
+    with open(stale, "w") as f:
+        f.write("raise ImportError('deleted long ago')\n")
     venv = os.path.join(root, "venv")
     base_python = SYSTEM_PYTHON if os.access(SYSTEM_PYTHON, os.X_OK) else sys.executable
-    _run([base_python, "-m", "venv", venv])
-    installation = Installation(
-        root=root, venv=venv, sdist=sdist, wheel=wheel, base_python=base_python
+    script = (
+        readme_block("production-install")
+        .replace("/path/to/pfxpold", source)
+        .replace("/tmp/pfxpold-build", os.path.join(root, "build-venv"))
+        .replace("/opt/pfxpold", venv)
+        .replace(SYSTEM_PYTHON, base_python)
     )
-    _run(
-        # With the extras of the checks the chroot tests run in a jail.
-        [installation.program("python"), "-m", "pip", "install", "--quiet", f"{wheel}[http,ldap]"],
-        env=_builder_environment(),
-        cwd=root,
-    )
-    _run(
-        [
-            installation.program("python"),
-            "-c",
-            "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))",
-        ],
-        env=installation.environment(),
-        cwd=root,
-    )
-    return installation
+    _run(["bash", "-euo", "pipefail", "-c", script], env=_builder_environment(), cwd=root)
+    (sdist,) = glob.glob(os.path.join(source, "dist", "pfxpold-*.tar.gz"))
+    (wheel,) = glob.glob(os.path.join(source, "dist", "pfxpold-*.whl"))
+    return Installation(root=root, venv=venv, sdist=sdist, wheel=wheel, base_python=base_python)
 
 
 def world_readable_directory(parent: str, name: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -171,11 +172,62 @@ class Postfix:
         """
         return sorted(os.listdir(os.path.join(self.directory, "spool", "hold")))
 
-    def stop(self) -> None:
+    @property
+    def process_group(self) -> int:
         """
-        Stop the master we started (by its PID) and its children.
+        The process group of this instance: the master runs in a session
+        of its own, so the group is the master and every daemon it forks
+        (qmgr, pickup, smtpd, cleanup...), and nothing else.
         """
-        stop_process(self.process)
+        return self.process.pid
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """
+        Stop every process of this instance: SIGTERM to the master we
+        started (by its PID), which stops its daemons; then SIGKILL to
+        whatever of its process group is left (a daemon the master did not
+        wait for, or all of them when the master had to be killed), and
+        return only once none is left, so that no qmgr outlives its spool.
+
+        @raise RuntimeError: when some process of the group survives even
+            SIGKILL for C{timeout} seconds.
+        """
+        group = self.process_group
+        stop_process(self.process, timeout)
+        deadline = time.monotonic() + 2.0
+        while group_members(group) and time.monotonic() < deadline:
+            # The master sent its daemons SIGTERM as it exited.
+            time.sleep(0.05)
+        deadline = time.monotonic() + timeout
+        while group_members(group):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Postfix processes {group_members(group)} survive SIGKILL")
+            time.sleep(0.05)
+
+
+def group_members(group: int) -> list[int]:
+    """
+    The PIDs of the live processes (not zombies, which are gone but for
+    their exit status) in process group C{group}, from C{/proc}.
+    """
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(entry))
+    return sorted(members)
 
 
 def _main_cf(directory: str, policy: str, overrides: Mapping[str, str]) -> str:
@@ -259,6 +311,9 @@ def running_postfix(
             env=environment,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session and process group: Postfix.stop can then find
+            # every process of this instance, and only those.
+            start_new_session=True,
         )
         postfix = Postfix(directory, smtp_port, process)
         try:

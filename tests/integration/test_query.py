@@ -1,16 +1,21 @@
 """
 L{pfxpold.query.query} against tiny in-process socket servers: the
-address forms it accepts and the replies it refuses.
+address forms it accepts and the replies it refuses; and what importing
+the command costs.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 
 from pfxpold.query import query
+from tests.integration.support import REPOSITORY
 
 
 def serve_once(server: socket.socket, reply: bytes, received: list[bytes]) -> threading.Thread:
@@ -92,3 +97,26 @@ def test_not_an_action(tcp_server):
     serve_once(tcp_server, b"result=OK\n\n", [])
     with pytest.raises(ValueError):
         query(f"127.0.0.1:{tcp_server.getsockname()[1]}", b"x=1\n\n", timeout=15)
+
+
+def test_imports_little():
+    """
+    Importing pfxpold.query (what the pfxpold-query script does first)
+    imports neither Twisted's trial nor pfxpold's chain and configuration
+    (nor any of Twisted): a one-shot command starts at once.
+    """
+    code = (
+        "import sys, pfxpold.query\n"
+        "heavy = ('twisted', 'pfxpold.testing', 'pfxpold.chain', 'pfxpold.config')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted'"
+        " or m in heavy)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": REPOSITORY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
