@@ -10,20 +10,20 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pfxpold import __version__
 from tests.integration.support import (
     daemon_environment,
     free_port,
     running_daemon,
     wait_for_port,
 )
-from tests.integration.test_workers import children_of, read
+from tests.integration.test_workers import PID_CHECK, children_of, read
 
 MAP_CONFIG = """
 [metrics]
@@ -157,30 +157,8 @@ def test_exact_counts(tmp_path):
     assert value(samples, "pfxpold_connections") == 0
     assert value(samples, "pfxpold_requests_in_flight") == 0
     [build] = samples["pfxpold_build_info"]
-    assert ("version", "0.1.0") in build
+    assert ("version", __version__) in build
 
-
-PID_CHECK = textwrap.dedent(
-    '''
-    """Answers with the serving process's PID, to see which process served."""
-    import os
-
-    from zope.interface import implementer
-
-    from pfxpold.interfaces import ICheck
-
-
-    @implementer(ICheck)
-    class PidCheck:
-        """Answers OK pid=<pid>."""
-
-        def __init__(self, options):
-            pass
-
-        def check(self, request):
-            return f"OK pid={os.getpid()}"
-    '''
-)
 
 PID_CONFIG = """
 [metrics]
