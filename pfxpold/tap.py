@@ -180,6 +180,28 @@ def _global_reactor() -> Any:
     return reactor
 
 
+def endpoint_problem(reactor: Any, description: str) -> Optional[str]:
+    """
+    What keeps Twisted from making an endpoint of C{description}, in words
+    for a mail admin, or L{None}.
+    """
+    try:
+        endpoints.serverFromString(reactor, description)
+    except IndexError:
+        if description.startswith("systemd:"):
+            return (
+                "systemd passed no socket at that index (LISTEN_FDS, LISTEN_FDNAMES):"
+                " start pfxpold through its .socket unit, or listen on another endpoint"
+            )
+        return "IndexError: not an endpoint string"
+    except Exception as e:
+        # Parsers raise what they like: OSError for a missing TLS
+        # certificate, ValueError for an unknown type. All of them are the
+        # admin's to fix.
+        return f"{type(e).__name__}: {e or 'not an endpoint string'}"
+    return None
+
+
 class Options(usage.Options):
     """
     Options for C{twistd pfxpold}.
@@ -275,23 +297,16 @@ class Options(usage.Options):
             configuration.listen = list(self["port"])
         root, jail = _socket_root(getattr(self, "parent", None))
         if configuration.metrics_listen is not None:
-            try:
-                endpoints.serverFromString(reactor, configuration.metrics_listen)
-            except Exception as e:
+            problem = endpoint_problem(reactor, configuration.metrics_listen)
+            if problem is not None:
                 raise usage.UsageError(
                     f"{configuration.path or '<configuration>'}: [metrics] key 'listen':"
-                    f" cannot listen on {configuration.metrics_listen!r}:"
-                    f" {type(e).__name__}: {e or 'not an endpoint string'}"
-                ) from None
+                    f" cannot listen on {configuration.metrics_listen!r}: {problem}"
+                )
         for description in configuration.listen:
-            try:
-                endpoints.serverFromString(reactor, description)
+            problem = endpoint_problem(reactor, description)
+            if problem is None:
                 problem = listen_problem(description, root, jail)
-            except Exception as e:
-                # Parsers raise what they like: IndexError for a systemd
-                # socket that was not passed, OSError for a missing TLS
-                # certificate. All of them are the admin's to fix.
-                problem = f"{type(e).__name__}: {e or 'not an endpoint string'}"
             if problem is None:
                 continue
             if self["port"] or not configuration.path:

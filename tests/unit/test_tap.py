@@ -122,6 +122,16 @@ class EndpointTests(TapTestCase):
             message = self.assertOneLineError("--port", bad)
             self.assertTrue(message.startswith(f"pfxpold: --port {bad!r}: "), message)
 
+    def test_systemd_socket_not_passed(self):
+        """
+        A systemd endpoint without the socket systemd would pass says so in
+        words, not as Python's IndexError.
+        """
+        self.patch(os, "environ", {})
+        message = self.assertOneLineError("--port", "systemd:domain=INET:index=0")
+        self.assertIn("systemd passed no socket at that index", message)
+        self.assertNotIn("IndexError", message)
+
     def test_invalid_listen_in_config(self):
         """An invalid endpoint in the configuration names file, [server] and key."""
         path = self.write(
