@@ -940,7 +940,7 @@ def plot(results: list[dict], path: str) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install '.[bench]'): no plot")
+        print("matplotlib is not installed (pip install matplotlib in this virtualenv): no plot")
         return False
     figure, (throughput, p99) = plt.subplots(1, 2, figsize=(12, 5))
     names = list(dict.fromkeys(r["scenario"] for r in results))
