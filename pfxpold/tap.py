@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -382,6 +383,19 @@ def preload_lazy_imports() -> None:
         pass
 
 
+def ignore_admin_signals_until_served() -> None:
+    """
+    Under twistd, from now until the service installs its own handlers:
+    logrotate's or C{systemctl reload}'s SIGHUP, or a SIGUSR1, that comes
+    while a large map loads would otherwise kill the daemon before it serves
+    (their default action). twistd installs its own SIGUSR1 handler later
+    when it logs to a file; that one is left alone.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL):
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the pfxpold service from parsed L{Options}.
@@ -415,6 +429,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             reactor, service.reloader, lambda: service.factory.request_log
         ).setServiceParent(parent)
 
+    if getattr(options, "parent", None) is not None:
+        ignore_admin_signals_until_served()
     if options["adopt"]:
         try:
             adopted = workers.adopted_endpoints(reactor, options["adopt"])

@@ -5,6 +5,7 @@ service it makes.
 
 import io
 import os
+import signal
 import sys
 
 from twisted.internet.error import CannotListenError
@@ -463,6 +464,30 @@ class StartupErrorTests(TapTestCase):
         makeService(self.parse("--port", f"unix:{path}:lockfile=0"), self.reactor)
         self.assertIs(sys.excepthook, self.hook)
         self.assertEqual(self.stderr.getvalue(), "")
+
+    def test_admin_signals_ignored_until_served(self):
+        """
+        Under twistd, a SIGHUP or SIGUSR1 between makeService and the
+        service's start (a large map loading) is ignored, not fatal; a
+        SIGUSR1 handler already there (twistd's) stays.
+        """
+        for number in (signal.SIGHUP, signal.SIGUSR1):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+            signal.signal(number, signal.SIG_DFL)
+        options = Options(reactor=self.reactor)
+        options.parent = {"rundir": ".", "chroot": None}
+        with capturedLogs():
+            options.parseOptions(["--port", f"unix:{self.directory}/free.sock"])
+        makeService(options, self.reactor)
+        self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+        self.assertEqual(signal.getsignal(signal.SIGUSR1), signal.SIG_IGN)
+
+        def rotate(number, frame):
+            pass
+
+        signal.signal(signal.SIGUSR1, rotate)
+        makeService(options, self.reactor)
+        self.assertIs(signal.getsignal(signal.SIGUSR1), rotate)
 
     def test_probe_under_twistd(self):
         """Under twistd, makeService stops in one line when a listener's place is taken."""
