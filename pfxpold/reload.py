@@ -536,9 +536,8 @@ class SignalService(Service):
         self._install(signal.SIGHUP, self._hangup)
         previous = self._getsignal(signal.SIGUSR1)
         # twistd installs its own handler when it logs to a file (it
-        # rotates the file): that one stays. SIG_IGN is makeService's, for
-        # the time until now.
-        if previous is None or previous in (signal.SIG_DFL, signal.SIG_IGN):
+        # rotates the file): that one stays.
+        if previous is None or previous == signal.SIG_DFL:
             self._saved[signal.SIGUSR1] = previous
             self._install(signal.SIGUSR1, self._user1)
 

@@ -383,17 +383,15 @@ def preload_lazy_imports() -> None:
         pass
 
 
-def ignore_admin_signals_until_served() -> None:
+def ignore_hangup_until_served() -> None:
     """
-    Under twistd, from now until the service installs its own handlers:
-    logrotate's or C{systemctl reload}'s SIGHUP, or a SIGUSR1, that comes
-    while a large map loads would otherwise kill the daemon before it serves
-    (their default action). twistd installs its own SIGUSR1 handler later
-    when it logs to a file; that one is left alone.
+    Under twistd, from now until the service installs its own handler: a
+    SIGHUP (C{systemctl reload}, logrotate) that comes while a large map
+    loads would otherwise kill the daemon before it serves (its default
+    action). SIGUSR1 is left as it is: twistd, which installs its log
+    rotation handler after this, installs it only over the default action.
     """
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if signal.getsignal(signal.SIGUSR1) in (None, signal.SIG_DFL):
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -430,7 +428,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ).setServiceParent(parent)
 
     if getattr(options, "parent", None) is not None:
-        ignore_admin_signals_until_served()
+        ignore_hangup_until_served()
     if options["adopt"]:
         try:
             adopted = workers.adopted_endpoints(reactor, options["adopt"])
