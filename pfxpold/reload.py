@@ -379,6 +379,17 @@ class Reloader:
                 path=old.request_log or "twistd's log",
             )
             new.request_log = old.request_log
+        if new.metrics_listen != old.metrics_listen:
+            self._log.warn(
+                "reload: [metrics] changed; it takes effect when pfxpold is restarted"
+                " ({endpoint})",
+                endpoint=(
+                    f"still serving /metrics on {old.metrics_listen}"
+                    if old.metrics_listen
+                    else "metrics stay off"
+                ),
+            )
+            new.metrics_listen = old.metrics_listen
         service.configuration = new
 
     async def _listen(self, old: Configuration, new: Configuration) -> None:

@@ -226,6 +226,17 @@ class ReloaderTests(SynchronousTestCase):
         self.assertEqual(line["removed"], "b")
         self.assertEqual(line["changed"], "a")
 
+    def test_metrics_change_needs_a_restart(self):
+        """
+        A [metrics] table added by a reload is logged as taking effect on
+        restart, and the configuration in force keeps metrics off.
+        """
+        ok, events = self.reload(document(check("a"), metrics={"listen": "9101"}))
+        self.assertTrue(ok)
+        [warning] = [e for e in events if "[metrics] changed" in e.get("log_format", "")]
+        self.assertEqual(warning["endpoint"], "metrics stay off")
+        self.assertIsNone(self.service.configuration.metrics_listen)
+
     def test_failure_changes_nothing(self):
         """
         A broken file leaves the chain, the services and the listeners as
