@@ -693,7 +693,9 @@ def load_document(
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
         table = {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")}
         kept = previous.checks.get(name) if previous is not None else None
-        if kept is not None and _reusable(kept, type_name, table, classes, sections, previous_shared):
+        if kept is not None and _reusable(
+            kept, type_name, table, classes, sections, previous_shared
+        ):
             # Unchanged: the running object, caches, connections and all.
             check = kept.check
             for key in kept.shared_keys:
@@ -762,7 +764,9 @@ def load_document(
         request_log,
         backlog,
         checks=records,
-        shared={key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()},
+        shared={
+            key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()
+        },
         metrics_listen=metrics,
     )
 
@@ -814,8 +818,13 @@ def load_configuration(
     return load_document(document, reactor, path, previous)
 
 
-def default_configuration(reactor: IReactorTime) -> Configuration:
+def default_configuration(
+    reactor: IReactorTime, previous: Optional[Configuration] = None
+) -> Configuration:
     """
     The configuration with no file: the demo check on the default port.
+
+    @param previous: as for L{load_document}: on a reload, the demo check
+        in force is kept.
     """
-    return load_document({"check": [{"name": "demo", "type": "demo"}]}, reactor)
+    return load_document({"check": [{"name": "demo", "type": "demo"}]}, reactor, None, previous)

@@ -291,7 +291,7 @@ class Options(usage.Options):
             if self["config"]:
                 configuration = load_configuration(self["config"], reactor, previous)
             else:
-                configuration = default_configuration(reactor)
+                configuration = default_configuration(reactor, previous)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
         if self["port"]:

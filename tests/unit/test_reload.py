@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pfxpold import workers
-from pfxpold.config import ConfigError, load_document
+from pfxpold.config import ConfigError, default_configuration, load_document
 from pfxpold.interfaces import ICheck
 from pfxpold.reload import Reloader, ServiceSet, SignalService, check_changes
 from pfxpold.service import PolicyService
@@ -225,6 +225,15 @@ class ReloaderTests(SynchronousTestCase):
         self.assertEqual(line["added"], "c")
         self.assertEqual(line["removed"], "b")
         self.assertEqual(line["changed"], "a")
+
+    def test_demo_configuration_kept(self):
+        """
+        Without a configuration file, a reload keeps the demo check as it
+        is: nothing changed.
+        """
+        first = default_configuration(self.reactor)
+        second = default_configuration(self.reactor, first)
+        self.assertIs(second.chain.entries[0].check, first.chain.entries[0].check)
 
     def test_metrics_change_needs_a_restart(self):
         """
