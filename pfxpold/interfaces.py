@@ -210,3 +210,37 @@ class IStateStore(Interface):
         @return: a Deferred that fires with the run-time whitelist: a
             L{list} of L{pfxpold.state.WhitelistEntry} by kind and value.
         """
+
+
+class IExplainable(Interface):
+    """
+    A check that can say, step by step, how it reached its verdict: the
+    offline explain (C{pfxpold-explain}) prints these lines under the
+    check's name.
+    """
+
+    def explain(request):
+        """
+        Decide on C{request} as L{ICheck.check} does, and say how.
+
+        @param request: the request.
+        @type request: L{pfxpold.request.PolicyRequest}
+        @return: a list of C{(step, matched, detail)} tuples in the order
+            they were evaluated (a rule's name; whether it matched; the
+            first condition that did not hold, or what it answered), or a
+            Deferred that fires with one.
+        """
+
+
+class IConfigWarnings(Interface):
+    """
+    A check that can find mistakes in its own configuration that are not
+    errors (a rule no request can reach, an attribute no request has):
+    C{--check-config} prints them as warnings.
+    """
+
+    def config_warnings():
+        """
+        @return: a list of one-line warnings (each naming the rule or key),
+            empty when there is nothing to say.
+        """
