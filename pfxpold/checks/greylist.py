@@ -27,7 +27,7 @@ from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IStateStore
-from pfxpold.request import IPAddress, PolicyRequest
+from pfxpold.request import IPAddress, PolicyRequest, client_network
 from pfxpold.state import (
     EARLY,
     NEW,
@@ -249,8 +249,7 @@ class GreylistCheck:
         """
         The client network of the triplet for a client C{address}.
         """
-        prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-        return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        return client_network(address, self.ipv4_prefix, self.ipv6_prefix)
 
     def triplet(self, network: str, sender: str, recipient: str) -> Triplet:
         """
