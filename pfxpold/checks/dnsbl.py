@@ -11,8 +11,8 @@ an arbitrary question.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -137,6 +137,23 @@ def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     if address.version == 4:
         return ".".join(reversed(str(address).split(".")))
     return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_ADDRESSES)
+def dnsbl_form(client_address: str) -> Optional[str]:
+    """
+    The DNSBL form of a client address as Postfix sends it (IPv4-mapped
+    folded), or L{None} when it is not an IP address. A scoped IPv6
+    address (C{fe80::1%eth0}) parses, but has no DNSBL form: the scope is
+    not part of the address.
+
+    A pure function of its argument, so the addresses seen lately are
+    remembered (a relay sees the same clients again and again) by
+    L{functools.lru_cache}: no clock, no expiry, the least recently used
+    going first.
+    """
+    address = parse_ip(client_address) if "%" not in client_address else None
+    return None if address is None else reversed_ip(address)
 
 
 def _parse_codes(options: CheckOptions, key: str, values: list[str]) -> tuple[tuple[int, int], ...]:
@@ -267,9 +284,6 @@ class DNSBLCheck(Service):
             raise options.error("lists", "must be a non-empty list of [[check.lists]] tables")
         # Each source once, in the lists' order: what _subjects computes.
         self._sources = tuple(dict.fromkeys(dns_list.source for dns_list in self.lists))
-        self._reversed: ExpiringCache[str, str] = ExpiringCache(
-            self._clock, MAX_REMEMBERED_ADDRESSES
-        )
         #: Client addresses not looked up because they are not IP
         #: addresses (for the metrics).
         self.unusable_addresses = 0
@@ -552,27 +566,17 @@ class DNSBLCheck(Service):
 
     def _reversed_address(self, client_address: str) -> Optional[str]:
         """
-        The DNSBL form of a client address, remembered for the addresses
-        seen lately: a relay sees the same clients again and again.
+        The DNSBL form of a client address (see L{dnsbl_form}); one that is
+        not an IP address is logged and counted.
         """
-        reversed_name = self._reversed.get(client_address)
-        if reversed_name is None:
-            # A scoped IPv6 address (fe80::1%eth0) parses, but has no
-            # DNSBL form: the scope is not part of the address.
-            address = parse_ip(client_address) if "%" not in client_address else None
-            if address is None:
-                # Not remembered: invalid values must not fill memory.
-                if client_address:
-                    self.unusable_addresses += 1
-                    self._log.info(
-                        "check {check}: client address {address} is not an IP address;"
-                        " not looked up",
-                        check=self.name,
-                        address=escape(client_address),
-                    )
-                return None
-            reversed_name = reversed_ip(address)
-            self._reversed.put(client_address, reversed_name, math.inf)
+        reversed_name = dnsbl_form(client_address)
+        if reversed_name is None and client_address:
+            self.unusable_addresses += 1
+            self._log.info(
+                "check {check}: client address {address} is not an IP address; not looked up",
+                check=self.name,
+                address=escape(client_address),
+            )
         return reversed_name
 
     def _lookup(self, name: str, record_type: int) -> Deferred[Answer]:

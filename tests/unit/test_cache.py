@@ -65,14 +65,29 @@ class ExpiringCacheTests(SynchronousTestCase):
         self.assertEqual(cache.get("key"), "new")
         self.assertEqual(len(cache), 1)
 
-    def test_expired_entries_make_room(self) -> None:
-        """Expired entries go before a live one is evicted for a new entry."""
+    def test_expired_entry_dropped_when_read(self) -> None:
+        """An entry read past its time is dropped, making room."""
         cache: ExpiringCache[str, int] = ExpiringCache(self.clock, 2)
-        cache.put("live", 1, 60)
+        cache.put("brief", 1, 1)
+        self.clock.advance(1)
+        self.assertIsNone(cache.get("brief"))
+        self.assertEqual(len(cache), 0)
+
+    def test_unread_expired_entries_go_first(self) -> None:
+        """
+        Entries nobody reads any more (expired ones) go before those that
+        are read when room is needed.
+        """
+        cache: ExpiringCache[str, int] = ExpiringCache(self.clock, 3)
+        cache.put("read", 1, 60)
         cache.put("brief", 2, 1)
+        cache.put("other", 3, 60)
         self.clock.advance(2)
-        cache.put("new", 3, 60)
-        self.assertEqual((cache.get("live"), cache.get("new")), (1, 3))
+        self.assertEqual(cache.get("read"), 1)
+        cache.put("new", 4, 60)
+        cache.put("newer", 5, 60)
+        self.assertEqual(len(cache), 3)
+        self.assertEqual([cache.get(key) for key in ("read", "new", "newer")], [1, 4, 5])
 
     def test_nothing_kept(self) -> None:
         """A TTL of 0 (or less), or a cache of 0 entries, keeps nothing."""

@@ -627,23 +627,22 @@ class CacheHitTests(CheckTestCase):
 
     def test_reversed_addresses_remembered(self) -> None:
         """
-        Reversed client addresses are remembered (v4-mapped ones folded),
-        invalid values are not, and the memory is bounded.
+        Reversed client addresses (v4-mapped ones folded) are remembered in
+        a bounded LRU memo; invalid ones are logged and counted every time.
         """
         from pfxpold.checks import dnsbl
 
         check, _, _ = make_check({}, [{"zone": "bl.test"}])
+        dnsbl.dnsbl_form.cache_clear()
         self.assertEqual(check._reversed_address("::ffff:192.0.2.1"), "1.2.0.192")
-        self.assertIsNone(check._reversed_address("not an address"))
-        self.assertEqual(len(check._reversed), 1)
-        self.assertEqual(check._reversed.get("::ffff:192.0.2.1"), "1.2.0.192")
-        self.patch(dnsbl, "MAX_REMEMBERED_ADDRESSES", 2)
-        check, _, _ = make_check({}, [{"zone": "bl.test"}])
-        for octet in range(5):
-            check._reversed_address(f"192.0.2.{octet}")
-        self.assertEqual(len(check._reversed), 2)
-        self.assertEqual(check._reversed.get("192.0.2.3"), "3.2.0.192")
-        self.assertEqual(check._reversed_address("192.0.2.4"), "4.2.0.192")
+        self.assertEqual(check._reversed_address("::ffff:192.0.2.1"), "1.2.0.192")
+        self.assertEqual(dnsbl.dnsbl_form.cache_info().hits, 1)
+        self.assertEqual(
+            dnsbl.dnsbl_form.cache_info().maxsize, dnsbl.MAX_REMEMBERED_ADDRESSES
+        )
+        for _ in range(2):
+            self.assertIsNone(check._reversed_address("not an address"))
+        self.assertEqual(check.unusable_addresses, 2)
 
     def test_full_cache_keeps_recent_answers(self) -> None:
         """
