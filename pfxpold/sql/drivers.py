@@ -18,8 +18,6 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-from pfxpold.checks import MissingExtraError, extra_advice
-
 psycopg: Any
 try:
     import psycopg
@@ -120,7 +118,8 @@ class PostgreSQLDriver:
         query_timeout: float,
     ) -> None:
         if psycopg is None:
-            raise MissingExtraError(extra_advice("psycopg"))
+            # The sql check says which extra to install before it gets here.
+            raise ImportError("the PostgreSQL driver needs psycopg")
         self.conninfo = conninfo
         self.connect_args = (conninfo,)
         self.connect_keywords: dict[str, Any] = {
