@@ -18,7 +18,6 @@ class QueryError(ValueError):
     """
 
 
-
 def translate_query(query: str, placeholder: str, escape_percent: bool) -> tuple[str, list[str]]:
     """
     Translate a query written with C{:name} parameters to a driver's

@@ -27,7 +27,6 @@ class DatabaseBusy(RuntimeError):
     """
 
 
-
 class _Lookup:
     """
     One lookup in flight: whether it was abandoned, and the connection it
