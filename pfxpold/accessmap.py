@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Optional, TypeVar, Union
 
 from pfxpold.action import Action, ActionError
-from pfxpold.request import IPAddress, PolicyRequest, parse_ip
+from pfxpold.request import IPAddress, PolicyRequest, client_network, parse_ip
 
 V = TypeVar("V")
 
@@ -119,10 +119,7 @@ def attribute_value(request: PolicyRequest, name: str) -> Optional[str]:
         return None if ip is None else str(ip)
     if name == "client_network":
         ip = request.client_ip
-        if ip is None:
-            return None
-        length = 24 if ip.version == 4 else 64
-        return str(ipaddress.ip_network(f"{ip}/{length}", strict=False))
+        return None if ip is None else client_network(ip)
     return request.get(name, "")
 
 

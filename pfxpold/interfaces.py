@@ -51,9 +51,11 @@ class IPolicyDecider(Interface):
 class IDecisionListener(Interface):
     """
     A check that wants to know what was finally answered: a quota counts
-    only mail the whole chain let through, a greylist records only triplets
-    that were deferred. The chain calls every listener once per request,
-    after the decision, whichever check made it (or none).
+    only mail the whole chain let through, whichever check after it decided.
+    The chain calls every listener once per request, after the decision,
+    whichever check made it (or none). (The greylist needs none: it records
+    a triplet in the store operation that decides its own, decisive,
+    answer.)
     """
 
     def decided(request, action):

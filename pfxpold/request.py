@@ -45,6 +45,24 @@ def _to_int(value: str) -> int:
         return 0
 
 
+def client_network(address: IPAddress, ipv4_prefix: int = 24, ipv6_prefix: int = 64) -> str:
+    """
+    The network a client address is counted, greylisted or looked up by:
+    every check that groups clients by network derives it here.
+
+    @param address: the client address, IPv4-mapped IPv6 already folded
+        (as L{parse_ip} and L{PolicyRequest.client_ip} give it).
+    @param ipv4_prefix: the prefix length for an IPv4 address (0-32).
+    @param ipv6_prefix: the prefix length for an IPv6 address (0-128).
+    @return: the network in its canonical text form, C{"192.0.2.0/24"},
+        C{"2001:db8::/64"}.
+    """
+    prefix = ipv4_prefix if address.version == 4 else ipv6_prefix
+    host_bits = address.max_prefixlen - prefix
+    network = type(address)(int(address) >> host_bits << host_bits)
+    return f"{network}/{prefix}"
+
+
 def parse_ip(value: str) -> Optional[IPAddress]:
     """
     Parse a client address as Postfix sends it.

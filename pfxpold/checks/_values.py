@@ -1,8 +1,9 @@
 """
 Request values that check templates (LDAP filters, SOAP envelopes) may
-name: every attribute Postfix sends, plus the parts pfxpold derives from
-them; and the guard that keeps values with control characters out of
-every backend lookup.
+name: every attribute Postfix sends, plus the values pfxpold derives from
+them (the same names as C{file} lookups and C{sql} parameters); and the
+guard that keeps values with control characters out of every backend
+lookup.
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ from typing import Optional
 
 from twisted.logger import Logger
 
+from pfxpold.accessmap import attribute_value, check_attribute
 from pfxpold.escape import escape, has_control
 from pfxpold.request import PolicyRequest
-
-#: Names that are not Postfix attributes but parts of them.
-DERIVED = ("sender_domain", "sender_local_part", "recipient_domain", "recipient_local_part")
 
 
 def template_value(request: PolicyRequest, name: str) -> str:
     """
     @return: the attribute C{name} of C{request}, or the derived value of
-        that name (C{sender_domain} is lowercased), or C{""}.
+        that name (see L{pfxpold.accessmap.attribute_value}), or C{""}.
     """
-    if name in DERIVED:
-        return getattr(request, name)
-    return request.get(name, "")
+    value = attribute_value(request, name)
+    return "" if value is None else value
+
+
+def check_template_names(names: Iterable[str]) -> None:
+    """
+    Refuse a template at configuration time when a placeholder names no
+    request value (a misspelt C{{sendr}} would otherwise always be empty).
+
+    @raise ValueError: naming the first unknown placeholder.
+    """
+    for name in names:
+        try:
+            check_attribute(name)
+        except ValueError as e:
+            raise ValueError(f"placeholder {{{name}}}: {e}") from None
 
 
 class RefusedValue(ValueError):

@@ -11,8 +11,10 @@ an arbitrary question.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,7 +24,9 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     TimeoutError,
+    succeed,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
@@ -30,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError, clean_text
+from pfxpold.cache import Coalescer, ExpiringCache
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
@@ -59,6 +64,10 @@ DEFAULT_MAX_TTL = 3600
 MAX_CACHE_ENTRIES = 100_000
 #: Client addresses whose reversed form is remembered.
 MAX_REMEMBERED_ADDRESSES = 10_000
+#: Seconds between two readings of resolv.conf (as Twisted's own resolver).
+RESOLV_CONF_INTERVAL = 60.0
+#: The nameserver of a resolv.conf that names none (resolv.conf(5)).
+DEFAULT_NAMESERVERS = [("127.0.0.1", 53)]
 
 
 def valid_host_name(name: str) -> Optional[str]:
@@ -103,6 +112,23 @@ def parse_server(value: str) -> Optional[tuple[str, int]]:
     return str(address), number
 
 
+def nameservers(lines: Iterable[str]) -> list[tuple[str, int]]:
+    """
+    The C{nameserver} addresses of a resolv.conf(5), in order; the local
+    host's when it names none (as the C library does). Lines whose address
+    is not an IP address are ignored.
+    """
+    servers = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                servers.append((str(ipaddress.ip_address(fields[1])), 53))
+            except ValueError:
+                continue
+    return servers or list(DEFAULT_NAMESERVERS)
+
+
 def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     """
     The DNSBL form of an address: reversed octets for IPv4
@@ -111,6 +137,23 @@ def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
     if address.version == 4:
         return ".".join(reversed(str(address).split(".")))
     return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+@functools.lru_cache(maxsize=MAX_REMEMBERED_ADDRESSES)
+def dnsbl_form(client_address: str) -> Optional[str]:
+    """
+    The DNSBL form of a client address as Postfix sends it (IPv4-mapped
+    folded), or L{None} when it is not an IP address. A scoped IPv6
+    address (C{fe80::1%eth0}) parses, but has no DNSBL form: the scope is
+    not part of the address.
+
+    A pure function of its argument, so the addresses seen lately are
+    remembered (a relay sees the same clients again and again) by
+    L{functools.lru_cache}: no clock, no expiry, the least recently used
+    going first.
+    """
+    address = parse_ip(client_address) if "%" not in client_address else None
+    return None if address is None else reversed_ip(address)
 
 
 def _parse_codes(options: CheckOptions, key: str, values: list[str]) -> tuple[tuple[int, int], ...]:
@@ -241,12 +284,21 @@ class DNSBLCheck(Service):
             raise options.error("lists", "must be a non-empty list of [[check.lists]] tables")
         # Each source once, in the lists' order: what _subjects computes.
         self._sources = tuple(dict.fromkeys(dns_list.source for dns_list in self.lists))
-        self._reversed: dict[str, str] = {}
         #: Client addresses not looked up because they are not IP
         #: addresses (for the metrics).
         self.unusable_addresses = 0
-        self._cache: dict[tuple[str, int], tuple[float, Any]] = {}
-        self._in_flight: dict[tuple[str, int], list[Deferred[Answer]]] = {}
+        #: Answers by (name, record type), each kept for its DNS TTL.
+        self.cache: ExpiringCache[tuple[str, int], Answer] = ExpiringCache(
+            self._clock, MAX_CACHE_ENTRIES
+        )
+        # Each request waits on its own Deferred: cancelling one (the
+        # chain's timeout) must not cancel a query others share, and
+        # twisted.names queries end by their own timeout anyway, with an
+        # answer worth caching.
+        self._in_flight: Coalescer[tuple[str, int], Answer] = Coalescer(cancel_abandoned=False)
+        #: Re-reads resolv.conf while the check runs (without resolvers).
+        self._resolv_conf_reader: Optional[LoopingCall] = None
+        self._nameservers: Optional[list[tuple[str, int]]] = None
 
     @staticmethod
     def _parse_list(options: CheckOptions, raw: Any, position: int) -> DNSList:
@@ -285,20 +337,55 @@ class DNSBLCheck(Service):
     # IService
 
     def startService(self) -> None:
-        # The resolver is made here, not in the constructor: with a
-        # resolv.conf it starts a timer that re-reads the file.
+        # Twisted's resolver can re-read a resolv.conf itself, but with a
+        # timer that only its private attribute can stop: we read the file
+        # on a timer of our own, and give the resolver the addresses.
         if self._resolver is None:
             if self._servers:
                 self._resolver = client.Resolver(servers=self._servers, reactor=self._clock)
             else:
-                self._resolver = client.Resolver(resolv=self._resolv_conf, reactor=self._clock)
+                reader = self._resolv_conf_reader = LoopingCall(self._read_resolv_conf)
+                reader.clock = self._clock
+                reader.start(RESOLV_CONF_INTERVAL, now=True)
         super().startService()
 
     def stopService(self) -> None:
-        parse_call = getattr(self._resolver, "_parseCall", None)
-        if parse_call is not None and parse_call.active():
-            parse_call.cancel()
+        reader, self._resolv_conf_reader = self._resolv_conf_reader, None
+        if reader is not None and reader.running:
+            reader.stop()
         return super().stopService()
+
+    def _read_resolv_conf(self) -> None:
+        """
+        Read resolv.conf, and use a resolver for its nameservers when they
+        are new.
+        """
+        try:
+            with open(self._resolv_conf, encoding="ascii", errors="replace") as f:
+                servers = nameservers(f)
+        except OSError as e:
+            if self._nameservers is not None:
+                # Gone for a moment (being rewritten): keep what we have.
+                return
+            self._log.warn(
+                "check {check}: cannot read {path} ({reason}); asking {servers}",
+                check=self.name,
+                path=self._resolv_conf,
+                reason=e.strerror,
+                servers=DEFAULT_NAMESERVERS,
+            )
+            servers = list(DEFAULT_NAMESERVERS)
+        if servers == self._nameservers:
+            return
+        if self._nameservers is not None:
+            self._log.info(
+                "check {check}: {path} changed; asking {servers}",
+                check=self.name,
+                path=self._resolv_conf,
+                servers=servers,
+            )
+        self._nameservers = servers
+        self._resolver = client.Resolver(servers=servers, reactor=self._clock)
 
     # ICheck
 
@@ -329,17 +416,17 @@ class DNSBLCheck(Service):
             if skipped:
                 raise ListUnavailable("every list that applies is being skipped after failures")
             return DUNNO
-        cache = self._cache
+        cache = self.cache
         answers: list[Any] = []
         for _, query_name in asked:
-            cached = cache.get((query_name, dns.A))
-            if cached is None or cached[0] <= now:
+            answer = cache.get((query_name, dns.A))
+            if answer is None:
                 return Deferred.fromCoroutine(self._check_later(asked))
-            answers.append(cached[1])
+            answers.append(answer)
         listed, whitelisted = self._weigh(asked, answers)
         if not listed:
             return self.whitelisted_action if whitelisted else DUNNO
-        reasons = self._cached_reasons(listed, now)
+        reasons = self._cached_reasons(listed)
         if reasons is None:
             return Deferred.fromCoroutine(self._listed_later(listed))
         return self._listed_action(listed, reasons)
@@ -417,7 +504,7 @@ class DNSBLCheck(Service):
             texts.append(self._reason(dns_list, answer))
         return texts
 
-    def _cached_reasons(self, listed: list[tuple[DNSList, str]], now: float) -> Optional[list[str]]:
+    def _cached_reasons(self, listed: list[tuple[DNSList, str]]) -> Optional[list[str]]:
         """
         The reasons of C{listed} from the cache, or L{None} when a TXT
         answer that is needed is not there.
@@ -426,10 +513,9 @@ class DNSBLCheck(Service):
         for dns_list, name in listed:
             answer = None
             if dns_list.fetch_reason:
-                cached = self._cache.get((name, dns.TXT))
-                if cached is None or cached[0] <= now:
+                answer = self.cache.get((name, dns.TXT))
+                if answer is None:
                     return None
-                answer = cached[1]
             texts.append(self._reason(dns_list, answer))
         return texts
 
@@ -480,29 +566,17 @@ class DNSBLCheck(Service):
 
     def _reversed_address(self, client_address: str) -> Optional[str]:
         """
-        The DNSBL form of a client address, remembered for the addresses
-        seen lately: a relay sees the same clients again and again.
+        The DNSBL form of a client address (see L{dnsbl_form}); one that is
+        not an IP address is logged and counted.
         """
-        reversed_name = self._reversed.get(client_address)
-        if reversed_name is None:
-            # A scoped IPv6 address (fe80::1%eth0) parses, but has no
-            # DNSBL form: the scope is not part of the address.
-            address = parse_ip(client_address) if "%" not in client_address else None
-            if address is None:
-                # Not remembered: invalid values must not fill memory.
-                if client_address:
-                    self.unusable_addresses += 1
-                    self._log.info(
-                        "check {check}: client address {address} is not an IP address;"
-                        " not looked up",
-                        check=self.name,
-                        address=escape(client_address),
-                    )
-                return None
-            reversed_name = reversed_ip(address)
-            if len(self._reversed) >= MAX_REMEMBERED_ADDRESSES:
-                self._reversed.clear()
-            self._reversed[client_address] = reversed_name
+        reversed_name = dnsbl_form(client_address)
+        if reversed_name is None and client_address:
+            self.unusable_addresses += 1
+            self._log.info(
+                "check {check}: client address {address} is not an IP address; not looked up",
+                check=self.name,
+                address=escape(client_address),
+            )
         return reversed_name
 
     def _lookup(self, name: str, record_type: int) -> Deferred[Answer]:
@@ -511,37 +585,15 @@ class DNSBLCheck(Service):
         query already in flight for the same name.
         """
         key = (name, record_type)
-        waiter: Deferred[Answer] = Deferred()
-        cached = self._cache.get(key)
+        cached = self.cache.get(key)
         if cached is not None:
-            if cached[0] > self._clock.seconds():
-                waiter.callback(cached[1])
-                return waiter
-            del self._cache[key]
-        waiters = self._in_flight.get(key)
-        if waiters is None:
-            waiters = self._in_flight[key] = []
-            # Each request waits on its own Deferred: cancelling one (the
-            # chain's timeout) must not cancel a query others share, and
-            # twisted.names queries end by their own timeout anyway.
-            query = self._semaphore.run(self._query, name, record_type)
-
-            def deliver(result: Any) -> None:
-                del self._in_flight[key]
-                if isinstance(result, Answer):
-                    self._remember(key, result)
-                for each in waiters:
-                    if not each.called:
-                        if isinstance(result, Failure):
-                            each.errback(result)
-                        else:
-                            each.callback(result)
-
-            waiters.append(waiter)
-            query.addBoth(deliver)
-        else:
-            waiters.append(waiter)
-        return waiter
+            return succeed(cached)
+        return self._in_flight.run(
+            key,
+            lambda: self._semaphore.run(self._query, name, record_type).addCallback(
+                self._remember, key
+            ),
+        )
 
     def _query(self, name: str, record_type: int) -> Deferred[Answer]:
         lookup = self._resolver.lookupAddress if record_type == dns.A else self._resolver.lookupText
@@ -571,13 +623,6 @@ class DNSBLCheck(Service):
                 return min(self.max_ttl, record.ttl, record.payload.minimum)
         return self.negative_ttl
 
-    def _remember(self, key: tuple[str, int], answer: Answer) -> None:
-        if answer.ttl <= 0:
-            return
-        if len(self._cache) >= MAX_CACHE_ENTRIES:
-            now = self._clock.seconds()
-            for stale in [k for k, (expiry, _) in self._cache.items() if expiry <= now]:
-                del self._cache[stale]
-            if len(self._cache) >= MAX_CACHE_ENTRIES:
-                self._cache.clear()
-        self._cache[key] = (self._clock.seconds() + answer.ttl, answer)
+    def _remember(self, answer: Answer, key: tuple[str, int]) -> Answer:
+        self.cache.put(key, answer, answer.ttl)
+        return answer

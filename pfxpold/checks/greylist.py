@@ -5,6 +5,12 @@ retry, most spam engines do not.
 
 Triplets live in a state store (L{pfxpold.interfaces.IStateStore}); with a
 Redis store every MX host shares them, so a retry to another MX passes too.
+
+The check records a triplet in the same atomic store operation that tells
+whether it is new, early or passed, so it needs no
+L{pfxpold.interfaces.IDecisionListener}: its deferral is decisive in the
+chain, so a triplet it records as new is the one deferred (a check before
+it that decides first keeps it from running at all).
 """
 
 from __future__ import annotations
@@ -20,14 +26,14 @@ from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
+from pfxpold.cache import Coalescer
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IStateStore
-from pfxpold.request import IPAddress, PolicyRequest
+from pfxpold.request import IPAddress, PolicyRequest, client_network
 from pfxpold.state import (
     EARLY,
     NEW,
@@ -43,6 +49,8 @@ from pfxpold.state import (
 DEFAULT_ACTION = "DEFER_IF_PERMIT Greylisted, please try again in {seconds} seconds"
 #: Seconds the store's run-time whitelist is kept before it is read again.
 DEFAULT_WHITELIST_REFRESH = 10.0
+#: The key of the one read of the run-time whitelist in flight.
+_RUNTIME_WHITELIST = "runtime whitelist"
 
 _SRS0 = re.compile(r"^SRS0[=+-][^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
 _SRS1 = re.compile(r"^SRS1[=+-][^=]*=[^=]*==[^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
@@ -227,7 +235,8 @@ class GreylistCheck:
         self.store: IStateStore = store_for(options)
         self._runtime: Optional[RuntimeWhitelist] = None
         self._runtime_until = 0.0
-        self._runtime_waiters: Optional[list[Deferred[RuntimeWhitelist]]] = None
+        # One read of the store's whitelist at a time, whoever waits for it.
+        self._runtime_reads: Coalescer[str, RuntimeWhitelist] = Coalescer(cancel_abandoned=False)
 
     def now(self) -> float:
         """
@@ -249,8 +258,7 @@ class GreylistCheck:
         """
         The client network of the triplet for a client C{address}.
         """
-        prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-        return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        return client_network(address, self.ipv4_prefix, self.ipv6_prefix)
 
     def triplet(self, network: str, sender: str, recipient: str) -> Triplet:
         """
@@ -298,28 +306,15 @@ class GreylistCheck:
         now = self.reactor.seconds()
         if self._runtime is not None and now < self._runtime_until:
             return self._runtime
-        waiter: Deferred[RuntimeWhitelist] = Deferred()
-        if self._runtime_waiters is not None:
-            self._runtime_waiters.append(waiter)
-            return waiter
-        self._runtime_waiters = [waiter]
+        return self._runtime_reads.run(
+            _RUNTIME_WHITELIST,
+            lambda: self.store.whitelist_list().addCallback(self._runtime_read, now),
+        )
 
-        def read(entries: list[WhitelistEntry]) -> RuntimeWhitelist:
-            self._runtime = RuntimeWhitelist.of(entries)
-            self._runtime_until = now + self.whitelist_refresh
-            return self._runtime
-
-        def settle(result: Union[RuntimeWhitelist, Failure]) -> None:
-            waiters, self._runtime_waiters = self._runtime_waiters or [], None
-            for each in waiters:
-                if isinstance(result, Failure):
-                    each.errback(result)
-                else:
-                    each.callback(result)
-
-        d = self.store.whitelist_list()
-        d.addCallback(read).addBoth(settle)
-        return waiter
+    def _runtime_read(self, entries: list[WhitelistEntry], now: float) -> RuntimeWhitelist:
+        self._runtime = RuntimeWhitelist.of(entries)
+        self._runtime_until = now + self.whitelist_refresh
+        return self._runtime
 
     def whitelisted(self, request: PolicyRequest) -> bool:
         """

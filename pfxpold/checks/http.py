@@ -43,7 +43,12 @@ from zope.interface import implementer
 
 from pfxpold.action import Action
 from pfxpold.checks import MissingExtraError, require_tls
-from pfxpold.checks._values import ControlCharacterGuard, RefusedValue, template_value
+from pfxpold.checks._values import (
+    ControlCharacterGuard,
+    RefusedValue,
+    check_template_names,
+    template_value,
+)
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
@@ -191,11 +196,15 @@ class HTTPCheck(Service):
             token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             headers.setRawHeaders(b"Authorization", [f"Basic {token}".encode("ascii")])
         self.template: Optional[str] = None
+        #: The names of the SOAP template's placeholders, in order.
+        self.template_names: list[str] = []
         self.action_path = ""
         self.namespaces: dict[str, str] = {}
         if self.mode == "soap":
             self.template = options.string("soap_template", None)
+            template_key = "soap_template"
             if self.template is None:
+                template_key = "soap_template_file"
                 path = options.path("soap_template_file")
                 try:
                     with open(path, encoding="utf-8") as f:
@@ -206,12 +215,17 @@ class HTTPCheck(Service):
                     ) from None
             else:
                 options.path("soap_template_file", None)
+            self.template_names = _PLACEHOLDER.findall(self.template)
+            try:
+                check_template_names(self.template_names)
+            except ValueError as e:
+                raise options.error(template_key, str(e)) from None
             self.action_path = options.string("action_path")
             self.namespaces = options.table("namespaces", {})
             try:
                 ElementTree.fromstring(xml_template(self.template, _EMPTY_REQUEST))
             except ElementTree.ParseError as e:
-                raise options.error("soap_template", f"is not well-formed XML: {e}") from None
+                raise options.error(template_key, f"is not well-formed XML: {e}") from None
             try:
                 ElementTree.Element("x").find(self.action_path, self.namespaces)
             except (SyntaxError, KeyError, TypeError, ValueError) as e:
@@ -281,8 +295,7 @@ class HTTPCheck(Service):
         The request's values that L{body} puts in the body, by name.
         """
         if self.template is not None:
-            names = _PLACEHOLDER.findall(self.template)
-            return [(name, template_value(request, name)) for name in names]
+            return [(name, template_value(request, name)) for name in self.template_names]
         return [(name, request.get(name, "")) for name in self.attributes or request]
 
     def check(self, request: PolicyRequest) -> Deferred[Action]:

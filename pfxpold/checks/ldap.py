@@ -27,8 +27,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import Action, ActionError
+from pfxpold.cache import Coalescer, ExpiringCache
 from pfxpold.checks import MissingExtraError, require_tls
-from pfxpold.checks._values import ControlCharacterGuard, template_value
+from pfxpold.checks._values import ControlCharacterGuard, check_template_names, template_value
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
@@ -77,8 +78,9 @@ class FilterTemplate:
 
     def __init__(self, template: str) -> None:
         """
-        @raise ValueError: when the template is not a valid filter, or a
-            placeholder stands anywhere but in a value.
+        @raise ValueError: when the template is not a valid filter, a
+            placeholder stands anywhere but in a value, or names no request
+            value.
         """
         self.names: list[str] = []
 
@@ -89,6 +91,7 @@ class FilterTemplate:
             return _MARKER.format(self.names.index(name))
 
         marked = _PLACEHOLDER.sub(mark, template)
+        check_template_names(self.names)
         try:
             with warnings.catch_warnings():
                 # Parsing warns again (parseString); test runners that
@@ -226,7 +229,11 @@ class LDAPCheck(Service):
         self._semaphore = DeferredSemaphore(
             options.integer("max_requests", DEFAULT_MAX_REQUESTS, minimum=1)
         )
-        self._cache: dict[str, tuple[float, Action]] = {}
+        #: Answers by filter text, kept cache_ttl seconds.
+        self.cache: ExpiringCache[str, Action] = ExpiringCache(self._clock, MAX_CACHE_ENTRIES)
+        #: With a cache, the searches in flight, shared by requests that
+        #: ask the same while one runs.
+        self.in_flight: Coalescer[str, Action] = Coalescer(cancel_abandoned=True)
         self.guard = ControlCharacterGuard(options.name)
         if service is None:
             if server.split(":", 1)[0] in ("tls", "ssl"):
@@ -326,22 +333,22 @@ class LDAPCheck(Service):
             return self.not_found
         search_filter = self.filter.fill(values)
         key = search_filter.asText()
-        if self.cache_ttl > 0:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] > self._clock.seconds():
-                return cached[1]
-        result = self._semaphore.run(self._search, search_filter)
-        if self.cache_ttl > 0:
-            result.addCallback(self._remember, key)
-        return result
+        if self.cache_ttl <= 0:
+            return self._semaphore.run(self._search, search_filter)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        # Each request waits on its own Deferred: one giving up (the
+        # chain's timeout) leaves the search to the others.
+        return self.in_flight.run(
+            key,
+            lambda: self._semaphore.run(self._search, search_filter).addCallback(
+                self._remember, key
+            ),
+        )
 
     def _remember(self, action: Action, key: str) -> Action:
-        if len(self._cache) >= MAX_CACHE_ENTRIES:
-            now = self._clock.seconds()
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-            if len(self._cache) >= MAX_CACHE_ENTRIES:
-                self._cache.clear()
-        self._cache[key] = (self._clock.seconds() + self.cache_ttl, action)
+        self.cache.put(key, action, self.cache_ttl)
         return action
 
     def _search(self, search_filter: Any) -> Deferred[Action]:

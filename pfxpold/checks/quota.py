@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IStateStore
-from pfxpold.request import PolicyRequest
+from pfxpold.request import PolicyRequest, client_network
 from pfxpold.state import Consumption, Counter, store_for
 
 KEY_PARTS = (
@@ -423,8 +422,7 @@ class QuotaCheck(MultiService):
                 if address is None:
                     return None
                 if part == "client_network":
-                    prefix = self.ipv4_prefix if address.version == 4 else self.ipv6_prefix
-                    value = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+                    value = client_network(address, self.ipv4_prefix, self.ipv6_prefix)
                 else:
                     value = str(address)
             elif part == "sender" or part == "recipient":

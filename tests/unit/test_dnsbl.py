@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 from pfxpold.checks.dnsbl import (
     DNSBLCheck,
     ListUnavailable,
+    nameservers,
     parse_server,
     reversed_ip,
     valid_host_name,
@@ -30,6 +31,7 @@ from pfxpold.checks.dnsbl import (
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
+from tests.unit.tempdir import temporary_path
 
 
 class FakeResolver:
@@ -374,6 +376,63 @@ class ScoreTests(CheckTestCase):
         DNSBLCheck(make_options(lists=[{"zone": "bl.test"}]))
 
 
+class ResolvConfTests(CheckTestCase):
+    """
+    Without C{resolvers}, the check reads resolv.conf on a timer of its
+    own, which stopping the check stops.
+    """
+
+    def write(self, path: str, text: str) -> None:
+        with open(path, "w", encoding="ascii") as f:
+            f.write(text)
+
+    def test_nameservers(self) -> None:
+        """nameserver lines give the servers, in order; none gives the local host."""
+        lines = [
+            "# comment",
+            "search example.com",
+            "nameserver 192.0.2.53",
+            "nameserver   2001:db8::53  ",
+            "nameserver dns.example",
+            "nameserver",
+        ]
+        self.assertEqual(nameservers(lines), [("192.0.2.53", 53), ("2001:db8::53", 53)])
+        self.assertEqual(nameservers(["search example.com"]), [("127.0.0.1", 53)])
+
+    def test_read_again_and_stopped(self) -> None:
+        """
+        The file is read at start and again every minute; a change makes a
+        resolver for the new servers; stopping leaves no timer behind.
+        """
+        path = temporary_path(self)
+        self.write(path, "nameserver 192.0.2.53\n")
+        clock = Clock()
+        check = DNSBLCheck(make_options(reactor=clock, lists=[{"zone": "bl.test"}], resolv_conf=path))
+        check.startService()
+        first = check._resolver
+        self.assertEqual(first.servers, [("192.0.2.53", 53)])
+        clock.advance(60)
+        self.assertIs(check._resolver, first)
+        self.write(path, "nameserver 192.0.2.54\n")
+        with capturedLogs() as events:
+            clock.advance(60)
+        self.assertEqual(check._resolver.servers, [("192.0.2.54", 53)])
+        self.assertIn("changed", "".join(formatEvent(event) for event in events))
+        check.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_resolvers_need_no_timer(self) -> None:
+        """With resolvers given, nothing is read and no timer runs."""
+        clock = Clock()
+        check = DNSBLCheck(
+            make_options(reactor=clock, lists=[{"zone": "bl.test"}], resolvers=["192.0.2.53:5353"])
+        )
+        check.startService()
+        self.assertEqual(check._resolver.servers, [("192.0.2.53", 5353)])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        check.stopService()
+
+
 class FailureTests(CheckTestCase):
     """
     Failing lists, the TTL cache and sharing of queries in flight.
@@ -517,7 +576,7 @@ class CacheHitTests(CheckTestCase):
         check, resolver, _ = make_check(LISTED, [{"zone": "bl.test"}])
         request = make_request(client_address="127.0.0.2")
         # The A answer is in the cache; the TXT query fails.
-        check._cache[("2.0.0.127.bl.test", dns.A)] = (1000.0, _answer(("127.0.0.2",)))
+        check.cache.put(("2.0.0.127.bl.test", dns.A), _answer(("127.0.0.2",)), 1000)
         resolver.failing["2.0.0.127.bl.test"] = DNSServerError(dns.Message())
         action = self.successResultOf(run_check(check, request))
         self.assertEqual(action.text, "listed by bl.test")
@@ -568,20 +627,38 @@ class CacheHitTests(CheckTestCase):
 
     def test_reversed_addresses_remembered(self) -> None:
         """
-        Reversed client addresses are remembered (v4-mapped ones folded),
-        invalid values are not, and the memory is bounded.
+        Reversed client addresses (v4-mapped ones folded) are remembered in
+        a bounded LRU memo; invalid ones are logged and counted every time.
         """
         from pfxpold.checks import dnsbl
 
         check, _, _ = make_check({}, [{"zone": "bl.test"}])
+        dnsbl.dnsbl_form.cache_clear()
         self.assertEqual(check._reversed_address("::ffff:192.0.2.1"), "1.2.0.192")
-        self.assertIsNone(check._reversed_address("not an address"))
-        self.assertEqual(check._reversed, {"::ffff:192.0.2.1": "1.2.0.192"})
-        self.patch(dnsbl, "MAX_REMEMBERED_ADDRESSES", 2)
-        for octet in range(5):
-            check._reversed_address(f"192.0.2.{octet}")
-        self.assertLessEqual(len(check._reversed), 2)
-        self.assertEqual(check._reversed_address("192.0.2.4"), "4.2.0.192")
+        self.assertEqual(check._reversed_address("::ffff:192.0.2.1"), "1.2.0.192")
+        self.assertEqual(dnsbl.dnsbl_form.cache_info().hits, 1)
+        self.assertEqual(
+            dnsbl.dnsbl_form.cache_info().maxsize, dnsbl.MAX_REMEMBERED_ADDRESSES
+        )
+        for _ in range(2):
+            self.assertIsNone(check._reversed_address("not an address"))
+        self.assertEqual(check.unusable_addresses, 2)
+
+    def test_full_cache_keeps_recent_answers(self) -> None:
+        """
+        A full answer cache drops its least recently used answer, not every
+        answer: the clients seen lately are still answered at once.
+        """
+        from pfxpold.checks import dnsbl
+
+        self.patch(dnsbl, "MAX_CACHE_ENTRIES", 2)
+        check, resolver, _ = make_check({}, [{"zone": "bl.test"}])
+        for octet in (3, 4, 5):
+            self.successResultOf(run_check(check, make_request(client_address=f"127.0.0.{octet}")))
+        for octet in (4, 5):
+            answer = check.check(make_request(client_address=f"127.0.0.{octet}"))
+            self.assertNotIsInstance(answer, Deferred)
+        self.assertEqual(len(resolver.queries), 3)
 
 
 def _answer(addresses: tuple[str, ...]) -> Any:

@@ -92,7 +92,12 @@ class MissingExtraTests(SynchronousTestCase):
     def test_postgresql(self) -> None:
         """examples/relay-acl-postgresql.toml without psycopg names the postgresql extra."""
         unimportable(self, "psycopg")
+        # The drivers module imports psycopg; its package must be known
+        # to forget it.
+        import pfxpold.sql.drivers  # noqa: F401
+
         forget(self, "pfxpold.checks.sql")
+        forget(self, "pfxpold.sql.drivers")
         message = self.load_error("relay-acl-postgresql.toml")
         self.assertIn(": check '", message)
         self.assertTrue(

@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from pfxpold.checks.greylist import GreylistCheck, normalise_sender, whitelist_entry
 from pfxpold.config import CheckOptions, ConfigError
-from pfxpold.interfaces import ICheck
+from pfxpold.interfaces import ICheck, IDecisionListener
 from pfxpold.request import PolicyRequest
 from pfxpold.state import StoreError, Triplet, WhitelistEntry
 from pfxpold.testing import CheckTestCase, make_request, run_check
@@ -108,9 +108,12 @@ class GreylistTests(CheckTestCase):
 
     def test_interface(self) -> None:
         """
-        The check provides ICheck.
+        The check provides ICheck, and not IDecisionListener: it records a
+        triplet in the store operation that decides its own answer.
         """
-        self.assertTrue(verifyObject(ICheck, self.make()))
+        check = self.make()
+        self.assertTrue(verifyObject(ICheck, check))
+        self.assertFalse(IDecisionListener.providedBy(check))
 
     def test_delay_then_pass(self) -> None:
         """

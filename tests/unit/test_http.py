@@ -109,6 +109,33 @@ class ConfigurationTests(SynchronousTestCase):
         for table in bad:
             self.assertRaises(ConfigError, HTTPCheck, make_options(**table))
 
+    def test_unknown_placeholder(self) -> None:
+        """
+        A SOAP placeholder naming no request value (a misspelt C{{sendr}})
+        is a one-line configuration error naming the check and the key,
+        from an inline template or a template file.
+        """
+        template = "<e><s>{sendr}</s><r>{recipient}</r></e>"
+        error = self.assertRaises(
+            ConfigError, HTTPCheck, make_options(**dict(SOAP_OPTIONS, soap_template=template))
+        )
+        message = str(error)
+        self.assertIn("key 'soap_template': placeholder {sendr}:", message)
+        self.assertNotIn("\n", message)
+        path = secret_file(self, template)
+        options = {k: v for k, v in SOAP_OPTIONS.items() if k != "soap_template"}
+        error = self.assertRaises(
+            ConfigError, HTTPCheck, make_options(soap_template_file=path, **options)
+        )
+        self.assertIn("key 'soap_template_file': placeholder {sendr}:", str(error))
+
+    def test_derived_placeholders(self) -> None:
+        """SOAP placeholders take the derived names that file and sql lookups take."""
+        template = "<e><n>{client_network}</n><d>{recipient_at_domain}</d></e>"
+        check = HTTPCheck(make_options(**dict(SOAP_OPTIONS, soap_template=template)))
+        body = check.body(make_request(client_address="192.0.2.7", recipient="b@Example.NET"))
+        self.assertEqual(body, b"<e><n>192.0.2.0/24</n><d>@example.net</d></e>")
+
     def test_basic_auth(self) -> None:
         """username and password_file make a Basic Authorization header."""
         path = secret_file(self, "s3cret")

@@ -11,13 +11,14 @@ from typing import Any
 from ldaptor.protocols import pureldap
 from ldaptor.testutil import LDAPClientTestDriver
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from pfxpold.checks import ldap
 from pfxpold.checks.ldap import FilterTemplate, LDAPCheck, LDAPCheckError
 from pfxpold.config import ConfigError
 from pfxpold.interfaces import ICheck
@@ -108,8 +109,40 @@ class FilterTemplateTests(CheckTestCase):
 
     def test_bad_templates(self) -> None:
         """Placeholders outside values, and broken filters, are refused."""
-        for bad in ["({attribute}=x)", "(mail={sender}", "mail={sender}", "({a}=*)"]:
+        for bad in ["({sender}=x)", "(mail={sender}", "mail={sender}", "({client_address}=*)"]:
             self.assertRaises(ValueError, FilterTemplate, bad)
+
+    def test_unknown_placeholder(self) -> None:
+        """
+        A placeholder naming no request value (a misspelt C{{sendr}}) is a
+        one-line configuration error naming the check and the key, not a
+        search for an empty value on every request.
+        """
+        error = self.assertRaises(
+            ConfigError,
+            LDAPCheck,
+            make_options(
+                name="directory",
+                server="tcp:127.0.0.1:389",
+                base="dc=x",
+                filter="(|(mail={sendr})(uid={sasl_username}))",
+            ),
+        )
+        message = str(error)
+        self.assertIn("check 'directory': key 'filter': placeholder {sendr}:", message)
+        self.assertNotIn("\n", message)
+
+    def test_derived_placeholders(self) -> None:
+        """Placeholders take the derived names that file and sql lookups take."""
+        template = FilterTemplate("(&(net={client_network})(d={sender_at_domain}))")
+        check, driver = make_check([DONE], filter="(&(net={client_network})(d={sender_at_domain}))")
+        self.assertEqual(template.names, ["client_network", "sender_at_domain"])
+        self.assertAction(
+            check, make_request(client_address="192.0.2.7", sender="a@Example.COM"), "DUNNO"
+        )
+        self.assertEqual(
+            driver.sent[0].filter.asText(), "(&(net=192.0.2.0/24)(d=@example.com))"
+        )
 
     def test_configuration_errors(self) -> None:
         """Bad settings are refused when the configuration is loaded."""
@@ -230,6 +263,41 @@ class MappingTests(CheckTestCase):
         clock.advance(61)
         self.assertAction(check, make_request(sender="a@x.example"), "DUNNO")
         self.assertEqual(len(driver.sent), 2)
+
+    def test_full_cache_keeps_recent_answers(self) -> None:
+        """
+        A full cache drops its least recently used answer, not every
+        answer: no burst of searches after the cap.
+        """
+        self.patch(ldap, "MAX_CACHE_ENTRIES", 2)
+        check, driver = make_check([DONE], [DONE], [DONE], cache_ttl=60)
+        for sender in ("a@x.example", "b@x.example", "c@x.example"):
+            self.assertAction(check, make_request(sender=sender), "DUNNO")
+        self.assertAction(check, make_request(sender="b@x.example"), "DUNNO")
+        self.assertAction(check, make_request(sender="c@x.example"), "DUNNO")
+        self.assertEqual(len(driver.sent), 3)
+        self.assertEqual(len(check.cache), 2)
+
+    def test_concurrent_searches_shared(self) -> None:
+        """
+        With a cache, requests asking the same while a search runs wait for
+        that search; one giving up leaves it to the others.
+        """
+        clock = Clock()
+        protocol = SilentProtocol(clock)
+        check, _ = make_check(protocol, clock=clock, cache_ttl=60)
+        first, second = (run_check(check, make_request()) for _ in range(2))
+        other = run_check(check, make_request(sender="other@example.com"))
+        self.assertEqual(len(protocol.handlers), 2)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        protocol.handlers[0][1](entry("uid=a,dc=x"))
+        protocol.handlers[0][1](DONE)
+        self.assertEqual(str(self.successResultOf(second)), "OK")
+        self.assertEqual(len(check.in_flight), 1)
+        protocol.handlers[1][1](DONE)
+        self.assertEqual(str(self.successResultOf(other)), "DUNNO")
+        self.assertEqual(len(check.in_flight), 0)
 
 
 class ConnectionTests(CheckTestCase):

@@ -4,9 +4,11 @@ Tests for L{pfxpold.request}: the immutable request and its helpers.
 
 import ipaddress
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from pfxpold.request import PolicyRequest, parse_ip
+from pfxpold.request import PolicyRequest, client_network, parse_ip
 from pfxpold.testing import FIXTURES, fixture_bytes, make_request, parse_request
 
 
@@ -36,6 +38,46 @@ class ParseIPTests(SynchronousTestCase):
         """C{unknown}, an empty value and garbage give L{None}."""
         for value in ("unknown", "", "300.1.2.3", "example.com", "[", "IPv6:"):
             self.assertIsNone(parse_ip(value), value)
+
+
+class ClientNetworkTests(SynchronousTestCase):
+    """
+    L{client_network}: the one derivation of a client's network that the
+    greylist and quota checks and the C{client_network} lookup value share.
+    """
+
+    def test_defaults(self):
+        """A /24 for IPv4 and a /64 for IPv6 unless told otherwise."""
+        self.assertEqual(client_network(ipaddress.ip_address("192.0.2.77")), "192.0.2.0/24")
+        self.assertEqual(
+            client_network(ipaddress.ip_address("2001:db8:1:2:3::4")), "2001:db8:1:2::/64"
+        )
+
+    def test_prefixes(self):
+        """Each family takes its own prefix length, the ends included."""
+        v4 = ipaddress.ip_address("192.0.2.77")
+        v6 = ipaddress.ip_address("2001:db8::1")
+        self.assertEqual(client_network(v4, 16, 48), "192.0.0.0/16")
+        self.assertEqual(client_network(v4, 32, 48), "192.0.2.77/32")
+        self.assertEqual(client_network(v4, 0, 48), "0.0.0.0/0")
+        self.assertEqual(client_network(v6, 16, 48), "2001:db8::/48")
+        self.assertEqual(client_network(v6, 16, 128), "2001:db8::1/128")
+
+    def test_mapped_address_folded_first(self):
+        """An IPv4-mapped client, as parse_ip folds it, gets its IPv4 network."""
+        self.assertEqual(client_network(parse_ip("::ffff:192.0.2.77")), "192.0.2.0/24")
+
+    @given(
+        st.one_of(
+            st.tuples(st.ip_addresses(v=4), st.integers(0, 32)),
+            st.tuples(st.ip_addresses(v=6), st.integers(0, 128)),
+        )
+    )
+    def test_same_as_ipaddress(self, case):
+        """It is the text of the network ipaddress computes, for any address and prefix."""
+        address, prefix = case
+        expected = str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        self.assertEqual(client_network(address, prefix, prefix), expected)
 
 
 class PolicyRequestTests(SynchronousTestCase):

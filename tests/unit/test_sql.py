@@ -1,5 +1,5 @@
 """
-Tests for L{pfxpold.checks.sql}: parameter translation, result mapping,
+Tests for L{pfxpold.checks.sql} and L{pfxpold.sql}: parameter translation, result mapping,
 the cache (with a L{Clock}), settings, and the SQLite driver's binding of
 hostile values (run synchronously, without the thread pool).
 """
@@ -15,18 +15,12 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from zope.interface.verify import verifyObject
 
-from pfxpold.checks.sql import (
-    Database,
-    LookupCache,
-    PostgreSQLDriver,
-    QueryError,
-    ResultError,
-    SQLCheck,
-    SQLiteDriver,
-    translate_query,
-)
+from pfxpold.checks.sql import ResultError, SQLCheck
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
+from pfxpold.sql.drivers import PostgreSQLDriver, SQLiteDriver
+from pfxpold.sql.params import QueryError, translate_query
+from pfxpold.sql.pool import Database, DatabaseBusy
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
 from tests.unit.tempdir import examples_copy, sqlite_database, temporary_path
 
@@ -278,7 +272,7 @@ class SQLCheckTests(CheckTestCase):
         self.assertEqual(str(self.successResultOf(other)), "REJECT no")
         self.assertAction(check, make_request(sender="a@example.com"), "OK")
         self.assertEqual(len(self.database.lookups), 2)
-        self.assertEqual(check._waiting, {})
+        self.assertEqual(len(check.in_flight), 0)
 
     def test_shared_lookup_failure_goes_to_every_waiter(self):
         """A shared lookup's failure fails every waiting request and is not cached."""
@@ -312,7 +306,7 @@ class SQLCheckTests(CheckTestCase):
             each.cancel()
             self.failureResultOf(each, CancelledError)
         self.assertEqual(self.database.cancelled, self.database.pending[:1])
-        self.assertEqual(check._waiting, {})
+        self.assertEqual(len(check.in_flight), 0)
         later = check.check(make_request())
         self.assertEqual(len(self.database.lookups), 2)
         self.database.pending[1].callback((1,))
@@ -325,7 +319,7 @@ class SQLCheckTests(CheckTestCase):
         check.check(huge)
         check.check(huge)
         self.assertEqual(len(self.database.lookups), 2)
-        self.assertEqual(check._waiting, {})
+        self.assertEqual(len(check.in_flight), 0)
 
     def test_burst_from_one_client_not_refused(self):
         """
@@ -420,29 +414,6 @@ class SQLCheckTests(CheckTestCase):
             )
             self.assertEqual(str(entry.check.found), "OK")
         self.assertIsNotNone(entry.check.cache)
-
-
-class LookupCacheTests(CheckTestCase):
-    """
-    The cache's expiry and size bound.
-    """
-
-    def test_lru_bound(self):
-        """Past max_entries, the least recently used entry goes."""
-        cache = LookupCache(Clock(), 60, 60, 2)
-        cache.put("a", 1, True)
-        cache.put("b", 2, True)
-        self.assertEqual(cache.get("a"), (True, 1))
-        cache.put("c", 3, False)
-        self.assertEqual(len(cache), 2)
-        self.assertEqual(cache.get("b"), (False, None))
-        self.assertEqual(cache.get("a"), (True, 1))
-
-    def test_zero_ttl_not_stored(self):
-        """A TTL of 0 stores nothing of that kind."""
-        cache = LookupCache(Clock(), 60, 0, 10)
-        cache.put("miss", None, False)
-        self.assertEqual(len(cache), 0)
 
 
 class SQLiteDriverTests(CheckTestCase):
@@ -660,7 +631,6 @@ class DatabaseTests(CheckTestCase):
 
     def test_bounded(self):
         """Past pool_size + max_waiting lookups in flight, more fail at once."""
-        from pfxpold.checks.sql import DatabaseBusy
 
         database = self.make([None, None, None], pool_size=1, max_waiting=1)
         first = database.lookup("SELECT", [])
