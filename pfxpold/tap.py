@@ -210,7 +210,7 @@ def configuration_warnings(configuration: Configuration) -> list[str]:
     settings (a rule no request reaches), one C{warning: CHECK: ...} line
     each. Warnings never fail C{--check-config}.
     """
-    lines = []
+    lines: list[str] = []
     for entry in configuration.chain.entries:
         if not IConfigWarnings.providedBy(entry.check):
             continue
