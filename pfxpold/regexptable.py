@@ -481,9 +481,7 @@ def parse(
                     IfRule(block.line, block.pattern, tuple(block.rules), number)
                 )
                 continue
-            raise MapError(
-                path, number, f"{word!r}: not a rule (/pattern/ result), if or endif"
-            )
+            raise MapError(path, number, f"{word!r}: not a rule (/pattern/ result), if or endif")
         stack[-1].rules.append(
             _match_rule(text, table_format, path, number, restriction_classes, actions)
         )
@@ -519,9 +517,7 @@ class RegexpTable:
     @ivar entries: the number of result rules.
     """
 
-    def __init__(
-        self, table_format: str, path: str, rules: tuple[Rule, ...], entries: int
-    ) -> None:
+    def __init__(self, table_format: str, path: str, rules: tuple[Rule, ...], entries: int) -> None:
         self.format = table_format
         self.path = path
         self.rules = rules
@@ -571,9 +567,7 @@ class RegexpTable:
             # length): the captured text cannot add a line to the answer.
             return Action(rule.verb, text)
         except ActionError as e:
-            raise TableLookupError(
-                f"{self.path}:{rule.line}: {escape(str(e))}"
-            ) from None
+            raise TableLookupError(f"{self.path}:{rule.line}: {escape(str(e))}") from None
 
     def unreachable(self) -> list[tuple[int, int]]:
         """
