@@ -305,7 +305,8 @@ class FileCheck(Service):
                 steps.append((f"{name}={value!r}", False, "no rule matches"))
                 continue
             line, action = traced
-            steps.append((f"{name}={value!r}", True, f"{self.path}:{line}: {action}"))
+            where = f"{os.path.basename(self.path)}:{line}"
+            steps.append((f"{name}={value!r}", True, f"{where}: {action}"))
             break
         return steps
 

@@ -322,3 +322,12 @@ class CommandTests(SynchronousTestCase):
             ],
         )
         self.assertTrue(out.getvalue().startswith("request: DATA "))
+
+    def test_script_entry(self):
+        """pyproject.toml installs the command as pfxpold-explain."""
+        import tomllib
+
+        pyproject = os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")
+        with open(pyproject, "rb") as f:
+            scripts = tomllib.load(f)["project"]["scripts"]
+        self.assertEqual(scripts["pfxpold-explain"], "pfxpold.explain:main")

@@ -362,7 +362,7 @@ class RegexpFormatTests(CheckTestCase):
                 (
                     "client_name='ppp7.example.net'",
                     True,
-                    f"{self.path}:2: DEFER_IF_PERMIT Dynamic-looking host ppp deferred",
+                    "helo.regexp:2: DEFER_IF_PERMIT Dynamic-looking host ppp deferred",
                 )
             ],
         )
