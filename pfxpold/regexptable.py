@@ -51,6 +51,10 @@ _UNSUPPORTED_FLAGS = {
 #: Escapes that assert a position rather than match a character.
 _ASSERTION_ESCAPES = frozenset("bBAzZG")
 
+#: glibc's regexp escapes for word starts and ends and buffer ends, which
+#: RE2 would take as the plain characters.
+_GNU_ANCHORS = "<>`'"
+
 
 class TableLookupError(ValueError):
     """
@@ -181,6 +185,12 @@ def _translate(body: str, table_format: str) -> tuple[str, bool]:
         character = body[position]
         if character == "\\":
             following = body[position + 1 : position + 2]
+            if table_format == REGEXP and following and following in _GNU_ANCHORS:
+                # glibc's word and buffer anchors; RE2 would read a literal
+                # character.
+                raise ValueError(
+                    f"\\{following} (a GNU regex anchor) is not supported: use \\b, ^ or $"
+                )
             if following in _ASSERTION_ESCAPES:
                 asserts = True
             out.append(body[position : position + 2])

@@ -239,7 +239,12 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["check-config", None, "Check the configuration, print a summary and exit."],
+        [
+            "check-config",
+            None,
+            "Check the configuration, print a summary (and the checks' warnings, on"
+            " stderr) and exit.",
+        ],
     ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $PFXPOLD_CONFIG)."],

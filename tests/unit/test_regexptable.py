@@ -281,6 +281,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertError("/(.*)/ $1\n", 1, "verb cannot come from a $n group")
         self.assertError("/(.*)/ REJECT$1\n", 1, "verb cannot come from a $n group")
         self.assertError("/[[=a=]]/ OK\n", 1, "collating elements")
+        self.assertError("/\\<spam\\>/ OK\n", 1, "GNU regex anchor")
         self.assertError("/(a)\\1/ OK\n", 1, "not supported by RE2", PCRE)
         self.assertError("/a(?<=b)/ OK\n", 1, "not supported by RE2", PCRE)
         self.assertError("/a++/ OK\n", 1, "not supported by RE2", PCRE)
@@ -300,6 +301,8 @@ class ErrorTests(SynchronousTestCase):
         self.assertEqual(answer("/^[\\.]$/ OK\n", "\\", REGEXP), "OK")
         self.assertIsNone(answer("/^[\\.]$/ OK\n", "\\", PCRE))
         self.assertEqual(answer("/^[]a]$/ OK\n", "]", REGEXP), "OK")
+        # In PCRE (and RE2) an escaped < is the character itself.
+        self.assertEqual(answer("/\\<a/ OK\n", "<a", PCRE), "OK")
 
 
 class UnreachableTests(SynchronousTestCase):
