@@ -7,6 +7,8 @@ check that leaves the production store alone.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -105,3 +107,22 @@ def test_help():
     assert "private in-memory store" in text
     for option in ("--sender", "--client-address", "--attribute", "request_file"):
         assert option in text
+
+
+def test_readme_example(examples):
+    """The README's pfxpold-explain example prints what the README shows."""
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("### Explaining a request offline")
+    section = readme[start : readme.index("\n### ", start + 1)]
+    command, output = re.findall(r"```\w*\n(.*?)```", section, re.S)[:2]
+    argv = shlex.split(command.replace("\\\n", " "))
+    assert argv[0] == "pfxpold-explain"
+    argv = [str(examples / "client-names.toml") if a.startswith("examples/") else a for a in argv]
+    result = explain(*argv[1:])
+    assert result.returncode == 0, result.stderr
+
+    def without_instance(text: str) -> list[str]:
+        return [re.sub(r"instance=\S+", "instance=", line) for line in text.splitlines()]
+
+    assert without_instance(result.stdout) == without_instance(output)
