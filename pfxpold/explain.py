@@ -316,7 +316,10 @@ def _log_to_stderr() -> None:
         failure = event.get("log_failure")
         if failure is not None:
             text += f": {failure.getErrorMessage()}"
-        print(f"{PROGRAM}: log: {escape(' '.join(text.split()))}", file=sys.stderr)
+        text = " ".join(text.split())
+        # Log formats escape what they quote already; escape only what is
+        # still not printable, not their backslashes again.
+        print(f"{PROGRAM}: log: {text if text.isprintable() else escape(text)}", file=sys.stderr)
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, observe)], redirectStandardIO=False)
 
