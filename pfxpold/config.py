@@ -805,9 +805,18 @@ def load_configuration(
         L{load_document}).
     @raise ConfigError: when the file cannot be read or used.
     """
+    return load_document(read_document(path), reactor, path, previous)
+
+
+def read_document(path: str) -> dict[str, Any]:
+    """
+    Read the TOML file at C{path}, unchecked (see L{load_document}).
+
+    @raise ConfigError: when it cannot be read or is not TOML.
+    """
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
@@ -815,7 +824,6 @@ def load_configuration(
     except UnicodeDecodeError as e:
         # TOML files are UTF-8; an editor saving Latin-1 is a common slip.
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 at byte {e.start}") from None
-    return load_document(document, reactor, path, previous)
 
 
 def default_configuration(

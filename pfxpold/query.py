@@ -72,11 +72,16 @@ def _template() -> dict[str, str]:
     return attributes
 
 
-def build_request(arguments: argparse.Namespace, stdin: Optional[bytes] = None) -> bytes:
+def request_attributes(
+    arguments: argparse.Namespace, stdin: Optional[bytes] = None
+) -> dict[str, str]:
     """
-    The request bytes the command line describes.
+    The attributes of the request the command line describes (the options
+    of L{add_request_arguments}): a request file or a Postfix 3.7 RCPT
+    template, then the options over it. Shared with C{pfxpold-explain}.
 
     @raise ValueError: for an attribute that would break the protocol.
+    @raise OSError: when the request file cannot be read.
     """
     if arguments.request_file is not None:
         if arguments.request_file == "-":
@@ -96,11 +101,20 @@ def build_request(arguments: argparse.Namespace, stdin: Optional[bytes] = None) 
         if not separator or not name:
             raise ValueError(f"--attribute {pair!r} is not name=value")
         attributes[name] = value
-    lines = []
     for name, value in attributes.items():
         if "\n" in name or "\n" in value or "=" in name or not name:
             raise ValueError(f"attribute {name!r} has a newline or a bad name")
-        lines.append(f"{name}={value}\n")
+    return attributes
+
+
+def build_request(arguments: argparse.Namespace, stdin: Optional[bytes] = None) -> bytes:
+    """
+    The request bytes the command line describes.
+
+    @raise ValueError: for an attribute that would break the protocol.
+    """
+    attributes = request_attributes(arguments, stdin)
+    lines = [f"{name}={value}\n" for name, value in attributes.items()]
     return ("".join(lines) + "\n").encode("utf-8")
 
 
@@ -139,26 +153,17 @@ def query(server: str, request: bytes, timeout: float = 30.0) -> Optional[str]:
     return value
 
 
-def make_parser() -> argparse.ArgumentParser:
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     """
-    The command line of C{pfxpold-query}.
+    Add the options that describe a request (a request file, one option
+    per common attribute, C{--attribute}) to C{parser}: C{pfxpold-query}'s
+    and C{pfxpold-explain}'s.
     """
-    parser = argparse.ArgumentParser(
-        prog="pfxpold-query",
-        description="Send one Postfix policy request and print the action.",
-    )
     parser.add_argument(
         "request_file",
         nargs="?",
         help="a file of name=value lines (- for standard input); options below override it",
     )
-    parser.add_argument(
-        "--server",
-        "-s",
-        default="127.0.0.1:9998",
-        help="host:port, [ipv6]:port or unix:/path (default: 127.0.0.1:9998)",
-    )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
     for option in _ATTRIBUTE_OPTIONS:
         parser.add_argument("--" + option.replace("_", "-"), dest=option, metavar="VALUE")
     parser.add_argument(
@@ -169,6 +174,24 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="any other attribute; may be repeated",
     )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """
+    The command line of C{pfxpold-query}.
+    """
+    parser = argparse.ArgumentParser(
+        prog="pfxpold-query",
+        description="Send one Postfix policy request and print the action.",
+    )
+    parser.add_argument(
+        "--server",
+        "-s",
+        default="127.0.0.1:9998",
+        help="host:port, [ipv6]:port or unix:/path (default: 127.0.0.1:9998)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default: 30)")
+    add_request_arguments(parser)
     return parser
 
 

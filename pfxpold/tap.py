@@ -32,6 +32,7 @@ from pfxpold.config import (
     server_error,
     socket_path,
 )
+from pfxpold.interfaces import IConfigWarnings
 
 __all__ = ["Options", "endpoint_description", "makeService"]
 
@@ -203,6 +204,24 @@ def endpoint_problem(reactor: Any, description: str) -> Optional[str]:
     return None
 
 
+def configuration_warnings(configuration: Configuration) -> list[str]:
+    """
+    What the checks providing L{IConfigWarnings} find doubtful in their own
+    settings (a rule no request reaches), one C{warning: CHECK: ...} line
+    each. Warnings never fail C{--check-config}.
+    """
+    lines: list[str] = []
+    for entry in configuration.chain.entries:
+        if not IConfigWarnings.providedBy(entry.check):
+            continue
+        try:
+            warnings = list(entry.check.config_warnings())
+        except Exception as e:
+            warnings = [f"could not look for warnings: {type(e).__name__}: {e}"]
+        lines.extend(f"warning: {entry.name}: {' '.join(str(w).splitlines())}" for w in warnings)
+    return lines
+
+
 class Options(usage.Options):
     """
     Options for C{twistd pfxpold}.
@@ -220,7 +239,12 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["check-config", None, "Check the configuration, print a summary and exit."],
+        [
+            "check-config",
+            None,
+            "Check the configuration, print a summary (and the checks' warnings, on"
+            " stderr) and exit.",
+        ],
     ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $PFXPOLD_CONFIG)."],
@@ -355,6 +379,8 @@ class Options(usage.Options):
                 )
             default = configuration.chain.default_action
             print(f"  default action: {default if default else 'the last DUNNO'}")
+            for warning in configuration_warnings(configuration):
+                print(warning, file=sys.stderr)
             sys.exit(0)
 
 

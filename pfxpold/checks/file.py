@@ -1,6 +1,7 @@
 """
-The C{file} check: Postfix-style access maps read from a text file, and
-re-read when the file changes.
+The C{file} check: Postfix-style access maps, or Postfix regexp and pcre
+tables (L{pfxpold.regexptable}), read from a text file and re-read when
+the file changes.
 
 A map is read in full before it replaces the one in force, so requests are
 answered from the old table until the new one is ready, and a file with an
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from twisted.application.internet import TimerService
 from twisted.application.service import Service
@@ -23,17 +24,27 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pfxpold import regexptable
 from pfxpold.accessmap import (
     PARENT_STYLES,
     AccessMap,
     MapError,
+    attribute_value,
     check_attribute,
     lookup_key,
 )
 from pfxpold.action import Action
 from pfxpold.config import CheckOptions
-from pfxpold.interfaces import ICheck
+from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable
 from pfxpold.request import PolicyRequest
+
+#: The C{format} setting: an access(5) map, or a Postfix regexp_table(5)
+#: or pcre_table(5) file.
+ACCESS = "access"
+FORMATS = (ACCESS, *regexptable.FORMATS)
+
+#: Settings that only mean something for an access map.
+_ACCESS_ONLY = ("pair_with", "parent_domains", "case_sensitive_local_part")
 
 DEFAULT_RELOAD_INTERVAL = 5.0
 
@@ -57,12 +68,27 @@ def _signature(path: str) -> tuple[int, int, int, int]:
     return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
 
 
-@implementer(ICheck)
+def table_value(request: PolicyRequest, attribute: str) -> str:
+    """
+    The text a regexp or pcre table matches for C{attribute}: the value as
+    Postfix sent it (no parent domains, no C{user@} split, case kept), the
+    null sender as C{<>} (Postfix's C{smtpd_null_access_lookup_key}), or
+    C{""} when there is nothing to look up.
+    """
+    value = attribute_value(request, attribute) or ""
+    if not value and attribute == "sender":
+        return "<>"
+    return value
+
+
+@implementer(ICheck, IConfigWarnings, IExplainable)
 class FileCheck(Service):
     """
     Looks request attributes up in an access map; with C{pair_with}, looks
     up every combination of the C{lookup} attributes (first column) and the
-    C{pair_with} attributes (second column) in a pair table.
+    C{pair_with} attributes (second column) in a pair table. With C{format
+    = "regexp"} or C{"pcre"}, matches each attribute's value against the
+    rules of a Postfix regexp or pcre table instead.
     """
 
     _log = Logger()
@@ -82,6 +108,13 @@ class FileCheck(Service):
         """
         self.check_name = options.name
         self.path = options.path("map")
+        self.format = options.choice("format", FORMATS, ACCESS)
+        if self.format != ACCESS:
+            for key in _ACCESS_ONLY:
+                if key in options:
+                    raise options.error(
+                        key, f"is for access maps only, not for format = {self.format!r}"
+                    )
         self.lookups = options.strings("lookup")
         self.pair_with = options.strings("pair_with", [])
         for key, attributes in (("lookup", self.lookups), ("pair_with", self.pair_with)):
@@ -92,7 +125,7 @@ class FileCheck(Service):
                     raise options.error(key, str(e)) from None
         for key, attributes in (("lookup", self.lookups), ("pair_with", self.pair_with)):
             for attribute in attributes:
-                if attribute in _NOT_FOR_MAPS:
+                if attribute in _NOT_FOR_MAPS and self.format == ACCESS:
                     raise options.error(
                         key, f"{attribute!r} cannot match a map key: {_NOT_FOR_MAPS[attribute]}"
                     )
@@ -113,7 +146,7 @@ class FileCheck(Service):
         self._last_error: Optional[str] = None
         try:
             self._signature: Optional[tuple[int, int, int, int]] = _signature(self.path)
-            self.map = self._load()
+            self.map: Union[AccessMap, regexptable.RegexpTable] = self._load()
         except OSError as e:
             raise options.error("map", f"cannot read {self.path}: {e.strerror}") from None
         except MapError as e:
@@ -133,7 +166,9 @@ class FileCheck(Service):
             return in_thread
         return maybeDeferred
 
-    def _load(self) -> AccessMap:
+    def _load(self) -> Union[AccessMap, regexptable.RegexpTable]:
+        if self.format != ACCESS:
+            return regexptable.load(self.path, self.format, self._restriction_classes)
         return AccessMap.load(
             self.path,
             pairs=bool(self.pair_with),
@@ -179,7 +214,7 @@ class FileCheck(Service):
         loading.addBoth(self._done)
         return loading
 
-    def _install(self, new_map: AccessMap) -> None:
+    def _install(self, new_map: Union[AccessMap, regexptable.RegexpTable]) -> None:
         self.map = new_map
         self._last_error = None
         self._log.info(
@@ -219,11 +254,73 @@ class FileCheck(Service):
 
     def check(self, request: PolicyRequest) -> Action:
         """
-        The action of the most specific matching entry, or C{not_found}.
+        The action of the most specific matching entry (of a regexp or pcre
+        table: of its first matching rule, for the first C{lookup}
+        attribute that one matches), or C{not_found}.
+
+        @raise regexptable.TableLookupError: when a regexp or pcre rule's
+            result, with the text its groups captured, is not an action.
         """
+        table = self.map
+        if type(table) is not AccessMap:
+            assert isinstance(table, regexptable.RegexpTable)
+            for name in self.lookups:
+                value = table_value(request, name)
+                if value:
+                    action = table.lookup(value)
+                    if action is not None:
+                        return action
+            return self.not_found
         style = self.parent_style
         fold = self.fold_local_part
         keys = [lookup_key(request, name, style, fold) for name in self.lookups]
         second = [lookup_key(request, name, style, fold) for name in self.pair_with]
-        action = self.map.lookup(keys, second)
+        action = table.lookup(keys, second)
         return self.not_found if action is None else action
+
+    def explain(self, request: PolicyRequest) -> list[tuple[str, bool, str]]:
+        """
+        For C{pfxpold-explain}: for a regexp or pcre table, each C{lookup}
+        attribute's value and the line of the rule it matched; for an
+        access map, the entry found.
+        """
+        table = self.map
+        if type(table) is AccessMap:
+            found = self.check(request)
+            matched = found is not self.not_found
+            return [(self.path, matched, str(found) if matched else "no entry matches")]
+        assert isinstance(table, regexptable.RegexpTable)
+        steps: list[tuple[str, bool, str]] = []
+        for name in self.lookups:
+            value = table_value(request, name)
+            if not value:
+                steps.append((name, False, "empty: not looked up"))
+                continue
+            try:
+                traced = table.trace(value)
+            except regexptable.TableLookupError as e:
+                steps.append((f"{name}={value!r}", True, str(e)))
+                break
+            if traced is None:
+                steps.append((f"{name}={value!r}", False, "no rule matches"))
+                continue
+            line, action = traced
+            where = f"{os.path.basename(self.path)}:{line}"
+            steps.append((f"{name}={value!r}", True, f"{where}: {action}"))
+            break
+        return steps
+
+    def config_warnings(self) -> list[str]:
+        """
+        Rules of a regexp or pcre table that no value can reach, because an
+        earlier rule matches every value.
+        """
+        table = self.map
+        if type(table) is AccessMap:
+            return []
+        assert isinstance(table, regexptable.RegexpTable)
+        return [
+            f"{self.path}:{line}: never matches: the rule on line {earlier} matches every"
+            " value first"
+            for line, earlier in table.unreachable()
+        ]

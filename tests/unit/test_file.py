@@ -15,8 +15,9 @@ from zope.interface.verify import verifyObject
 
 from pfxpold.checks.file import FileCheck
 from pfxpold.config import ConfigError, load_configuration
-from pfxpold.interfaces import ICheck
-from pfxpold.testing import CheckTestCase, make_options, make_request
+from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable
+from pfxpold.regexptable import TableLookupError
+from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
 from tests.unit.tempdir import temporary_path
 
 EXAMPLES = os.path.join(
@@ -259,3 +260,123 @@ class ReloadTests(CheckTestCase):
         check.startService()
         self.addCleanup(check.stopService)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the other check's timer only
+
+
+HELO_TABLE = """\
+# Dynamic-looking client names, then the null sender.
+/^(dsl|dyn|dhcp|ppp|pool)[-.0-9]/  DEFER_IF_PERMIT Dynamic-looking host $1 deferred
+/^unknown$/                        DEFER_IF_PERMIT No reverse DNS
+/^<>$/                             REJECT No bounces here
+"""
+
+
+class RegexpFormatTests(CheckTestCase):
+    """
+    The file check with format = "regexp" and "pcre".
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.path = temporary_path(self, "helo.regexp")
+        write(self.path, HELO_TABLE)
+
+    def make_check(self, **table) -> FileCheck:
+        settings = {
+            "map": self.path,
+            "format": "regexp",
+            "lookup": ["client_name", "sender"],
+            **table,
+        }
+        return FileCheck(make_options(reactor=self.clock, **settings))
+
+    def test_interfaces(self):
+        """The check provides ICheck, IConfigWarnings, IExplainable and IService."""
+        check = self.make_check()
+        for interface in (ICheck, IConfigWarnings, IExplainable, IService):
+            verifyObject(interface, check)
+
+    def test_answers(self):
+        """Each lookup attribute's whole value is matched, in order; else not_found."""
+        check = self.make_check(not_found="OK")
+        self.assertAction(
+            check,
+            make_request(client_name="DSL-1.example.net", sender="a@example.com"),
+            "DEFER_IF_PERMIT Dynamic-looking host DSL deferred",
+        )
+        self.assertAction(check, make_request(client_name="unknown"), "DEFER_IF_PERMIT No reverse DNS")
+        self.assertAction(
+            check, make_request(client_name="mx.example.com", sender=""), "REJECT No bounces here"
+        )
+        self.assertAction(check, make_request(client_name="mx.example.com"), "OK")
+
+    def test_pcre(self):
+        """format = "pcre" reads a pcre table."""
+        write(self.path, "/^mx\\d+\\./ OK\n")
+        check = self.make_check(format="pcre")
+        self.assertAction(check, make_request(client_name="mx12.example.com"), "OK")
+        self.assertAction(check, make_request(client_name="www.example.com"), "DUNNO")
+
+    def test_failed_substitution_fails_the_check(self):
+        """A $n result that makes no valid action fails the request (on_error applies)."""
+        write(self.path, "/^(.*)@old\\.example$/ REDIRECT $1@new.example\n")
+        check = self.make_check(lookup=["sender"])
+        failure = self.failureResultOf(
+            run_check(check, make_request(sender="a@b@old.example")), TableLookupError
+        )
+        self.assertIn(":1:", failure.getErrorMessage())
+
+    def test_errors(self):
+        """Access-map settings and a broken table are errors naming the key and the line."""
+        error = self.assertRaises(ConfigError, self.make_check, pair_with=["sender"])
+        self.assertIn("key 'pair_with': is for access maps only", str(error))
+        error = self.assertRaises(ConfigError, self.make_check, format="cidr")
+        self.assertIn("key 'format'", str(error))
+        write(self.path, "/a/ OK\n/(?=b)/ OK\n")
+        error = self.assertRaises(ConfigError, self.make_check, format="pcre")
+        self.assertIn(f"key 'map': {self.path}:2: '/(?=b)/': not supported by RE2", str(error))
+
+    def test_warnings(self):
+        """Rules behind a catch-all are config warnings naming both lines."""
+        self.assertEqual(self.make_check().config_warnings(), [])
+        write(self.path, "/a/ OK\n/^/ DUNNO\n/b/ OK\n")
+        self.assertEqual(
+            self.make_check().config_warnings(),
+            [f"{self.path}:3: never matches: the rule on line 2 matches every value first"],
+        )
+
+    def test_explain(self):
+        """explain names each value looked up and the line that matched."""
+        check = self.make_check()
+        steps = check.explain(make_request(client_name="mx.example.com", sender="dyn@x"))
+        self.assertEqual(
+            steps,
+            [
+                ("client_name='mx.example.com'", False, "no rule matches"),
+                ("sender='dyn@x'", False, "no rule matches"),
+            ],
+        )
+        steps = check.explain(make_request(client_name="ppp7.example.net"))
+        self.assertEqual(
+            steps,
+            [
+                (
+                    "client_name='ppp7.example.net'",
+                    True,
+                    "helo.regexp:2: DEFER_IF_PERMIT Dynamic-looking host ppp deferred",
+                )
+            ],
+        )
+
+    def test_reload(self):
+        """A changed table is read again, like an access map."""
+        check = self.make_check()
+        check.startService()
+        self.addCleanup(check.stopService)
+        write(self.path, "/^mx/ REJECT changed\n")
+        self.clock.advance(5)
+        self.assertAction(check, make_request(client_name="mx.example.com"), "REJECT changed")
+        write(self.path, "/^mx/ FROBNICATE\n")
+        with capturedLogs() as events:
+            self.clock.advance(5)
+        self.assertAction(check, make_request(client_name="mx.example.com"), "REJECT changed")
+        self.assertTrue(any(event.get("line") == 1 for event in events))

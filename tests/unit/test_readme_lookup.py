@@ -62,7 +62,8 @@ class ReadmeTests(CheckTestCase):
         blocks = section_blocks("file")
         toml = [text for language, text in blocks if language == "toml"]
         maps = [text for language, text in blocks if language == "" and "relay-acl.map" in text]
-        self.assertEqual(len(toml), 1)
+        # The second is the regexp and pcre tables' (test_pcre_section).
+        self.assertEqual(len(toml), 2)
         self.assertEqual(len(maps), 1)
         self.write("relay-acl.map", maps[0])
         configuration = load_configuration(self.write("pfxpold.toml", toml[0]), Clock())
@@ -74,6 +75,40 @@ class ReadmeTests(CheckTestCase):
             check, make_request(client_address="192.0.2.11", sender="scanner@example.com"), REJECT
         )
         self.assertEqual(tomllib.loads(toml[0])["check"][0], example_check("relay-acl-file.toml"))
+
+    def test_pcre_section(self):
+        """
+        The file section's pcre table and its configuration are the shipped
+        example's, and answer as it does.
+        """
+        blocks = section_blocks("file")
+        toml = [text for language, text in blocks if language == "toml"][1]
+        [table] = [text for language, text in blocks if text.startswith("# client-names.pcre")]
+        self.write("client-names.pcre", table)
+        configuration = load_configuration(self.write("pfxpold.toml", toml), Clock())
+        check = configuration.chain.entries[0].check
+        shipped = (
+            load_configuration(os.path.join(REPOSITORY, "examples", "client-names.toml"), Clock())
+            .chain.entries[0]
+            .check
+        )
+        self.assertEqual(tomllib.loads(toml)["check"][0], example_check("client-names.toml"))
+        for names in (
+            {"client_name": "dsl-7.isp.example"},
+            {"client_name": "DHCP.isp.example"},
+            {"client_name": "dsl-7.example.com"},
+            {"client_name": "unknown"},
+            {"client_name": "mx.isp.example", "helo_name": "mail.example.com"},
+            {"client_name": "mx.isp.example", "helo_name": "mx.isp.example"},
+        ):
+            request = make_request(**names)
+            self.assertEqual(check.check(request), shipped.check(request), names)
+        self.assertAction(
+            check,
+            make_request(client_name="ppp-1.isp.example"),
+            "DEFER_IF_PERMIT 4.7.1 Your host name looks dynamic (ppp...); please use your"
+            " provider's mail server",
+        )
 
     def test_sql_section(self):
         """The sql section's configurations load and are the shipped samples' checks."""

@@ -13,8 +13,10 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import capturedLogs
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pfxpold.checks.demo import DemoCheck
+from pfxpold.interfaces import ICheck, IConfigWarnings
 from pfxpold.service import CollectorTuning, PolicyService
 from pfxpold.tap import (
     Options,
@@ -44,6 +46,22 @@ name = "first"
 type = "tests.unit.test_config.OptionsCheck"
 answr = "REJECT no"
 """
+
+
+@implementer(ICheck, IConfigWarnings)
+class WarningCheck:
+    """
+    A check type with warnings of its own, as the rules check has.
+    """
+
+    def __init__(self, options):
+        self.options = options
+
+    def check(self, request):
+        return "DUNNO"
+
+    def config_warnings(self):
+        return ["rule 'b' can never match: rule 'a' always matches first", "second line"]
 
 
 class TapTestCase(SynchronousTestCase):
@@ -283,6 +301,44 @@ class ConfigOptionTests(TapTestCase):
         self.assertIn("check first: OptionsCheck, timeout 2.5s, on_error skip", text)
         self.assertIn("default action: DUNNO", text)
         self.assertIn("tcp:7001:interface=127.0.0.1", text)
+
+    def test_check_config_warnings(self):
+        """
+        --check-config prints each IConfigWarnings provider's warnings on
+        stderr as "warning: CHECK: ..." lines, and still exits 0.
+        """
+        table = os.path.join(self.directory, "helo.pcre")
+        with open(table, "w", encoding="utf-8") as f:
+            f.write("/^dsl/ REJECT dynamic\n/.*/ DUNNO\n/^dyn/ REJECT never\n")
+        configuration = GOOD + f"""
+[[check]]
+name = "warns"
+type = "tests.unit.test_tap.WarningCheck"
+
+[[check]]
+name = "helo"
+type = "file"
+format = "pcre"
+map = "{table}"
+lookup = ["helo_name"]
+"""
+        output, errors = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", output)
+        self.patch(sys, "stderr", errors)
+        error = self.assertRaises(
+            SystemExit, self.parse, "--check-config", "--config", self.write(configuration)
+        )
+        self.assertEqual(error.code, 0)
+        self.assertIn(": OK", output.getvalue())
+        self.assertEqual(
+            errors.getvalue().splitlines(),
+            [
+                "warning: warns: rule 'b' can never match: rule 'a' always matches first",
+                "warning: warns: second line",
+                f"warning: helo: {table}:3: never matches: the rule on line 2 matches every"
+                " value first",
+            ],
+        )
 
     def test_check_config_bad(self):
         """--check-config with a bad file is one line (exit status 1)."""
