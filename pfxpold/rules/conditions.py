@@ -130,7 +130,10 @@ class Attribute:
             return lambda request: _domain_of(request.get("sasl_username", "")).lower()
         if name in DERIVED_ATTRIBUTES:
             return lambda request: attribute_value(request, name) or ""
-        return lambda request: request.get(name, "")
+        # The request's own accessor: Mapping.get goes through
+        # __getitem__ and an exception for every absent attribute.
+        value = PolicyRequest._value
+        return lambda request: value(request, name)
 
     def fold(self, value: str) -> str:
         """
@@ -150,6 +153,11 @@ class Attribute:
         if self._address:
             return _domain_of(value).lower().rstrip(".")
         return value.lower().rstrip(".")
+
+
+_PARSED: dict[str, Optional[IPAddress]] = {}
+_PARSED_SIZE = 8192
+_UNPARSED = object()
 
 
 class Facts:
@@ -173,18 +181,25 @@ class Facts:
         return attribute.get(self.request)
 
     def folded(self, attribute: Attribute) -> str:
-        try:
-            return self._folded[attribute.name]
-        except KeyError:
+        value = self._folded.get(attribute.name)
+        if value is None:
             value = self._folded[attribute.name] = attribute.fold(attribute.get(self.request))
-            return value
+        return value
 
     def ip(self, attribute: Attribute) -> Optional[IPAddress]:
-        try:
-            return self._ips[attribute.name]
-        except KeyError:
-            ip = self._ips[attribute.name] = parse_ip(attribute.get(self.request))
-            return ip
+        name = attribute.name
+        if name in self._ips:
+            return self._ips[name]
+        value = attribute.get(self.request)
+        ip = _PARSED.get(value, _UNPARSED)
+        if ip is _UNPARSED:
+            # Parsing an address costs more than the rest of a lookup, and
+            # clients come back: remember the last few thousand.
+            if len(_PARSED) >= _PARSED_SIZE:
+                _PARSED.clear()
+            ip = _PARSED[value] = parse_ip(value)
+        self._ips[name] = ip  # type: ignore[assignment]
+        return ip  # type: ignore[return-value]
 
 
 class NetworkTable:
@@ -195,16 +210,34 @@ class NetworkTable:
     network that holds the address.
     """
 
-    __slots__ = ("_lengths",)
+    __slots__ = ("_lengths", "_tables")
 
     def __init__(self) -> None:
         #: (version, prefix length) -> {network address as int: values}
         self._lengths: dict[tuple[int, int], dict[int, Any]] = {}
+        self._tables: list[tuple[int, int, dict[int, Any]]] = []
 
     def add(self, network: Network, value: Any, combine: Callable[[Any, Any], Any]) -> None:
-        table = self._lengths.setdefault((network.version, network.prefixlen), {})
+        if (network.version, network.prefixlen) not in self._lengths:
+            table: dict[int, Any] = {}
+            self._lengths[(network.version, network.prefixlen)] = table
+            self._tables.append((network.version, network.prefixlen, table))
+        table = self._lengths[(network.version, network.prefixlen)]
         key = int(network.network_address)
         table[key] = combine(table[key], value) if key in table else value
+
+    def mask(self, ip: IPAddress) -> int:
+        """
+        The values (bits) of every network holding C{ip}, ORed together.
+        """
+        number = int(ip)
+        bits = 32 if ip.version == 4 else 128
+        found = 0
+        for version, length, table in self._tables:
+            if version == ip.version:
+                shift = bits - length
+                found |= table.get((number >> shift) << shift, 0)
+        return found
 
     def lookup(self, ip: IPAddress) -> Iterable[Any]:
         number = int(ip)

@@ -36,6 +36,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import re2
+
 from pfxpold.action import Action, ActionError
 from pfxpold.request import PolicyRequest
 from pfxpold.rules.conditions import (
@@ -46,6 +48,7 @@ from pfxpold.rules.conditions import (
     Equals,
     Facts,
     InNetworks,
+    Matches,
     NetworkTable,
     RuleError,
     check_mark_name,
@@ -135,9 +138,9 @@ class Rule:
         """Whether matching it always ends the current rule set."""
         return self.action is not None or self.returns
 
-    @property
-    def needs_marks(self) -> bool:
-        return self.condition is not None and self.condition.needs_marks
+    def __post_init__(self) -> None:
+        #: Whether its condition tests marks (read once per request).
+        self.needs_marks = self.condition is not None and self.condition.needs_marks
 
     def test(self, facts: Facts) -> bool:
         return self.condition is None or self.condition.test(facts)
@@ -172,11 +175,13 @@ class RuleSet:
         self.always = 0
         self._exact: dict[str, tuple[Attribute, dict[str, int]]] = {}
         self._networks: dict[str, tuple[Attribute, NetworkTable]] = {}
+        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]]]] = {}
         for rule in rules:
             if not self._file(rule):
                 self.always |= 1 << rule.position
         self._exact_list = tuple(self._exact.values())
         self._network_list = tuple(self._networks.values())
+        self._pattern_list = tuple(self._pattern_sets())
         self.indexed = len(rules) - bin(self.always).count("1")
 
     def _file(self, rule: Rule) -> bool:
@@ -200,7 +205,26 @@ class RuleSet:
                 for network in part.networks:
                     networks.add(network, bit, int.__or__)
                 return True
+        for part in rule.condition.conjuncts():
+            if isinstance(part, Matches):
+                _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
+                patterns.extend((pattern, bit) for pattern in part.patterns)
+                return True
         return False
+
+    def _pattern_sets(self) -> Iterator[tuple[Attribute, Any, tuple[int, ...]]]:
+        """
+        The patterns filed under each attribute, as one RE2 set: one pass
+        over the value finds every pattern that matches, where testing
+        the rules one by one would run each pattern.
+        """
+        for attribute, patterns in self._patterns.values():
+            matcher = pattern_set([pattern for pattern, _ in patterns])
+            if matcher is None:
+                for _, bit in patterns:
+                    self.always |= bit
+                continue
+            yield attribute, matcher, tuple(bit for _, bit in patterns)
 
     def candidates(self, facts: Facts) -> int:
         """
@@ -214,9 +238,35 @@ class RuleSet:
         for attribute, networks in self._network_list:
             ip = facts.ip(attribute)
             if ip is not None:
-                for found in networks.lookup(ip):
-                    mask |= found
+                mask |= networks.mask(ip)
+        for attribute, matcher, bits in self._pattern_list:
+            matched = matcher.Match(facts.raw(attribute))
+            if matched:
+                for index in matched:
+                    mask |= bits[index]
         return mask
+
+
+def pattern_set(patterns: list[str]) -> Any:
+    """
+    C{patterns} as one RE2 set that searches the way
+    L{pfxpold.rules.conditions.Matches} does (ignoring case; each pattern
+    was compiled alone first, with L{pfxpold.regex.compile_pattern}, which
+    reported any that RE2 refuses).
+
+    @return: the set, or L{None} if RE2 would not build it.
+    """
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = False
+    matcher = re2.Set.SearchSet(options)
+    try:
+        for pattern in patterns:
+            matcher.Add(pattern)
+        matcher.Compile()
+    except re2.error:
+        return None
+    return matcher
 
 
 def positions(mask: int) -> Iterator[int]:

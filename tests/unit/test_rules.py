@@ -539,27 +539,29 @@ class IndexTests(RulesTestCase):
 
     def test_candidates(self) -> None:
         """
-        Rules filed under other values are not candidates; rules that
-        cannot be filed always are.
+        Rules filed under other values (equality, networks, patterns) are
+        not candidates; rules that cannot be filed always are.
         """
         check = self.rules(
             '[[check.rule]]\nname = "a"\nif = { sender_domain = "a.example" }\naction = "OK"\n'
             '[[check.rule]]\nname = "net"\nif = { client_address = "192.0.2.0/24" }\naction = "OK"\n'
-            '[[check.rule]]\nname = "re"\nif = { helo_name = { regex = "x" } }\naction = "OK"\n'
+            '[[check.rule]]\nname = "re"\nif = { helo_name = { regex = "^bad" } }\naction = "OK"\n'
             '[[check.rule]]\nname = "b"\nif = { size = { gt = 5 }, sender_domain = ["b.example", "c.example"] }\n'
             'action = "OK"\n'
+            '[[check.rule]]\nname = "big"\nif = { size = { gt = 5 } }\naction = "OK"\n'
         )
         main = check.program.main
-        self.assertEqual(main.indexed, 3)
+        self.assertEqual(main.indexed, 4)
         from pfxpold.rules.conditions import Facts
         from pfxpold.rules.program import positions
 
         def candidates(**attributes: str) -> list[int]:
             return list(positions(main.candidates(Facts(make_request(**attributes)))))
 
-        self.assertEqual(candidates(sender="x@z.example"), [2])
-        self.assertEqual(candidates(sender="x@C.example", client_address="192.0.2.1"), [1, 2, 3])
-        self.assertEqual(candidates(sender="x@a.example"), [0, 2])
+        self.assertEqual(candidates(sender="x@z.example"), [4])
+        self.assertEqual(candidates(sender="x@C.example", client_address="192.0.2.1"), [1, 3, 4])
+        self.assertEqual(candidates(sender="x@a.example"), [0, 4])
+        self.assertEqual(candidates(helo_name="BAD.example"), [2, 4])
 
     def test_order_kept(self) -> None:
         """
