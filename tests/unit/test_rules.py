@@ -242,6 +242,34 @@ class ExampleTests(RulesTestCase):
         self.assertEqual(steps[-1], ("(end of rules)", False, "no rule answered: DUNNO"))
 
 
+class ReadmeTests(RulesTestCase):
+    """
+    The README's rules section.
+    """
+
+    def test_example_as_printed(self) -> None:
+        """
+        The README shows examples/rules.toml as it is, and its other
+        samples load as parts of a rules check.
+        """
+        import re
+        import tomllib
+
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        start = readme.index("### `rules`")
+        section = readme[start : readme.index("\n## ", start)]
+        blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+        with open(EXAMPLE, "rb") as f:
+            self.assertEqual(tomllib.loads(blocks[0]), tomllib.load(f))
+        marks = self.rules(blocks[1], prefix='[stores.default]\ntype = "memory"\n')
+        self.assertEqual(len(list(marks.program.rules())), 2)
+        configuration = self.configure(
+            '[[check]]\nname = "policy"\ntype = "rules"\n' + blocks[2]
+        )
+        self.assertEqual(len(configuration.chain.entries), 2)
+
+
 class OperatorTests(RulesTestCase):
     """
     Every operator of the condition tables.
