@@ -695,7 +695,7 @@ def load_document(
         kept = previous.checks.get(name) if previous is not None else None
         if (
             kept is not None
-            and not IUsesChecks.providedBy(kept.check)
+            and not (IUsesChecks.providedBy(kept.check) and kept.check.uses)
             and _reusable(kept, type_name, table, classes, sections, previous_shared)
         ):
             # Unchanged: the running object, caches, connections and all.

@@ -265,10 +265,12 @@ class IConfigWarnings(Interface):
 class IUsesChecks(Interface):
     """
     A check that uses other checks of its configuration (a rules check
-    applying a quota check's limit). Such a check is built anew at every
-    reload, never kept, so that it never holds a check of another
+    applying a quota check's limit). While it uses some, it is built anew
+    at every reload, never kept, so that it never holds a check of another
     configuration.
     """
+
+    uses = Attribute("The names of the checks it uses (a collection, maybe empty).")
 
     def link(checks):
         """

@@ -200,6 +200,11 @@ class RulesCheck(MultiService):
         self._signatures = signatures
         return program
 
+    @property
+    def uses(self) -> frozenset[str]:
+        """The quota checks the rules name."""
+        return frozenset(self.program.quotas)
+
     def link(self, checks: Mapping[str, Any]) -> None:
         """
         Find the C{quota} checks the rules name.

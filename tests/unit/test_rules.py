@@ -795,6 +795,28 @@ action = "HOLD external mail without a login"
         )
         self.assertEqual(self.answer(check, fixture="eod", instance="m2"), "DUNNO")
 
+    def test_explain_reads_marks(self) -> None:
+        """
+        The explain reads the message's marks from the store, and marks
+        nothing itself.
+        """
+        check = self.make()
+        steps = self.successResultOf(
+            check.explain(make_request(recipient="a@other.example", instance="m1"))
+        )
+        self.assertEqual(steps[0], ("external recipient", True, "marks external"))
+        self.assertEqual(check.store.marks_by_key, {})
+        self.answer(check, recipient="a@other.example", instance="m1")
+        steps = self.successResultOf(check.explain(make_request("eod", instance="m1")))
+        self.assertEqual(
+            steps[1], ("external at end", True, "answers HOLD external mail without a login")
+        )
+        steps = self.successResultOf(check.explain(make_request("eod", instance="m2")))
+        self.assertEqual(
+            steps[1],
+            ("external at end", False, "marked external: the message has no marks"),
+        )
+
     def test_marks_expire(self) -> None:
         """
         A mark lives mark_lifetime seconds.
@@ -910,6 +932,30 @@ action = "DEFER 4.7.1 too much news"
             str(self.successResultOf(run_check(quota, make_request("eod", sender="a@other.example")))),
             "DUNNO",
         )
+
+    def test_reload(self) -> None:
+        """
+        A reload builds a rules check that uses a quota check anew, linked
+        to the new configuration's quota check; one that uses none is kept
+        when unchanged.
+        """
+        from pfxpold.config import load_document
+
+        text = self.CONFIG.replace("{rules_only}", "true")
+        old = self.configure(text)
+        import tomllib
+
+        document = tomllib.loads(text.replace("max = 2", "max = 3"))
+        new = load_document(document, self.clock, old.path, previous=old)
+        rules, quota = (entry.check for entry in new.chain.entries)
+        self.assertIsNot(rules, old.chain.entries[0].check)
+        self.assertIsNot(quota, old.chain.entries[1].check)
+        self.assertIs(rules._checks["news-quota"], quota)
+        self.assertIs(old.chain.entries[0].check._checks["news-quota"], old.chain.entries[1].check)
+        plain = tomllib.loads('[[check]]\nname = "p"\ntype = "rules"\n[[check.rule]]\nname = "r"\naction = "OK"\n')
+        first = load_document(plain, self.clock, old.path)
+        second = load_document(plain, self.clock, old.path, previous=first)
+        self.assertIs(second.chain.entries[0].check, first.chain.entries[0].check)
 
     def test_must_be_rules_only(self) -> None:
         """
