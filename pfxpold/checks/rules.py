@@ -390,7 +390,7 @@ class RulesCheck(MultiService):
 
     def config_warnings(self) -> list[str]:
         warnings = self.program.warnings()
-        if self.store is None and self._checks is None and self.program.quotas:
+        if self._checks is None and self.program.quotas:
             warnings.append("quota rules are not linked to their quota checks")
         return warnings
 

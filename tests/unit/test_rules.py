@@ -632,6 +632,84 @@ class IndexTests(RulesTestCase):
         self.assertEqual(answers, {"OK", "REJECT", "DEFER_IF_PERMIT", "DUNNO"})
 
 
+class IndexPropertyTests(RulesTestCase):
+    """
+    For random rule sets and requests, the indexed check answers as the
+    explain's rule-by-rule walk does.
+    """
+
+    def test_index_equals_walk(self) -> None:
+        """
+        Equality, lists, networks, patterns, numbers and groups, in any
+        order, with jumps: the same answer either way.
+        """
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        domains = ["a.example", "b.example", "c.example"]
+        conditions = st.sampled_from(
+            [
+                '{ sender_domain = "a.example" }',
+                '{ sender_domain = ["b.example", "c.example"] }',
+                '{ client_address = "192.0.2.0/25" }',
+                '{ client_address = ["192.0.2.128/25", "2001:db8::/32"] }',
+                '{ helo_name = { regex = "^mx[0-9]" } }',
+                '{ size = { gt = 100 } }',
+                '{ sender_domain = "a.example", size = { le = 100 } }',
+                '{ any = [{ recipient_domain = "b.example" }, { helo_name = "x.example" }] }',
+                '{ not = { sender_domain = "c.example" } }',
+                "",
+            ]
+        )
+        rule_sets = st.lists(st.tuples(conditions, st.sampled_from(["action", "jump", "return"])),
+                             min_size=1, max_size=8)
+        requests = st.lists(
+            st.fixed_dictionaries(
+                {
+                    "sender": st.sampled_from(domains).map(lambda d: "u@" + d),
+                    "recipient": st.sampled_from(domains).map(lambda d: "r@" + d),
+                    "client_address": st.sampled_from(
+                        ["192.0.2.1", "192.0.2.200", "2001:db8::5", "203.0.113.1"]
+                    ),
+                    "helo_name": st.sampled_from(["mx1.example", "x.example", "MX.example"]),
+                    "size": st.sampled_from(["0", "100", "101"]),
+                }
+            ),
+            min_size=1,
+            max_size=5,
+        )
+
+        @settings(max_examples=60, deadline=None)
+        @given(rule_sets, rule_sets, requests)
+        def check(main, other, asked) -> None:
+            text = ""
+            for number, (condition, kind) in enumerate(main):
+                text += f'[[check.rule]]\nname = "m{number}"\n'
+                if condition:
+                    text += f"if = {condition}\n"
+                text += {
+                    "action": f'action = "REJECT m{number}"\n',
+                    "jump": 'jump = "other"\n',
+                    "return": "return = true\n",
+                }[kind]
+            for number, (condition, kind) in enumerate(other):
+                text += f'[[check.ruleset.other]]\nname = "o{number}"\n'
+                if condition:
+                    text += f"if = {condition}\n"
+                text += 'return = true\n' if kind != "action" else f'action = "REJECT o{number}"\n'
+            rules = self.rules(text)
+            for attributes in asked:
+                request = make_request(**attributes)
+                answer = str(self.successResultOf(run_check(rules, request)))
+                steps = rules.explain(request)
+                walked = steps[-1][2].removeprefix("answers ")
+                if steps[-1][0] == "(end of rules)":
+                    walked = "DUNNO"
+                self.assertEqual(answer, walked, (text, attributes, steps))
+
+        check()
+
+
 class JumpTests(RulesTestCase):
     """
     jump to a named rule set, and return from it.
