@@ -63,8 +63,7 @@ class _Run:
     def __init__(self, program: Program, facts: Facts) -> None:
         self.program = program
         self.facts = facts
-        main = program.main
-        self.stack: list[list[Any]] = [[main, main.candidates(facts)]]
+        self.stack: list[list[Any]] = [[program.main, 0]]
         self.writes: list[Deferred[Any]] = []
         self.added: set[str] = set()
 
@@ -291,7 +290,25 @@ class RulesCheck(MultiService):
         """
         The action of the first rule that matches, or DUNNO.
         """
-        return self._go(_Run(self.program, Facts(request)))
+        program = self.program
+        facts = Facts(request)
+        main = program.main
+        rules = main.rules
+        mask = main.candidates(facts)
+        # The common case, inlined: rules that only answer. The first other
+        # rule hands over to the general loop.
+        while mask:
+            low = mask & -mask
+            rule = rules[low.bit_length() - 1]
+            if not rule.simple:
+                run = _Run(program, facts)
+                run.stack[0][1] = mask
+                return self._go(run)
+            mask ^= low
+            condition = rule.condition
+            if condition is None or condition.test(facts):
+                return rule.action.fill(request)  # type: ignore[union-attr]
+        return DUNNO
 
     def _go(self, run: _Run) -> Any:
         facts = run.facts

@@ -133,13 +133,16 @@ class Attribute:
             return lambda request: get(request).lower().rstrip(".")
         if name in DERIVED_ATTRIBUTES or name in RULE_DERIVED:
             return lambda request: get(request).lower()
-        value = PolicyRequest._value
-        return lambda request: value(request, name).lower()
+        return lambda request: request._attributes.get(name, "").lower()
 
     @staticmethod
     def _getter(name: str) -> Callable[[PolicyRequest], str]:
         if name == "sasl_domain":
             return lambda request: _domain_of(request.get("sasl_username", "")).lower()
+        if name in ("sender_domain", "recipient_domain"):
+            # As PolicyRequest's own properties, in one call.
+            source = name.partition("_")[0]
+            return lambda request: _domain_of(request._attributes.get(source, "")).lower()
         if name in DERIVED_ATTRIBUTES:
             return lambda request: attribute_value(request, name) or ""
         # The request's own accessor: Mapping.get goes through
@@ -181,11 +184,12 @@ class Facts:
         store), and those this request's rules set.
     """
 
-    __slots__ = ("request", "_folded", "_ips", "marks")
+    __slots__ = ("request", "values", "_ips", "marks")
 
     def __init__(self, request: PolicyRequest, marks: Optional[set[str]] = None) -> None:
         self.request = request
-        self._folded: dict[str, str] = {}
+        #: Folded values by attribute name, as read so far.
+        self.values: dict[str, str] = {}
         self._ips: dict[str, Optional[IPAddress]] = {}
         self.marks = marks
 
@@ -193,9 +197,9 @@ class Facts:
         return attribute.get(self.request)
 
     def folded(self, attribute: Attribute) -> str:
-        value = self._folded.get(attribute.name)
+        value = self.values.get(attribute.name)
         if value is None:
-            value = self._folded[attribute.name] = attribute.get_folded(self.request)
+            value = self.values[attribute.name] = attribute.get_folded(self.request)
         return value
 
     def ip(self, attribute: Attribute) -> Optional[IPAddress]:
@@ -433,16 +437,12 @@ class InNetworks(_AttributeCondition):
         self.networks = tuple(networks)
         self.table = NetworkTable()
         for network in networks:
-            self.table.add(network, True, lambda old, new: True)
+            self.table.add(network, 1, int.__or__)
         self.key = ("in", attribute.name, frozenset(self.networks))
 
     def test(self, facts: Facts) -> bool:
         ip = facts.ip(self.attribute)
-        if ip is None:
-            return False
-        for _ in self.table.lookup(ip):
-            return True
-        return False
+        return ip is not None and self.table.mask(ip) != 0
 
     def describe(self) -> str:
         shown = ", ".join(str(network) for network in self.networks[:5])
