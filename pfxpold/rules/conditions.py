@@ -129,9 +129,15 @@ class Attribute:
         self, name: str, get: Callable[[PolicyRequest], str]
     ) -> Callable[[PolicyRequest], str]:
         # One call per value on the hot path, not three.
-        if self._strip_dot:
+        derived = name in DERIVED_ATTRIBUTES or name in RULE_DERIVED
+        if name in ("sender_domain", "recipient_domain"):
+            source = name.partition("_")[0]
+            return lambda request: _domain_of(request._attributes.get(source, "")).lower().rstrip(".")
+        if self._strip_dot and derived:
             return lambda request: get(request).lower().rstrip(".")
-        if name in DERIVED_ATTRIBUTES or name in RULE_DERIVED:
+        if self._strip_dot:
+            return lambda request: request._attributes.get(name, "").lower().rstrip(".")
+        if derived:
             return lambda request: get(request).lower()
         return lambda request: request._attributes.get(name, "").lower()
 
@@ -145,10 +151,9 @@ class Attribute:
             return lambda request: _domain_of(request._attributes.get(source, "")).lower()
         if name in DERIVED_ATTRIBUTES:
             return lambda request: attribute_value(request, name) or ""
-        # The request's own accessor: Mapping.get goes through
-        # __getitem__ and an exception for every absent attribute.
-        value = PolicyRequest._value
-        return lambda request: value(request, name)
+        # The request's own dict: Mapping.get goes through __getitem__
+        # and an exception for every absent attribute.
+        return lambda request: request._attributes.get(name, "")
 
     def fold(self, value: str) -> str:
         """
