@@ -306,7 +306,7 @@ class RulesCheck(MultiService):
                 return self._go(run)
             mask ^= low
             condition = rule.condition
-            if condition is None or condition.test(facts):
+            if condition is None or rule.filed_alone or condition.test(facts):
                 return rule.action.fill(request)  # type: ignore[union-attr]
         return DUNNO
 

@@ -145,6 +145,8 @@ class Rule:
         #: Whether its condition tests marks (read once per request).
         self.needs_marks = self.condition is not None and self.condition.needs_marks
         self.simple = False
+        #: Whether the index alone decides that it matches.
+        self.filed_alone = False
 
     def finish(self) -> None:
         """
@@ -220,6 +222,10 @@ class RuleSet:
             return False
         bit = 1 << rule.position
         for part in rule.condition.conjuncts():
+            if part is rule.condition and isinstance(part, (Equals, InNetworks)):
+                # Filed under its whole condition: being a candidate is
+                # matching.
+                rule.filed_alone = True
             if isinstance(part, Equals):
                 _, table = self._exact.setdefault(part.attribute.name, (part.attribute, {}))
                 for value in part.values:
