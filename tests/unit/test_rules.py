@@ -14,7 +14,6 @@ import re2
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from pfxpold.action import Action
 from pfxpold.checks.rules import RulesCheck
 from pfxpold.config import ConfigError, Configuration, load_configuration
 from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable, IUsesChecks
@@ -1168,7 +1167,3 @@ class WarningTests(RulesTestCase):
                 " it is always empty; did you mean 'sender'?"
             ],
         )
-
-
-def _unused(action: Action) -> None:
-    """Keeps the import of Action for type checkers of this module."""
