@@ -57,6 +57,12 @@ from pfxpold.rules.conditions import (
 #: The keys of a rule table.
 RULE_KEYS = ("name", "if", "action", "jump", "return", "quota", "mark")
 
+#: Attributes with a handful of values, filed under only when a rule has
+#: nothing better.
+_FEW_VALUES = frozenset(
+    {"protocol_state", "protocol_name", "request", "stress", "encryption_protocol"}
+)
+
 #: Values whose candidates are remembered, per attribute and rule set.
 REMEMBERED = 4096
 
@@ -221,7 +227,18 @@ class RuleSet:
         if rule.condition is None:
             return False
         bit = 1 << rule.position
-        for part in rule.condition.conjuncts():
+        conjuncts = rule.condition.conjuncts()
+        # Filed under the most telling condition: protocol_state = "RCPT"
+        # or sasl_username = "" hold for most requests; a network or an
+        # address for few.
+        conjuncts = tuple(
+            sorted(
+                conjuncts,
+                key=lambda part: isinstance(part, Equals)
+                and (part.attribute.name in _FEW_VALUES or "" in part.values),
+            )
+        )
+        for part in conjuncts:
             if part is rule.condition and isinstance(part, (Equals, InNetworks)):
                 # Filed under its whole condition: being a candidate is
                 # matching.
@@ -238,7 +255,7 @@ class RuleSet:
                 for network in part.networks:
                     networks.add(network, bit, int.__or__)
                 return True
-        for part in rule.condition.conjuncts():
+        for part in conjuncts:
             if isinstance(part, Matches):
                 _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
                 patterns.extend((pattern, bit) for pattern in part.patterns)

@@ -590,6 +590,24 @@ class IndexTests(RulesTestCase):
         self.assertEqual(candidates(sender="x@a.example"), [0, 4])
         self.assertEqual(candidates(helo_name="BAD.example"), [2, 4])
 
+    def test_filed_under_telling_condition(self) -> None:
+        """
+        A rule is filed under its most telling condition: not
+        protocol_state nor an empty value, which most requests have.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "r"\n'
+            'if = { protocol_state = "RCPT", sasl_username = "", sender = "a@b.example" }\n'
+            'action = "REJECT r"\n'
+        )
+        from pfxpold.rules.conditions import Facts
+
+        main = check.program.main
+        self.assertEqual(main.candidates(Facts(make_request(sender="x@b.example"))), 0)
+        self.assertEqual(main.candidates(Facts(make_request(sender="A@b.example"))), 1)
+        self.assertEqual(self.answer(check, sender="a@b.example"), "REJECT r")
+        self.assertEqual(self.answer(check, sender="a@b.example", sasl_username="u"), "DUNNO")
+
     def test_order_kept(self) -> None:
         """
         An unfiled rule before a filed one answers first.
