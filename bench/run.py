@@ -488,6 +488,24 @@ on_error = "DEFER_IF_PERMIT quota check failed"
     return pfxpold_command(config), expect
 
 
+def setup_rules(directory: str, requests: list[dict], log: str = "file"):
+    """
+    A C{rules} check of 1,000 rules (bench/rules_bench.py), most filed in
+    its index, some regular expressions that every request runs.
+    """
+    import rules_bench
+
+    population = Population()
+    rules = rules_bench.build_rules(
+        population.senders, population.sender_domains, population.clients, population.recipients
+    )
+    config = os.path.join(directory, "pfxpold.toml")
+    with open(config, "w") as f:
+        f.write(server_table(default_action="DUNNO", **LOG_SETTINGS[log]))
+    rules_bench.write_rules(config, rules)
+    return pfxpold_command(config), rules_bench.expectation(rules)
+
+
 SCENARIOS = [
     Scenario(
         "trivial-c",
@@ -515,7 +533,20 @@ SCENARIOS = [
         setup_chain,
         needs=("file", "sql", "dnsbl", "quota"),
     ),
+    Scenario(
+        "rules-1000",
+        "pfxpold, a rules check of 1,000 rules (index, 10 regexes)",
+        setup_rules,
+        needs=("rules",),
+    ),
     # Optional scenarios: name them with --scenarios.
+    Scenario(
+        "rules-1000-nolog",
+        "pfxpold, a rules check of 1,000 rules, log_requests = false",
+        lambda directory, requests: setup_rules(directory, requests, log="off"),
+        needs=("rules",),
+        optional=True,
+    ),
     Scenario(
         "map-100k-nolog",
         "pfxpold, access map of 100,000 entries, log_requests = false",

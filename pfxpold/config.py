@@ -24,7 +24,7 @@ from twisted.python.reflect import namedAny
 from pfxpold.action import Action, ActionError
 from pfxpold.chain import NOREPLY, SKIP, ChainEntry, CheckChain, ErrorPolicy
 from pfxpold.checks import BUILTIN_CHECKS, MissingExtraError, missing_extra
-from pfxpold.interfaces import ICheck
+from pfxpold.interfaces import ICheck, IUsesChecks
 from pfxpold.protocol import Limits
 from pfxpold.resources import DEFAULT_BACKLOG
 
@@ -693,8 +693,10 @@ def load_document(
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
         table = {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")}
         kept = previous.checks.get(name) if previous is not None else None
-        if kept is not None and _reusable(
-            kept, type_name, table, classes, sections, previous_shared
+        if (
+            kept is not None
+            and not (IUsesChecks.providedBy(kept.check) and kept.check.uses)
+            and _reusable(kept, type_name, table, classes, sections, previous_shared)
         ):
             # Unchanged: the running object, caches, connections and all.
             check = kept.check
@@ -741,6 +743,10 @@ def load_document(
         if IService.providedBy(check):
             services.append(check)
     services.extend(value for value in shared.values() if IService.providedBy(value))
+    by_name = {entry.name: entry.check for entry in entries}
+    for entry in entries:
+        if IUsesChecks.providedBy(entry.check):
+            entry.check.link(by_name)
     if not entries:
         raise ConfigError(f"{_where(path, None, 'check')}: at least one [[check]] is needed")
 

@@ -213,6 +213,22 @@ class IStateStore(Interface):
             L{list} of L{pfxpold.state.WhitelistEntry} by kind and value.
         """
 
+    # Per-message memory of the rules check.
+
+    def set_mark(key, mark, expires_at):
+        """
+        Remember C{mark} under C{key} (a message) until C{expires_at}; a
+        mark set again lives until the later time.
+
+        @return: a Deferred that fires with L{None}.
+        """
+
+    def marks(key, now):
+        """
+        @return: a Deferred that fires with the L{frozenset} of marks
+            under C{key} that are live at C{now}.
+        """
+
 
 class IExplainable(Interface):
     """
@@ -245,4 +261,25 @@ class IConfigWarnings(Interface):
         """
         @return: a list of one-line warnings (each naming the rule or key),
             empty when there is nothing to say.
+        """
+
+
+class IUsesChecks(Interface):
+    """
+    A check that uses other checks of its configuration (a rules check
+    applying a quota check's limit). While it uses some, it is built anew
+    at every reload, never kept, so that it never holds a check of another
+    configuration.
+    """
+
+    uses = Attribute("The names of the checks it uses (a collection, maybe empty).")
+
+    def link(checks):
+        """
+        Find the checks it uses, once every check of the configuration is
+        built.
+
+        @param checks: every check of the configuration, by name.
+        @raise pfxpold.config.ConfigError: when one it names is missing or
+            unfit.
         """

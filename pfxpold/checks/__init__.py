@@ -24,6 +24,7 @@ BUILTIN_CHECKS: dict[str, str] = {
     "http": "pfxpold.checks.http.HTTPCheck",
     "quota": "pfxpold.checks.quota.QuotaCheck",
     "greylist": "pfxpold.checks.greylist.GreylistCheck",
+    "rules": "pfxpold.checks.rules.RulesCheck",
 }
 
 #: Optional libraries by top-level module name: the distribution pip

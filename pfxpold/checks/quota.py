@@ -346,6 +346,8 @@ class QuotaCheck(MultiService):
         if self.refuse_early and self.stage == "RCPT":
             raise options.error("refuse_early", "is for stage DATA or END-OF-MESSAGE")
         self.time_offset = options.number("time_offset", 0.0)
+        #: Counts only the mail a rules check's rule hands it (L{apply}).
+        self.rules_only = options.boolean("rules_only", False)
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
         self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
@@ -521,6 +523,16 @@ class QuotaCheck(MultiService):
         return action
 
     def check(self, request: PolicyRequest) -> Any:
+        if self.rules_only:
+            return DUNNO
+        return self.apply(request)
+
+    def apply(self, request: PolicyRequest) -> Any:
+        """
+        Count C{request} and answer as the check does: what L{check} does
+        for all mail, and a rules check's C{quota} rule for the mail it
+        matches.
+        """
         state = request.protocol_state
         if state != self.stage:
             if self.refuse_early and state == "RCPT":

@@ -92,6 +92,8 @@ class MemoryStore(ExpiringStore):
         self.whitelist: dict[tuple[str, str], WhitelistEntry] = {}
         #: client -> [passes, expires_at]
         self.clients: dict[str, list[float]] = {}
+        #: message key -> {mark: expires_at}, for the rules check
+        self.marks_by_key: dict[str, dict[str, float]] = {}
 
     def _count(self, key: str, now: float) -> int:
         entry = self.counts.get(key)
@@ -170,7 +172,7 @@ class MemoryStore(ExpiringStore):
                 if table is self.triplets:
                     self.clear.pop(key, None)
             removed += len(expired)
-        return succeed(removed)
+        return succeed(removed + self._expire_marks(now))
 
     def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
         found = {}
@@ -225,6 +227,29 @@ class MemoryStore(ExpiringStore):
 
     def whitelist_list(self) -> Deferred[list[WhitelistEntry]]:
         return succeed([self.whitelist[key] for key in sorted(self.whitelist)])
+
+    # Per-message marks of the rules check.
+
+    def set_mark(self, key: str, mark: str, expires_at: float) -> Deferred[None]:
+        entry = self.marks_by_key.setdefault(key, {})
+        entry[mark] = max(entry.get(mark, 0.0), expires_at)
+        return succeed(None)
+
+    def marks(self, key: str, now: float) -> Deferred[frozenset[str]]:
+        entry = self.marks_by_key.get(key, {})
+        return succeed(frozenset(mark for mark, expires in entry.items() if expires > now))
+
+    def _expire_marks(self, now: float) -> int:
+        marks = self.marks_by_key
+        removed = 0
+        for key in list(marks):
+            entry = marks[key]
+            for mark in [mark for mark, expires in entry.items() if expires <= now]:
+                del entry[mark]
+                removed += 1
+            if not entry:
+                del marks[key]
+        return removed
 
 
 def matches(

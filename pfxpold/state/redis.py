@@ -125,6 +125,20 @@ end
 return found
 """
 
+# A message's marks: one hash, a field per mark holding its expiry (ms);
+# the key lives as long as its longest mark.
+SET_MARK = """
+local expires = tonumber(ARGV[2])
+local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if expires > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+local latest = 0
+for _, value in ipairs(redis.call('HVALS', KEYS[1])) do
+  latest = math.max(latest, tonumber(value))
+end
+redis.call('PEXPIREAT', KEYS[1], latest)
+return 0
+"""
+
 #: The hash of a store's run-time whitelist, after the prefix: fields are
 #: KIND:VALUE, values "ADDED COMMENT".
 WHITELIST_KEY = "greylist-whitelist"
@@ -166,6 +180,7 @@ _CONSUME = Script(CONSUME)
 _RELEASE = Script(RELEASE)
 _GREYLIST = Script(GREYLIST)
 _COUNTERS = Script(COUNTERS)
+_SET_MARK = Script(SET_MARK)
 
 
 def _milliseconds(timestamp: float) -> int:
@@ -380,3 +395,22 @@ class RedisStore(MultiService):
             return sorted(found, key=lambda entry: (entry.kind, entry.value))
 
         return d.addCallback(entries)
+
+    # Per-message marks of the rules check.
+
+    def set_mark(self, key: str, mark: str, expires_at: float) -> Deferred[None]:
+        d = _SET_MARK.run(self.client, [self.prefix + key], [mark, _milliseconds(expires_at)])
+        return d.addCallback(lambda reply: None)
+
+    def marks(self, key: str, now: float) -> Deferred[frozenset[str]]:
+        d = self.client.execute("HGETALL", self.prefix + key)
+        limit = _milliseconds(now)
+
+        def live(reply: list[bytes]) -> frozenset[str]:
+            return frozenset(
+                field.decode("utf-8")
+                for field, expires in zip(reply[::2], reply[1::2], strict=True)
+                if int(expires) > limit
+            )
+
+        return d.addCallback(live)

@@ -78,6 +78,10 @@ CREATE TABLE IF NOT EXISTS whitelist (
     kind TEXT NOT NULL, value TEXT NOT NULL, added REAL NOT NULL, comment TEXT NOT NULL,
     PRIMARY KEY (kind, value)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (
+    key TEXT NOT NULL, mark TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, mark)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS marks_expires ON marks (expires);
 """
 
 #: Columns added to the triplets table after its first release: the
@@ -294,9 +298,22 @@ def whitelist_list_in(connection: sqlite3.Connection) -> list[WhitelistEntry]:
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:
     removed = 0
-    for table in ("counters", "triplets", "clients"):
+    for table in ("counters", "triplets", "clients", "marks"):
         removed += connection.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,)).rowcount
     return removed
+
+
+def set_mark_in(connection: sqlite3.Connection, key: str, mark: str, expires_at: float) -> None:
+    connection.execute(
+        "INSERT INTO marks (key, mark, expires) VALUES (?, ?, ?)"
+        " ON CONFLICT (key, mark) DO UPDATE SET expires = max(expires, excluded.expires)",
+        (key, mark, expires_at),
+    )
+
+
+def marks_in(connection: sqlite3.Connection, key: str, now: float) -> frozenset[str]:
+    rows = connection.execute("SELECT mark FROM marks WHERE key = ? AND expires > ?", (key, now))
+    return frozenset(row[0] for row in rows)
 
 
 #: One operation: the function, its arguments, and the Deferred to fire.
@@ -599,3 +616,11 @@ class SQLiteStore(ExpiringStore):
 
     def whitelist_list(self) -> Deferred[list[WhitelistEntry]]:
         return self._call(whitelist_list_in)
+
+    # Per-message marks of the rules check.
+
+    def set_mark(self, key: str, mark: str, expires_at: float) -> Deferred[None]:
+        return self._call(set_mark_in, key, mark, expires_at)
+
+    def marks(self, key: str, now: float) -> Deferred[frozenset[str]]:
+        return self._call(marks_in, key, now)

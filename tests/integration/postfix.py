@@ -130,10 +130,12 @@ class Postfix:
         login: Optional[str] = None,
         body: bytes = b"Subject: pfxpold test\r\n\r\nHello.\r\n",
         timeout: float = 30.0,
+        mail_options: Sequence[str] = (),
     ) -> Transaction:
         """
         One SMTP session: EHLO, optional XCLIENT (client address, name,
-        SASL login), MAIL FROM, RCPT TO each recipient, and DATA when any
+        SASL login), MAIL FROM (with C{mail_options} such as
+        C{"SIZE=20000000"}), RCPT TO each recipient, and DATA when any
         recipient was accepted. Error replies are recorded, not raised.
         """
         with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=timeout) as smtp:
@@ -151,7 +153,7 @@ class Postfix:
                 code, text = smtp.docmd("XCLIENT", " ".join(attributes))
                 assert code == 220, (code, text)
                 smtp.ehlo(helo)
-            code, text = smtp.mail(sender)
+            code, text = smtp.mail(sender, list(mail_options))
             transaction = Transaction(mail=(code, text.decode()))
             if code != 250:
                 return transaction

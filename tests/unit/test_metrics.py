@@ -102,6 +102,12 @@ class FakeStore:
     def whitelist_list(self):
         return succeed([])
 
+    def set_mark(self, key, mark, expires_at):
+        return succeed(None)
+
+    def marks(self, key, now):
+        return succeed(frozenset())
+
 
 @implementer(ICheck)
 class StoreCheck:

@@ -1,0 +1,569 @@
+"""
+A rule set compiled: rules in order, each with its condition and what it
+does, and an index that finds the rules a request can match without
+testing them all.
+
+A rule (one C{[[check.rule]]} table, or one C{[[rule]]} of an included
+file) has a C{name}, an optional C{if} condition table (see
+L{pfxpold.rules.conditions}) and what it does when the condition holds:
+
+    - C{action}: answer it (the rules stop). Its text may name request
+      values, C{{sender}}, filled in when it answers;
+    - C{jump}: go through the named rule set (C{[[check.ruleset.NAME]]});
+      when that set answers, that is the answer, else the rules go on
+      after the jump;
+    - C{return = true}: leave the current rule set (in the main list:
+      answer DUNNO);
+    - C{quota}: apply a C{quota} check's limit to the mail the rule
+      matches: over the limit, its answer; within, the rules go on;
+    - C{mark}: remember a mark for the message (its C{instance}), which
+      a later request of the same message tests with C{marked}. Alone, the
+      rules go on.
+
+The index: a rule whose condition needs some attribute to equal a value
+(C{sender_domain = "example.com"}) or an address to be in a network
+(C{client_address = "192.0.2.0/24"}) is filed under that value or network;
+the candidates for a request are the rules filed under its values, plus
+the rules that could not be filed, in their order. Candidates are kept as
+the bits of an integer, so that finding them is a few dict lookups and ORs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import re2
+
+from pfxpold.action import Action, ActionError
+from pfxpold.request import PolicyRequest, parse_ip
+from pfxpold.rules.conditions import (
+    KNOWN_ATTRIBUTES,
+    Attribute,
+    Compiler,
+    Condition,
+    Equals,
+    Facts,
+    InNetworks,
+    Matches,
+    NetworkTable,
+    RuleError,
+    check_mark_name,
+)
+
+#: The keys of a rule table.
+RULE_KEYS = ("name", "if", "action", "jump", "return", "quota", "mark")
+
+#: Attributes with a handful of values, filed under only when a rule has
+#: nothing better.
+_FEW_VALUES = frozenset(
+    {"protocol_state", "protocol_name", "request", "stress", "encryption_protocol"}
+)
+
+#: Values whose candidates are remembered, per attribute and rule set.
+REMEMBERED = 4096
+
+#: The name of the list a check's C{[[check.rule]]} tables make.
+MAIN = "main"
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class Template:
+    """
+    An action whose text names request values: C{{sender}},
+    C{{client_address}}... Values are put in in one pass, so a value
+    cannot bring in a placeholder, and the action is made as any other
+    (L{Action}), which replaces control characters and non-ASCII and caps
+    the text's length.
+
+    @ivar names: the attributes the text names.
+    """
+
+    __slots__ = ("verb", "text", "names", "_attributes", "action")
+
+    def __init__(self, value: str, restriction_classes: tuple[str, ...]) -> None:
+        """
+        @raise RuleError: when it is not an action Postfix accepts, even
+            with every value empty (C{REJECT 5.7.1 {sender}} would be a
+            status code without text for the null sender).
+        """
+        if not isinstance(value, str):
+            raise RuleError(f"'action' must be a string, not {value!r}")
+        parts = value.split(None, 1)
+        if parts and "{" in parts[0]:
+            raise RuleError(f"the action's verb cannot be a placeholder: {value!r}")
+        self.names = tuple(dict.fromkeys(_PLACEHOLDER.findall(value)))
+        self._attributes = {name: Attribute(name) for name in self.names}
+        try:
+            empty = Action.parse(_PLACEHOLDER.sub("", value), restriction_classes)
+            if self.names:
+                Action.parse(_PLACEHOLDER.sub("x@example.com", value), restriction_classes)
+        except ActionError as e:
+            hint = " (with its placeholders empty)" if self.names else ""
+            raise RuleError(f"action {value!r}{hint}: {e}") from None
+        self.verb = empty.verb
+        self.text = value.split(None, 1)[1] if len(parts) > 1 else ""
+        #: The action itself when the text names nothing.
+        self.action: Optional[Action] = None if self.names else empty
+
+    def fill(self, request: PolicyRequest) -> Action:
+        """
+        @raise ActionError: when the filled action is not valid (a
+            C{REDIRECT} to something that is not an address).
+        """
+        if self.action is not None:
+            return self.action
+        attributes = self._attributes
+        text = _PLACEHOLDER.sub(lambda match: attributes[match.group(1)].get(request), self.text)
+        return Action(self.verb, text)
+
+
+@dataclass
+class Rule:
+    """
+    One compiled rule.
+
+    @ivar where: where it was written (the file, for included rules).
+    @ivar position: its place in its rule set.
+    """
+
+    name: str
+    where: str
+    condition: Optional[Condition]
+    action: Optional[Template] = None
+    jump: Optional[str] = None
+    returns: bool = False
+    quota: Optional[str] = None
+    marks: tuple[str, ...] = ()
+    position: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        """Whether matching it always ends the current rule set."""
+        return self.action is not None or self.returns
+
+    def __post_init__(self) -> None:
+        #: Whether its condition tests marks (read once per request).
+        self.needs_marks = self.condition is not None and self.condition.needs_marks
+        self.simple = False
+        #: Whether the index alone decides that it matches.
+        self.filed_alone = False
+
+    def finish(self) -> None:
+        """
+        Note, once its settings are all known, whether it only answers:
+        the check's fast path.
+        """
+        self.simple = (
+            self.action is not None
+            and not self.marks
+            and not self.needs_marks
+            and self.quota is None
+            and self.jump is None
+            and not self.returns
+        )
+
+    def test(self, facts: Facts) -> bool:
+        return self.condition is None or self.condition.test(facts)
+
+    def does(self) -> str:
+        """What it does, for the explain."""
+        done = []
+        if self.marks:
+            done.append("marks " + ", ".join(self.marks))
+        if self.quota is not None:
+            done.append(f"applies quota {self.quota!r}")
+        if self.action is not None:
+            done.append("answers " + (str(self.action.action) if self.action.action else
+                                      f"{self.action.verb} {self.action.text}".strip()))
+        if self.jump is not None:
+            done.append(f"jumps to {self.jump!r}")
+        if self.returns:
+            done.append("returns")
+        return "; ".join(done)
+
+
+class RuleSet:
+    """
+    Rules in order, and their index.
+    """
+
+    def __init__(self, name: str, rules: list[Rule]) -> None:
+        self.name = name
+        self.rules = rules
+        for position, rule in enumerate(rules):
+            rule.position = position
+        self.always = 0
+        self._exact: dict[str, tuple[Attribute, dict[str, int]]] = {}
+        self._networks: dict[str, tuple[Attribute, NetworkTable]] = {}
+        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]]]] = {}
+        for rule in rules:
+            if not self._file(rule):
+                self.always |= 1 << rule.position
+        self._exact_list = tuple(
+            (attribute.name, attribute.get_folded, table) for attribute, table in self._exact.values()
+        )
+        #: What the networks and the patterns give for a value, by
+        #: attribute: clients come back (every recipient of a message is
+        #: a request), and a dict access costs less than either.
+        self._network_list: tuple[tuple[Any, NetworkTable, dict[str, int]], ...] = tuple(
+            (attribute.get, networks, {}) for attribute, networks in self._networks.values()
+        )
+        self._pattern_list: tuple[tuple[Any, Any, tuple[int, ...], dict[str, int]], ...] = tuple(
+            (attribute.get, matcher, bits, {}) for attribute, matcher, bits in self._pattern_sets()
+        )
+        self.indexed = len(rules) - bin(self.always).count("1")
+
+    def _file(self, rule: Rule) -> bool:
+        """
+        File C{rule} in the index under its first equality or network
+        condition; C{False} when it has none.
+        """
+        if rule.condition is None:
+            return False
+        bit = 1 << rule.position
+        conjuncts = rule.condition.conjuncts()
+        # Filed under the most telling condition: protocol_state = "RCPT"
+        # or sasl_username = "" hold for most requests; a network or an
+        # address for few.
+        conjuncts = tuple(
+            sorted(
+                conjuncts,
+                key=lambda part: isinstance(part, Equals)
+                and (part.attribute.name in _FEW_VALUES or "" in part.values),
+            )
+        )
+        for part in conjuncts:
+            if part is rule.condition and isinstance(part, (Equals, InNetworks)):
+                # Filed under its whole condition: being a candidate is
+                # matching.
+                rule.filed_alone = True
+            if isinstance(part, Equals):
+                _, table = self._exact.setdefault(part.attribute.name, (part.attribute, {}))
+                for value in part.values:
+                    table[value] = table.get(value, 0) | bit
+                return True
+            if isinstance(part, InNetworks):
+                _, networks = self._networks.setdefault(
+                    part.attribute.name, (part.attribute, NetworkTable())
+                )
+                for network in part.networks:
+                    networks.add(network, bit, int.__or__)
+                return True
+        for part in conjuncts:
+            if isinstance(part, Matches):
+                _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
+                patterns.extend((pattern, bit) for pattern in part.patterns)
+                return True
+        return False
+
+    def _pattern_sets(self) -> Iterator[tuple[Attribute, Any, tuple[int, ...]]]:
+        """
+        The patterns filed under each attribute, as one RE2 set: one pass
+        over the value finds every pattern that matches, where testing
+        the rules one by one would run each pattern.
+        """
+        for attribute, patterns in self._patterns.values():
+            matcher = pattern_set([pattern for pattern, _ in patterns])
+            if matcher is None:
+                for _, bit in patterns:
+                    self.always |= bit
+                continue
+            yield attribute, matcher, tuple(bit for _, bit in patterns)
+
+    def candidates(self, facts: Facts) -> int:
+        """
+        @return: the rules C{facts} may match, as bits by position.
+        """
+        mask = self.always
+        request = facts.request
+        values = facts.values
+        # Facts.folded, inlined: this loop is most of a request's cost.
+        for name, get_folded, table in self._exact_list:
+            value = values.get(name)
+            if value is None:
+                value = values[name] = get_folded(request)
+            found = table.get(value)
+            if found:
+                mask |= found
+        for get, networks, seen in self._network_list:
+            value = get(request)
+            found = seen.get(value)
+            if found is None:
+                ip = parse_ip(value)
+                found = 0 if ip is None else networks.mask(ip)
+                if len(seen) >= REMEMBERED:
+                    seen.clear()
+                seen[value] = found
+            mask |= found
+        for get, matcher, bits, seen in self._pattern_list:
+            value = get(request)
+            found = seen.get(value)
+            if found is None:
+                found = 0
+                for index in matcher.Match(value) or ():
+                    found |= bits[index]
+                if len(seen) >= REMEMBERED:
+                    seen.clear()
+                seen[value] = found
+            mask |= found
+        return mask
+
+
+def pattern_set(patterns: list[str]) -> Any:
+    """
+    C{patterns} as one RE2 set that searches the way
+    L{pfxpold.rules.conditions.Matches} does (ignoring case; each pattern
+    was compiled alone first, with L{pfxpold.regex.compile_pattern}, which
+    reported any that RE2 refuses).
+
+    @return: the set, or L{None} if RE2 would not build it.
+    """
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = False
+    matcher = re2.Set.SearchSet(options)
+    try:
+        for pattern in patterns:
+            matcher.Add(pattern)
+        matcher.Compile()
+    except re2.error:
+        return None
+    return matcher
+
+
+def positions(mask: int) -> Iterator[int]:
+    """The positions of the bits set in C{mask}, lowest first."""
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+@dataclass
+class Program:
+    """
+    Every rule set of a check: the main list and the named sets.
+
+    @ivar files: the files it was read from (included rule files and
+        list files), whose changes make it be read again.
+    """
+
+    sets: dict[str, RuleSet]
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def main(self) -> RuleSet:
+        return self.sets[MAIN]
+
+    @property
+    def needs_marks(self) -> bool:
+        return any(rule.needs_marks or rule.marks for rule in self.rules())
+
+    def rules(self) -> Iterator[Rule]:
+        for rule_set in self.sets.values():
+            yield from rule_set.rules
+
+    @property
+    def quotas(self) -> set[str]:
+        return {rule.quota for rule in self.rules() if rule.quota is not None}
+
+    def warnings(self) -> list[str]:
+        """
+        Rules that can never match, and names no request has.
+        """
+        found = []
+        for rule_set in self.sets.values():
+            where = "" if rule_set.name == MAIN else f"rule set {rule_set.name!r}: "
+            for later in rule_set.rules:
+                for earlier in rule_set.rules[: later.position]:
+                    if earlier.terminal and shadows(earlier, later):
+                        found.append(
+                            f"{where}rule {later.name!r} can never match:"
+                            f" rule {earlier.name!r} before it matches every request it does"
+                        )
+                        break
+        for rule in self.rules():
+            names: list[str] = []
+            if rule.condition is not None:
+                names.extend(a.name for a in rule.condition.attributes() if not a.known)
+            if rule.action is not None:
+                names.extend(n for n in rule.action.names if n not in KNOWN_ATTRIBUTES)
+            for name in dict.fromkeys(names):
+                close = difflib.get_close_matches(name, sorted(KNOWN_ATTRIBUTES), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                found.append(
+                    f"rule {rule.name!r}: {name!r} is not an attribute Postfix sends nor one"
+                    f" pfxpold derives; it is always empty{hint}"
+                )
+        return found
+
+
+def shadows(earlier: Rule, later: Rule) -> bool:
+    """
+    Whether C{earlier} matches every request C{later} matches: each of
+    its conditions is implied by one of C{later}'s.
+    """
+    if earlier.condition is None:
+        return True
+    if later.condition is None:
+        return False
+    mine = later.condition.conjuncts()
+    return all(any(part.implies(theirs) for part in mine) for theirs in earlier.condition.conjuncts())
+
+
+class ProgramBuilder:
+    """
+    Compiles rule tables into a L{Program}.
+
+    @param restriction_classes: the names actions may give besides the
+        access(5) verbs.
+    """
+
+    def __init__(self, base_directory: str, restriction_classes: tuple[str, ...]) -> None:
+        self.restriction_classes = restriction_classes
+        self.lists: dict[Any, Any] = {}
+        self.sets: dict[str, list[Rule]] = {MAIN: []}
+        self.defined_in: dict[str, str] = {}
+        self.base_directory = base_directory
+        self.rule_names: dict[tuple[str, str], str] = {}
+
+    def add(self, where: str, rules: Any, rule_sets: Any, base_directory: str) -> None:
+        """
+        Add the main-list rules and the named sets of one table (the
+        check's, or an included file's).
+
+        @param where: how errors name it: the included file, or C{""} for
+            the check's own table.
+        @raise RuleError: naming the rule.
+        """
+        compiler = Compiler(base_directory, self.lists)
+        if rules is not None:
+            self.sets[MAIN].extend(self._rules(compiler, where, MAIN, rules))
+        if rule_sets is None:
+            return
+        prefix = f"{where}: " if where else ""
+        if not isinstance(rule_sets, Mapping):
+            raise RuleError(f"{prefix}'ruleset' must be tables of rules: [[ruleset.NAME]]")
+        for name, tables in rule_sets.items():
+            if not _SET_NAME.fullmatch(name) or name == MAIN:
+                raise RuleError(f"{prefix}{name!r} cannot name a rule set")
+            if name in self.sets:
+                raise RuleError(
+                    f"{prefix}rule set {name!r} is also defined in {self.defined_in[name]}"
+                )
+            self.defined_in[name] = where or "the check's table"
+            self.sets[name] = self._rules(compiler, where, name, tables)
+
+    def _rules(self, compiler: Compiler, where: str, set_name: str, tables: Any) -> list[Rule]:
+        if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+            raise RuleError(f"{where or 'rule'}: rules must be tables: [[rule]]")
+        rules = []
+        for number, table in enumerate(tables, start=len(self.sets.get(set_name, ())) + 1):
+            name = table.get("name", f"#{number}")
+            label = (f"{where}: " if where else "") + (
+                f"rule {name!r}" if set_name == MAIN else f"rule set {set_name!r}: rule {name!r}"
+            )
+            if not isinstance(name, str) or not name.strip():
+                raise RuleError(f"{label}: 'name' must be a non-empty string")
+            if (set_name, name) in self.rule_names:
+                raise RuleError(
+                    f"{label}: the name is also used in {self.rule_names[(set_name, name)]}"
+                )
+            self.rule_names[(set_name, name)] = where or "the check's table"
+            try:
+                rules.append(self._rule(compiler, where, name, table))
+            except RuleError as e:
+                raise RuleError(f"{label}: {e}") from None
+        return rules
+
+    def _rule(self, compiler: Compiler, where: str, name: str, table: Mapping[str, Any]) -> Rule:
+        for key in table:
+            if key not in RULE_KEYS:
+                close = difflib.get_close_matches(key, RULE_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" ({', '.join(RULE_KEYS)})"
+                raise RuleError(f"{key!r} is not a rule setting{hint}")
+        condition = None
+        if "if" in table:
+            try:
+                condition = compiler.table(table["if"])
+            except RuleError as e:
+                raise RuleError(f"'if': {e}") from None
+        rule = Rule(name, where, condition)
+        if "action" in table:
+            rule.action = Template(table["action"], self.restriction_classes)
+        if "jump" in table:
+            if not isinstance(table["jump"], str):
+                raise RuleError(f"'jump' names a rule set, not {table['jump']!r}")
+            rule.jump = table["jump"]
+        if "return" in table:
+            if table["return"] is not True:
+                raise RuleError("'return' can only be true")
+            rule.returns = True
+        if "quota" in table:
+            if not isinstance(table["quota"], str):
+                raise RuleError(f"'quota' names a quota check, not {table['quota']!r}")
+            rule.quota = table["quota"]
+        if "mark" in table:
+            marks = table["mark"] if isinstance(table["mark"], list) else [table["mark"]]
+            try:
+                rule.marks = tuple(check_mark_name(mark) for mark in marks)
+            except RuleError as e:
+                raise RuleError(f"'mark': {e}") from None
+        ending = [key for key in ("action", "jump", "return") if key in table]
+        if len(ending) > 1:
+            raise RuleError(f"a rule does one of action, jump, return, not {' and '.join(ending)}")
+        if rule.quota is not None and ending:
+            raise RuleError(f"a quota rule answers the quota's action; drop {ending[0]!r}")
+        if not ending and rule.quota is None and not rule.marks:
+            raise RuleError("does nothing: give it an action, jump, return, quota or mark")
+        rule.finish()
+        return rule
+
+    def build(self, files: Iterable[str] = ()) -> Program:
+        """
+        @raise RuleError: when a jump names no rule set, or jumps loop.
+        """
+        sets = {name: RuleSet(name, rules) for name, rules in self.sets.items()}
+        for rule_set in sets.values():
+            for rule in rule_set.rules:
+                if rule.jump is not None and rule.jump not in sets:
+                    known = ", ".join(sorted(set(sets) - {MAIN})) or "none"
+                    raise RuleError(
+                        f"{_prefix(rule)}rule {rule.name!r}: 'jump': no rule set {rule.jump!r}"
+                        f" (rule sets: {known})"
+                    )
+        _check_loops(sets)
+        program = Program(sets, sorted(set(files) | {path for path, _ in self.lists}))
+        return program
+
+
+def _prefix(rule: Rule) -> str:
+    return f"{rule.where}: " if rule.where else ""
+
+
+def _check_loops(sets: dict[str, RuleSet]) -> None:
+    targets = {
+        name: [rule for rule in rule_set.rules if rule.jump is not None]
+        for name, rule_set in sets.items()
+    }
+
+    def visit(name: str, path: list[str]) -> None:
+        for rule in targets[name]:
+            assert rule.jump is not None
+            if rule.jump in path:
+                loop = " -> ".join(path[path.index(rule.jump) :] + [rule.jump])
+                raise RuleError(f"{_prefix(rule)}rule {rule.name!r}: jumps loop: {loop}")
+            visit(rule.jump, path + [rule.jump])
+
+    visit(MAIN, [MAIN])
+    for name in sets:
+        visit(name, [name])
+
+
+__all__ = ["MAIN", "Program", "ProgramBuilder", "Rule", "RuleError", "RuleSet", "Template"]
