@@ -137,17 +137,6 @@ class _Walk:
         self.deadline_at = 0.0
 
 
-class _ChainError(Exception):
-    """
-    A check broke the chain's contract (its Deferred was cancelled by
-    someone else); carries the failure, to be logged once.
-    """
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__()
-        self.failure = failure
-
-
 @implementer(IPolicyDecider)
 class CheckChain:
     """
@@ -271,13 +260,12 @@ class CheckChain:
                     walk.outcome = None
                     if isinstance(result, Failure):
                         if result.check(CancelledError):
-                            raise _ChainError(result)
+                            # Cancelled by someone else: the check broke.
+                            return self._chain_error(result, verdicts)
                         result.raiseException()
                 action = self._to_action(result)
                 if self._failing and entry.name in self._failing:
                     self._recovered(entry)
-            except _ChainError as error:
-                return self._chain_error(error.failure, verdicts)
             except Exception:
                 decision = self._failed(entry, Failure(), verdicts, started)
                 if decision is not None:
