@@ -176,6 +176,7 @@ class CheckChain:
         self.record_verdicts = record_verdicts
         self._clock = clock
         self._parsed: dict[str, Action] = {}
+        self._plain_verbs: set[str] = set()
         # The kind of error each failing check last raised: during a backend
         # outage every request fails alike, and one traceback is enough.
         self._failing: dict[str, type] = {}
@@ -469,7 +470,15 @@ class CheckChain:
                 if len(self._parsed) < 4096:
                     self._parsed[result] = action
             return action
-        return as_action(result, self.restriction_classes)
+        if type(result) is Action and result.verb in self._plain_verbs:
+            # An access(5) verb or a status code: nothing to check against
+            # the restriction classes.
+            return result
+        action = as_action(result, self.restriction_classes)
+        if not action.is_restriction_class:
+            # Bounded: the access(5) verbs and three-digit codes.
+            self._plain_verbs.add(action.verb)
+        return action
 
     def _recovered(self, entry: ChainEntry) -> None:
         del self._failing[entry.name]

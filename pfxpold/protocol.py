@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
@@ -450,19 +450,21 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         factory.in_flight += 1
         if len(self._queue) >= factory.limits.max_pipelined:
             self._pause("too many requests in flight")
-        if not isinstance(result, Deferred):
-            result = succeed(result)
-        result.addErrback(self._decider_failed)
-        result.addCallback(self._decided, pending)
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                self._decided, self._decider_failed, callbackArgs=(pending,), errbackArgs=(pending,)
+            )
+        else:
+            self._decided(result, pending)
 
-    def _decider_failed(self, failure: Failure) -> Decision:
+    def _decider_failed(self, failure: Failure, pending: _Pending) -> None:
         """
         The decider broke its promise never to fail: rather than leave the
         request (and every one behind it) waiting until Postfix times out,
         answer nothing and close, so Postfix retries at once.
         """
         self._log.failure("deciding a request from {peer} failed", failure, peer=self.peer)
-        return Decision(None, "error")
+        self._decided(Decision(None, "error"), pending)
 
     def _decided(self, decision: Decision, pending: _Pending) -> None:
         pending.decision = decision
