@@ -78,9 +78,11 @@ class Expiries:
         self._timer_at = due
 
     def _expire(self) -> None:
+        # What was due when the timer was set is due now, even if the
+        # clock's sum of delays comes out a rounding error short.
+        now = max(self._clock.seconds(), self._timer_at)
         self._timer = None
         self._timer_at = float("inf")
-        now = self._clock.seconds()
         for _, keys, expired in self._queues:
             # One key at a time: what each expiry runs may remove others.
             while keys:

@@ -94,3 +94,21 @@ class ExpiriesTests(SynchronousTestCase):
         self.expiries.add(self.short, "early")
         self.clock.advance(2.0)
         self.assertEqual(self.expired, [("short", "early"), ("long", "late")])
+
+    def test_rounding(self):
+        """
+        A key expires when its timer fires, even when the delay the timer
+        was set with, added to the clock, comes out a rounding error short
+        of the key's due time.
+        """
+        long = self.expiries.queue(4.83, lambda key: self.expired.append(("4.83", key)))
+        quick = self.expiries.queue(0.23, lambda key: self.expired.append(("0.23", key)))
+        self.clock.advance(1.29)
+        self.expiries.add(long, "a")
+        self.expiries.add(quick, "b")
+        self.clock.advance(0.23)
+        self.assertEqual(self.expired, [("0.23", "b")])
+        [call] = self.clock.getDelayedCalls()
+        self.clock.advance(call.getTime() - self.clock.seconds())
+        self.assertEqual(self.expired, [("0.23", "b"), ("4.83", "a")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
