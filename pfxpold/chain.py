@@ -35,6 +35,9 @@ from pfxpold.request import PolicyRequest
 SKIP = "skip"
 NOREPLY = "noreply"
 
+#: What checks answer at once.
+_PLAIN = frozenset((Action, str))
+
 
 @dataclass(frozen=True)
 class ErrorPolicy:
@@ -249,7 +252,9 @@ class CheckChain:
                 started = self._clock.seconds()
             try:
                 result = entry.check.check(request)
-                if isinstance(result, (Deferred, CoroutineType)):
+                # type() first: Deferred is an abstract Awaitable, and
+                # isinstance on it takes the slow ABC path.
+                if type(result) not in _PLAIN and isinstance(result, (Deferred, CoroutineType)):
                     if walk is None:
                         walk = _Walk(request, verdicts)
                     if not self._settle(walk, result):
@@ -295,7 +300,6 @@ class CheckChain:
         """
         if type(pending) is CoroutineType:
             pending = Deferred.fromCoroutine(pending)
-        assert isinstance(pending, Deferred)
         walk.pending = pending
         # A Deferred that has fired (and is not paused, nor running its
         # callbacks) runs this callback at once.

@@ -436,13 +436,16 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         attributes[name] = value
 
     def _request_complete(self) -> None:
-        request = PolicyRequest(self._attributes)
+        # The dictionary is the request's from now on: no copy.
+        request = PolicyRequest.adopt(self._attributes)
         self._attributes = {}
         factory = self.factory
         self._arm(factory.limits.idle_timeout, "idle")
         started = factory.clock.seconds()
         result = factory.decider.decide(request)
-        if not self._queue and not isinstance(result, Deferred):
+        # type() first: Deferred is an abstract Awaitable, and isinstance
+        # on it takes the slow ABC path.
+        if not self._queue and type(result) is Decision:
             self._answer(request, result, started)
             return
         pending = _Pending(request, started)
@@ -450,7 +453,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         factory.in_flight += 1
         if len(self._queue) >= factory.limits.max_pipelined:
             self._pause("too many requests in flight")
-        if isinstance(result, Deferred):
+        if type(result) is not Decision and isinstance(result, Deferred):
             result.addCallbacks(
                 self._decided, self._decider_failed, callbackArgs=(pending,), errbackArgs=(pending,)
             )
