@@ -195,7 +195,7 @@ class CheckChain:
             if entry.timeout not in by_timeout:
                 by_timeout[entry.timeout] = self._expiries.queue(entry.timeout, self._timed_out)
         self._timeout_queues = tuple(by_timeout[entry.timeout] for entry in self.entries)
-        self._deadline_queue = self._expiries.queue(deadline, self._deadline_passed)
+        self._deadline_queue = self._expiries.queue(deadline, self._give_up)
 
     def decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         """
@@ -404,15 +404,11 @@ class CheckChain:
         timeout = self.entries[walk.index].timeout
         self._go_on_after_failure(walk, Failure(TimeoutError(f"not done within {timeout}s")))
 
-    def _deadline_passed(self, walk: _Walk) -> None:
-        """
-        The request C{walk} missed its deadline.
-        """
-        if walk.pending is None:
-            return
-        self._give_up(walk)
-
     def _give_up(self, walk: _Walk) -> None:
+        """
+        The request C{walk} missed its deadline: stop waiting, and answer
+        C{deadline_policy}.
+        """
         pending, walk.pending = walk.pending, None
         self._expiries.discard(self._timeout_queues[walk.index], walk)
         if pending is not None:

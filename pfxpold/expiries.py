@@ -9,6 +9,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 
 class Expiries:
@@ -26,6 +27,8 @@ class Expiries:
     when nothing is left. Keys due at the same time expire in the order of
     their queues' creation.
     """
+
+    _log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
@@ -90,7 +93,11 @@ class Expiries:
                 if keys[key] > now:
                     break
                 del keys[key]
-                expired(key)
+                try:
+                    expired(key)
+                except Exception:
+                    # The others still expire, and the timer is set again.
+                    self._log.failure("expiring {key!r} failed", key=key)
         heads = [next(iter(keys.values())) for _, keys, _ in self._queues if keys]
         if heads:
             due = min(heads)

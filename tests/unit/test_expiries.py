@@ -112,3 +112,22 @@ class ExpiriesTests(SynchronousTestCase):
         self.clock.advance(call.getTime() - self.clock.seconds())
         self.assertEqual(self.expired, [("0.23", "b"), ("4.83", "a")])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failing_expiry(self):
+        """
+        An expiry callback that raises is logged; the keys after it still
+        expire, and the timer is set for the ones not due yet.
+        """
+
+        def broken(key):
+            raise RuntimeError("broken " + key)
+
+        failing = self.expiries.queue(1.0, broken)
+        self.expiries.add(failing, "a")
+        self.expiries.add(self.short, "b")
+        self.expiries.add(self.long, "c")
+        self.clock.advance(2.0)
+        self.assertEqual(self.expired, [("short", "b")])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.clock.advance(3.0)
+        self.assertEqual(self.expired, [("short", "b"), ("long", "c")])
