@@ -12,6 +12,13 @@ deadline. Those bounds are kept by one L{Expiries} per chain, not by a
 timer per request: at a few hundred requests waiting at once, adding and
 removing a dictionary entry costs less than a C{callLater} and its
 cancellation.
+
+Only Twisted's public Deferred API is used: a coroutine becomes a Deferred
+with C{Deferred.fromCoroutine}; a check's Deferred gets one C{addBoth}
+callback, which runs at once when the Deferred has a result (that is how
+the chain tells a fired one from a waiting one) and otherwise continues
+the request through the chain's own methods when it fires; a check given
+up on is C{cancel}led.
 """
 
 from __future__ import annotations
