@@ -30,8 +30,6 @@ class ScriptedDecider:
     fires through C{waiting}.
     """
 
-    deadline = 20.0
-
     def __init__(self):
         self.requests = []
         self.waiting = []
