@@ -337,7 +337,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 self._buffer = buffer[start:] + self._buffer[len(buffer) :]
         finally:
             self._parsing = False
-        self._finish_if_done()
+        if self._eof or self._violated:
+            self._finish_if_done()
 
     def _parse_requests(self, buffer: bytes) -> int:
         """
