@@ -3,19 +3,31 @@ The check chain: runs the configured checks in order and turns their
 answers, failures and timeouts into one decision per request.
 
 Checks that answer at once are run without a Deferred or a timer, so the
-common case costs a few function calls; a check that returns a Deferred or a
-coroutine moves the rest of the request onto an asynchronous path bounded by
-the check's timeout and the whole-request deadline, with one timer per
-request for whichever of the two comes first.
+common case costs a few function calls. A check may also answer with a
+Deferred or a coroutine: one that has already fired (a warm cache) is used
+at once, like a plain answer, and the request stays on the synchronous
+path. One still waiting moves the rest of the request onto the
+asynchronous path, bounded by the check's timeout and the whole-request
+deadline. Those bounds are kept by one L{Expiries} per chain, not by a
+timer per request: at a few hundred requests waiting at once, adding and
+removing a dictionary entry costs less than a C{callLater} and its
+cancellation.
+
+Only Twisted's public Deferred API is used: a coroutine becomes a Deferred
+with C{Deferred.fromCoroutine}; a check's Deferred gets one C{addBoth}
+callback, which runs at once when the Deferred has a result (that is how
+the chain tells a fired one from a waiting one) and otherwise continues
+the request through the chain's own methods when it fires; a check given
+up on is C{cancel}led.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import CoroutineType
-from typing import Any, Optional, Union, final
+from typing import Any, Optional, Union
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,11 +35,15 @@ from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError, as_action
 from pfxpold.escape import escape, is_clean
+from pfxpold.expiries import Expiries
 from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.request import PolicyRequest
 
 SKIP = "skip"
 NOREPLY = "noreply"
+
+#: What checks answer at once.
+_PLAIN = frozenset((Action, str))
 
 
 @dataclass(frozen=True)
@@ -89,239 +105,46 @@ class Decision:
     verdicts: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _settled(pending: Any) -> Any:
+class _Walk:
     """
-    A check's Deferred or coroutine, as a Deferred, or its result when it
-    already has one. A check answering from a warm cache with C{async def}
-    or C{succeed()} then costs no coroutine, timers or Deferreds of the
-    chain's own: the profile of the asynchronous path showed them costing
-    more than the check.
+    A request the chain is working on, from the first check that answered
+    with a Deferred to its decision.
 
-    @return: the result, or a Deferred that fires with it.
-    @raise Exception: what the check failed with, when it already failed
-        (except a cancellation, which goes the asynchronous way as before).
-    """
-    if isinstance(pending, CoroutineType):
-        pending = Deferred.fromCoroutine(pending)
-    if not pending.called or pending.paused:
-        return pending
-    outcome: list[Any] = []
-    later: list[Deferred[Any]] = []
-
-    def take(result: Any) -> None:
-        if later:
-            later[0].callback(result)
-        else:
-            outcome.append(result)
-
-    pending.addBoth(take)
-    if not outcome:
-        # Its callbacks are running right now (re-entrancy): wait for them.
-        later.append(Deferred(lambda _: pending.cancel()))
-        return later[0]
-    result = outcome[0]
-    if isinstance(result, Failure):
-        if result.check(CancelledError):
-            return fail(result)
-        result.raiseException()
-    return result
-
-
-# final: so that mypy narrows on the fast path's type(outcome) is _Waiting.
-@final
-class _Waiting:
-    """
-    Where a request's chain stopped: check C{index}, run at C{started} (0
-    when no observer reads it), answers later, with C{pending}; C{passed} is
-    the last non-decisive answer before it.
-    """
-
-    __slots__ = ("index", "passed", "pending", "started")
-
-    def __init__(
-        self, index: int, pending: Deferred[Any], passed: Action, started: float = 0.0
-    ) -> None:
-        self.index = index
-        self.pending = pending
-        self.passed = passed
-        self.started = started
-
-
-class _Continuation:
-    """
-    The rest of a request's chain once a check answered with a Deferred:
-    waits for it, then runs the following checks, with one timer for
-    whichever comes first of the waited-for check's timeout and the
-    request's deadline.
-
-    One timer per request instead of one per check and one for the
-    request, and no coroutine or Deferred of the chain's own around each
-    check: on a chain where every request waits for a store, these cost
-    more than the rest of the chain.
+    @ivar index: the check being run or waited for.
+    @ivar passed: the last non-decisive answer before it.
+    @ivar started: when it was run (0 when no observer reads it).
+    @ivar pending: the Deferred waited for; L{None} when not waiting.
+    @ivar settling: whether the Deferred's first callback is being added,
+        so that an answer now is used at once, not as a later one.
+    @ivar outcome: an answer (or failure) that came while settling.
+    @ivar decision: the Deferred of the decision, once the request waits.
+    @ivar deadline_at: when the request's deadline passes.
     """
 
     __slots__ = (
-        "chain",
         "request",
         "verdicts",
+        "index",
+        "passed",
+        "started",
+        "pending",
+        "settling",
+        "outcome",
         "decision",
         "deadline_at",
-        "waiting",
-        "check_at",
-        "timer",
-        "timer_at",
     )
 
-    def __init__(
-        self, chain: CheckChain, request: PolicyRequest, verdicts: list[tuple[str, str]]
-    ) -> None:
-        self.chain = chain
+    def __init__(self, request: PolicyRequest, verdicts: list[tuple[str, str]]) -> None:
         self.request = request
         self.verdicts = verdicts
-        self.decision: Deferred[Decision] = Deferred(self._cancelled)
-        self.deadline_at = chain._clock.seconds() + chain.deadline
-        self.waiting: Optional[_Waiting] = None
-        self.check_at = 0.0
-        self.timer: Any = None
-        self.timer_at = 0.0
-
-    def wait(self, waiting: _Waiting) -> Deferred[Decision]:
-        """
-        Wait for C{waiting.pending}, within its check's timeout and the
-        deadline.
-
-        @return: the Deferred of the request's decision.
-        """
-        chain = self.chain
-        clock = chain._clock
-        now = clock.seconds()
-        self.waiting = waiting
-        self.check_at = now + chain.entries[waiting.index].timeout
-        due = min(self.check_at, self.deadline_at)
-        if self.timer is None or due != self.timer_at:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = clock.callLater(max(0.0, due - now), self._expired)
-            self.timer_at = due
-        waiting.pending.addBoth(self._answered, waiting)
-        return self.decision
-
-    def _answered(self, outcome: Any, waiting: _Waiting) -> None:
-        # None: the result (or a late failure) of a check given up on is
-        # swallowed, not an unhandled error.
-        if waiting is not self.waiting:
-            return None
-        self.waiting = None
-        chain = self.chain
-        entry = chain.entries[waiting.index]
-        try:
-            if isinstance(outcome, Failure):
-                if outcome.check(CancelledError):
-                    # Not cancelled by the chain (it stopped waiting first):
-                    # the check broke; end the request as a chain error.
-                    self._unexpected(outcome)
-                    return None
-                outcome.raiseException()
-            action = chain._to_action(outcome)
-            if chain._failing and entry.name in chain._failing:
-                chain._recovered(entry)
-        except Exception:
-            self._go_on_after_failure(waiting, Failure())
-            return None
-        if chain.observer is not None:
-            chain.observer.check_answered(entry.name, action.verb, waiting.started)
-        if chain.record_verdicts:
-            self.verdicts.append((entry.name, str(action)))
-        if action.decisive:
-            self._finish(Decision(action, entry.name, self.verdicts))
-        else:
-            self._go_on(waiting.index + 1, action)
-        return None
-
-    def _expired(self) -> None:
-        self.timer = None
-        waiting, self.waiting = self.waiting, None
-        if waiting is None:
-            return
-        chain = self.chain
-        # The check's timeout first when both are due, as when each had
-        # its own timer: its on_error may still answer.
-        check_timed_out = self.check_at <= self.deadline_at
-        self._abandon(waiting.pending)
-        if check_timed_out:
-            timeout = chain.entries[waiting.index].timeout
-            failure = Failure(TimeoutError(f"not done within {timeout}s"))
-            self._go_on_after_failure(waiting, failure)
-        else:
-            self._abandoned(waiting)
-            self._finish(chain._deadline_passed(self.request, self.verdicts))
-
-    def _abandoned(self, waiting: _Waiting) -> None:
-        observer = self.chain.observer
-        if observer is not None:
-            observer.check_abandoned(self.chain.entries[waiting.index].name, waiting.started)
-
-    def _go_on_after_failure(self, waiting: _Waiting, failure: Failure) -> None:
-        decision = self.chain._failed(
-            self.chain.entries[waiting.index], failure, self.verdicts, waiting.started
-        )
-        if decision is not None:
-            self._finish(decision)
-        else:
-            self._go_on(waiting.index + 1, waiting.passed)
-
-    def _go_on(self, index: int, passed: Action) -> None:
-        try:
-            outcome, _ = self.chain._run_checks(self.request, index, passed, self.verdicts)
-        except Exception:
-            self._unexpected(Failure())
-            return
-        if type(outcome) is _Waiting:
-            if self.chain._clock.seconds() >= self.deadline_at:
-                self._abandon(outcome.pending.addErrback(lambda failure: None))
-                self._abandoned(outcome)
-                self._finish(self.chain._deadline_passed(self.request, self.verdicts))
-            else:
-                self.wait(outcome)
-            return
-        self._finish(outcome)
-
-    def _unexpected(self, failure: Failure) -> None:
-        self.chain._log.failure("check chain failed", failure)
-        self._finish(Decision(self.chain.deadline_policy.action, "error", self.verdicts))
-
-    def _finish(self, decision: Decision) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if not self.decision.called:
-            self.decision.callback(decision)
-
-    def _cancelled(self, decision: Deferred[Decision]) -> None:
-        """
-        The caller gave up on the decision: stop waiting, and answer as a
-        chain error rather than fail (a decider never fails).
-        """
-        waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            self._abandon(waiting.pending)
-        self._finish(Decision(self.chain.deadline_policy.action, "error", self.verdicts))
-
-    def _abandon(self, pending: Deferred[Any]) -> None:
-        """
-        Cancel a check's Deferred the chain no longer waits for; a check
-        whose cancellation breaks must not leave the request unanswered.
-        """
-        try:
-            pending.cancel()
-        except Exception:
-            self.chain._log.failure("cancelling a check's Deferred failed")
-
-
-class _CheckFailed(Exception):
-    """
-    A check's answer could not be used; carries the policy outcome.
-    """
+        self.index = 0
+        self.passed = DUNNO
+        self.started = 0.0
+        self.pending: Optional[Deferred[Any]] = None
+        self.settling = False
+        self.outcome: Any = None
+        self.decision: Optional[Deferred[Decision]] = None
+        self.deadline_at = 0.0
 
 
 @implementer(IPolicyDecider)
@@ -331,6 +154,8 @@ class CheckChain:
     wins, and C{default_action} applies when every check passes. Without a
     default action, the last check's DUNNO is answered, text and all.
 
+    @ivar deadline: seconds a request waiting for checks may take in all
+        before C{deadline_policy} answers it.
     @ivar observer: told of every check's answer, failure and abandonment
         (a L{pfxpold.metrics.Metrics}), or L{None}: nothing is timed or
         called.
@@ -361,27 +186,44 @@ class CheckChain:
         self.record_verdicts = record_verdicts
         self._clock = clock
         self._parsed: dict[str, Action] = {}
+        self._plain_verbs: set[str] = set()
         # The kind of error each failing check last raised: during a backend
         # outage every request fails alike, and one traceback is enough.
         self._failing: dict[str, type] = {}
         self._listeners = tuple(
             entry.check for entry in self.entries if IDecisionListener.providedBy(entry.check)
         )
+        # The check timeouts' queues first: a check timing out exactly at
+        # the deadline is handled as its own timeout, so its on_error may
+        # still answer.
+        self._expiries = Expiries(clock)
+        by_timeout: dict[float, int] = {}
+        for entry in self.entries:
+            if entry.timeout not in by_timeout:
+                by_timeout[entry.timeout] = self._expiries.queue(entry.timeout, self._timed_out)
+        self._timeout_queues = tuple(by_timeout[entry.timeout] for entry in self.entries)
+        self._deadline_queue = self._expiries.queue(deadline, self._give_up)
 
     def decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         """
         Decide on C{request}, and tell the L{IDecisionListener} checks.
 
-        @return: a L{Decision}, at once when every check answered at once,
-            else a Deferred that fires with one within the deadline and
-            never fails.
+        @return: a L{Decision}, at once when every check answered at once
+            (with a value, or a Deferred or coroutine that had already
+            finished), else a Deferred that fires with one within the
+            deadline and never fails.
         """
-        decision = self._decide(request)
-        if not self._listeners:
+        verdicts: list[tuple[str, str]] = []
+        outcome = self._run(request, verdicts, 0, DUNNO, None)
+        if type(outcome) is _Walk:
+            decision = self._wait(outcome)
+            if self._listeners:
+                decision.addCallback(self._tell_listeners, request)
             return decision
-        if isinstance(decision, Deferred):
-            return decision.addCallback(self._tell_listeners, request)
-        return self._tell_listeners(decision, request)
+        assert type(outcome) is Decision
+        if self._listeners:
+            self._tell_listeners(outcome, request)
+        return outcome
 
     def _tell_listeners(self, decision: Decision, request: PolicyRequest) -> Decision:
         for listener in self._listeners:
@@ -391,31 +233,23 @@ class CheckChain:
                 self._log.failure("decision listener {listener!r} failed", listener=listener)
         return decision
 
-    def _decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
-        verdicts: list[tuple[str, str]] = []
-        outcome, settled = self._run_checks(request, 0, DUNNO, verdicts)
-        if type(outcome) is _Waiting:
-            return _Continuation(self, request, verdicts).wait(outcome)
-        # A check answered with a Deferred or coroutine that had already
-        # finished: the caller still gets a (fired) Deferred, as before.
-        return succeed(outcome) if settled else outcome
+    # The walk through the checks
 
-    def _run_checks(
+    def _run(
         self,
         request: PolicyRequest,
+        verdicts: list[tuple[str, str]],
         index: int,
         passed: Action,
-        verdicts: list[tuple[str, str]],
-    ) -> tuple[Union[Decision, _Waiting], bool]:
+        walk: Optional[_Walk],
+    ) -> Union[Decision, _Walk]:
         """
         Run the checks from C{index} on, for as long as they answer at once.
 
-        @return: the decision, or a L{_Waiting} when a check answers later;
-            and whether a check answered with a Deferred or a coroutine
-            (that had already finished).
+        @param walk: the request's L{_Walk}, if it has one yet.
+        @return: the decision, or the request's L{_Walk} waiting for check
+            C{walk.index}'s Deferred.
         """
-        decision: Optional[Decision] = None
-        settled = False
         entries = self.entries
         observer = self.observer
         started = 0.0
@@ -425,18 +259,30 @@ class CheckChain:
                 started = self._clock.seconds()
             try:
                 result = entry.check.check(request)
-                if isinstance(result, (Deferred, CoroutineType)):
-                    settled = True
-                    result = _settled(result)
-                    if isinstance(result, Deferred):
-                        return _Waiting(index, result, passed, started), True
+                # type() first: Deferred is an abstract Awaitable, and
+                # isinstance on it takes the slow ABC path.
+                if type(result) not in _PLAIN and isinstance(result, (Deferred, CoroutineType)):
+                    if walk is None:
+                        walk = _Walk(request, verdicts)
+                    if not self._settle(walk, result):
+                        walk.index = index
+                        walk.passed = passed
+                        walk.started = started
+                        return walk
+                    result = walk.outcome
+                    walk.outcome = None
+                    if isinstance(result, Failure):
+                        if result.check(CancelledError):
+                            # Cancelled by someone else: the check broke.
+                            return self._chain_error(result, verdicts)
+                        result.raiseException()
                 action = self._to_action(result)
                 if self._failing and entry.name in self._failing:
                     self._recovered(entry)
             except Exception:
                 decision = self._failed(entry, Failure(), verdicts, started)
                 if decision is not None:
-                    break
+                    return decision
                 index += 1
                 continue
             if observer is not None:
@@ -444,23 +290,178 @@ class CheckChain:
             if self.record_verdicts:
                 verdicts.append((entry.name, str(action)))
             if action.decisive:
-                decision = Decision(action, entry.name, verdicts)
-                break
+                return Decision(action, entry.name, verdicts)
             passed = action
             index += 1
-        if decision is None:
-            decision = Decision(self.default_action or passed, "default", verdicts)
-        return decision, settled
+        return Decision(self.default_action or passed, "default", verdicts)
 
-    def _deadline_passed(self, request: PolicyRequest, verdicts: list[tuple[str, str]]) -> Decision:
+    def _settle(
+        self, walk: _Walk, pending: Union[Deferred[Any], CoroutineType[Any, Any, Any]]
+    ) -> bool:
+        """
+        Take a check's Deferred or coroutine's answer if it has one now.
+
+        @return: whether it had: its result (or failure) is then in
+            C{walk.outcome}; otherwise C{walk.pending} is the Deferred to
+            wait for, and L{_answered} continues the walk when it fires.
+        """
+        if type(pending) is CoroutineType:
+            pending = Deferred.fromCoroutine(pending)
+        walk.pending = pending
+        # A Deferred that has fired (and is not paused, nor running its
+        # callbacks) runs this callback at once.
+        walk.settling = True
+        pending.addBoth(self._answered, walk, pending)
+        walk.settling = False
+        return walk.pending is None
+
+    def _answered(self, outcome: object, walk: _Walk, pending: Deferred[Any]) -> None:
+        """
+        A check's Deferred fired: use its answer at once while settling,
+        else go on with the walk.
+
+        @return: L{None}: the result (or a late failure) of a check given up
+            on is swallowed, not an unhandled error.
+        """
+        if walk.pending is not pending:
+            return None
+        walk.pending = None
+        if walk.settling:
+            walk.outcome = outcome
+            return None
+        self._expiries.discard(self._timeout_queues[walk.index], walk)
+        entry = self.entries[walk.index]
+        try:
+            if isinstance(outcome, Failure):
+                if outcome.check(CancelledError):
+                    # Not cancelled by the chain (it stopped waiting first):
+                    # the check broke; end the request as a chain error.
+                    self._finish(walk, self._chain_error(outcome, walk.verdicts))
+                    return None
+                outcome.raiseException()
+            action = self._to_action(outcome)
+            if self._failing and entry.name in self._failing:
+                self._recovered(entry)
+        except Exception:
+            self._go_on_after_failure(walk, Failure())
+            return None
+        if self.observer is not None:
+            self.observer.check_answered(entry.name, action.verb, walk.started)
+        if self.record_verdicts:
+            walk.verdicts.append((entry.name, str(action)))
+        if action.decisive:
+            self._finish(walk, Decision(action, entry.name, walk.verdicts))
+        else:
+            self._go_on(walk, walk.index + 1, action)
+        return None
+
+    def _go_on_after_failure(self, walk: _Walk, failure: Failure) -> None:
+        decision = self._failed(self.entries[walk.index], failure, walk.verdicts, walk.started)
+        if decision is not None:
+            self._finish(walk, decision)
+        else:
+            self._go_on(walk, walk.index + 1, walk.passed)
+
+    def _go_on(self, walk: _Walk, index: int, passed: Action) -> None:
+        """
+        Run the checks after the one that answered late, and wait again or
+        decide.
+        """
+        try:
+            outcome = self._run(walk.request, walk.verdicts, index, passed, walk)
+        except Exception:
+            self._finish(walk, self._chain_error(Failure(), walk.verdicts))
+            return
+        if type(outcome) is _Walk:
+            self._wait(walk)
+        else:
+            assert type(outcome) is Decision
+            self._finish(walk, outcome)
+
+    def _wait(self, walk: _Walk) -> Deferred[Decision]:
+        """
+        Wait for C{walk.pending} within its check's timeout and the
+        request's deadline, which starts with the first wait.
+
+        @return: the Deferred of the request's decision.
+        """
+        expiries = self._expiries
+        if walk.decision is None:
+            walk.decision = Deferred(lambda decision: self._cancelled(walk))
+            walk.deadline_at = self._clock.seconds() + self.deadline
+            expiries.add(self._deadline_queue, walk)
+        elif self._clock.seconds() >= walk.deadline_at:
+            # A check timed out (skip) at the deadline, or the checks after
+            # a late answer took the rest of it.
+            self._give_up(walk)
+            return walk.decision
+        expiries.add(self._timeout_queues[walk.index], walk)
+        return walk.decision
+
+    # Endings
+
+    def _timed_out(self, walk: _Walk) -> None:
+        """
+        The check C{walk} waits for took longer than its timeout.
+        """
+        pending, walk.pending = walk.pending, None
+        if pending is None:
+            return
+        self._abandon(pending)
+        timeout = self.entries[walk.index].timeout
+        self._go_on_after_failure(walk, Failure(TimeoutError(f"not done within {timeout}s")))
+
+    def _give_up(self, walk: _Walk) -> None:
+        """
+        The request C{walk} missed its deadline: stop waiting, and answer
+        C{deadline_policy}.
+        """
+        pending, walk.pending = walk.pending, None
+        self._expiries.discard(self._timeout_queues[walk.index], walk)
+        if pending is not None:
+            self._abandon(pending)
+        if self.observer is not None:
+            self.observer.check_abandoned(self.entries[walk.index].name, walk.started)
         policy = self.deadline_policy
         self._log.warn(
             "request from {client} missed the {deadline}s deadline; answering {outcome}",
-            client=escape(request.client_address),
+            client=escape(walk.request.client_address),
             deadline=self.deadline,
             outcome=str(policy),
         )
-        return Decision(policy.action, "deadline", verdicts)
+        self._finish(walk, Decision(policy.action, "deadline", walk.verdicts))
+
+    def _cancelled(self, walk: _Walk) -> None:
+        """
+        The caller gave up on the decision: stop waiting, and answer as a
+        chain error rather than fail (a decider never fails).
+        """
+        pending, walk.pending = walk.pending, None
+        if pending is not None:
+            self._expiries.discard(self._timeout_queues[walk.index], walk)
+            self._abandon(pending)
+        self._finish(walk, Decision(self.deadline_policy.action, "error", walk.verdicts))
+
+    def _finish(self, walk: _Walk, decision: Decision) -> None:
+        self._expiries.discard(self._deadline_queue, walk)
+        if walk.decision is not None and not walk.decision.called:
+            walk.decision.callback(decision)
+
+    def _abandon(self, pending: Deferred[Any]) -> None:
+        """
+        Cancel a check's Deferred the chain no longer waits for; a check
+        whose cancellation breaks must not leave the request unanswered.
+        """
+        try:
+            pending.cancel()
+        except Exception:
+            self._log.failure("cancelling a check's Deferred failed")
+
+    def _chain_error(self, failure: Failure, verdicts: list[tuple[str, str]]) -> Decision:
+        self._log.failure("check chain failed", failure)
+        return Decision(self.deadline_policy.action, "error", verdicts)
+
+    # Answers and failures
 
     def _to_action(self, result: object) -> Action:
         """
@@ -476,7 +477,15 @@ class CheckChain:
                 if len(self._parsed) < 4096:
                     self._parsed[result] = action
             return action
-        return as_action(result, self.restriction_classes)
+        if type(result) is Action and result.verb in self._plain_verbs:
+            # An access(5) verb or a status code: nothing to check against
+            # the restriction classes.
+            return result
+        action = as_action(result, self.restriction_classes)
+        if not action.is_restriction_class:
+            # Bounded: the access(5) verbs and three-digit codes.
+            self._plain_verbs.add(action.verb)
+        return action
 
     def _recovered(self, entry: ChainEntry) -> None:
         del self._failing[entry.name]

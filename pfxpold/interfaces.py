@@ -35,16 +35,18 @@ class ICheck(Interface):
 class IPolicyDecider(Interface):
     """
     What the protocol asks for an answer: the check chain, in the daemon.
-    """
 
-    deadline = Attribute("Seconds a request may take before it is abandoned.")
+    How long a decision may take is the decider's own business (the check
+    chain's C{deadline}); the protocol waits for it, answers in order, and
+    cancels nothing.
+    """
 
     def decide(request):
         """
         Decide on one request.
 
-        @return: a L{pfxpold.chain.Decision}, or a Deferred that fires with
-            one. It never fails.
+        @return: a L{pfxpold.chain.Decision}, at once when the decider has
+            one, or a Deferred that fires with one. It never fails.
         """
 
 

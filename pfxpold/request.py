@@ -104,6 +104,17 @@ class PolicyRequest(Mapping[str, str]):
     def __init__(self, attributes: Mapping[str, str]) -> None:
         object.__setattr__(self, "_attributes", dict(attributes))
 
+    @classmethod
+    def adopt(cls, attributes: dict[str, str]) -> PolicyRequest:
+        """
+        A request holding C{attributes} itself rather than a copy: for the
+        protocol, which builds a new dictionary for every request and gives
+        it up. Nobody may change the dictionary afterwards.
+        """
+        request = cls.__new__(cls)
+        object.__setattr__(request, "_attributes", attributes)
+        return request
+
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("PolicyRequest is immutable")
 

@@ -33,6 +33,17 @@ class Answer:
 
 
 @implementer(ICheck)
+class RequestAnswer:
+    """A check that answers what C{answer(request)} gives."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def check(self, request):
+        return self.answer(request)
+
+
+@implementer(ICheck)
 class Raises:
     """A check that raises."""
 
@@ -294,11 +305,11 @@ class AsynchronousChainTests(ChainTestCase):
     """
 
     def test_fired_deferred(self):
-        """An already fired Deferred is used like a plain answer."""
+        """An already fired Deferred is used like a plain answer, at once."""
         decision = chain(Answer(lambda: succeed("DUNNO")), Answer("REJECT x")).decide(
             make_request()
         )
-        self.assertEqual(self.successResultOf(decision).action, Action("REJECT", "x"))
+        self.assertEqual(decision.action, Action("REJECT", "x"))
 
     def test_failed_deferred(self):
         """An already failed Deferred is handled by on_error."""
@@ -306,7 +317,7 @@ class AsynchronousChainTests(ChainTestCase):
             decision = chain(
                 (Answer(lambda: fail(RuntimeError("x"))), 1, DEFER), Answer("OK")
             ).decide(make_request())
-        self.assertEqual(str(self.successResultOf(decision).action), DEFER)
+        self.assertEqual(str(decision.action), DEFER)
 
     def test_deferred_later(self):
         """A Deferred fired later decides, then later checks run in order."""
@@ -350,7 +361,7 @@ class AsynchronousChainTests(ChainTestCase):
 
         with capturedLogs() as events:
             decision = chain((Broken(), 1, "noreply")).decide(make_request())
-        self.assertIsNone(self.successResultOf(decision).action)
+        self.assertIsNone(decision.action)
         self.assertTrue([e for e in events if e.get("check") == "c1"])
 
     def test_invalid_async_action(self):
@@ -359,7 +370,7 @@ class AsynchronousChainTests(ChainTestCase):
             decision = chain((Answer(lambda: succeed("NOPE x")), 1, "REJECT bug")).decide(
                 make_request()
             )
-        self.assertEqual(str(self.successResultOf(decision).action), "REJECT bug")
+        self.assertEqual(str(decision.action), "REJECT bug")
         self.assertIn("bug", [e for e in events if e.get("check") == "c1"][0]["log_format"])
 
     def check_timeout(self, on_error):
@@ -500,26 +511,104 @@ class AsynchronousChainTests(ChainTestCase):
 
 class RequestTimerTests(ChainTestCase):
     """
-    A request waiting for checks holds one timer, due at whichever comes
-    first of the waited-for check's timeout and the request's deadline.
+    The requests waiting for checks share one timer per chain, due no later
+    than the first check timeout or deadline of any of them.
     """
 
-    def test_one_timer_per_request(self):
+    def test_one_timer_per_chain(self):
         """
-        While a request waits for one check and then another, the clock
-        holds one timer for it, due at the check's timeout; none is left.
+        However many requests wait, the clock holds one timer for them,
+        due at the first expiry; none is left when they are decided.
+        """
+        clock = Clock()
+        waiting = [Deferred() for _ in range(50)]
+        answers = iter(waiting)
+        checks = chain((Answer(lambda: next(answers)), 3.0, "skip"), clock=clock)
+        decisions = []
+        for _ in range(50):
+            decisions.append(checks.decide(make_request()))
+            clock.advance(0.01)
+        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [3.0])
+        for pending in waiting:
+            pending.callback("OK")
+        self.assertEqual(
+            [self.successResultOf(decision).action for decision in decisions], [Action("OK")] * 50
+        )
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_next_check_timeout(self):
+        """
+        After a check answers and the next one waits, the next check's
+        timeout holds from when it was run; the timer no longer needed by
+        the first one fires harmlessly and moves on to it.
         """
         clock = Clock()
         first, second = Deferred(), Deferred()
-        checks = chain((Answer(first), 3.0, "skip"), (Answer(second), 4.0, "skip"), clock=clock)
-        decision = checks.decide(make_request())
-        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [3.0])
-        clock.advance(1.0)
-        first.callback("DUNNO")
-        self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [5.0])
-        second.callback("OK")
-        self.assertEqual(self.successResultOf(decision).action, Action("OK"))
+        checks = chain(
+            (Answer(first), 3.0, "skip"), (Answer(second), 4.0, "REJECT slow"), clock=clock
+        )
+        with capturedLogs():
+            decision = checks.decide(make_request())
+            self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [3.0])
+            clock.advance(1.0)
+            first.callback("DUNNO")
+            clock.advance(2.0)  # the first check's timeout, no longer waited for
+            self.assertNoResult(decision)
+            self.assertEqual([call.getTime() for call in clock.getDelayedCalls()], [5.0])
+            clock.advance(1.9)
+            self.assertNoResult(decision)
+            clock.advance(0.1)
+        self.assertEqual(str(self.successResultOf(decision).action), "REJECT slow")
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeouts_in_order(self):
+        """
+        Requests waiting on checks of different timeouts each time out at
+        their own time, on the one timer.
+        """
+        clock = Clock()
+
+        def first_waits_for_slow(request):
+            return Deferred() if request.get("slow") else "DUNNO"
+
+        checks = chain(
+            (RequestAnswer(first_waits_for_slow), 5.0, "REJECT five"),
+            (Answer(lambda: Deferred()), 2.0, "REJECT two"),
+            clock=clock,
+        )
+        with capturedLogs():
+            five = checks.decide(make_request(slow="1"))
+            clock.advance(1.0)
+            two = checks.decide(make_request())
+            clock.advance(2.0)
+            self.assertEqual(str(self.successResultOf(two).action), "REJECT two")
+            self.assertNoResult(five)
+            clock.advance(2.0)
+        self.assertEqual(str(self.successResultOf(five).action), "REJECT five")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_answer_while_its_callbacks_run(self):
+        """
+        A check answering with a Deferred whose callbacks are running (a
+        request decided from within them) is waited for, and decides once
+        they are done.
+        """
+        clock = Clock()
+        shared = Deferred()
+        checks = chain(Answer(lambda: shared), clock=clock)
+        inner = []
+
+        def decide_within(result):
+            decision = checks.decide(make_request())
+            self.assertNoResult(decision)
+            inner.append(decision)
+            return result
+
+        shared.addCallback(decide_within)
+        shared.callback("REJECT shared")
+        [inner_decision] = inner
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual(str(self.successResultOf(inner_decision).action), "REJECT shared")
 
     def test_timer_at_deadline_when_sooner(self):
         """

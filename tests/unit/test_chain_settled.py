@@ -1,7 +1,8 @@
 """
 Tests for the chain's shortcut for checks whose Deferred or coroutine has
 already finished when C{check} returns (a warm cache): the outcome must be
-what the asynchronous path gives, including the Deferred the caller sees.
+what the asynchronous path gives, and the caller gets it at once, as a
+plain L{Decision}, with no timer or Deferred of the chain's own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pfxpold.action import Action
-from pfxpold.chain import ChainEntry, CheckChain, ErrorPolicy
+from pfxpold.chain import ChainEntry, CheckChain, Decision, ErrorPolicy
 from pfxpold.interfaces import ICheck
 from pfxpold.testing import make_request
 
@@ -64,13 +65,12 @@ class SettledTests(SynchronousTestCase):
     """
 
     def test_finished_coroutine(self):
-        """A finished coroutine decides at once, through a fired Deferred."""
+        """A finished coroutine decides at once, as a plain Decision."""
         clock = Clock()
-        decision = chain(Cached("DUNNO"), Cached("REJECT cached"), clock=clock).decide(
+        result = chain(Cached("DUNNO"), Cached("REJECT cached"), clock=clock).decide(
             make_request()
         )
-        self.assertIsInstance(decision, Deferred)
-        result = self.successResultOf(decision)
+        self.assertIsInstance(result, Decision)
         self.assertEqual((str(result.action), result.decided_by), ("REJECT cached", "c2"))
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -79,21 +79,19 @@ class SettledTests(SynchronousTestCase):
         later = Returns(lambda: "OK")
         decision = chain(Returns(lambda: succeed("DUNNO")), later).decide(make_request())
         self.assertEqual(later.calls, 1)
-        self.assertEqual(self.successResultOf(decision).action, Action("OK"))
+        self.assertEqual(decision.action, Action("OK"))
 
     def test_default_after_fired(self):
-        """The default action applies after fired DUNNOs, still as a Deferred."""
-        decision = chain(Cached("DUNNO"), default="OK").decide(make_request())
-        result = self.successResultOf(decision)
+        """The default action applies after fired DUNNOs."""
+        result = chain(Cached("DUNNO"), default="OK").decide(make_request())
         self.assertEqual((result.action, result.decided_by), (Action("OK"), "default"))
 
     def test_failed_goes_to_on_error(self):
         """An already failed Deferred is the check's error (on_error)."""
         with capturedLogs() as events:
-            decision = chain(
+            result = chain(
                 Returns(lambda: fail(RuntimeError("down"))), on_error="REJECT down"
             ).decide(make_request())
-        result = self.successResultOf(decision)
         self.assertEqual((str(result.action), result.decided_by), ("REJECT down", "c1"))
         self.assertTrue([e for e in events if e.get("check") == "c1"])
         self.flushLoggedErrors(RuntimeError)
@@ -101,8 +99,7 @@ class SettledTests(SynchronousTestCase):
     def test_cancelled_is_a_chain_error(self):
         """An already cancelled Deferred ends the request as before: a chain error."""
         with capturedLogs():
-            decision = chain(Returns(lambda: fail(CancelledError()))).decide(make_request())
-        result = self.successResultOf(decision)
+            result = chain(Returns(lambda: fail(CancelledError()))).decide(make_request())
         self.assertEqual((str(result.action), result.decided_by), (DEFER, "error"))
         self.flushLoggedErrors(CancelledError)
 

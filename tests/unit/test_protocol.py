@@ -6,7 +6,7 @@ limits and timeouts, and the factory's bookkeeping.
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -29,8 +29,6 @@ class ScriptedDecider:
     (C{"noreply"} for none); with C{wait=1} it returns a Deferred the test
     fires through C{waiting}.
     """
-
-    deadline = 20.0
 
     def __init__(self):
         self.requests = []
@@ -682,6 +680,57 @@ class FlowControlTests(ProtocolTestCase):
         self.assertEqual(self.transport.producerState, "paused")
         self.protocol._resume("too many requests in flight")
         self.assertEqual(self.transport.producerState, "producing")
+
+
+class ReentrancyTests(ProtocolTestCase):
+    """
+    A decider that answers or feeds data while the protocol is parsing.
+    """
+
+    def test_data_while_parsing(self):
+        """
+        Data delivered from within a decision (a transport delivering
+        re-entrantly) is parsed after what was already read, in order.
+        """
+        decide = self.decider.decide
+        fed = []
+
+        def feeding(request):
+            if not fed:
+                fed.append(True)
+                self.send(request_bytes(answer="REJECT third"))
+            return decide(request)
+
+        self.decider.decide = feeding
+        self.send(request_bytes(answer="OK") + request_bytes(answer="HOLD"))
+        self.assertEqual(
+            self.written(), b"action=OK\n\naction=HOLD\n\naction=REJECT third\n\n"
+        )
+        self.assertEqual(self.protocol._buffer, b"")
+
+    def test_resumed_while_parsing(self):
+        """
+        A request answered by an already fired Deferred at max_pipelined
+        pauses and resumes reading from within the parse loop; every
+        request is answered once, in order, and reading goes on.
+        """
+        decide = self.decider.decide
+
+        def fired(request):
+            return succeed(decide(request))
+
+        self.decider.decide = fired
+        self.send(b"".join(request_bytes(answer=f"HOLD {i}") for i in range(7)))
+        self.assertEqual(self.written(), b"".join(b"action=HOLD %d\n\n" % i for i in range(7)))
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.factory.in_flight, 0)
+
+    def test_stop_producing(self):
+        """A transport that stops us is not read from any more."""
+        self.protocol.stopProducing()
+        self.send(request_bytes(answer="OK"))
+        self.assertEqual(self.written(), b"")
+        self.assertEqual(self.transport.producerState, "paused")
 
 
 class FactoryTests(ProtocolTestCase):

@@ -85,6 +85,19 @@ class PolicyRequestTests(SynchronousTestCase):
     L{PolicyRequest} is an immutable mapping with typed helpers.
     """
 
+    def test_adopt(self):
+        """
+        An adopted dictionary makes a request equal to a copied one, just
+        as immutable.
+        """
+        attributes = {"sender": "a@example.com", "recipient": "b@example.org"}
+        request = PolicyRequest.adopt(attributes)
+        self.assertEqual(request, PolicyRequest(dict(attributes)))
+        self.assertEqual(request.sender, "a@example.com")
+        self.assertRaises(AttributeError, setattr, request, "sender", "x")
+        with self.assertRaises(TypeError):
+            request["sender"] = "x"  # type: ignore[index]
+
     def test_mapping(self):
         """It reads like a dict, keeps unknown attributes and iterates in order."""
         request = PolicyRequest({"sender": "a@b", "tls_sni": "mx.example"})
