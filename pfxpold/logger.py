@@ -42,7 +42,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from twisted.logger import (
-    FileLogObserver,
     ILogObserver,
     LogLevel,
     formatEvent,
@@ -52,7 +51,7 @@ from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from pfxpold.requestlog import BATCH_KEY, Batch, render
+from pfxpold.requestlog import BATCH_KEY, Batch
 
 #: The environment variable naming the syslog socket of
 #: L{SyslogMailObserver} (by default C{/dev/log}).
@@ -85,16 +84,47 @@ def _classic_prefix(event: Mapping[str, Any], second: int) -> str:
     return text[:-2]
 
 
-def classic_text(event: dict[str, Any]) -> Optional[str]:
+#: Characters of a batch written at a time to a text log: twistd's LogFile
+#: checks whether to rotate (at 1 MB) before each write, so a batch must
+#: not push the file far past that.
+WRITE_SIZE = 4096
+
+
+@implementer(ILogObserver)
+class TextLogObserver:
     """
-    An event as twistd's text log writes it (Twisted's
-    C{formatEventAsClassicLogText}); a batch of request lines as one such
-    line per request.
+    Writes events to a text file as twistd's C{textFileLogObserver} does
+    (Twisted's C{formatEventAsClassicLogText}), and a batch of request
+    lines as one such line per request, as if each had been an event of its
+    own, in writes of about L{WRITE_SIZE} characters and one flush.
+
+    @ivar output: the file: a L{LogFile} or standard output.
     """
-    batch: Optional[Batch] = event.get(BATCH_KEY)
-    if batch is None:
-        return formatEventAsClassicLogText(event)
-    return render(batch, lambda second: _classic_prefix(event, second))
+
+    def __init__(self, output: Any) -> None:
+        self.output = output
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        batch: Optional[Batch] = event.get(BATCH_KEY)
+        if batch is None:
+            text = formatEventAsClassicLogText(event)
+            if text:
+                self.output.write(text)
+                self.output.flush()
+            return
+        write = self.output.write
+        for second, lines in batch:
+            prefix = _classic_prefix(event, second)
+            start = 0
+            while start < len(lines):
+                # As many lines as make WRITE_SIZE, at least one.
+                end, size = start, 0
+                while end < len(lines) and size < WRITE_SIZE:
+                    size += len(lines[end]) + len(prefix) + 1
+                    end += 1
+                write(prefix + ("\n" + prefix).join(lines[start:end]) + "\n")
+                start = end
+        self.output.flush()
 
 
 def _twistd_output(twistd_options: Optional[Mapping[str, Any]]) -> Optional[str]:
@@ -118,7 +148,8 @@ def twistd_log_observer(
 ) -> Optional[ILogObserver]:
     """
     The observer twistd would make from its options for a log file or for
-    standard output, writing batches of request lines (L{classic_text}).
+    standard output, writing batches of request lines
+    (L{TextLogObserver}).
 
     As twistd does: C{--logfile FILE} (C{twistd.log} by default when
     daemonized) is a L{LogFile}, rotated at 1 MB and, unless something
@@ -144,7 +175,7 @@ def twistd_log_observer(
                 reactor.callFromThread(output.rotate)
 
             signal.signal(signal.SIGUSR1, rotate)
-    return FileLogObserver(output, classic_text)
+    return TextLogObserver(output)
 
 
 def takes_request_batches(twistd_options: Optional[Mapping[str, Any]]) -> bool:
@@ -341,7 +372,7 @@ mail_syslog.takes_request_batches = True  # type: ignore[attr-defined]
 __all__ = [
     "OffersLogObserver",
     "SyslogMailObserver",
-    "classic_text",
+    "TextLogObserver",
     "mail_syslog",
     "takes_request_batches",
     "twistd_log_observer",

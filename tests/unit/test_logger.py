@@ -25,9 +25,10 @@ from zope.interface.verify import verifyObject
 from pfxpold import logger
 from pfxpold.logger import (
     SYSLOG_SOCKET_VARIABLE,
+    WRITE_SIZE,
     OffersLogObserver,
     SyslogMailObserver,
-    classic_text,
+    TextLogObserver,
     mail_syslog,
     takes_request_batches,
     twistd_log_observer,
@@ -308,14 +309,38 @@ def request_event(line, when, **extra):
     )
 
 
-class ClassicTextTests(SynchronousTestCase):
+class RecordingFile:
     """
-    L{classic_text} writes events as twistd's text log does, and a batch as
-    the lines its requests would have had as events of their own.
+    A text file that keeps each write and counts flushes.
     """
 
+    def __init__(self):
+        self.writes = []
+        self.flushes = 0
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        self.flushes += 1
+
+
+class TextLogObserverTests(SynchronousTestCase):
+    """
+    L{TextLogObserver} writes events as twistd's text log does, and a batch
+    as the lines its requests would have had as events of their own.
+    """
+
+    def setUp(self):
+        self.output = RecordingFile()
+        self.observer = TextLogObserver(self.output)
+
+    def test_verify(self):
+        """It is an ILogObserver."""
+        self.assertTrue(verifyObject(ILogObserver, self.observer))
+
     def test_event(self):
-        """An ordinary event is Twisted's classic text."""
+        """An ordinary event is Twisted's classic text, written and flushed."""
         event = dict(
             log_format="hello {x}",
             x="there",
@@ -323,30 +348,56 @@ class ClassicTextTests(SynchronousTestCase):
             log_namespace="a.b",
             log_time=WHEN + 0.5,
         )
-        self.assertEqual(classic_text(event), formatEventAsClassicLogText(event))
+        self.observer(event)
+        self.assertEqual(self.output.writes, [formatEventAsClassicLogText(event)])
+        self.assertEqual(self.output.flushes, 1)
+
+    def test_empty_event(self):
+        """An event with no text writes nothing."""
+        self.observer({"log_level": LogLevel.info})
+        self.assertEqual(self.output.writes, [])
 
     def test_batch_as_single_events(self):
         """
         A batch is written exactly as its lines were, one event each, by
-        twistd's observer: timestamp of its second, the protocol's system.
+        twistd's observer: timestamp of its second, the protocol's system;
+        flushed once.
         """
         batch = [(WHEN, ["one", "two"]), (WHEN + 61, ["three"])]
-        event = request_event("one\ntwo\nthree", WHEN + 62, **{BATCH_KEY: batch})
+        self.observer(request_event("one\ntwo\nthree", WHEN + 62, **{BATCH_KEY: batch}))
         expected = "".join(
             formatEventAsClassicLogText(request_event(line, when))
             for when, line in ((WHEN, "one"), (WHEN, "two"), (WHEN + 61, "three"))
         )
-        self.assertEqual(classic_text(event), expected)
+        self.assertEqual("".join(self.output.writes), expected)
         self.assertIn(" [pfxpold.protocol.PolicyProtocol#info] one\n", expected)
+        self.assertEqual(self.output.flushes, 1)
 
     def test_batch_system(self):
         """An event's own log_system is kept, as Twisted's formatter keeps it."""
-        batch = [(WHEN, ["one"])]
-        event = request_event("one", WHEN, log_system="worker", **{BATCH_KEY: batch})
-        self.assertEqual(
-            classic_text(event),
-            formatEventAsClassicLogText(request_event("one", WHEN, log_system="worker")),
+        self.observer(
+            request_event("one", WHEN, log_system="worker", **{BATCH_KEY: [(WHEN, ["one"])]})
         )
+        self.assertEqual(
+            self.output.writes,
+            [formatEventAsClassicLogText(request_event("one", WHEN, log_system="worker"))],
+        )
+
+    def test_batch_in_pieces(self):
+        """
+        A large batch is written a few KiB at a time, whole lines each, so
+        that twistd's LogFile, which decides to rotate before each write,
+        rotates close to its size.
+        """
+        lines = [f"line {number} " + "x" * 190 for number in range(200)]
+        self.observer(request_event("", WHEN, **{BATCH_KEY: [(WHEN, lines)]}))
+        self.assertGreater(len(self.output.writes), 5)
+        for text in self.output.writes:
+            self.assertTrue(text.endswith("\n"))
+            self.assertLess(len(text), WRITE_SIZE + 300)
+        written = "".join(self.output.writes).splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in written], lines)
+        self.assertEqual(self.output.flushes, 1)
 
 
 class TwistdLogObserverTests(SynchronousTestCase):
@@ -390,7 +441,7 @@ class TwistdLogObserverTests(SynchronousTestCase):
             output = io.StringIO()
             self.patch(logger.sys, "stdout", output)
             observer = twistd_log_observer(options, None)
-            self.assertIsInstance(observer, FileLogObserver)
+            self.assertIsInstance(observer, TextLogObserver)
             self.assertTrue(takes_request_batches(options))
             batch = [(WHEN, ["a line"])]
             observer(request_event("a line", WHEN, **{BATCH_KEY: batch}))
@@ -431,7 +482,7 @@ class TwistdLogObserverTests(SynchronousTestCase):
         os.chdir(directory)
         self.addCleanup(os.chdir, cwd)
         observer = twistd_log_observer({"logfile": None, "nodaemon": False}, None)
-        self.assertEqual(observer._outFile.getvalue(), "twistd.log")
+        self.assertEqual(observer.output.getvalue(), "twistd.log")
 
     def test_sigusr1_kept(self):
         """A SIGUSR1 handler already there is left alone."""
@@ -439,7 +490,7 @@ class TwistdLogObserverTests(SynchronousTestCase):
         path = os.path.join(temporary_directory(self), "pfxpold.log")
         observer = twistd_log_observer({"logfile": path}, None)
         self.assertEqual(self.installed, {})
-        observer._outFile.close()
+        observer.output.close()
 
 
 class Offering(OffersLogObserver, MultiService):
@@ -454,7 +505,7 @@ class OffersLogObserverTests(SynchronousTestCase):
 
     def setUp(self):
         self.made = []
-        self.observer = FileLogObserver(io.StringIO(), classic_text)
+        self.observer = TextLogObserver(io.StringIO())
 
         def factory():
             self.made.append(True)
@@ -473,7 +524,7 @@ class OffersLogObserverTests(SynchronousTestCase):
     def test_already_set(self):
         """An observer the application has already is kept."""
         application = Application("pfxpold")
-        other = FileLogObserver(io.StringIO(), classic_text)
+        other = TextLogObserver(io.StringIO())
         application.setComponent(ILogObserver, other)
         self.service.setServiceParent(application)
         self.assertIs(application.getComponent(ILogObserver), other)

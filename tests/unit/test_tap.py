@@ -535,7 +535,7 @@ class TwistdLogTests(TapTestCase):
         application = Application("pfxpold")
         service.setServiceParent(application)
         observer = application.getComponent(ILogObserver)
-        self.addCleanup(observer._outFile.close)
+        self.addCleanup(observer.output.close)
         observer(dict(log_format="hello", log_namespace="x", log_level=LogLevel.info, log_time=0))
         with open(path) as f:
             self.assertTrue(f.read().endswith(" [x#info] hello\n"))
@@ -546,7 +546,7 @@ class TwistdLogTests(TapTestCase):
         self.assertIsInstance(service.factory.request_log, EventRequestLog)
         application = Application("pfxpold")
         service.setServiceParent(application)
-        self.assertIs(application.getComponent(ILogObserver)._outFile, sys.stdout)
+        self.assertIs(application.getComponent(ILogObserver).output, sys.stdout)
 
     def test_syslog(self):
         """twistd's --syslog: each request an event of its own, twistd's observer."""
@@ -576,7 +576,7 @@ class TwistdLogTests(TapTestCase):
         self.assertIsInstance(top, OffersLogObserver)
         application = Application("pfxpold")
         top.setServiceParent(application)
-        self.assertIs(application.getComponent(ILogObserver)._outFile, sys.stdout)
+        self.assertIs(application.getComponent(ILogObserver).output, sys.stdout)
         [policy] = [s for s in top if isinstance(s, PolicyService)]
         self.assertIsInstance(policy.factory.request_log, EventRequestLog)
 
