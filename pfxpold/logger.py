@@ -316,23 +316,31 @@ class SyslogMailObserver:
         return f"<{priority | self.facility}>{_syslog_time(when)} {self._prefix}[{self._getpid()}]: "
 
     def _send_all(self, messages: list[str]) -> None:
+        """
+        Send each message as one datagram (on a stream socket, ended by a
+        NUL, as syslog(3) does). When a send fails (syslog restarted, or
+        was not there), connect again once and go on; when that fails too,
+        the rest are lost, and the next call tries again.
+        """
         terminator = "\0" if self._stream else ""
-        for index, message in enumerate(messages):
-            data = (message + terminator).encode("utf-8", "replace")
+        data = [(message + terminator).encode("utf-8", "replace") for message in messages]
+        sent = 0
+        reconnected = False
+        while sent < len(data):
             try:
                 if self._socket is None:
-                    raise OSError("not connected")
-                self._socket.send(data)
-            except OSError:
-                # syslog restarted, or not there yet: connect again once.
-                try:
-                    if self._socket is not None:
-                        self._socket.close()
+                    reconnected = True
                     self._open()
-                    self._socket.send(data)
-                except OSError:
+                send = self._socket.send
+                for datagram in data[sent:] if sent else data:
+                    send(datagram)
+                    sent += 1
+            except OSError:
+                if self._socket is not None:
+                    self._socket.close()
                     self._socket = None
-                    self.lost += len(messages) - index
+                if reconnected:
+                    self.lost += len(data) - sent
                     return
 
     def __call__(self, event: dict) -> None:
