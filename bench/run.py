@@ -1108,6 +1108,15 @@ def pick_scenarios(
             ]
             if scenario.workers > 1:
                 continue  # a checkout without this branch has no --workers
+            if scenario.name.endswith("-syslog") and "PFXPOLD_SYSLOG_SOCKET" not in _read(
+                os.path.join(baseline, "pfxpold", "logger.py")
+            ):
+                # Its observer would write to the machine's /dev/log.
+                print(
+                    f"SKIPPED scenario {scenario.name}@baseline: {baseline}'s syslog observer"
+                    " cannot be pointed at the benchmark's private socket"
+                )
+                continue
             if scenario.runs_pfxpold and lacking:
                 print(
                     f"SKIPPED scenario {scenario.name}@baseline: check type(s)"

@@ -28,10 +28,16 @@ def main() -> None:
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     receiver.bind(path)
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
+    # Written out whenever nothing came for a moment, so that start-up
+    # lines can be waited for, and in large writes under load.
+    receiver.settimeout(0.2)
     with open(output, "ab", buffering=1 << 20) as f:
         try:
             while True:
-                f.write(receiver.recv(65536) + b"\n")
+                try:
+                    f.write(receiver.recv(65536) + b"\n")
+                except TimeoutError:
+                    f.flush()
         finally:
             receiver.close()
             os.unlink(path)
