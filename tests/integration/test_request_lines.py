@@ -290,3 +290,39 @@ def test_workers_on_standard_output(tmp_path):
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+def test_syslog_stream_socket(tmp_path):
+    """
+    Where syslog listens on a stream socket, the observer connects with a
+    stream socket and ends each message with a NUL, as syslog(3) does.
+    """
+    from twisted.logger import LogLevel
+
+    from pfxpold.logger import SyslogMailObserver, connect_syslog
+
+    path = os.path.join(os.fspath(tmp_path), "stream.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(path)
+        listener.listen(1)
+        connection = connect_syslog(path)
+        assert connection.type == socket.SOCK_STREAM
+        connection.close()
+        listener.accept()[0].close()
+        observer = SyslogMailObserver(address=path)
+        accepted, _ = listener.accept()
+        with accepted:
+            observer({"log_level": LogLevel.info, "log_format": "one\ntwo", "log_time": 0})
+            accepted.settimeout(5)
+            received = b""
+            while received.count(b"\0") < 2:
+                chunk = accepted.recv(4096)
+                assert chunk
+                received += chunk
+        observer._socket.close()
+        messages = received.split(b"\0")[:2]
+        assert [m.decode().split(": ", 1)[1] for m in messages] == ["one", "two"]
+        assert all(SYSLOG.match(m.decode()) for m in messages)
+    finally:
+        listener.close()
