@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
 
+import pytest
+
 from tests.integration.support import (
     PolicyClient,
     daemon_environment,
@@ -173,41 +175,27 @@ def _classic(text: str) -> list[str]:
     return lines
 
 
-def test_logfile(tmp_path):
+@pytest.mark.parametrize("destination", ["logfile", "stdout"])
+def test_text_log(tmp_path, destination):
     """
-    With --logfile, the request lines are in twistd's log file, one
+    With --logfile, or with -n and no log file (a supervisor's journal
+    reads standard output), the request lines are in twistd's log, one
     classic line each (timestamp, [pfxpold.protocol.PolicyProtocol#info]),
     escaped; SIGTERM right after the last answer writes the last batch,
     before twistd's last line.
     """
     directory = os.fspath(tmp_path)
+    output = os.path.join(directory, "output.txt")
     log = os.path.join(directory, "twistd.log")
-    with _daemon(directory, ["--logfile", log], subprocess.DEVNULL) as (process, port):
-        expected = _send(port)
-        assert stop_process(process) in (0, -signal.SIGTERM)
-    with open(log, encoding="utf-8") as f:
-        text = f.read()
+    arguments = ["--logfile", log] if destination == "logfile" else []
+    with open(output, "w") as stdout:
+        with _daemon(directory, arguments, stdout) as (process, port):
+            expected = _send(port)
+            assert stop_process(process) in (0, -signal.SIGTERM)
+    text = _read(log if destination == "logfile" else output)
     _check_lines(_classic(text), expected)
     assert text.index("instance=i299") < text.index("Server Shut Down.")
     assert text.index("pfxpold serving on") < text.index("instance=i0")
-
-
-def test_standard_output(tmp_path):
-    """
-    With -n and no log file (a supervisor's journal reads standard output),
-    the request lines are on standard output, classic and escaped, and none
-    is lost on stop.
-    """
-    directory = os.fspath(tmp_path)
-    output = os.path.join(directory, "output.txt")
-    with open(output, "w") as stdout:
-        with _daemon(directory, [], stdout) as (process, port):
-            expected = _send(port)
-            assert stop_process(process) in (0, -signal.SIGTERM)
-    with open(output, encoding="utf-8") as f:
-        text = f.read()
-    _check_lines(_classic(text), expected)
-    assert text.index("instance=i299") < text.index("Server Shut Down.")
 
 
 def test_mail_syslog(tmp_path):

@@ -211,6 +211,28 @@ class RequestLogServiceTests(SynchronousTestCase):
         )
         return reactor, PolicyService(configuration, reactor, request_batches=request_batches)
 
+    def serve_one(self, service, before_stop=lambda events: None):
+        """
+        Start C{service}, answer one request on a connection, call
+        C{before_stop} with the events so far, and stop the service.
+
+        @return: the events logged.
+        """
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+            protocol = service.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
+            self.assertEqual(transport.value(), b"action=OK\n\n")
+            before_stop(events)
+            stopped = service.stopService()
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+            self.successResultOf(stopped)
+        return events
+
     def test_file_request_log(self):
         """
         Answered requests go to the file; stopping the daemon writes the
@@ -220,18 +242,7 @@ class RequestLogServiceTests(SynchronousTestCase):
         reactor, service = self.make(request_log=path)
         self.assertIsInstance(service.factory.request_log, FileRequestLog)
         self.assertIs(service.factory.request_log.parent, service.backends)
-        with capturedLogs() as events:
-            service.privilegedStartService()
-            service.startService()
-            protocol = service.factory.buildProtocol(None)
-            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-            protocol.makeConnection(transport)
-            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
-            self.assertEqual(transport.value(), b"action=OK\n\n")
-            stopped = service.stopService()
-            self.assertTrue(transport.disconnecting)
-            protocol.connectionLost(None)
-            self.successResultOf(stopped)
+        events = self.serve_one(service)
         with open(path) as f:
             [line] = f.read().splitlines()
         self.assertIn(" RCPT [] helo=<> from=<a@example.com> ", line)
@@ -255,17 +266,10 @@ class RequestLogServiceTests(SynchronousTestCase):
         reactor, service = self.make(request_batches=True)
         self.assertIsInstance(service.factory.request_log, EventRequestLog)
         self.assertIs(service.factory.request_log.parent, service.backends)
-        with capturedLogs() as events:
-            service.privilegedStartService()
-            service.startService()
-            protocol = service.factory.buildProtocol(None)
-            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-            protocol.makeConnection(transport)
-            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
-            self.assertFalse([e for e in events if BATCH_KEY in e])
-            stopped = service.stopService()
-            protocol.connectionLost(None)
-            self.successResultOf(stopped)
+        events = self.serve_one(
+            service,
+            before_stop=lambda events: self.assertFalse([e for e in events if BATCH_KEY in e]),
+        )
         [event] = [e for e in events if BATCH_KEY in e]
         [(_, [line])] = event[BATCH_KEY]
         self.assertIn("RCPT [] helo=<> from=<a@example.com> ", line)
