@@ -199,26 +199,64 @@ class Scenario:
 WITHOUT_TLS = "import sys; sys.modules['OpenSSL'] = None; "
 
 
-def pfxpold_command(config: str, tls: bool = True) -> list[str]:
+def pfxpold_command(config: str, tls: bool = True, destination: str = "file") -> list[str]:
     """
-    twistd running pfxpold in the foreground with a log file, as in
-    production.
+    twistd running pfxpold in the foreground, as in production, with its
+    log in a file (C{--logfile}), on standard output (C{-n} under a
+    supervisor, which the benchmark sends to C{output.txt}), or in syslog's
+    mail facility (C{--logger pfxpold.logger.mail_syslog}, to a private
+    socket: L{start_syslog_sink}).
 
     @param tls: whether pyOpenSSL may be imported (see L{WITHOUT_TLS}).
+    @param destination: C{"file"}, C{"stdout"} or C{"syslog"}.
     """
+    directory = os.path.dirname(config)
+    if destination == "file":
+        log = ["--logfile", os.path.join(directory, "pfxpold.log")]
+    elif destination == "stdout":
+        log = []
+    else:
+        log = ["--logger", "pfxpold.logger.mail_syslog"]
     command = [
         sys.executable,
         "-c",
         ("" if tls else WITHOUT_TLS) + "from twisted.scripts.twistd import run; run()",
         "--nodaemon",
         "--pidfile=",
-        "--logfile",
-        os.path.join(os.path.dirname(config), "pfxpold.log"),
+        *log,
         "pfxpold",
         "--config",
         config,
     ]
+    if destination == "syslog":
+        # env executes twistd in its place: the PID measured is the daemon's.
+        command = ["env", f"PFXPOLD_SYSLOG_SOCKET={start_syslog_sink(directory)}", *command]
     return command
+
+
+def start_syslog_sink(directory: str) -> str:
+    """
+    Start a private syslog socket for a scenario (bench/syslog_sink.py),
+    writing what it receives to C{syslog.txt}.
+
+    @return: the socket's path.
+    """
+    path = os.path.join(directory, "syslog.sock")
+    sink = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(BENCH, "syslog_sink.py"),
+            path,
+            os.path.join(directory, "syslog.txt"),
+        ]
+    )
+    HELPERS.append(sink)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        if sink.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the syslog sink did not start")
+        time.sleep(0.02)
+    return path
 
 
 #: How a scenario logs its requests: to a file of their own (the README's
@@ -226,8 +264,14 @@ def pfxpold_command(config: str, tls: bool = True) -> list[str]:
 LOG_SETTINGS = {
     "file": {"request_log": "requests.log"},
     "twistd": {},
+    "stdout": {},
+    "syslog": {},
     "off": {"log_requests": False},
 }
+
+#: Where twistd's own log goes (L{pfxpold_command}) for each of
+#: L{LOG_SETTINGS}: the default-logging scenarios differ only there.
+DESTINATIONS = {"stdout": "stdout", "syslog": "syslog"}
 
 
 def server_table(port_placeholder: str = "PORT", **settings: Any) -> str:
@@ -255,7 +299,8 @@ def _demo(log: str):
         with open(config, "w") as f:
             f.write(server_table(**LOG_SETTINGS[log]))
             f.write('\n[[check]]\nname = "demo"\ntype = "demo"\n')
-        return pfxpold_command(config), lambda request: DEMO_ANSWERS
+        command = pfxpold_command(config, destination=DESTINATIONS.get(log, "file"))
+        return command, lambda request: DEMO_ANSWERS
 
     return setup
 
@@ -338,7 +383,8 @@ def setup_map(
         f.write(MAP_CHECK)
         if metrics:
             f.write(f'\n[metrics]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n')
-    return pfxpold_command(config, tls), map_expectation(table)
+    command = pfxpold_command(config, tls, DESTINATIONS.get(log, "file"))
+    return command, map_expectation(table)
 
 
 #: Auxiliary servers (the DNS list) started by scenario set-ups, stopped at the end.
@@ -528,6 +574,18 @@ SCENARIOS = [
         needs=("file",),
     ),
     Scenario(
+        "map-100k-stdout",
+        "the same, request log in twistd's log on standard output (-n under a supervisor)",
+        lambda directory, requests: setup_map(directory, requests, log="stdout"),
+        needs=("file",),
+    ),
+    Scenario(
+        "map-100k-syslog",
+        "the same, request log in syslog's mail facility (--logger pfxpold.logger.mail_syslog)",
+        lambda directory, requests: setup_map(directory, requests, log="syslog"),
+        needs=("file",),
+    ),
+    Scenario(
         "chain",
         "pfxpold, map + SQL (cache) + DNSBL (cache) + quota (SQLite)",
         setup_chain,
@@ -607,6 +665,18 @@ SCENARIOS = [
         "demo-twistdlog",
         "pfxpold, demo check, request log in twistd's log",
         _demo("twistd"),
+        optional=True,
+    ),
+    Scenario(
+        "demo-stdout",
+        "pfxpold, demo check, request log in twistd's log on standard output",
+        _demo("stdout"),
+        optional=True,
+    ),
+    Scenario(
+        "demo-syslog",
+        "pfxpold, demo check, request log in syslog's mail facility",
+        _demo("syslog"),
         optional=True,
     ),
     Scenario(
@@ -775,12 +845,15 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
                 raise RuntimeError(f"{scenario.name}: workers did not start")
             time.sleep(0.1)
         pids += children_of(process.pid)
-        # Each worker logs its start-up line in its own log once it serves.
-        logs = [os.path.join(directory, "pfxpold.log")] + [
+        # Each worker logs its start-up line once it serves: in its own log
+        # file, through the parent's standard output, or in syslog.
+        logs = [
+            os.path.join(directory, name) for name in ("pfxpold.log", "output.txt", "syslog.txt")
+        ] + [
             os.path.join(directory, f"pfxpold.worker{number}.log")
             for number in range(1, scenario.workers)
         ]
-        while sum("pfxpold serving on" in _read(log) for log in logs) < scenario.workers:
+        while sum(_read(log).count("pfxpold serving on") for log in logs) < scenario.workers:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{scenario.name}: workers did not start serving")
             time.sleep(0.1)
@@ -1066,6 +1139,15 @@ def pick_scenarios(
             ]
             if scenario.workers > 1:
                 continue  # a checkout without this branch has no --workers
+            if scenario.name.endswith("-syslog") and "PFXPOLD_SYSLOG_SOCKET" not in _read(
+                os.path.join(baseline, "pfxpold", "logger.py")
+            ):
+                # Its observer would write to the machine's /dev/log.
+                print(
+                    f"SKIPPED scenario {scenario.name}@baseline: {baseline}'s syslog observer"
+                    " cannot be pointed at the benchmark's private socket"
+                )
+                continue
             if scenario.runs_pfxpold and lacking:
                 print(
                     f"SKIPPED scenario {scenario.name}@baseline: check type(s)"

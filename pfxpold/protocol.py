@@ -45,6 +45,7 @@ from pfxpold.chain import Decision
 from pfxpold.escape import escape, is_clean
 from pfxpold.interfaces import IPolicyDecider
 from pfxpold.request import PolicyRequest
+from pfxpold.requestlog import request_line
 
 #: The per-request log line.
 _REQUEST_LOG = (
@@ -509,8 +510,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     def _log_request(self, request: PolicyRequest, decision: Any, started: float) -> None:
         """
-        Log an answered request as an event in twistd's log.
+        Log an answered request as an event of its own, for a log that
+        takes no batches (L{pfxpold.requestlog}): the line the other
+        destinations write, and its values as fields, escaped, for
+        observers that want them.
         """
+        elapsed_ms = (self.factory.clock.seconds() - started) * 1000.0
+        text = request_line(request, decision, elapsed_ms)
         action = decision.action
         fields = {
             "protocol_state": request.protocol_state,
@@ -523,19 +529,11 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             "queue_id": request.queue_id,
             "action": "no reply" if action is None else str(action),
             "check": decision.decided_by,
-            "elapsed_ms": (self.factory.clock.seconds() - started) * 1000.0,
+            "elapsed_ms": elapsed_ms,
             "peer": self.peer,
         }
-        # Formatted here by str.format, in C: left to the log observer,
-        # the same format costs twisted.logger's pure-Python formatter
-        # about as much as the rest of the request. The fields stay in
-        # the event for observers that want them.
-        text = _REQUEST_LOG.format_map(fields)
-        if not is_clean(text):
-            # A value with a CR, an escape sequence, U+2028...: escaped,
-            # in the line and in the fields. The fixed parts of the line
-            # need none, so escaping the line escapes each value.
-            text = escape(text)
+        if not is_clean(request.summary()):
+            # The line is escaped; so are the values that made it need it.
             for name, value in fields.items():
                 if type(value) is str and name != "peer":  # escaped already
                     fields[name] = escape(value)

@@ -1,15 +1,29 @@
 """
-The request log in a file of its own.
+Where the lines of answered requests go, and the one place they are
+formatted.
 
-By default every answered request is one event in twistd's log, which is
-where an admin looks first, but twistd's log observer formats a timestamp
-and writes and flushes the file for every event: at tens of thousands of
-requests a second that costs more than deciding them. With
-C{request_log = "/var/log/pfxpold/requests.log"} the lines go to that file
-instead, the way twisted.web keeps its access log apart: the timestamp is
-formatted once a second, and lines are written in batches, at least once a
-second and whenever C{max_buffered} bytes are waiting, and when the daemon
-stops.
+Every answered request is one line: stage, client, HELO name, envelope,
+C{instance}, queue id, the action, the check that decided and the time
+taken (L{request_line}). At tens of thousands of requests a second, what
+costs is not the line but handing it to a log one at a time: twistd's log
+observer formats a timestamp and writes and flushes its file for every
+event, which cost more than deciding the request. So the lines are kept
+in memory and handed over in batches (L{RequestLines}): at least once a
+second (L{FLUSH_INTERVAL}), whenever C{max_buffered} bytes wait, and when
+the daemon stops, so a crash loses at most the last second's lines. Each
+line keeps the second it was answered in, and is written with that
+timestamp.
+
+Two destinations take batches:
+
+  - L{FileRequestLog}: C{request_log = "/var/log/pfxpold/requests.log"},
+    a file of its own, the way twisted.web keeps its access log apart.
+  - L{EventRequestLog}: the default, twistd's log. One log event carries a
+    whole batch (L{BATCH_KEY}); the observers of L{pfxpold.logger} that
+    pfxpold puts in twistd's place (its log file, standard output, syslog's
+    C{mail} facility) write it as one classic line per request, exactly as
+    if each had been an event of its own. Any other observer sees one event
+    whose text is the lines.
 
 The file is opened for appending when the daemon starts (as root, after
 twistd's C{--chroot}: the path is inside the jail then). Once a second the
@@ -20,14 +34,14 @@ C{copytruncate}. Worker processes (C{--workers}) append to the same file;
 each write holds whole lines.
 
 What a write loses (disk full, a read-only file system) is counted and
-logged, and the daemon goes on answering; a crash loses at most the last
-second's lines.
+logged, and the daemon goes on answering.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import IO, Any, Optional
 
 from twisted.application.service import Service
@@ -43,6 +57,155 @@ FLUSH_INTERVAL = 1.0
 #: Bytes buffered before they are written without waiting for the timer.
 MAX_BUFFERED = 65536
 
+#: The log event key holding a batch of request lines: a list of
+#: C{(second, lines)}, the lines answered in that second (an C{int} of
+#: the clock's seconds), oldest first.
+BATCH_KEY = "pfxpold_request_lines"
+
+#: The namespace of request line events: the protocol's, as when each
+#: request was an event of its own, so the lines in twistd's log read
+#: C{[pfxpold.protocol.PolicyProtocol#info]} as before and filters written
+#: for them still match.
+REQUEST_NAMESPACE = "pfxpold.protocol.PolicyProtocol"
+
+#: A batch: C{(second, lines)} pairs.
+Batch = list[tuple[int, list[str]]]
+
+
+def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> str:
+    """
+    The one log line of an answered request, without a timestamp, every
+    value escaped (L{pfxpold.escape.escape}): e.g. C{RCPT
+    mx.example.org[192.0.2.1] helo=<...> from=<...> to=<...> instance=...
+    queue_id=...: OK (relay, 0.1 ms)}. Every destination writes this line.
+
+    @param decision: the L{pfxpold.chain.Decision} answered.
+    @param elapsed_ms: milliseconds from the request's last line to its
+        answer.
+    """
+    action = decision.action
+    line = (
+        f"{request.summary()}: {'no reply' if action is None else action}"
+        f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
+    )
+    if is_clean(line):
+        return line
+    # A value with a CR, an escape sequence, U+2028...: the fixed parts of
+    # the line need no escaping, so escaping the line escapes each value.
+    return escape(line)
+
+
+def render(batch: Batch, prefix: Callable[[int], str]) -> str:
+    """
+    A batch as text: each line after the prefix of its second, and a
+    newline.
+
+    @param prefix: gives the text before each line answered in a second
+        (a timestamp, twistd's C{[system]}); called once per second, not
+        per line.
+    """
+    parts = []
+    for second, lines in batch:
+        start = prefix(second)
+        parts.append(start + ("\n" + start).join(lines) + "\n")
+    return "".join(parts)
+
+
+class RequestLines(Service):
+    """
+    Keeps the lines of answered requests and hands them over in batches:
+    on a timer every C{flush_interval} seconds, when C{max_buffered}
+    characters wait, and when the service stops. Subclasses say where
+    batches go (L{write}).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        flush_interval: float = FLUSH_INTERVAL,
+        max_buffered: int = MAX_BUFFERED,
+    ) -> None:
+        self._clock = clock
+        self._flush_interval = flush_interval
+        self._max_buffered = max_buffered
+        self._batch: Batch = []
+        self._lines: list[str] = []
+        self._second = -1
+        self._size = 0
+        self._timer: Optional[IDelayedCall] = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._timer = self._clock.callLater(self._flush_interval, self._tick)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.flush()
+
+    def record(self, request: PolicyRequest, decision: Any, elapsed_ms: float, peer: str) -> None:
+        """
+        Keep the line of one answered request.
+
+        @param decision: the L{pfxpold.chain.Decision} answered.
+        @param elapsed_ms: milliseconds from the request's last line to its
+            answer.
+        @param peer: the connection's peer (not logged: the line is the
+            same wherever it goes).
+        """
+        line = request_line(request, decision, elapsed_ms)
+        second = int(self._clock.seconds())
+        if second != self._second:
+            self._second = second
+            self._lines = []
+            self._batch.append((second, self._lines))
+        self._lines.append(line)
+        self._size += len(line) + 1
+        if self._size >= self._max_buffered:
+            self.flush()
+
+    def _tick(self) -> None:
+        self._timer = self._clock.callLater(self._flush_interval, self._tick)
+        self.flush()
+
+    def flush(self) -> None:
+        """
+        Hand what waits to L{write}, in one batch.
+        """
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._second = -1
+        self._size = 0
+        self.write(batch)
+
+    def write(self, batch: Batch) -> None:
+        """
+        Write one batch where it goes.
+        """
+        raise NotImplementedError()
+
+
+#: Not a class attribute: a Logger found through a class takes the class's
+#: namespace, and request lines keep the protocol's.
+_requests = Logger(namespace=REQUEST_NAMESPACE)
+
+
+class EventRequestLog(RequestLines):
+    """
+    Request lines in twistd's log: one event per batch (L{BATCH_KEY}), at
+    the info level, in the protocol's namespace (L{REQUEST_NAMESPACE}).
+    """
+
+    def write(self, batch: Batch) -> None:
+        _requests.info(
+            "{request_text}",
+            request_text=render(batch, lambda second: "").rstrip("\n"),
+            **{BATCH_KEY: batch},
+        )
+
 
 def _timestamp(second: int) -> str:
     """
@@ -52,9 +215,14 @@ def _timestamp(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second))
 
 
-class FileRequestLog(Service):
+def _file_prefix(second: int) -> str:
+    return _timestamp(second) + " "
+
+
+class FileRequestLog(RequestLines):
     """
-    Writes one line per answered request to C{path}.
+    Writes one line per answered request to C{path}, each after its
+    timestamp.
 
     @ivar path: the file.
     @ivar dropped: lines lost to failed writes since the daemon started.
@@ -69,18 +237,11 @@ class FileRequestLog(Service):
         flush_interval: float = FLUSH_INTERVAL,
         max_buffered: int = MAX_BUFFERED,
     ) -> None:
+        super().__init__(clock, flush_interval, max_buffered)
         self.path = path
         self.dropped = 0
-        self._clock = clock
-        self._flush_interval = flush_interval
-        self._max_buffered = max_buffered
         self._file: Optional[IO[str]] = None
         self._identity: Optional[tuple[int, int]] = None
-        self._lines: list[str] = []
-        self._size = 0
-        self._second = -1
-        self._stamp = ""
-        self._timer: Optional[IDelayedCall] = None
         self._failing = False
         self._reopen_failed = False
 
@@ -101,14 +262,9 @@ class FileRequestLog(Service):
             # service tree, tests): open now.
             self._open()
         super().startService()
-        self._timer = self._clock.callLater(self._flush_interval, self._tick)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.flush()
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -125,57 +281,22 @@ class FileRequestLog(Service):
 
     # Lines
 
-    def record(self, request: PolicyRequest, decision: Any, elapsed_ms: float, peer: str) -> None:
-        """
-        Buffer the line for one answered request.
-
-        @param decision: the L{pfxpold.chain.Decision} answered.
-        @param elapsed_ms: milliseconds from the request's last line to its
-            answer.
-        @param peer: the connection's peer (not logged: the line is the
-            same as twistd's log would show).
-        """
-        second = int(self._clock.seconds())
-        if second != self._second:
-            self._second = second
-            self._stamp = _timestamp(second)
-        action = decision.action
-        line = (
-            f"{self._stamp} {request.summary()}: {'no reply' if action is None else action}"
-            f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
-        )
-        if not is_clean(line):
-            # A value with a CR, an escape sequence, U+2028...: the fixed
-            # parts of the line need no escaping, so escaping the line
-            # escapes each value.
-            line = escape(line)
-        line += "\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= self._max_buffered:
-            self.flush()
-
     def _tick(self) -> None:
-        self._timer = self._clock.callLater(self._flush_interval, self._tick)
         self._reopen_if_moved()
-        self.flush()
+        super()._tick()
 
-    def flush(self) -> None:
+    def write(self, batch: Batch) -> None:
         """
-        Write what is buffered, in one write.
+        Write a batch, in one write.
         """
-        if not self._lines:
-            return
-        lines, self._lines = self._lines, []
-        self._size = 0
         if self._file is None:
-            self._lost(len(lines), "the request log is not open")
+            self._lost(batch, "the request log is not open")
             return
         try:
-            self._file.write("".join(lines))
+            self._file.write(render(batch, _file_prefix))
             self._file.flush()
         except OSError as e:
-            self._lost(len(lines), e.strerror or str(e))
+            self._lost(batch, e.strerror or str(e))
             return
         if self._failing:
             self._failing = False
@@ -185,8 +306,8 @@ class FileRequestLog(Service):
                 dropped=self.dropped,
             )
 
-    def _lost(self, count: int, reason: str) -> None:
-        self.dropped += count
+    def _lost(self, batch: Batch, reason: str) -> None:
+        self.dropped += sum(len(lines) for _, lines in batch)
         if not self._failing:
             # Once per outage: a full disk would otherwise add a line to
             # twistd's log for every flush.

@@ -19,9 +19,10 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from pfxpold.config import Configuration
+from pfxpold.logger import OffersLogObserver
 from pfxpold.protocol import PolicyFactory
 from pfxpold.reload import ServiceSet
-from pfxpold.requestlog import FileRequestLog
+from pfxpold.requestlog import EventRequestLog, FileRequestLog
 from pfxpold.resources import (
     AcceptErrorLog,
     AcceptErrorLogEndpoint,
@@ -31,7 +32,7 @@ from pfxpold.resources import (
 from pfxpold.workers import RecordingEndpoint, describe_address
 
 
-class PolicyService(MultiService):
+class PolicyService(OffersLogObserver, MultiService):
     """
     Serves the policy protocol with one configuration, on the listeners it
     configures, or on C{adopted} endpoints (in a worker process, see
@@ -49,6 +50,9 @@ class PolicyService(MultiService):
     @ivar resource_module: the L{resource} module (tests set a stand-in).
     @ivar accept_log: what keeps accept errors (out of open files) to a
         line per interval; counts the others in C{suppressed}.
+
+    With C{request_batches}, twistd's log takes request lines in batches
+    (L{pfxpold.logger}): without a C{request_log} file, they go there so.
     """
 
     _log = Logger()
@@ -59,6 +63,7 @@ class PolicyService(MultiService):
         configuration: Configuration,
         reactor: Any,
         adopted: Optional[list[IStreamServerEndpoint]] = None,
+        request_batches: bool = False,
     ) -> None:
         super().__init__()
         self.configuration = configuration
@@ -80,6 +85,10 @@ class PolicyService(MultiService):
             request_log = FileRequestLog(configuration.request_log, reactor)
             request_log.setServiceParent(self.backends)
             self.factory.request_log = request_log
+        elif configuration.log_requests and request_batches:
+            batches = EventRequestLog(reactor)
+            batches.setServiceParent(self.backends)
+            self.factory.request_log = batches
         #: The checks and shared objects of the configuration in force,
         #: which a reload changes while they run (L{pfxpold.reload}).
         self.checks = ServiceSet(IService(backend) for backend in configuration.services)

@@ -19,7 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
-from pfxpold import __version__, workers
+from pfxpold import __version__, logger, workers
 from pfxpold.config import (
     DEFAULT_LISTEN,
     ConfigError,
@@ -420,6 +420,13 @@ def ignore_hangup_until_served() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+class _ParentService(logger.OffersLogObserver, MultiService):
+    """
+    A parent of workers: its own policy service and the pool, which gives
+    twistd its log observer as L{pfxpold.service.PolicyService} does.
+    """
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     Build the pfxpold service from parsed L{Options}.
@@ -455,18 +462,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     if getattr(options, "parent", None) is not None:
         ignore_hangup_until_served()
+    # Under twistd, its log takes request lines in batches where it can
+    # (pfxpold.logger): one event per request costs more than the request.
+    twistd_options = getattr(options, "parent", None)
+    request_batches = logger.takes_request_batches(twistd_options)
+
+    def log_observer() -> Any:
+        return logger.twistd_log_observer(twistd_options, reactor)
+
     if options["adopt"]:
         try:
             adopted = workers.adopted_endpoints(reactor, options["adopt"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        service = PolicyService(configuration, reactor, adopted=adopted)
+        service = PolicyService(
+            configuration, reactor, adopted=adopted, request_batches=request_batches
+        )
+        service.log_observer_factory = log_observer
         workers.ParentWatchService(reactor).setServiceParent(service)
         CollectorTuning().setServiceParent(service.backends)
         # The parent validated the file before it sent this worker SIGHUP.
         reloading(service, service, adopted=True)
         return service
-    twistd_options = getattr(options, "parent", None)
     if twistd_options is not None:
         # Under twistd, before it daemonizes: a port in use is one line on
         # stderr and exit status 1 in either mode.
@@ -476,15 +493,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             if problem is not None:
                 fail(f"pfxpold: {problem}")
         install_startup_error_hook(configuration.listen)
-    service = PolicyService(configuration, reactor)
+    service = PolicyService(configuration, reactor, request_batches=request_batches)
     # The last backend: it starts once the checks have, and stops last.
     CollectorTuning().setServiceParent(service.backends)
     if options["workers"] <= 1:
+        service.log_observer_factory = log_observer
         reloading(service, service)
         return service
     # The pool stops alongside the parent's own service: both answer what
     # is in flight within shutdown_grace.
-    top = MultiService()
+    top = _ParentService()
+    top.log_observer_factory = log_observer
     service.setServiceParent(top)
     arguments = ["--config", options["config"]] if options["config"] else []
     pool = workers.WorkerPool(

@@ -17,7 +17,9 @@ whose parent dies anyhow sees its stdin pipe close and stops itself. A
 worker that exits unexpectedly is started again after a second. Workers
 log the way the parent does (the same C{--logger} or C{--syslog}), or to a
 file of their own beside the parent's log file; when the parent logs to
-stdout, their lines go through the parent's log.
+stdout, their lines go through the parent's log. Every process writes its
+request lines in batches (L{pfxpold.logger}), so a worker's output reaches
+its parent in large reads, each relayed as one event.
 """
 
 from __future__ import annotations

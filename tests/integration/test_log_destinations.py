@@ -219,10 +219,12 @@ def test_mail_syslog_when_daemonized(pfxpold_installation, world_readable_tmp):
     assert not os.path.exists(pidfile)
 
 
-def _fill_log(port: int, megabytes: float, marker: str) -> None:
+def _fill_log(port: int, megabytes: float, marker: str) -> int:
     """
     Send enough requests, pipelined on one connection, to log about
     C{megabytes} (each is logged with its long sender and recipient).
+
+    @return: how many.
     """
     sender = marker + "-" + "s" * 1900 + "@example.com"
     recipient = "r" * 1500 + "@example.net"
@@ -233,6 +235,21 @@ def _fill_log(port: int, megabytes: float, marker: str) -> None:
             connection.sendall(request * 20)
             for _ in range(20):
                 assert read_reply(connection) is not None
+    return batches * 20
+
+
+def _logged(directory: str, text: str) -> int:
+    """
+    How many lines of the log files in C{directory}, rotated ones too,
+    hold C{text}.
+    """
+    count = 0
+    for name in os.listdir(directory):
+        try:
+            count += read_file(os.path.join(directory, name)).count(text)
+        except FileNotFoundError:
+            pass  # rotated away while we looked: the next poll sees it
+    return count
 
 
 @pytest.mark.parametrize(
@@ -280,14 +297,22 @@ def test_logfile_rotation_after_dropping_privileges(
     arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
     arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
     with running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd:
-        _fill_log(port, 1.2, "first")
-        # The last reply is written after its log line: that line is in
-        # the log now, and every rotation the size allowed was tried.
+        sent = _fill_log(port, 1.2, "first")
+        # Request lines are written in batches within a second, a few KiB
+        # at a time, each after twistd's LogFile decided whether to rotate:
+        # once all are written, every rotation the size allowed was tried.
+        wait_until(
+            lambda: _logged(log_directory, "from=<first-") == sent, what="the request lines"
+        )
         if rotates:
             twistd.process.send_signal(signal.SIGUSR1)
             wait_until(lambda: os.path.exists(log_path + ".2"), what="rotation on SIGUSR1")
         with PolicyClient(port) as client:
             client.ask({"sender": "after@example.com"})
+        # Request lines are written in batches, within a second.
+        wait_until(
+            lambda: "from=<after@example.com>" in read_file(log_path), what="the last request line"
+        )
         sizes = {
             name: os.path.getsize(os.path.join(log_directory, name))
             for name in os.listdir(log_directory)

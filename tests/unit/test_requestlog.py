@@ -1,18 +1,26 @@
 """
-Tests for L{pfxpold.requestlog}: the request log in a file of its own,
-written in batches, following logrotate, and never in the way of answers.
+Tests for L{pfxpold.requestlog}: the one request line, batches of them in
+twistd's log, and the request log in a file of its own, written in
+batches, following logrotate, and never in the way of answers.
 """
 
 import os
 import time
 
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.action import Action
 from pfxpold.chain import Decision
-from pfxpold.requestlog import FileRequestLog
+from pfxpold.requestlog import (
+    BATCH_KEY,
+    REQUEST_NAMESPACE,
+    EventRequestLog,
+    FileRequestLog,
+    render,
+    request_line,
+)
 from pfxpold.testing import make_request
 
 from .tempdir import temporary_directory
@@ -235,3 +243,175 @@ class FileRequestLogTests(SynchronousTestCase):
         recovered = [event for event in events if "written again" in event["log_format"]]
         self.assertEqual(recovered[0]["dropped"], 2)
         self.assertEqual(len(read(self.path).splitlines()), 1)
+
+
+class RequestLineTests(SynchronousTestCase):
+    """
+    L{request_line} is the one line of a request, wherever it goes.
+    """
+
+    def test_line(self):
+        """Stage, client, HELO, envelope, instance, queue id, answer, check, time."""
+        request = make_request(
+            protocol_state="RCPT",
+            client_name="mx.example.net",
+            client_address="192.0.2.1",
+            helo_name="helo.example.net",
+            sender="a@example.org",
+            recipient="b@example.com",
+            instance="1.2",
+            queue_id="ABC",
+        )
+        self.assertEqual(
+            request_line(request, Decision(Action.parse("OK"), "relay"), 0.25),
+            "RCPT mx.example.net[192.0.2.1] helo=<helo.example.net> from=<a@example.org>"
+            " to=<b@example.com> instance=1.2 queue_id=ABC: OK (relay, 0.2 ms)",
+        )
+
+    def test_no_reply(self):
+        """A decision without an action is "no reply"."""
+        line = request_line(make_request(), Decision(None, "deadline"), 3000.0)
+        self.assertTrue(line.endswith(": no reply (deadline, 3000.0 ms)"), line)
+
+    def test_escaped(self):
+        """
+        Control characters, line separators and backslashes in values are
+        escaped: the line stays one line and cannot be forged.
+        """
+        request = make_request(sender="a\rb\x1b[31m\u2028\\@x", helo_name="h\x85")
+        line = request_line(request, Decision(Action.parse("DUNNO"), "c"), 1.0)
+        self.assertIn("helo=<h\\x85> from=<a\\x0db\\x1b[31m\\u2028\\\\@x>", line)
+        self.assertTrue(line.isprintable())
+
+
+class RenderTests(SynchronousTestCase):
+    """
+    L{render} writes a batch with each second's prefix.
+    """
+
+    def test_render(self):
+        """Each line follows the prefix of its second; the prefix is made once a second."""
+        seconds = []
+
+        def prefix(second):
+            seconds.append(second)
+            return f"[{second}] "
+
+        text = render([(1, ["a", "b"]), (2, ["c"])], prefix)
+        self.assertEqual(text, "[1] a\n[1] b\n[2] c\n")
+        self.assertEqual(seconds, [1, 2])
+
+    def test_empty(self):
+        """An empty batch is no text."""
+        self.assertEqual(render([], str), "")
+
+
+class EventRequestLogTests(SynchronousTestCase):
+    """
+    L{EventRequestLog} hands twistd's log one event per batch of request
+    lines: on its timer, when full, and when it stops.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.log = EventRequestLog(self.clock, max_buffered=1000)
+        self.decision = Decision(Action.parse("OK"), "relay")
+
+    def record(self, **attributes):
+        self.log.record(make_request(**attributes), self.decision, 0.5, "peer")
+
+    def batches(self, events):
+        return [event for event in events if BATCH_KEY in event]
+
+    def test_batch_on_timer(self):
+        """
+        Nothing is logged per request; a second later one info event in
+        the protocol's namespace holds every line, grouped by second.
+        """
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+        with capturedLogs() as events:
+            self.record(sender="one@example.org")
+            self.clock.advance(0.8)  # into the next second
+            self.record(sender="two@example.org")
+            self.assertEqual(self.batches(events), [])
+            self.clock.advance(0.2)
+        [event] = self.batches(events)
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["log_namespace"], REQUEST_NAMESPACE)
+        [(first, [one]), (second, [two])] = event[BATCH_KEY]
+        self.assertEqual((first, second), (int(NOW), int(NOW) + 1))
+        self.assertIn("from=<one@example.org>", one)
+        self.assertIn("from=<two@example.org>", two)
+        self.assertEqual(
+            one, request_line(make_request(sender="one@example.org"), self.decision, 0.5)
+        )
+
+    def test_text_for_other_observers(self):
+        """An observer that knows no batches sees the lines as the event's text."""
+        from twisted.logger import formatEvent
+
+        self.log.startService()
+        with capturedLogs() as events:
+            self.record(sender="one@example.org")
+            self.record(sender="two@example.org")
+            self.log.stopService()
+        [event] = self.batches(events)
+        text = formatEvent(event)
+        self.assertEqual(text.count("\n"), 1)
+        self.assertIn("from=<one@example.org>", text.splitlines()[0])
+        self.assertIn("from=<two@example.org>", text.splitlines()[1])
+
+    def test_every_second(self):
+        """The timer goes on: each second's lines are one event."""
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+        with capturedLogs() as events:
+            for _ in range(3):
+                self.record()
+                self.clock.advance(1)
+            self.clock.advance(1)
+        self.assertEqual([len(e[BATCH_KEY]) for e in self.batches(events)], [1, 1, 1])
+
+    def test_when_full(self):
+        """max_buffered characters waiting are logged at once."""
+        self.log.startService()
+        self.addCleanup(self.log.stopService)
+        with capturedLogs() as events:
+            while not self.batches(events):
+                self.record(sender="x" * 100)
+        [event] = self.batches(events)
+        [(_, lines)] = event[BATCH_KEY]
+        self.assertGreaterEqual(sum(len(line) + 1 for line in lines), 1000)
+        self.assertLess(sum(len(line) + 1 for line in lines[:-1]), 1000)
+
+    def test_stop_flushes(self):
+        """Stopping logs what waits, and the timer stops."""
+        self.log.startService()
+        with capturedLogs() as events:
+            self.record()
+            self.log.stopService()
+        self.assertEqual(len(self.batches(events)), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nothing_waiting(self):
+        """With no request answered, nothing is logged."""
+        self.log.startService()
+        with capturedLogs() as events:
+            self.clock.advance(5)
+            self.log.stopService()
+        self.assertEqual(self.batches(events), [])
+
+    def test_hostile_value(self):
+        """A hostile value is escaped in the batch and in its text: one line each."""
+        from twisted.logger import formatEvent
+
+        self.log.startService()
+        with capturedLogs() as events:
+            self.record(sender="a\r\x1b[2Jforged")
+            self.log.stopService()
+        [event] = self.batches(events)
+        [(_, [line])] = event[BATCH_KEY]
+        self.assertIn("from=<a\\x0d\\x1b[2Jforged>", line)
+        self.assertEqual(formatEvent(event), line)

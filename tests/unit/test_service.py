@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from pfxpold.config import load_document
 from pfxpold.interfaces import ICheck
-from pfxpold.requestlog import FileRequestLog
+from pfxpold.requestlog import BATCH_KEY, EventRequestLog, FileRequestLog
 from pfxpold.service import SERVING_GC_THRESHOLD, CollectorTuning, PolicyService
 
 from .tempdir import temporary_directory
@@ -202,14 +202,36 @@ class RequestLogServiceTests(SynchronousTestCase):
     writes to, started and stopped with the backends.
     """
 
-    def make(self, **server):
+    def make(self, request_batches=False, **server):
         reactor = MemoryReactorClock()
         server.setdefault("listen", ["tcp:7102:interface=127.0.0.1"])
         configuration = load_document(
             {"server": server, "check": [{"name": "c", "type": f"{__name__}.OKCheck"}]},
             reactor,
         )
-        return reactor, PolicyService(configuration, reactor)
+        return reactor, PolicyService(configuration, reactor, request_batches=request_batches)
+
+    def serve_one(self, service, before_stop=lambda events: None):
+        """
+        Start C{service}, answer one request on a connection, call
+        C{before_stop} with the events so far, and stop the service.
+
+        @return: the events logged.
+        """
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+            protocol = service.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
+            self.assertEqual(transport.value(), b"action=OK\n\n")
+            before_stop(events)
+            stopped = service.stopService()
+            self.assertTrue(transport.disconnecting)
+            protocol.connectionLost(None)
+            self.successResultOf(stopped)
+        return events
 
     def test_file_request_log(self):
         """
@@ -220,18 +242,7 @@ class RequestLogServiceTests(SynchronousTestCase):
         reactor, service = self.make(request_log=path)
         self.assertIsInstance(service.factory.request_log, FileRequestLog)
         self.assertIs(service.factory.request_log.parent, service.backends)
-        with capturedLogs() as events:
-            service.privilegedStartService()
-            service.startService()
-            protocol = service.factory.buildProtocol(None)
-            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
-            protocol.makeConnection(transport)
-            protocol.dataReceived(b"sender=a@example.com\nprotocol_state=RCPT\n\n")
-            self.assertEqual(transport.value(), b"action=OK\n\n")
-            stopped = service.stopService()
-            self.assertTrue(transport.disconnecting)
-            protocol.connectionLost(None)
-            self.successResultOf(stopped)
+        events = self.serve_one(service)
         with open(path) as f:
             [line] = f.read().splitlines()
         self.assertIn(" RCPT [] helo=<> from=<a@example.com> ", line)
@@ -239,10 +250,42 @@ class RequestLogServiceTests(SynchronousTestCase):
         self.assertFalse([e for e in events if "protocol_state" in e])
 
     def test_twistd_log(self):
-        """Without request_log, no file log is made."""
+        """
+        Without request_log, and a twistd log that takes no batches, no
+        request log is made: each request is an event of its own.
+        """
         reactor, service = self.make()
         self.assertIsNone(service.factory.request_log)
         self.assertTrue(service.factory.log_requests)
+
+    def test_batches(self):
+        """
+        When twistd's log takes batches, the lines go there as batches, from
+        a backend that logs the last of them on stop.
+        """
+        reactor, service = self.make(request_batches=True)
+        self.assertIsInstance(service.factory.request_log, EventRequestLog)
+        self.assertIs(service.factory.request_log.parent, service.backends)
+        events = self.serve_one(
+            service,
+            before_stop=lambda events: self.assertFalse([e for e in events if BATCH_KEY in e]),
+        )
+        [event] = [e for e in events if BATCH_KEY in e]
+        [(_, [line])] = event[BATCH_KEY]
+        self.assertIn("RCPT [] helo=<> from=<a@example.com> ", line)
+        self.assertFalse([e for e in events if "protocol_state" in e])
+
+    def test_file_over_batches(self):
+        """A request_log file takes the lines even where twistd's log takes batches."""
+        path = os.path.join(temporary_directory(self), "requests.log")
+        reactor, service = self.make(request_batches=True, request_log=path)
+        self.assertIsInstance(service.factory.request_log, FileRequestLog)
+        self.assertEqual([b for b in service.backends if isinstance(b, EventRequestLog)], [])
+
+    def test_batches_log_requests_off(self):
+        """log_requests = false: no batches either."""
+        reactor, service = self.make(request_batches=True, log_requests=False)
+        self.assertIsNone(service.factory.request_log)
 
     def test_log_requests_off(self):
         """log_requests = false wins over request_log."""

@@ -8,15 +8,18 @@ import os
 import signal
 import sys
 
+from twisted.application.service import Application
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import capturedLogs
+from twisted.logger import ILogObserver, LogLevel, capturedLogs
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from pfxpold.checks.demo import DemoCheck
 from pfxpold.interfaces import ICheck, IConfigWarnings
+from pfxpold.logger import OffersLogObserver, mail_syslog
+from pfxpold.requestlog import EventRequestLog, FileRequestLog
 from pfxpold.service import CollectorTuning, PolicyService
 from pfxpold.tap import (
     Options,
@@ -553,3 +556,89 @@ class StartupErrorTests(TapTestCase):
             f"pfxpold: cannot listen on unix:{path}:lockfile=0:"
             f" address already in use ({path} exists)",
         )
+
+
+class TwistdLogTests(TapTestCase):
+    """
+    Under twistd, makeService sends request lines to twistd's log in
+    batches where the log is made of pfxpold's observers, and offers twistd
+    the observer for its log file or standard output.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.patch(sys, "excepthook", sys.excepthook)
+        for number in (signal.SIGHUP, signal.SIGUSR1):
+            self.addCleanup(signal.signal, number, signal.getsignal(number))
+            signal.signal(number, signal.SIG_DFL)
+
+    def make(self, *arguments, **twistd):
+        options = Options(reactor=self.reactor)
+        options.parent = {"rundir": ".", "chroot": None, "logfile": None, "nodaemon": True}
+        options.parent.update(twistd)
+        with capturedLogs():
+            options.parseOptions(["--port", f"unix:{self.directory}/p.sock", *arguments])
+        return makeService(options, self.reactor)
+
+    def test_logfile(self):
+        """
+        --logfile: batches, and the application gets an observer writing
+        them to that file as twistd's own lines.
+        """
+        path = os.path.join(self.directory, "twistd.log")
+        service = self.make(logfile=path)
+        self.assertIsInstance(service.factory.request_log, EventRequestLog)
+        application = Application("pfxpold")
+        service.setServiceParent(application)
+        observer = application.getComponent(ILogObserver)
+        self.addCleanup(observer.output.close)
+        observer(dict(log_format="hello", log_namespace="x", log_level=LogLevel.info, log_time=0))
+        with open(path) as f:
+            self.assertTrue(f.read().endswith(" [x#info] hello\n"))
+
+    def test_standard_output(self):
+        """-n without a log file: batches, to standard output."""
+        service = self.make()
+        self.assertIsInstance(service.factory.request_log, EventRequestLog)
+        application = Application("pfxpold")
+        service.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver).output, sys.stdout)
+
+    def test_syslog(self):
+        """twistd's --syslog: each request an event of its own, twistd's observer."""
+        service = self.make(syslog=True)
+        self.assertIsNone(service.factory.request_log)
+        application = Application("pfxpold")
+        service.setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver, None))
+
+    def test_mail_syslog(self):
+        """--logger pfxpold.logger.mail_syslog: batches, twistd makes that observer."""
+        service = self.make(logger=mail_syslog)
+        self.assertIsInstance(service.factory.request_log, EventRequestLog)
+        application = Application("pfxpold")
+        service.setServiceParent(application)
+        self.assertIsNone(application.getComponent(ILogObserver, None))
+
+    def test_request_log_file(self):
+        """A request_log file keeps the lines, under twistd too."""
+        path = self.write(GOOD.replace("[server]\n", '[server]\nrequest_log = "requests.log"\n'))
+        service = self.make("--config", path)
+        self.assertIsInstance(service.factory.request_log, FileRequestLog)
+
+    def test_workers_parent(self):
+        """With --workers, the parent's top service offers the observer."""
+        top = self.make("--workers", "2")
+        self.assertIsInstance(top, OffersLogObserver)
+        application = Application("pfxpold")
+        top.setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver).output, sys.stdout)
+        [policy] = [s for s in top if isinstance(s, PolicyService)]
+        self.assertIsInstance(policy.factory.request_log, EventRequestLog)
+
+    def test_worker(self):
+        """A worker (--adopt) logs its request lines in batches too."""
+        fd = os.open(os.devnull, os.O_RDONLY)
+        service = self.make("--adopt", f"{fd}:INET")
+        self.assertIsInstance(service.factory.request_log, EventRequestLog)
+        self.assertIsNotNone(service.log_observer_factory)
