@@ -47,14 +47,6 @@ from pfxpold.interfaces import IPolicyDecider
 from pfxpold.request import PolicyRequest
 from pfxpold.requestlog import request_line
 
-#: The per-request log line.
-_REQUEST_LOG = (
-    "{protocol_state} {client_name}[{client_address}] helo=<{helo_name}>"
-    " from=<{sender}> to=<{recipient}> instance={instance}"
-    " queue_id={queue_id}: {action} ({check}, {elapsed_ms:.1f} ms)"
-)
-
-
 #: The constant arguments of the fast path's C{str.split} calls.
 _EQUALS = repeat("=")
 _ONCE = repeat(1)
@@ -550,8 +542,10 @@ class PolicyFactory(Factory):
     @ivar in_flight: requests received and not yet answered.
     @ivar log_requests: whether answered requests are logged.
     @ivar request_log: where they are logged: an object with a C{record}
-        method like L{pfxpold.requestlog.FileRequestLog}'s, or L{None} for
-        an event in twistd's log.
+        method, L{pfxpold.requestlog.FileRequestLog} (a file of their own)
+        or L{pfxpold.requestlog.EventRequestLog} (batches in twistd's log),
+        or L{None} for one event per request in twistd's log (C{--syslog},
+        another C{--logger}, a tac file).
     @ivar violations: connections closed for breaking the protocol, by
         kind (C{line_too_long}, C{request_too_large}, C{too_many_attributes},
         C{not_name_value}, C{bad_attribute_name}, C{empty_line},
