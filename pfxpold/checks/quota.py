@@ -72,6 +72,45 @@ def refuses(action: Optional[Action]) -> bool:
     return verb in REFUSING_VERBS or (len(verb) == 3 and verb[0] in "45" and verb.isdigit())
 
 
+def answer_of(stored: Deferred[Action]) -> Any:
+    """
+    The check's answer from the store's Deferred: the action itself when
+    the store already answered (the memory store always does), so that the
+    chain stays on its synchronous path; else a new Deferred of it.
+
+    The store's own Deferred is never the one returned: the chain cancels
+    what a check returns when it stops waiting (its timeout), and the
+    store's result is still needed then, to take back a count that lands
+    after the chain gave up and refused the mail. Its result is consumed
+    here, so a late failure is not an unhandled error.
+
+    @return: an L{Action}, or a Deferred that fires with one.
+    @raise Exception: what the store failed with, when it already failed.
+    """
+    later: Optional[Deferred[Action]] = None
+    settled: list[Any] = []
+
+    def deliver(outcome: Any) -> None:
+        if later is None:
+            settled.append(outcome)
+        elif later.called:
+            # The chain gave up (cancelled): nothing waits for this.
+            pass
+        elif isinstance(outcome, Failure):
+            later.errback(outcome)
+        else:
+            later.callback(outcome)
+
+    stored.addBoth(deliver)
+    if settled:
+        outcome = settled[0]
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        return outcome
+    later = Deferred()
+    return later
+
+
 @dataclass(frozen=True)
 class Window:
     """
@@ -119,18 +158,16 @@ class Window:
 
     def _fixed_bounds(self, now: float) -> tuple[str, float]:
         """
-        L{bounds}, reused while the local time is in the same hour (or the
-        same day, on the same side of the reset time): what L{bounds}
-        answers depends on nothing else.
+        L{bounds}, reused within the same UTC minute: what L{bounds}
+        answers depends only on the local hour, date and minute, and
+        today's UTC offsets are whole minutes, changed at whole minutes, so
+        no local hour or day starts inside a UTC minute. Keyed on the
+        minute, the memo costs no conversion to local time per call.
         """
-        local = datetime.datetime.fromtimestamp(now, self.zone)
-        if self.period == "hour":
-            key: tuple = (local.year, local.month, local.day, local.hour, local.fold)
-        else:
-            key = (local.date(), local.hour * 3600 + local.minute * 60 < self.reset)
+        minute = now // 60
         memo = self._memo.get("fixed")
-        if memo is None or memo[0] != key:
-            memo = self._memo["fixed"] = (key, self.bounds(now))
+        if memo is None or memo[0] != minute:
+            memo = self._memo["fixed"] = (minute, self.bounds(now))
         return memo[1]
 
     def counter(self, prefix: str, now: float, limit: int) -> Counter:
@@ -350,6 +387,13 @@ class QuotaCheck(MultiService):
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
         self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        # The counters built in the current minute, by identity and room:
+        # an identity sending several mails a minute builds them once.
+        # Only for fixed windows, which change at most once a minute (see
+        # Window._fixed_bounds); sliding buckets move at any second.
+        self._cacheable = all(window.period != "sliding" for window in self.windows)
+        self._counters_minute = -1.0
+        self._counters_cache: dict[tuple[str, int], tuple[Counter, ...]] = {}
 
     def load_overrides(self) -> None:
         """
@@ -366,6 +410,8 @@ class QuotaCheck(MultiService):
         for identity in self.unlimited:
             overrides[identity] = None
         self.overrides = overrides
+        # Counters built under the old limits.
+        self._counters_cache = {}
 
     def reload_overrides(self) -> None:
         """
@@ -458,11 +504,12 @@ class QuotaCheck(MultiService):
         return request.size
 
     def _token(self, request: PolicyRequest) -> Optional[tuple[str, ...]]:
-        if not request.instance:
+        instance = request.instance
+        if not instance:
             return None
         if self.stage == "RCPT":
-            return (request.instance, request.client_address, request.recipient)
-        return (request.instance, request.client_address)
+            return (instance, request.client_address, request.recipient)
+        return (instance, request.client_address)
 
     def _text(
         self, window: Window, count: int, identity: str, maximum: Optional[int] = None
@@ -484,14 +531,28 @@ class QuotaCheck(MultiService):
 
         @return: the counters, or an empty tuple for an unlimited identity.
         """
+        if self._cacheable:
+            minute = now // 60
+            if minute != self._counters_minute:
+                self._counters_minute = minute
+                self._counters_cache = {}
+            cached = self._counters_cache.get((identity, room))
+            if cached is not None:
+                return cached
         limits = self.overrides.get(identity, {})
         if limits is None:
-            return ()
-        prefix = self.key_prefix(identity)
-        return tuple(
-            window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
-            for window in self.windows
-        )
+            counters: tuple[Counter, ...] = ()
+        else:
+            prefix = self.key_prefix(identity)
+            counters = tuple(
+                window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
+                for window in self.windows
+            )
+        if self._cacheable:
+            if len(self._counters_cache) >= REMEMBERED:
+                self._counters_cache = {}
+            self._counters_cache[(identity, room)] = counters
+        return counters
 
     def _over_limit(
         self, identity: str, counters: tuple[Counter, ...], totals: tuple[int, ...], amount: int
@@ -548,9 +609,8 @@ class QuotaCheck(MultiService):
             self._reservations[token] = reservation
             if len(self._reservations) > REMEMBERED:
                 self._reservations.popitem(last=False)
-        answer: Deferred[Action] = Deferred()
 
-        def consumed(result: Consumption) -> None:
+        def consumed(result: Consumption) -> Action:
             reservation.consumed = result.allowed
             if result.allowed and token is not None:
                 self._counted[token] = None
@@ -558,23 +618,15 @@ class QuotaCheck(MultiService):
                     self._counted.popitem(last=False)
             self._settle(token, reservation)
             if result.allowed:
-                action = DUNNO
-            else:
-                action = self._over_limit(identity, counters, result.totals, amount)
-            if not answer.called:
-                answer.callback(action)
+                return DUNNO
+            return self._over_limit(identity, counters, result.totals, amount)
 
-        def failed(failure: Failure) -> None:
+        def failed(failure: Failure) -> Failure:
             reservation.consumed = False
             self._settle(token, reservation)
-            if not answer.called:
-                answer.errback(failure)
+            return failure
 
-        # The store's own Deferred is not cancelled with the check's answer
-        # (the chain's timeout): its result is still needed to take back a
-        # count that lands after the chain gave up and refused the mail.
-        self.store.consume(counters, amount, now).addCallbacks(consumed, failed)
-        return answer
+        return answer_of(self.store.consume(counters, amount, now).addCallbacks(consumed, failed))
 
     def _check_early(self, request: PolicyRequest) -> Any:
         """
@@ -595,7 +647,7 @@ class QuotaCheck(MultiService):
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, 0)
 
-        return self.store.consume(counters, 0, self.now()).addCallback(answer)
+        return answer_of(self.store.consume(counters, 0, self.now()).addCallback(answer))
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
         if request.protocol_state != self.stage:
