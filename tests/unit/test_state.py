@@ -116,6 +116,29 @@ class StoreTestsMixin:
         self.clock.advance(10)
         self.assertEqual(self.consume([counter("a", 1, START + 20)]), (True, (1,)))
 
+    def test_consume_nothing(self) -> None:
+        """
+        An amount of 0 (refuse_early's look) is allowed while the total is
+        within the limit, and adds nothing; a limit below 0 refuses it.
+        """
+        self.assertEqual(self.consume([counter("a", 0)], 0), (True, (0,)))
+        self.assertEqual(self.consume([counter("a", -1)], 0), (False, (0,)))
+        self.assertEqual(self.consume([counter("a", 2)], 2), (True, (2,)))
+        self.assertEqual(self.consume([counter("a", 2)], 0), (True, (2,)))
+        self.assertEqual(self.consume([counter("a", 1)], 0), (False, (2,)))
+
+    def test_live_counter_expiry_extended(self) -> None:
+        """
+        Adding to a live counter with a later expiry keeps the later one:
+        the count survives until then.
+        """
+        self.consume([counter("a", 5, START + 10)])
+        self.consume([counter("a", 5, START + 100)])
+        self.clock.advance(50)
+        self.assertEqual(self.consume([counter("a", 5, START + 10)]), (True, (3,)))
+        self.clock.advance(50)
+        self.assertEqual(self.consume([counter("a", 5, START + 200)]), (True, (1,)))
+
     def test_release(self) -> None:
         """
         Releasing takes an amount back, never below zero.
@@ -443,6 +466,25 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.statements.count("COMMIT"), 2)
         self.assertEqual(self.groups.groups, [])
 
+    def test_fixed_window_consume_is_one_statement(self) -> None:
+        """
+        A counter reading only its own key is checked and added to in one
+        statement, new or live; only a refusal reads the total again.
+        """
+        self.consume("first")
+        self.groups.run_next()
+        groups = []
+        for _ in range(3):
+            self.consume("a", 2)
+            del self.statements[:]
+            self.groups.run_next()
+            groups.append(self.statements[:])
+        self.assertEqual([len(group) for group in groups], [3, 3, 4])
+        self.assertEqual({group[0] for group in groups}, {"BEGIN IMMEDIATE"})
+        self.assertEqual({group[-1] for group in groups}, {"COMMIT"})
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
+        self.assertEqual(self.count("a"), 2)
+
     def test_order_and_exact_limits(self) -> None:
         """
         Inside a group operations run in the order asked, each seeing the
@@ -622,10 +664,22 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
         200 sequences of 60 operations on colliding keys, with clock steps
         across delays, windows and lifetimes: identical answers.
         """
+        self.compare(range(200))
+
+    def test_random_sequences_own_keys(self) -> None:
+        """
+        The same with counters reading only their own key (the one-statement
+        path), one key across windows, so that rows are found live, expired,
+        or (with slack) live with an earlier expiry: identical answers.
+        """
+        self.compare(range(200, 300), own_key=True)
+        self.compare(range(300, 400), slack=200.0, own_key=True)
+
+    def compare(self, seeds: range, slack: float = 0.0, own_key: bool = False) -> None:
         from tests.state_model import apply, operations
 
         directory = os.path.dirname(temporary_path(self))
-        for seed in range(200):
+        for seed in seeds:
             clock = Clock()
             clock.advance(START)
             memory = MemoryStore(CheckOptions({}, name="m", reactor=clock))
@@ -643,8 +697,8 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
                         clock.advance(operation[1])
                         continue
                     now = clock.seconds()
-                    expected = self.successResultOf(apply(memory, operation, now))
-                    actual = self.successResultOf(apply(sqlite, operation, now))
+                    expected = self.successResultOf(apply(memory, operation, now, slack, own_key))
+                    actual = self.successResultOf(apply(sqlite, operation, now, slack, own_key))
                     self.assertEqual(actual, expected, (seed, number, operation))
             finally:
                 sqlite._connection.close()
