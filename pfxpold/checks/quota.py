@@ -17,6 +17,7 @@ import hashlib
 import ipaddress
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -72,11 +73,15 @@ def refuses(action: Optional[Action]) -> bool:
     return verb in REFUSING_VERBS or (len(verb) == 3 and verb[0] in "45" and verb.isdigit())
 
 
-def answer_of(stored: Deferred[Action]) -> Any:
+def answer_of(stored: Deferred[Consumption], decide: Callable[[Any], Any]) -> Any:
     """
-    The check's answer from the store's Deferred: the action itself when
-    the store already answered (the memory store always does), so that the
-    chain stays on its synchronous path; else a new Deferred of it.
+    The check's answer from the store's Deferred: C{decide(outcome)} (the
+    outcome being the L{Consumption} or the store's L{Failure}; it returns
+    an action or a Failure), returned itself when the store already
+    answered (the memory store always does), so that the chain stays on
+    its synchronous path; else a new Deferred of it. One callback on the
+    store's Deferred does it all: the Deferred machinery cost more than the
+    memory store's work.
 
     The store's own Deferred is never the one returned: the chain cancels
     what a check returns when it stops waiting (its timeout), and the
@@ -91,22 +96,26 @@ def answer_of(stored: Deferred[Action]) -> Any:
     settled: list[Any] = []
 
     def deliver(outcome: Any) -> None:
+        try:
+            answer = decide(outcome)
+        except Exception:
+            answer = Failure()
         if later is None:
-            settled.append(outcome)
+            settled.append(answer)
         elif later.called:
             # The chain gave up (cancelled): nothing waits for this.
             pass
-        elif isinstance(outcome, Failure):
-            later.errback(outcome)
+        elif isinstance(answer, Failure):
+            later.errback(answer)
         else:
-            later.callback(outcome)
+            later.callback(answer)
 
     stored.addBoth(deliver)
     if settled:
-        outcome = settled[0]
-        if isinstance(outcome, Failure):
-            outcome.raiseException()
-        return outcome
+        answer = settled[0]
+        if isinstance(answer, Failure):
+            answer.raiseException()
+        return answer
     later = Deferred()
     return later
 
@@ -610,7 +619,11 @@ class QuotaCheck(MultiService):
             if len(self._reservations) > REMEMBERED:
                 self._reservations.popitem(last=False)
 
-        def consumed(result: Consumption) -> Action:
+        def consumed(result: Any) -> Any:
+            if isinstance(result, Failure):
+                reservation.consumed = False
+                self._settle(token, reservation)
+                return result
             reservation.consumed = result.allowed
             if result.allowed and token is not None:
                 self._counted[token] = None
@@ -621,12 +634,7 @@ class QuotaCheck(MultiService):
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, amount)
 
-        def failed(failure: Failure) -> Failure:
-            reservation.consumed = False
-            self._settle(token, reservation)
-            return failure
-
-        return answer_of(self.store.consume(counters, amount, now).addCallbacks(consumed, failed))
+        return answer_of(self.store.consume(counters, amount, now), consumed)
 
     def _check_early(self, request: PolicyRequest) -> Any:
         """
@@ -642,12 +650,14 @@ class QuotaCheck(MultiService):
         if not counters:
             return DUNNO
 
-        def answer(result: Consumption) -> Action:
+        def answer(result: Any) -> Any:
+            if isinstance(result, Failure):
+                return result
             if result.allowed:
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, 0)
 
-        return answer_of(self.store.consume(counters, 0, self.now()).addCallback(answer))
+        return answer_of(self.store.consume(counters, 0, self.now()), answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
         if request.protocol_state != self.stage:

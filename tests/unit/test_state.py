@@ -581,6 +581,49 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         self.assertIsNone(self.store._connection)
 
 
+class MemoryOneKeyTests(SynchronousTestCase):
+    """
+    The memory store's shortcut for one counter reading one key answers
+    as its general path does.
+    """
+
+    def test_matches_general_path(self) -> None:
+        """
+        Random consumes (amount 0 to 3, limits -1 to 5), releases and clock
+        steps across expiries: a counter reading only its key, and the same
+        counter also reading a key nobody writes (the general path), give
+        the same answers.
+        """
+        import random
+
+        rng = random.Random(12)
+        clock = Clock()
+        clock.advance(START)
+        short = MemoryStore(CheckOptions({}, name="a", reactor=clock))
+        general = MemoryStore(CheckOptions({}, name="b", reactor=clock))
+        for step in range(3000):
+            roll = rng.random()
+            now = clock.seconds()
+            expires = now + rng.choice((5.0, 50.0))
+            limit = rng.randint(-1, 5)
+            key = rng.choice("ab")
+            if roll < 0.1:
+                clock.advance(rng.choice((1.0, 10.0, 60.0)))
+            elif roll < 0.2:
+                for store in (short, general):
+                    store.release([Counter(key, (key,), limit, expires)], 1, now)
+            else:
+                amount = rng.randint(0, 3)
+                one = self.successResultOf(
+                    short.consume([Counter(key, (key,), limit, expires)], amount, now)
+                )
+                other = self.successResultOf(
+                    general.consume([Counter(key, (key, "unused"), limit, expires)], amount, now)
+                )
+                self.assertEqual(one, other, step)
+        self.assertEqual(short.counts, general.counts)
+
+
 class StoreConfigurationTests(SynchronousTestCase):
     """
     [stores.NAME] tables and the default store.
