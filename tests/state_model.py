@@ -21,13 +21,20 @@ WINDOW = 600
 DELAY, RETRY_WINDOW, LIFETIME = 300.0, 3600.0, 7200.0
 
 
-def counter(name: str, limit: int, now: float, slack: float) -> Counter:
+def counter(name: str, limit: int, now: float, slack: float, own_key: bool = False) -> Counter:
     """
     A fixed-window counter as the quota check makes them: the key names
     its window, whose end (plus C{slack}) is its expiry; it also reads the
     previous window, as a sliding window would.
+
+    @param own_key: instead, one key for every window that reads only
+        itself, so that a later window finds the row of an earlier one,
+        expired or (with C{slack}) still live with an earlier expiry.
     """
     bucket = int(now // WINDOW)
+    if own_key:
+        key = f"{{model}}:{name}"
+        return Counter(key, (key,), limit, (bucket + 1) * WINDOW + slack)
     key = f"{{model}}:{name}:{bucket}"
     return Counter(
         key, (key, f"{{model}}:{name}:{bucket - 1}"), limit, (bucket + 1) * WINDOW + slack
@@ -73,20 +80,23 @@ def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tupl
             yield ("expire",)
 
 
-def apply(store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0) -> Deferred[Any]:
+def apply(
+    store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0, own_key: bool = False
+) -> Deferred[Any]:
     """
-    Run one (non-advance) operation on C{store}.
+    Run one (non-advance) operation on C{store}, its counters made by
+    L{counter} with C{slack} and C{own_key}.
 
     @return: a Deferred that fires with a comparable result (L{None} for
         C{expire}, whose count differs between stores by design).
     """
     kind = operation[0]
     if kind == "consume":
-        counters = [counter(name, limit, now, slack) for name, limit in operation[1]]
+        counters = [counter(name, limit, now, slack, own_key) for name, limit in operation[1]]
         d = store.consume(counters, operation[2], now)
         return d.addCallback(lambda result: (result.allowed, tuple(result.totals)))
     if kind == "release":
-        return store.release([counter(operation[1], 0, now, slack)], operation[2], now)
+        return store.release([counter(operation[1], 0, now, slack, own_key)], operation[2], now)
     if kind == "greylist":
         _, triplet, client, after = operation
         # The clear triplet of t1 and t2 share a sender, t3 has none kept.
@@ -96,7 +106,7 @@ def apply(store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0
     # Removal counts are not compared (stores differ in when they drop an
     # expired entry, as for expire); their effect shows in later answers.
     if kind == "reset":
-        keys = counter(operation[1], 0, now, slack).read_keys
+        keys = counter(operation[1], 0, now, slack, own_key).read_keys
         return store.reset(keys).addCallback(lambda count: None)
     if kind == "forget":
         return store.delete_greylist([operation[1]]).addCallback(lambda count: None)
@@ -106,7 +116,7 @@ def apply(store: Any, operation: tuple[Any, ...], now: float, slack: float = 0.0
             lambda entries: sorted((e.key, e.triplet, e.first_seen, e.passes) for e in entries)
         )
     if kind == "read":
-        keys = counter(operation[1], 0, now, slack).read_keys
+        keys = counter(operation[1], 0, now, slack, own_key).read_keys
         d = store.counters(keys, now)
         # Redis reads expiry back through PTTL, in milliseconds: counts only.
         return d.addCallback(lambda found: {key: value.count for key, value in found.items()})

@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -71,6 +72,53 @@ def refuses(action: Optional[Action]) -> bool:
     return verb in REFUSING_VERBS or (len(verb) == 3 and verb[0] in "45" and verb.isdigit())
 
 
+def answer_of(stored: Deferred[Consumption], decide: Callable[[Any], Any]) -> Any:
+    """
+    The check's answer from the store's Deferred: C{decide(outcome)} (the
+    outcome being the L{Consumption} or the store's L{Failure}; it returns
+    an action or a Failure), returned itself when the store already
+    answered (the memory store always does), so that the chain stays on
+    its synchronous path; else a new Deferred of it. One callback on the
+    store's Deferred does it all: the Deferred machinery cost more than the
+    memory store's work.
+
+    The store's own Deferred is never the one returned: the chain cancels
+    what a check returns when it stops waiting (its timeout), and the
+    store's result is still needed then, to take back a count that lands
+    after the chain gave up and refused the mail. Its result is consumed
+    here, so a late failure is not an unhandled error.
+
+    @return: an L{Action}, or a Deferred that fires with one.
+    @raise Exception: what the store failed with, when it already failed.
+    """
+    later: Optional[Deferred[Action]] = None
+    settled: list[Any] = []
+
+    def deliver(outcome: Any) -> None:
+        try:
+            answer = decide(outcome)
+        except Exception:
+            answer = Failure()
+        if later is None:
+            settled.append(answer)
+        elif later.called:
+            # The chain gave up (cancelled): nothing waits for this.
+            pass
+        elif isinstance(answer, Failure):
+            later.errback(answer)
+        else:
+            later.callback(answer)
+
+    stored.addBoth(deliver)
+    if settled:
+        answer = settled[0]
+        if isinstance(answer, Failure):
+            answer.raiseException()
+        return answer
+    later = Deferred()
+    return later
+
+
 @dataclass(frozen=True)
 class Window:
     """
@@ -118,18 +166,16 @@ class Window:
 
     def _fixed_bounds(self, now: float) -> tuple[str, float]:
         """
-        L{bounds}, reused while the local time is in the same hour (or the
-        same day, on the same side of the reset time): what L{bounds}
-        answers depends on nothing else.
+        L{bounds}, reused within the same UTC minute: what L{bounds}
+        answers depends only on the local hour, date and minute, and
+        today's UTC offsets are whole minutes, changed at whole minutes, so
+        no local hour or day starts inside a UTC minute. Keyed on the
+        minute, the memo costs no conversion to local time per call.
         """
-        local = datetime.datetime.fromtimestamp(now, self.zone)
-        if self.period == "hour":
-            key: tuple = (local.year, local.month, local.day, local.hour, local.fold)
-        else:
-            key = (local.date(), local.hour * 3600 + local.minute * 60 < self.reset)
+        minute = now // 60
         memo = self._memo.get("fixed")
-        if memo is None or memo[0] != key:
-            memo = self._memo["fixed"] = (key, self.bounds(now))
+        if memo is None or memo[0] != minute:
+            memo = self._memo["fixed"] = (minute, self.bounds(now))
         return memo[1]
 
     def counter(self, prefix: str, now: float, limit: int) -> Counter:
@@ -351,6 +397,13 @@ class QuotaCheck(MultiService):
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
         self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
+        # The counters built in the current minute, by identity and room:
+        # an identity sending several mails a minute builds them once.
+        # Only for fixed windows, which change at most once a minute (see
+        # Window._fixed_bounds); sliding buckets move at any second.
+        self._cacheable = all(window.period != "sliding" for window in self.windows)
+        self._counters_minute = -1.0
+        self._counters_cache: dict[tuple[str, int], tuple[Counter, ...]] = {}
 
     def load_overrides(self) -> None:
         """
@@ -367,6 +420,8 @@ class QuotaCheck(MultiService):
         for identity in self.unlimited:
             overrides[identity] = None
         self.overrides = overrides
+        # Counters built under the old limits.
+        self._counters_cache = {}
 
     def reload_overrides(self) -> None:
         """
@@ -458,11 +513,12 @@ class QuotaCheck(MultiService):
         return request.size
 
     def _token(self, request: PolicyRequest) -> Optional[tuple[str, ...]]:
-        if not request.instance:
+        instance = request.instance
+        if not instance:
             return None
         if self.stage == "RCPT":
-            return (request.instance, request.client_address, request.recipient)
-        return (request.instance, request.client_address)
+            return (instance, request.client_address, request.recipient)
+        return (instance, request.client_address)
 
     def _text(
         self, window: Window, count: int, identity: str, maximum: Optional[int] = None
@@ -484,14 +540,28 @@ class QuotaCheck(MultiService):
 
         @return: the counters, or an empty tuple for an unlimited identity.
         """
+        if self._cacheable:
+            minute = now // 60
+            if minute != self._counters_minute:
+                self._counters_minute = minute
+                self._counters_cache = {}
+            cached = self._counters_cache.get((identity, room))
+            if cached is not None:
+                return cached
         limits = self.overrides.get(identity, {})
         if limits is None:
-            return ()
-        prefix = self.key_prefix(identity)
-        return tuple(
-            window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
-            for window in self.windows
-        )
+            counters: tuple[Counter, ...] = ()
+        else:
+            prefix = self.key_prefix(identity)
+            counters = tuple(
+                window.counter(prefix, now, limits.get(window.name, window.maximum) - room)
+                for window in self.windows
+            )
+        if self._cacheable:
+            if len(self._counters_cache) >= REMEMBERED:
+                self._counters_cache = {}
+            self._counters_cache[(identity, room)] = counters
+        return counters
 
     def _over_limit(
         self, identity: str, counters: tuple[Counter, ...], totals: tuple[int, ...], amount: int
@@ -558,9 +628,12 @@ class QuotaCheck(MultiService):
             self._reservations[token] = reservation
             if len(self._reservations) > REMEMBERED:
                 self._reservations.popitem(last=False)
-        answer: Deferred[Action] = Deferred()
 
-        def consumed(result: Consumption) -> None:
+        def consumed(result: Any) -> Any:
+            if isinstance(result, Failure):
+                reservation.consumed = False
+                self._settle(token, reservation)
+                return result
             reservation.consumed = result.allowed
             if result.allowed and token is not None:
                 self._counted[token] = None
@@ -568,23 +641,10 @@ class QuotaCheck(MultiService):
                     self._counted.popitem(last=False)
             self._settle(token, reservation)
             if result.allowed:
-                action = DUNNO
-            else:
-                action = self._over_limit(identity, counters, result.totals, amount)
-            if not answer.called:
-                answer.callback(action)
+                return DUNNO
+            return self._over_limit(identity, counters, result.totals, amount)
 
-        def failed(failure: Failure) -> None:
-            reservation.consumed = False
-            self._settle(token, reservation)
-            if not answer.called:
-                answer.errback(failure)
-
-        # The store's own Deferred is not cancelled with the check's answer
-        # (the chain's timeout): its result is still needed to take back a
-        # count that lands after the chain gave up and refused the mail.
-        self.store.consume(counters, amount, now).addCallbacks(consumed, failed)
-        return answer
+        return answer_of(self.store.consume(counters, amount, now), consumed)
 
     def _check_early(self, request: PolicyRequest) -> Any:
         """
@@ -600,12 +660,14 @@ class QuotaCheck(MultiService):
         if not counters:
             return DUNNO
 
-        def answer(result: Consumption) -> Action:
+        def answer(result: Any) -> Any:
+            if isinstance(result, Failure):
+                return result
             if result.allowed:
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, 0)
 
-        return self.store.consume(counters, 0, self.now()).addCallback(answer)
+        return answer_of(self.store.consume(counters, 0, self.now()), answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
         if request.protocol_state != self.stage:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Optional, Union
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred, TimeoutError, fail
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -207,6 +207,61 @@ class RedisProtocol(Protocol):
             self.on_lost(reason)
 
 
+class _Deadlines:
+    """
+    The timeouts of one connection's commands, kept by one timer.
+
+    Redis answers a connection's commands in the order they were sent, so
+    the oldest unanswered command is always the next one due: one timer,
+    set for it, does what a timer per command did (a C{DelayedCall} made
+    and cancelled for every command, on the reactor's heap). Commands are
+    forgotten from the front as they are answered.
+
+    @param expired: called with each command's Deferred that is still
+        unanswered at its deadline.
+    """
+
+    def __init__(
+        self, clock: Any, timeout: float, expired: Callable[[Deferred[Any]], None]
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+        self._expired = expired
+        self._waiting: deque[tuple[float, Deferred[Any]]] = deque()
+        self._timer: Any = None
+
+    def track(self, d: Deferred[Any]) -> None:
+        """
+        Time out C{d} unless it fires within the timeout from now.
+        """
+        waiting = self._waiting
+        while waiting and waiting[0][1].called:
+            waiting.popleft()
+        waiting.append((self._clock.seconds() + self._timeout, d))
+        if self._timer is None:
+            self._timer = self._clock.callLater(self._timeout, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        waiting = self._waiting
+        while waiting and (waiting[0][1].called or waiting[0][0] <= now):
+            _, d = waiting.popleft()
+            if not d.called:
+                self._expired(d)
+        if waiting and self._timer is None:
+            self._timer = self._clock.callLater(max(0.0, waiting[0][0] - now), self._due)
+
+    def stop(self) -> None:
+        """
+        Forget every command (the connection is gone: they have failed).
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting.clear()
+
+
 class RedisClient(ClientService):
     """
     A connection to Redis that is re-made whenever it is lost.
@@ -241,15 +296,22 @@ class RedisClient(ClientService):
         self.database = database
         self.description = description
         self._protocol: Any = None
+        #: The command timeouts of each connection, by the connection.
+        self._deadlines: dict[Any, _Deadlines] = {}
         self._was_lost = False
         self._ever_connected = False
         self._gave_up_waiting = False
 
     async def _prepare(self, protocol: Any) -> None:
-        if self.password is not None:
-            await self._bounded(protocol.execute("AUTH", self.password), protocol)
-        if self.database:
-            await self._bounded(protocol.execute("SELECT", self.database), protocol)
+        try:
+            if self.password is not None:
+                await self._bounded(protocol.execute("AUTH", self.password), protocol)
+            if self.database:
+                await self._bounded(protocol.execute("SELECT", self.database), protocol)
+        except BaseException:
+            # The connection is dropped; its lost callback is not set yet.
+            self._forget(protocol)
+            raise
         self._protocol = protocol
         self._ever_connected = True
         self._log.info(
@@ -259,6 +321,7 @@ class RedisClient(ClientService):
         )
 
         def connection_lost(reason: Optional[Failure]) -> None:
+            self._forget(protocol)
             if self._protocol is protocol:
                 self._protocol = None
                 self._was_lost = True
@@ -269,18 +332,34 @@ class RedisClient(ClientService):
 
         protocol.notify_lost(connection_lost)
 
+    def _forget(self, protocol: Any) -> None:
+        """
+        Stop timing the commands of a connection that is gone.
+        """
+        deadlines = self._deadlines.pop(protocol, None)
+        if deadlines is not None:
+            deadlines.stop()
+
     def _bounded(self, d: Deferred[Any], protocol: Any) -> Deferred[Any]:
-        def timed_out(failure: Failure) -> Failure:
-            if failure.check(TimeoutError):
+        """
+        Fail C{d}, a command sent on C{protocol}, with L{RedisTimeout} if
+        Redis does not answer it within the timeout.
+        """
+        deadlines = self._deadlines.get(protocol)
+        if deadlines is None:
+
+            def expired(command: Deferred[Any]) -> None:
                 # A Redis that stopped answering: drop the connection so
                 # that the replies of later commands cannot be late too.
                 if protocol.transport is not None:
                     protocol.transport.abortConnection()
-                return Failure(RedisTimeout(f"{self.description}: no answer in {self.timeout}s"))
-            return failure
+                command.errback(
+                    RedisTimeout(f"{self.description}: no answer in {self.timeout}s")
+                )
 
-        d.addTimeout(self.timeout, self.reactor)
-        return d.addErrback(timed_out)
+            deadlines = self._deadlines[protocol] = _Deadlines(self.reactor, self.timeout, expired)
+        deadlines.track(d)
+        return d
 
     @property
     def connected(self) -> bool:

@@ -328,6 +328,34 @@ class QuotaTests(CheckTestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("nonsense=1", errors[0]["reason"])
 
+    def test_reloaded_limits_apply_at_once(self) -> None:
+        """
+        Counters built under the old limits are not reused after a reload,
+        even within the same minute.
+        """
+        path = temporary_path(self)
+        with open(path, "w") as f:
+            f.write("big hour=1\n")
+        check = self.make(overrides=path)
+        self.assertEqual(self.verbs(check, 2, sasl_username="big"), ["DUNNO", "DEFER"])
+        with open(path, "w") as f:
+            f.write("big hour=3\n")
+        check.reload_overrides()
+        self.assertEqual(self.verbs(check, 3, sasl_username="big"), ["DUNNO", "DUNNO", "DEFER"])
+
+    def test_counters_follow_the_window(self) -> None:
+        """
+        An identity's counters reused within a minute still move to the
+        next window when it starts: a full hour does not refuse the next.
+        """
+        check = self.make(limits=[{"period": "hour", "max": 1}])
+        self.clock.advance(3600 - 30)
+        self.assertEqual(self.verbs(check, 2), ["DUNNO", "DEFER"])
+        self.clock.advance(29)
+        self.assertEqual(self.verbs(check, 1), ["DEFER"])
+        self.clock.advance(1)
+        self.assertEqual(self.verbs(check, 2), ["DUNNO", "DEFER"])
+
     def test_overrides_reload_off(self) -> None:
         """
         overrides_reload = 0 reads the file only at start.
@@ -357,6 +385,44 @@ class QuotaTests(CheckTestCase):
         self.failureResultOf(run_check(check, request), StoreError)
         check.decided(request, None)
         self.assertEqual(check.store.released, [])
+
+    def test_answers_at_once_when_the_store_did(self) -> None:
+        """
+        On a store that answers inside consume() (the memory store), the
+        check returns the action itself, not a Deferred: the chain stays on
+        its synchronous path.
+        """
+        check = self.make(limits=[{"period": "hour", "max": 1}])
+        first = self.message()
+        self.assertEqual(check.check(first), Action("DUNNO"))
+        check.decided(first, Action("DUNNO"))
+        over = check.check(self.message())
+        self.assertIsInstance(over, Action)
+        self.assertEqual(over.verb, "DEFER")
+
+    def test_store_failing_at_once_raises(self) -> None:
+        """
+        A store that failed inside consume() makes the check raise its
+        error, which the chain handles as any failure (on_error).
+        """
+        check = self.make()
+        check.store = FakeStore(fail(StoreError("down")))
+        self.assertRaises(StoreError, check.check, self.message())
+
+    def test_answers_later_when_the_store_does(self) -> None:
+        """
+        On a store that answers later, the check returns a Deferred (not
+        the store's) that fires with the action once the store answered.
+        """
+        check = self.make()
+        pending: Deferred[Consumption] = Deferred()
+        check.store = FakeStore(pending)
+        answer = check.check(self.message())
+        self.assertIsInstance(answer, Deferred)
+        self.assertIsNot(answer, pending)
+        self.assertNoResult(answer)
+        pending.callback(Consumption(False, (2,)))
+        self.assertEqual(self.successResultOf(answer).verb, "DEFER")
 
     def test_late_store_answer_after_refusal(self) -> None:
         """

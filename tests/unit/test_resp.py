@@ -204,3 +204,65 @@ class StoreTests(SynchronousTestCase):
         self.reactor.advance(2.0)
         self.failureResultOf(result, RedisTimeout)
         self.assertTrue(transport.disconnecting)
+
+    def test_one_timer_for_many_commands(self) -> None:
+        """
+        However many commands wait, one timer times them out, each at its
+        own deadline (2 s after it was sent), in the order they were sent.
+        """
+        protocol, transport = self.connect()
+        first = self.consume()
+        self.reactor.advance(1.0)
+        second = self.consume()
+        third = self.consume()
+        self.assertEqual(len(self.pending_timers()), 1)
+        self.reactor.advance(1.0)
+        self.failureResultOf(first, RedisTimeout)
+        self.assertNoResult(second)
+        self.assertNoResult(third)
+        self.reactor.advance(1.0)
+        self.failureResultOf(second, RedisTimeout)
+        self.failureResultOf(third, RedisTimeout)
+        self.assertEqual(self.pending_timers(), [])
+
+    def test_answered_commands_do_not_time_out(self) -> None:
+        """
+        Commands answered in time are forgotten: nothing fails at their
+        deadline, the connection stays, and the timer goes once due.
+        """
+        protocol, transport = self.connect()
+        results = [self.consume() for _ in range(3)]
+        protocol.dataReceived(b"*2\r\n:1\r\n:1\r\n" * 3)
+        self.reactor.advance(1.0)
+        late = self.consume()
+        self.reactor.advance(1.0)
+        for result in results:
+            self.assertTrue(self.successResultOf(result).allowed)
+        self.assertFalse(transport.disconnecting)
+        self.assertNoResult(late)
+        protocol.dataReceived(b"*2\r\n:1\r\n:1\r\n")
+        self.reactor.advance(1.0)
+        self.assertTrue(self.successResultOf(late).allowed)
+        self.assertEqual(self.pending_timers(), [])
+
+    def test_lost_connection_stops_the_timer(self) -> None:
+        """
+        When the connection is lost, its waiting commands fail as lost and
+        its timer is cancelled.
+        """
+        protocol, transport = self.connect()
+        result = self.consume()
+        protocol.connectionLost(None)
+        self.failureResultOf(result, RedisUnavailable)
+        self.assertEqual(self.pending_timers(), [])
+
+    def pending_timers(self) -> list[Any]:
+        """
+        The reactor's pending calls, other than the client's reconnection.
+        """
+        return [
+            call
+            for call in self.reactor.getDelayedCalls()
+            if call.active() and getattr(call.func, "__name__", "") == "_due"
+        ]
+

@@ -116,6 +116,29 @@ class StoreTestsMixin:
         self.clock.advance(10)
         self.assertEqual(self.consume([counter("a", 1, START + 20)]), (True, (1,)))
 
+    def test_consume_nothing(self) -> None:
+        """
+        An amount of 0 (refuse_early's look) is allowed while the total is
+        within the limit, and adds nothing; a limit below 0 refuses it.
+        """
+        self.assertEqual(self.consume([counter("a", 0)], 0), (True, (0,)))
+        self.assertEqual(self.consume([counter("a", -1)], 0), (False, (0,)))
+        self.assertEqual(self.consume([counter("a", 2)], 2), (True, (2,)))
+        self.assertEqual(self.consume([counter("a", 2)], 0), (True, (2,)))
+        self.assertEqual(self.consume([counter("a", 1)], 0), (False, (2,)))
+
+    def test_live_counter_expiry_extended(self) -> None:
+        """
+        Adding to a live counter with a later expiry keeps the later one:
+        the count survives until then.
+        """
+        self.consume([counter("a", 5, START + 10)])
+        self.consume([counter("a", 5, START + 100)])
+        self.clock.advance(50)
+        self.assertEqual(self.consume([counter("a", 5, START + 10)]), (True, (3,)))
+        self.clock.advance(50)
+        self.assertEqual(self.consume([counter("a", 5, START + 200)]), (True, (1,)))
+
     def test_release(self) -> None:
         """
         Releasing takes an amount back, never below zero.
@@ -443,6 +466,25 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         self.assertEqual(self.statements.count("COMMIT"), 2)
         self.assertEqual(self.groups.groups, [])
 
+    def test_fixed_window_consume_is_one_statement(self) -> None:
+        """
+        A counter reading only its own key is checked and added to in one
+        statement, new or live; only a refusal reads the total again.
+        """
+        self.consume("first")
+        self.groups.run_next()
+        groups = []
+        for _ in range(3):
+            self.consume("a", 2)
+            del self.statements[:]
+            self.groups.run_next()
+            groups.append(self.statements[:])
+        self.assertEqual([len(group) for group in groups], [3, 3, 4])
+        self.assertEqual({group[0] for group in groups}, {"BEGIN IMMEDIATE"})
+        self.assertEqual({group[-1] for group in groups}, {"COMMIT"})
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
+        self.assertEqual(self.count("a"), 2)
+
     def test_order_and_exact_limits(self) -> None:
         """
         Inside a group operations run in the order asked, each seeing the
@@ -539,6 +581,49 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         self.assertIsNone(self.store._connection)
 
 
+class MemoryOneKeyTests(SynchronousTestCase):
+    """
+    The memory store's shortcut for one counter reading one key answers
+    as its general path does.
+    """
+
+    def test_matches_general_path(self) -> None:
+        """
+        Random consumes (amount 0 to 3, limits -1 to 5), releases and clock
+        steps across expiries: a counter reading only its key, and the same
+        counter also reading a key nobody writes (the general path), give
+        the same answers.
+        """
+        import random
+
+        rng = random.Random(12)
+        clock = Clock()
+        clock.advance(START)
+        short = MemoryStore(CheckOptions({}, name="a", reactor=clock))
+        general = MemoryStore(CheckOptions({}, name="b", reactor=clock))
+        for step in range(3000):
+            roll = rng.random()
+            now = clock.seconds()
+            expires = now + rng.choice((5.0, 50.0))
+            limit = rng.randint(-1, 5)
+            key = rng.choice("ab")
+            if roll < 0.1:
+                clock.advance(rng.choice((1.0, 10.0, 60.0)))
+            elif roll < 0.2:
+                for store in (short, general):
+                    store.release([Counter(key, (key,), limit, expires)], 1, now)
+            else:
+                amount = rng.randint(0, 3)
+                one = self.successResultOf(
+                    short.consume([Counter(key, (key,), limit, expires)], amount, now)
+                )
+                other = self.successResultOf(
+                    general.consume([Counter(key, (key, "unused"), limit, expires)], amount, now)
+                )
+                self.assertEqual(one, other, step)
+        self.assertEqual(short.counts, general.counts)
+
+
 class StoreConfigurationTests(SynchronousTestCase):
     """
     [stores.NAME] tables and the default store.
@@ -622,10 +707,22 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
         200 sequences of 60 operations on colliding keys, with clock steps
         across delays, windows and lifetimes: identical answers.
         """
+        self.compare(range(200))
+
+    def test_random_sequences_own_keys(self) -> None:
+        """
+        The same with counters reading only their own key (the one-statement
+        path), one key across windows, so that rows are found live, expired,
+        or (with slack) live with an earlier expiry: identical answers.
+        """
+        self.compare(range(200, 300), own_key=True)
+        self.compare(range(300, 400), slack=200.0, own_key=True)
+
+    def compare(self, seeds: range, slack: float = 0.0, own_key: bool = False) -> None:
         from tests.state_model import apply, operations
 
         directory = os.path.dirname(temporary_path(self))
-        for seed in range(200):
+        for seed in seeds:
             clock = Clock()
             clock.advance(START)
             memory = MemoryStore(CheckOptions({}, name="m", reactor=clock))
@@ -643,8 +740,8 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
                         clock.advance(operation[1])
                         continue
                     now = clock.seconds()
-                    expected = self.successResultOf(apply(memory, operation, now))
-                    actual = self.successResultOf(apply(sqlite, operation, now))
+                    expected = self.successResultOf(apply(memory, operation, now, slack, own_key))
+                    actual = self.successResultOf(apply(sqlite, operation, now, slack, own_key))
                     self.assertEqual(actual, expected, (seed, number, operation))
             finally:
                 sqlite._connection.close()
