@@ -64,7 +64,7 @@ class TableTests(SynchronousTestCase):
             for state in OUTSIDE_TRANSACTION:
                 self.assertIsNotNone(problem(verb, state, V37), (verb, state))
         self.assertIn("smtpd_etrn_restrictions", problem("HOLD", "ETRN", V37))
-        self.assertIn("client or helo restrictions", problem("FILTER", "CONNECT", V37))
+        self.assertIn("Client host or Helo command restrictions", problem("FILTER", "CONNECT", V37))
 
     def test_delegated_inside_transaction(self):
         """
@@ -77,8 +77,19 @@ class TableTests(SynchronousTestCase):
 
     def test_everywhere(self):
         """The refusing, accepting and logging verbs work at every stage."""
-        for verb in ("OK", "DUNNO", "REJECT", "DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT",
-                     "WARN", "INFO", "554", "450", "local_class"):
+        for verb in (
+            "OK",
+            "DUNNO",
+            "REJECT",
+            "DEFER",
+            "DEFER_IF_PERMIT",
+            "DEFER_IF_REJECT",
+            "WARN",
+            "INFO",
+            "554",
+            "450",
+            "local_class",
+        ):
             for state in STATES:
                 self.assertIsNone(problem(verb, state, V37), (verb, state))
 
@@ -87,8 +98,11 @@ class TableTests(SynchronousTestCase):
         BCC and INFO need 3.0 and DEFER 2.6: older versions would read them
         as unknown restrictions, at every stage.
         """
-        for verb, since, before in (("BCC", (3, 0), (2, 11)), ("INFO", (3, 0), (2, 11)),
-                                    ("DEFER", (2, 6), (2, 5))):
+        for verb, since, before in (
+            ("BCC", (3, 0), (2, 11)),
+            ("INFO", (3, 0), (2, 11)),
+            ("DEFER", (2, 6), (2, 5)),
+        ):
             self.assertIsNone(problem(verb, "RCPT", since))
             for state in STATES:
                 self.assertIn("unknown restriction", problem(verb, state, before))
@@ -324,8 +338,9 @@ class WarningTests(SynchronousTestCase):
             sorted((p.verb, p.origin) for p in by_name["p"].possible_actions()),
             [("DUNNO", "not_found"), ("HOLD", pairs)],
         )
-        self.assertIn(("FILTER", f"{regexp}:2"),
-                      [(p.verb, p.origin) for p in by_name["r"].possible_actions()])
+        self.assertIn(
+            ("FILTER", f"{regexp}:2"), [(p.verb, p.origin) for p in by_name["r"].possible_actions()]
+        )
 
     def test_rules_stages(self):
         """
