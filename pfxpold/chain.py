@@ -484,25 +484,12 @@ class CheckChain:
 
     def _to_action(self, result: object, request: PolicyRequest) -> Action:
         """
-        Turn what a check returned into an L{Action} Postfix honours at the
-        request's stage (L{pfxpold.stages}).
+        Turn what a check returned into a validated L{Action}, remembering
+        parsed strings: most checks answer from a handful of them. The
+        action must be one Postfix honours at the request's stage
+        (L{pfxpold.stages}).
 
         @raise StageError: when Postfix would not honour it there.
-        @raise ActionError: when it is not a valid action.
-        """
-        action = self._valid_action(result)
-        reasons = self._stage_problems.get(action.verb)
-        if reasons is not None:
-            reason = reasons.get(request.protocol_state)
-            if reason is not None:
-                raise StageError(action, request.protocol_state, self.postfix_version, reason)
-        return action
-
-    def _valid_action(self, result: object) -> Action:
-        """
-        Turn what a check returned into a validated L{Action}, remembering
-        parsed strings: most checks answer from a handful of them.
-
         @raise ActionError: when it is not a valid action.
         """
         if type(result) is str:
@@ -511,15 +498,20 @@ class CheckChain:
                 action = Action.parse(result, self.restriction_classes)
                 if len(self._parsed) < 4096:
                     self._parsed[result] = action
-            return action
-        if type(result) is Action and result.verb in self._plain_verbs:
+        elif type(result) is Action and result.verb in self._plain_verbs:
             # An access(5) verb or a status code: nothing to check against
             # the restriction classes.
-            return result
-        action = as_action(result, self.restriction_classes)
-        if not action.is_restriction_class:
-            # Bounded: the access(5) verbs and three-digit codes.
-            self._plain_verbs.add(action.verb)
+            action = result
+        else:
+            action = as_action(result, self.restriction_classes)
+            if not action.is_restriction_class:
+                # Bounded: the access(5) verbs and three-digit codes.
+                self._plain_verbs.add(action.verb)
+        reasons = self._stage_problems.get(action.verb)
+        if reasons is not None:
+            reason = reasons.get(request.protocol_state)
+            if reason is not None:
+                raise StageError(action, request.protocol_state, self.postfix_version, reason)
         return action
 
     def _recovered(self, entry: ChainEntry) -> None:
