@@ -273,7 +273,9 @@ def warnings_for(
         for state in states:
             by_reason.setdefault(reasons[state], []).append(state)
         what = "; ".join(f"at {', '.join(group)}: {why}" for why, group in by_reason.items())
-        then = f"; pfxpold answers on_error ({on_error}) instead" if on_error else ""
+        then = (
+            f"; pfxpold takes it as the check failing (on_error = {on_error})" if on_error else ""
+        )
         lines.append(
             f"{name}: can answer {answer.verb} ({answer.origin}), which Postfix"
             f" {shown(version)} does not honour {what}{then}"

@@ -310,7 +310,7 @@ class WarningTests(SynchronousTestCase):
         self.assertTrue(lines[0].startswith("c: can answer PREPEND (rule 'x'), which Postfix 3.7"))
         self.assertIn("at END-OF-MESSAGE: ignored", lines[0])
         self.assertNotIn("RCPT", lines[0])
-        self.assertIn("on_error (skip)", lines[0])
+        self.assertIn("the check failing (on_error = skip)", lines[0])
         self.assertEqual(warnings_for("c", [possible("PREPEND", ["RCPT"], "r")], V37), [])
 
     def test_access_map(self):
