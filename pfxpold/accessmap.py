@@ -293,6 +293,15 @@ class KeyTable(Generic[V]):
             if value is not None:
                 yield value
 
+    def values(self) -> Iterator[V]:
+        """
+        Every value stored, names first.
+        """
+        yield from self.names.values()
+        for family in self._networks.values():
+            for table in family.values():
+                yield from table.values()
+
     def first(self, key: LookupKey) -> Optional[V]:
         """
         The most specific value matching C{key}, or L{None}.
@@ -477,6 +486,16 @@ class AccessMap:
             raise MapError(path, None, f"cannot read: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise MapError(path, None, f"not UTF-8: {e.reason}") from None
+
+    def actions(self) -> Iterator[Action]:
+        """
+        Every entry's action (for C{--check-config}'s stage warnings).
+        """
+        if not self.pairs:
+            yield from self.table.values()
+            return
+        for inner in self.table.values():
+            yield from inner.values()
 
     def lookup(
         self, keys: Sequence[LookupKey], second: Sequence[LookupKey] = ()

@@ -38,12 +38,26 @@ from pfxpold.escape import escape, is_clean
 from pfxpold.expiries import Expiries
 from pfxpold.interfaces import ICheck, IDecisionListener, IPolicyDecider
 from pfxpold.request import PolicyRequest
+from pfxpold.stages import DEFAULT_POSTFIX, Version, parse_version, problems, shown
 
 SKIP = "skip"
 NOREPLY = "noreply"
 
 #: What checks answer at once.
 _PLAIN = frozenset((Action, str))
+
+
+class StageError(ActionError):
+    """
+    A valid action that Postfix would ignore or misuse at the request's
+    C{protocol_state} (L{pfxpold.stages}).
+    """
+
+    def __init__(self, action: Action, state: str, version: Version, reason: str) -> None:
+        where = state or "(no protocol_state)"
+        super().__init__(f"Postfix {shown(version)} at {where}: {reason}")
+        self.action = action
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,7 @@ class CheckChain:
         clock: IReactorTime,
         restriction_classes: tuple[str, ...] = (),
         record_verdicts: bool = False,
+        postfix_version: Version = parse_version(DEFAULT_POSTFIX),
     ) -> None:
         for entry in entries:
             if not ICheck.providedBy(entry.check):
@@ -184,6 +199,10 @@ class CheckChain:
         self.deadline_policy = deadline_policy
         self.restriction_classes = restriction_classes
         self.record_verdicts = record_verdicts
+        self.postfix_version = postfix_version
+        # Verb -> protocol_state -> why Postfix would not honour it there
+        # (pfxpold.stages); answers with other verbs cost one dict lookup.
+        self._stage_problems = problems(postfix_version)
         self._clock = clock
         self._parsed: dict[str, Action] = {}
         self._plain_verbs: set[str] = set()
@@ -276,7 +295,7 @@ class CheckChain:
                             # Cancelled by someone else: the check broke.
                             return self._chain_error(result, verdicts)
                         result.raiseException()
-                action = self._to_action(result)
+                action = self._to_action(result, request)
                 if self._failing and entry.name in self._failing:
                     self._recovered(entry)
             except Exception:
@@ -339,7 +358,7 @@ class CheckChain:
                     self._finish(walk, self._chain_error(outcome, walk.verdicts))
                     return None
                 outcome.raiseException()
-            action = self._to_action(outcome)
+            action = self._to_action(outcome, walk.request)
             if self._failing and entry.name in self._failing:
                 self._recovered(entry)
         except Exception:
@@ -463,11 +482,14 @@ class CheckChain:
 
     # Answers and failures
 
-    def _to_action(self, result: object) -> Action:
+    def _to_action(self, result: object, request: PolicyRequest) -> Action:
         """
         Turn what a check returned into a validated L{Action}, remembering
-        parsed strings: most checks answer from a handful of them.
+        parsed strings: most checks answer from a handful of them. The
+        action must be one Postfix honours at the request's stage
+        (L{pfxpold.stages}).
 
+        @raise StageError: when Postfix would not honour it there.
         @raise ActionError: when it is not a valid action.
         """
         if type(result) is str:
@@ -476,15 +498,20 @@ class CheckChain:
                 action = Action.parse(result, self.restriction_classes)
                 if len(self._parsed) < 4096:
                     self._parsed[result] = action
-            return action
-        if type(result) is Action and result.verb in self._plain_verbs:
+        elif type(result) is Action and result.verb in self._plain_verbs:
             # An access(5) verb or a status code: nothing to check against
             # the restriction classes.
-            return result
-        action = as_action(result, self.restriction_classes)
-        if not action.is_restriction_class:
-            # Bounded: the access(5) verbs and three-digit codes.
-            self._plain_verbs.add(action.verb)
+            action = result
+        else:
+            action = as_action(result, self.restriction_classes)
+            if not action.is_restriction_class:
+                # Bounded: the access(5) verbs and three-digit codes.
+                self._plain_verbs.add(action.verb)
+        reasons = self._stage_problems.get(action.verb)
+        if reasons is not None:
+            reason = reasons.get(request.protocol_state)
+            if reason is not None:
+                raise StageError(action, request.protocol_state, self.postfix_version, reason)
         return action
 
     def _recovered(self, entry: ChainEntry) -> None:
@@ -515,6 +542,16 @@ class CheckChain:
                 outcome=str(policy),
             )
             verdict = "timeout"
+        elif failure.check(StageError):
+            self._log.error(
+                "check {check} answered {action}, which Postfix does not honour here"
+                " ({reason}); on_error={outcome}",
+                check=entry.name,
+                action=escape(str(failure.value.action)),
+                reason=escape(failure.getErrorMessage()),
+                outcome=str(policy),
+            )
+            verdict = "action not honoured at this stage"
         elif failure.check(ActionError):
             self._log.error(
                 "check {check} returned an invalid action ({reason}); this is a bug"

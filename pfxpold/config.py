@@ -27,6 +27,7 @@ from pfxpold.checks import BUILTIN_CHECKS, MissingExtraError, missing_extra
 from pfxpold.interfaces import ICheck, IUsesChecks
 from pfxpold.protocol import Limits
 from pfxpold.resources import DEFAULT_BACKLOG
+from pfxpold.stages import DEFAULT_POSTFIX, VersionError, parse_version
 
 DEFAULT_LISTEN = "tcp:9998:interface=127.0.0.1"
 DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
@@ -664,6 +665,10 @@ def load_document(
     log_verdicts = server.boolean("log_verdicts", False)
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
     backlog = server.integer("backlog", DEFAULT_BACKLOG, minimum=1)
+    try:
+        postfix_version = parse_version(server.raw("postfix_version", DEFAULT_POSTFIX))
+    except VersionError as e:
+        raise server.error("postfix_version", str(e)) from None
     if server.unused():
         raise server.error(server.unused()[0], "is not a setting pfxpold knows")
     metrics = metrics_listen(document, path)
@@ -758,6 +763,7 @@ def load_document(
         clock=reactor,
         restriction_classes=classes,
         record_verdicts=log_verdicts,
+        postfix_version=postfix_version,
     )
     return Configuration(
         path,

@@ -169,6 +169,7 @@ async def explain(configuration: Configuration, request: PolicyRequest, clock: A
         clock=clock,
         restriction_classes=chain.restriction_classes,
         record_verdicts=True,
+        postfix_version=chain.postfix_version,
     )
     decided = recording.decide(request)
     decision = await decided if isinstance(decided, Deferred) else decided

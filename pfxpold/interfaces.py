@@ -285,3 +285,18 @@ class IUsesChecks(Interface):
         @raise pfxpold.config.ConfigError: when one it names is missing or
             unfit.
         """
+
+
+class IPossibleActions(Interface):
+    """
+    A check that can say which answers it may give, and at which stages,
+    so that C{--check-config} can warn about an answer Postfix would not
+    honour where the check runs (L{pfxpold.stages}).
+    """
+
+    def possible_actions():
+        """
+        @return: an iterable of L{pfxpold.stages.Possible}: each verb the
+            check may answer, the C{protocol_state} values it may answer it
+            at (L{None}: any), and where it is written.
+        """

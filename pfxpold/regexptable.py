@@ -579,6 +579,19 @@ class RegexpTable:
         except ActionError as e:
             raise TableLookupError(f"{self.path}:{rule.line}: {escape(str(e))}") from None
 
+    def verbs(self) -> Iterator[tuple[int, str]]:
+        """
+        Each result rule's line and verb (for C{--check-config}'s stage
+        warnings).
+        """
+        pending = list(reversed(self.rules))
+        while pending:
+            rule = pending.pop()
+            if isinstance(rule, IfRule):
+                pending.extend(reversed(rule.body))
+            else:
+                yield rule.line, rule.action.verb if rule.action is not None else rule.verb
+
     def unreachable(self) -> list[tuple[int, int]]:
         """
         Rules no value can reach because an earlier rule of the same block

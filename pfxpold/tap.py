@@ -33,6 +33,7 @@ from pfxpold.config import (
     socket_path,
 )
 from pfxpold.interfaces import IConfigWarnings
+from pfxpold.stages import chain_warnings
 
 __all__ = ["Options", "endpoint_description", "makeService"]
 
@@ -207,8 +208,10 @@ def endpoint_problem(reactor: Any, description: str) -> Optional[str]:
 def configuration_warnings(configuration: Configuration) -> list[str]:
     """
     What the checks providing L{IConfigWarnings} find doubtful in their own
-    settings (a rule no request reaches), one C{warning: CHECK: ...} line
-    each. Warnings never fail C{--check-config}.
+    settings (a rule no request reaches), and the answers checks can give
+    at a stage where Postfix would not honour them (L{pfxpold.stages}),
+    one C{warning: CHECK: ...} line each. Warnings never fail
+    C{--check-config}.
     """
     lines: list[str] = []
     for entry in configuration.chain.entries:
@@ -219,6 +222,12 @@ def configuration_warnings(configuration: Configuration) -> list[str]:
         except Exception as e:
             warnings = [f"could not look for warnings: {type(e).__name__}: {e}"]
         lines.extend(f"warning: {entry.name}: {' '.join(str(w).splitlines())}" for w in warnings)
+    # Answers Postfix would not honour where a check can give them.
+    chain = configuration.chain
+    lines.extend(
+        f"warning: {line}"
+        for line in chain_warnings(chain.entries, chain.postfix_version, chain.default_action)
+    )
     return lines
 
 

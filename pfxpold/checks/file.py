@@ -35,8 +35,9 @@ from pfxpold.accessmap import (
 )
 from pfxpold.action import Action
 from pfxpold.config import CheckOptions
-from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable
+from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable, IPossibleActions
 from pfxpold.request import PolicyRequest
+from pfxpold.stages import Possible, possible
 
 #: The C{format} setting: an access(5) map, or a Postfix regexp_table(5)
 #: or pcre_table(5) file.
@@ -81,7 +82,7 @@ def table_value(request: PolicyRequest, attribute: str) -> str:
     return value
 
 
-@implementer(ICheck, IConfigWarnings, IExplainable)
+@implementer(ICheck, IConfigWarnings, IExplainable, IPossibleActions)
 class FileCheck(Service):
     """
     Looks request attributes up in an access map; with C{pair_with}, looks
@@ -309,6 +310,22 @@ class FileCheck(Service):
             steps.append((f"{name}={value!r}", True, f"{where}: {action}"))
             break
         return steps
+
+    def possible_actions(self) -> list[Possible]:
+        """
+        Each verb of the table in force, and C{not_found}'s, at any stage.
+        """
+        table = self.map
+        origins: dict[str, str] = {}
+        if type(table) is AccessMap:
+            for action in table.actions():
+                origins.setdefault(action.verb, self.path)
+        else:
+            assert isinstance(table, regexptable.RegexpTable)
+            for line, verb in table.verbs():
+                origins.setdefault(verb, f"{self.path}:{line}")
+        origins.setdefault(self.not_found.verb, "not_found")
+        return [possible(verb, None, origin) for verb, origin in origins.items()]
 
     def config_warnings(self) -> list[str]:
         """

@@ -32,8 +32,9 @@ from pfxpold.action import DUNNO, Action
 from pfxpold.cache import Coalescer
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
-from pfxpold.interfaces import ICheck, IStateStore
+from pfxpold.interfaces import ICheck, IPossibleActions, IStateStore
 from pfxpold.request import IPAddress, PolicyRequest, client_network
+from pfxpold.stages import Possible, possible
 from pfxpold.state import (
     EARLY,
     NEW,
@@ -181,7 +182,7 @@ class RuntimeWhitelist:
         return bool(at and domain) and _in_domains(domain, self.domains)
 
 
-@implementer(ICheck)
+@implementer(ICheck, IPossibleActions)
 class GreylistCheck:
     """
     Greylisting at RCPT, with whitelists, auto-whitelisting of clients that
@@ -328,6 +329,15 @@ class GreylistCheck:
             return True
         domain = request.recipient_domain
         return bool(domain) and _in_domains(domain, self.whitelist_recipient_domains)
+
+    def possible_actions(self) -> list[Possible]:
+        """
+        Its C{action}, and with C{header} a PREPEND, at RCPT only.
+        """
+        found = [possible(self.action.verb, ["RCPT"], "action")]
+        if self.header:
+            found.append(possible("PREPEND", ["RCPT"], "header"))
+        return found
 
     def check(self, request: PolicyRequest) -> Any:
         # Only RCPT has the recipient of the triplet.

@@ -31,8 +31,9 @@ from zope.interface import implementer
 from pfxpold.action import DUNNO, Action
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
-from pfxpold.interfaces import ICheck, IDecisionListener, IStateStore
+from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, IStateStore
 from pfxpold.request import PolicyRequest, client_network
+from pfxpold.stages import Possible, possible
 from pfxpold.state import Consumption, Counter, store_for
 
 KEY_PARTS = (
@@ -331,7 +332,7 @@ class _Reservation:
     action: Optional[Action] = field(default=None)
 
 
-@implementer(ICheck, IDecisionListener)
+@implementer(ICheck, IDecisionListener, IPossibleActions)
 class QuotaCheck(MultiService):
     """
     Counts messages, recipients or bytes per identity in one or more
@@ -591,6 +592,19 @@ class QuotaCheck(MultiService):
             action=str(action),
         )
         return action
+
+    def answers(self) -> list[Possible]:
+        """
+        What it answers when it counts (by itself, or for a rules check's
+        C{quota} rule): its C{action}, at its stage (and at RCPT with
+        C{refuse_early}).
+        """
+        states = [self.stage, "RCPT"] if self.refuse_early else [self.stage]
+        return [possible(self.action.verb, states, "action")]
+
+    def possible_actions(self) -> list[Possible]:
+        # With rules_only, the rules check answers its action.
+        return [] if self.rules_only else self.answers()
 
     def check(self, request: PolicyRequest) -> Any:
         if self.rules_only:

@@ -28,10 +28,17 @@ from zope.interface import implementer
 from pfxpold.action import DUNNO, Action, ActionError
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
-from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable, IUsesChecks
+from pfxpold.interfaces import (
+    ICheck,
+    IConfigWarnings,
+    IExplainable,
+    IPossibleActions,
+    IUsesChecks,
+)
 from pfxpold.request import PolicyRequest
-from pfxpold.rules.conditions import Facts, RuleError
+from pfxpold.rules.conditions import Condition, Equals, Facts, Not, RuleError
 from pfxpold.rules.program import MAIN, Program, ProgramBuilder, Rule, RuleSet
+from pfxpold.stages import STATES, Possible, possible
 from pfxpold.state import store_for
 
 DEFAULT_RELOAD_INTERVAL = 5.0
@@ -68,7 +75,7 @@ class _Run:
         self.added: set[str] = set()
 
 
-@implementer(ICheck, IExplainable, IConfigWarnings, IUsesChecks)
+@implementer(ICheck, IExplainable, IConfigWarnings, IUsesChecks, IPossibleActions)
 class RulesCheck(MultiService):
     """
     Runs an ordered list of rules (see L{pfxpold.rules.program}).
@@ -411,6 +418,39 @@ class RulesCheck(MultiService):
             warnings.append("quota rules are not linked to their quota checks")
         return warnings
 
+    def possible_actions(self) -> list[Possible]:
+        """
+        Each rule's action (and a quota rule's quota action), at the
+        stages its conditions, and those of the rules that jump to its
+        rule set, allow.
+        """
+        found: list[Possible] = []
+        checks = self._checks or {}
+
+        def visit(set_name: str, states: Optional[frozenset[str]], path: tuple[str, ...]) -> None:
+            for rule in self.program.sets[set_name].rules:
+                mine = _narrowed(states, _stages_of(rule.condition))
+                if mine is not None and not mine:
+                    continue  # never holds
+                where = f"rule {rule.name!r}" if set_name == MAIN else (
+                    f"rule set {set_name!r}: rule {rule.name!r}"
+                )
+                if rule.action is not None:
+                    found.append(possible(rule.action.verb, mine, where))
+                quota = checks.get(rule.quota) if rule.quota is not None else None
+                if quota is not None and callable(getattr(quota, "answers", None)):
+                    for answer in quota.answers():
+                        both = _narrowed(mine, answer.states)
+                        if both is None or both:
+                            found.append(
+                                Possible(answer.verb, both, f"{where}, quota {rule.quota!r}")
+                            )
+                if rule.jump is not None and rule.jump not in path:
+                    visit(rule.jump, mine, path + (rule.jump,))
+
+        visit(MAIN, None, (MAIN,))
+        return found
+
     def explain(self, request: PolicyRequest) -> Any:
         """
         Go through the rules as L{check} does, rule by rule (the index
@@ -485,6 +525,36 @@ class RulesCheck(MultiService):
             steps.append((label, True, _joined(rule, "")))
         steps.append(("(end of rules)", False, "no rule answered: DUNNO"))
         return steps
+
+
+def _stages_of(condition: Optional[Condition]) -> Optional[frozenset[str]]:
+    """
+    The C{protocol_state} values a condition can hold at, from its
+    C{protocol_state} tests (C{protocol_state = "RCPT"}, or under C{not});
+    L{None} when it does not test it.
+    """
+    if condition is None:
+        return None
+    states: Optional[frozenset[str]] = None
+    for part in condition.conjuncts():
+        negated = isinstance(part, Not)
+        test = part.part if isinstance(part, Not) else part
+        if not isinstance(test, Equals) or test.attribute.name != "protocol_state":
+            continue
+        named = frozenset(value.upper() for value in test.values)
+        these = frozenset(STATES) - named if negated else named
+        states = these if states is None else states & these
+    return states
+
+
+def _narrowed(
+    outer: Optional[frozenset[str]], inner: Optional[frozenset[str]]
+) -> Optional[frozenset[str]]:
+    if outer is None:
+        return inner
+    if inner is None:
+        return outer
+    return outer & inner
 
 
 def _joined(rule: Rule, what: str) -> str:
