@@ -382,11 +382,18 @@ def _fold_network(
     return network
 
 
-def logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
+def logical_lines(
+    lines: Iterable[str], keep_whitespace: bool = False
+) -> Iterator[tuple[int, str]]:
     """
     The logical lines of a Postfix table with their first line number:
     comments and blank lines dropped, a line starting with whitespace
     continuing the previous one.
+
+    @param keep_whitespace: keep each physical line's whitespace, as
+        Postfix's readllines does for regexp and pcre tables (a pattern
+        that goes on over two lines keeps its exact text); by default a
+        continuation is joined with one space, as in access maps.
     """
     start = 0
     pending: Optional[str] = None
@@ -396,13 +403,13 @@ def logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
         if not stripped or stripped.startswith("#"):
             continue
         if line[0].isspace() and pending is not None:
-            pending += " " + stripped
+            pending += line if keep_whitespace else " " + stripped
             continue
         if pending is not None:
-            yield start, pending
-        start, pending = number, stripped
+            yield start, pending.rstrip()
+        start, pending = number, line if keep_whitespace else stripped
     if pending is not None:
-        yield start, pending
+        yield start, pending.rstrip()
 
 
 class AccessMap:

@@ -25,7 +25,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from pfxpold.accessmap import MapError
+from pfxpold.accessmap import MapError, logical_lines
 from pfxpold.action import Action, ActionError
 from pfxpold.escape import escape
 from pfxpold.regex import PatternError, compile_pattern
@@ -137,30 +137,6 @@ class _Block:
     line: int
     pattern: Optional[Pattern]
     rules: list[Rule] = field(default_factory=list)
-
-
-def logical_lines(lines: Iterable[str]) -> Iterator[tuple[int, str]]:
-    """
-    The logical lines of a table with their first line number. Unlike the
-    access map reader, a continuation keeps its leading whitespace, as
-    Postfix's readllines does: a pattern that goes on over two lines
-    keeps the exact text.
-    """
-    start = 0
-    pending: Optional[str] = None
-    for number, line in enumerate(lines, start=1):
-        line = line.rstrip("\r\n")
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0].isspace() and pending is not None:
-            pending += line
-            continue
-        if pending is not None:
-            yield start, pending.rstrip()
-        start, pending = number, line
-    if pending is not None:
-        yield start, pending.rstrip()
 
 
 def _translate(body: str, table_format: str) -> tuple[str, bool]:
@@ -464,7 +440,7 @@ def parse(
     stack = [_Block(0, None)]
     actions: dict[str, Action] = {}
     entries = 0
-    for number, text in logical_lines(lines):
+    for number, text in logical_lines(lines, keep_whitespace=True):
         word = text.split(None, 1)[0] if text.split() else ""
         lowered = text[:6].lower()
         if text[0].isalnum():

@@ -82,6 +82,25 @@ def table_value(request: PolicyRequest, attribute: str) -> str:
     return value
 
 
+
+def file_loader(reactor: Any) -> Callable[..., Deferred[Any]]:
+    """
+    How a check reads its files at a reload: in the reactor's thread pool,
+    so that a large map or a slow disk never stalls the answers, or at once
+    with a reactor that has no threads (a test's Clock).
+
+    @return: a function that calls C{function(*args)} and returns a
+        Deferred with its result.
+    """
+    if IReactorThreads.providedBy(reactor):
+
+        def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+            return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+
+        return in_thread
+    return maybeDeferred
+
+
 @implementer(ICheck, IConfigWarnings, IExplainable, IPossibleActions)
 class FileCheck(Service):
     """
@@ -141,7 +160,7 @@ class FileCheck(Service):
         self._restriction_classes = options.restriction_classes
         self._reactor = options.reactor
         if run is None:
-            run = self._default_runner(options.reactor)
+            run = file_loader(options.reactor)
         self._run = run
         self._loading = False
         self._last_error: Optional[str] = None
@@ -156,16 +175,6 @@ class FileCheck(Service):
         if interval > 0:
             self._timer = TimerService(interval, self.reload)
             self._timer.clock = options.reactor
-
-    @staticmethod
-    def _default_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
-        if IReactorThreads.providedBy(reactor):
-
-            def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
-
-            return in_thread
-        return maybeDeferred
 
     def _load(self) -> Union[AccessMap, regexptable.RegexpTable]:
         if self.format != ACCESS:

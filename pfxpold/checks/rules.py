@@ -19,13 +19,12 @@ from typing import Any, Optional
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action, ActionError
+from pfxpold.checks.file import file_loader
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import (
@@ -122,7 +121,7 @@ class RulesCheck(MultiService):
         if interval < 0:
             raise options.error("reload_interval", "must be 0 (never) or more seconds")
         if run is None:
-            run = self._default_runner(options.reactor)
+            run = file_loader(options.reactor)
         self._run_loader = run
         self._signatures: dict[str, Optional[tuple[int, int, int, int]]] = {}
         self.store: Any = None
@@ -141,16 +140,6 @@ class RulesCheck(MultiService):
             timer = TimerService(interval, self.reload)
             timer.clock = options.reactor
             timer.setServiceParent(self)
-
-    @staticmethod
-    def _default_runner(reactor: Any) -> Callable[..., Deferred[Any]]:
-        if IReactorThreads.providedBy(reactor):
-
-            def in_thread(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-                return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
-
-            return in_thread
-        return maybeDeferred
 
     # Loading
 
