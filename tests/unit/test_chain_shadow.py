@@ -253,7 +253,9 @@ class ShadowTimingTests(SynchronousTestCase):
         """
         clock = Clock()
         slow = Waiting()
-        chain = shadow_chain(("slow", slow, SHADOW, 2.0), ("a", Answer("OK"), "enforce"), clock=clock)
+        chain = shadow_chain(
+            ("slow", slow, SHADOW, 2.0), ("a", Answer("OK"), "enforce"), clock=clock
+        )
         metrics = Metrics(clock)
         chain.observer = metrics
         with capturedLogs() as events:
