@@ -21,7 +21,7 @@ the request through the chain's own methods when it fires; a check given
 up on is C{cancel}led.
 
 Two ways of running checks change only when a check runs, never what is
-answered. A I{shadow} check (C{mode = "shadow"}) runs once the request is
+answered. A I{shadow} check (C{shadow = true}) runs once the request is
 decided, if the walk reached its place, and its verdict is only logged
 and counted: the answer never waits for it. With C{parallel}, every check
 that writes no state starts at once; the answer is still the first

@@ -25,7 +25,6 @@ from pfxpold.action import Action, ActionError
 from pfxpold.chain import (
     ENFORCE,
     KNOWN,
-    MODES,
     NOREPLY,
     SHADOW,
     SKIP,
@@ -56,7 +55,7 @@ _TABLES = ("server", "check", *SECTIONS)
 _PORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
 
 #: The keys of a [[check]] table the chain reads, not the check type.
-_CHAIN_KEYS = ("name", "type", "timeout", "on_error", "mode")
+_CHAIN_KEYS = ("name", "type", "timeout", "on_error", "shadow")
 
 _T = TypeVar("_T")
 _MISSING: Any = object()
@@ -282,7 +281,7 @@ class CheckOptions(_Table):
     """
     What a check type is built from: its table from the configuration file
     (less the keys the chain itself reads: C{name}, C{type}, C{timeout},
-    C{on_error}, C{mode}), typed getters that raise a L{ConfigError} naming the file,
+    C{on_error}, C{shadow}), typed getters that raise a L{ConfigError} naming the file,
     the check and the key, and what a check needs from the daemon.
 
     @ivar name: the check's name.
@@ -290,8 +289,8 @@ class CheckOptions(_Table):
     @ivar base_directory: where relative paths in the file are resolved.
     @ivar restriction_classes: names that may be answered besides the
         access(5) actions.
-    @ivar mode: the check's C{mode}, C{"enforce"} or C{"shadow"}; a shadow
-        check's L{name} is C{"shadow:NAME"}, so that the state it keeps
+    @ivar mode: C{"enforce"}, or C{"shadow"} for a check with
+        C{shadow = true}; a shadow check's L{name} is C{"shadow:NAME"}, so that the state it keeps
         under its name (quota counters, greylisting triplets) is apart
         from an enforcing check's.
     """
@@ -476,7 +475,7 @@ class CheckRecord:
 
     @ivar type_name: its C{type}.
     @ivar table: its table less the chain's keys (C{name}, C{type},
-        C{timeout}, C{on_error}, C{mode}).
+        C{timeout}, C{on_error}, C{shadow}).
     @ivar raw: its whole table.
     @ivar restriction_classes: the server's, which its actions were
         parsed with.
@@ -715,12 +714,13 @@ def load_document(
         type_name = outer.string("type")
         timeout = outer.number("timeout", DEFAULT_CHECK_TIMEOUT, positive=True)
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
-        mode = outer.choice("mode", MODES, ENFORCE)
+        # Not "mode": the http check has a key of that name.
+        mode = SHADOW if outer.boolean("shadow", False) else ENFORCE
         table = {k: v for k, v in raw.items() if k not in _CHAIN_KEYS}
         kept = previous.checks.get(name) if previous is not None else None
         if (
             kept is not None
-            and kept.raw.get("mode", ENFORCE) == mode
+            and bool(kept.raw.get("shadow", False)) == (mode == SHADOW)
             and not (IUsesChecks.providedBy(kept.check) and kept.check.uses)
             and _reusable(kept, type_name, table, classes, sections, previous_shared)
         ):

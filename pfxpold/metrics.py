@@ -129,7 +129,7 @@ FAMILIES = {
     ),
     "pfxpold_shadow_verdicts": _Family(
         "counter",
-        "Verdicts of shadow checks (mode = \"shadow\"), which never decide: by"
+        "Verdicts of shadow checks (shadow = true), which never decide: by"
         " action verb (or error, timeout, cancelled), and differs=\"true\" when"
         " the check, deciding, would have changed the answer.",
         ("check", "action", "differs"),

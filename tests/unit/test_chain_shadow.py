@@ -1,5 +1,5 @@
 """
-Tests for shadow checks (C{mode = "shadow"}) in L{pfxpold.chain}: their
+Tests for shadow checks (C{shadow = true}) in L{pfxpold.chain}: their
 verdicts are logged and counted beside the real answer, never change it,
 never delay it, and keep their state apart.
 """
@@ -318,7 +318,7 @@ type = "memory"
 [[check]]
 name = "q"
 type = "quota"
-mode = "{mode}"
+shadow = {shadow}
 key = ["sasl_username"]
 limits = [{{ period = "hour", max = 1 }}]
 action = "DEFER over quota"
@@ -335,24 +335,24 @@ class ShadowConfigurationTests(SynchronousTestCase):
 
     def test_mode(self):
         """
-        C{mode = "shadow"} makes a shadow entry; enforce is the default.
+        C{shadow = true} makes a shadow entry; enforce is the default.
         """
         configuration = self.load(
             '[[check]]\nname = "a"\ntype = "demo"\n'
-            '[[check]]\nname = "b"\ntype = "demo"\nmode = "shadow"\n'
+            '[[check]]\nname = "b"\ntype = "demo"\nshadow = true\n'
         )
         self.assertEqual([entry.mode for entry in configuration.chain.entries], ["enforce", SHADOW])
 
     def test_bad_mode(self):
         """
-        Another mode is a one-line error naming the file, the check and
-        the key.
+        Anything but a boolean is a one-line error naming the file, the
+        check and the key.
         """
         with self.assertRaises(ConfigError) as raised:
-            self.load('[[check]]\nname = "a"\ntype = "demo"\nmode = "watch"\n')
+            self.load('[[check]]\nname = "a"\ntype = "demo"\nshadow = "yes"\n')
         message = str(raised.exception)
-        self.assertIn("pfxpold.toml: check 'a': key 'mode'", message)
-        self.assertIn("enforce, shadow", message)
+        self.assertIn("pfxpold.toml: check 'a': key 'shadow'", message)
+        self.assertIn("true or false", message)
         self.assertNotIn("\n", message)
 
     def test_state_apart(self):
@@ -361,7 +361,7 @@ class ShadowConfigurationTests(SynchronousTestCase):
         not the enforcing check's: switching it to enforce (one word)
         starts from nothing, on the very same store.
         """
-        shadow = self.load(QUOTA.format(mode="shadow"))
+        shadow = self.load(QUOTA.format(shadow="true"))
         [entry] = shadow.chain.entries
         self.assertTrue(entry.check.key_prefix().startswith("quota:{shadow:q:"))
         requests = [make_request("eod", sasl_username="alice", instance=f"m{n}") for n in range(4)]
@@ -371,7 +371,7 @@ class ShadowConfigurationTests(SynchronousTestCase):
         logged = [m for m in messages(events) if "would have answered" in m]
         self.assertEqual(len(logged), 1)
         self.assertIn("would have answered DEFER over quota, answered DUNNO", logged[0])
-        enforcing = self.load(QUOTA.format(mode="enforce"), previous=shadow)
+        enforcing = self.load(QUOTA.format(shadow="false"), previous=shadow)
         [entry] = enforcing.chain.entries
         self.assertIsNot(entry.check, shadow.chain.entries[0].check)
         self.assertIs(entry.check.store, shadow.chain.entries[0].check.store)
@@ -385,14 +385,14 @@ class ShadowConfigurationTests(SynchronousTestCase):
         enforcing one's.
         """
         text = (
-            '[[check]]\nname = "r"\ntype = "rules"\nmode = "{mode}"\n'
+            '[[check]]\nname = "r"\ntype = "rules"\nshadow = {shadow}\n'
             '[[check.rule]]\nname = "m"\nif = {{ sender = "a@example.com" }}\nmark = "seen"\n'
         )
         try:
-            shadow = self.load(text.format(mode="shadow"))
+            shadow = self.load(text.format(shadow="true"))
         except ConfigError as e:
             self.fail(str(e))
-        enforcing = self.load(text.format(mode="enforce"))
+        enforcing = self.load(text.format(shadow="false"))
         self.assertEqual(shadow.chain.entries[0].check.mark_prefix, "shadow:")
         self.assertEqual(enforcing.chain.entries[0].check.mark_prefix, "")
         self.assertTrue(shadow.chain.entries[0].check.writes_state)
