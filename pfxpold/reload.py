@@ -160,6 +160,7 @@ def _server_changed(old: Configuration, new: Configuration) -> bool:
         or old.chain.deadline_policy != new.chain.deadline_policy
         or old.chain.restriction_classes != new.chain.restriction_classes
         or old.chain.record_verdicts != new.chain.record_verdicts
+        or old.chain.parallel != new.chain.parallel
     )
 
 

@@ -420,3 +420,67 @@ class ShadowConfigurationTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as raised:
             self.load('[server]\nparallel = "yes"\n' + check)
         self.assertIn("[server] key 'parallel'", str(raised.exception))
+
+
+#: The Deferreds of L{PendingShadow} checks, with whether each was cancelled.
+PENDING = []
+
+
+@implementer(ICheck)
+class PendingShadow:
+    """A check type answering with a Deferred nobody fires."""
+
+    def __init__(self, options):
+        pass
+
+    def check(self, request):
+        cancelled = []
+        PENDING.append((Deferred(lambda d: cancelled.append(True)), cancelled))
+        return PENDING[-1][0]
+
+
+class ShadowStopTests(SynchronousTestCase):
+    """
+    The daemon's stop cancels the shadow work still running.
+    """
+
+    def test_cancelled_when_stopping(self):
+        """
+        A request answered while its shadow check runs; stopping the daemon
+        cancels the shadow check and says so, and the stop completes.
+        """
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        from pfxpold.service import PolicyService
+        from tests.unit.test_service import FakeResource
+
+        del PENDING[:]
+        reactor = MemoryReactorClock()
+        configuration = load_document(
+            {
+                "server": {"listen": ["tcp:7102:interface=127.0.0.1"], "log_requests": False},
+                "check": [
+                    {"name": "watch", "type": f"{__name__}.PendingShadow", "shadow": True},
+                    {"name": "demo", "type": "demo"},
+                ],
+            },
+            reactor,
+        )
+        service = PolicyService(configuration, reactor)
+        service.resource_module = FakeResource(1024, 1024)
+        with capturedLogs() as events:
+            service.privilegedStartService()
+            service.startService()
+            protocol = service.factory.buildProtocol(None)
+            transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+            protocol.makeConnection(transport)
+            protocol.dataReceived(b"request=smtpd_access_policy\nsender=a@b\n\n")
+            self.assertIn(b"action=", transport.value())
+            [(_, cancelled)] = PENDING
+            self.assertEqual(cancelled, [])
+            stopped = service.stopService()
+            protocol.connectionLost(None)
+            self.successResultOf(stopped)
+        self.assertEqual(cancelled, [True])
+        self.assertTrue([e for e in events if "cancelled the shadow checks" in formatEvent(e)])
