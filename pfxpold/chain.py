@@ -276,6 +276,11 @@ class CheckChain:
     wins, and C{default_action} applies when every check passes. Without a
     default action, the last check's DUNNO is answered, text and all.
 
+    Shadow entries (L{SHADOW}) are left out of that walk: once a request
+    is decided, those it reached are started, their verdicts logged and
+    counted (L{_run_shadows}). With C{parallel}, the checks of a request
+    start at once (L{_race}), with the same answers.
+
     @ivar deadline: seconds a request waiting for checks may take in all
         before C{deadline_policy} answers it.
     @ivar observer: told of every check's answer, failure and abandonment

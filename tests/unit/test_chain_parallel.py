@@ -394,3 +394,18 @@ class DeadlineTests(SynchronousTestCase):
         results, _ = self.run_to_deadline(chain)
         self.assertEqual(str(results[0].action), "DEFER not run")
         self.assertEqual(slow.cancelled, [True])
+
+    def test_counted_as_deadline(self):
+        """
+        A check still running at the deadline is counted as a "deadline"
+        error with the on_error applied, not as its own timeout.
+        """
+        from pfxpold.metrics import Metrics
+
+        slow = Waiting()
+        chain = make_chain((slow, "skip", 30.0), clock=self.clock, deadline=5.0, parallel=False)
+        metrics = Metrics(self.clock)
+        chain.observer = metrics
+        self.run_to_deadline(chain)
+        self.assertEqual(metrics.check_errors, {("c1", "deadline"): 1})
+        self.assertEqual(metrics.check_on_error, {("c1", "skip"): 1})
