@@ -534,6 +534,49 @@ on_error = "DEFER_IF_PERMIT quota check failed"
     return pfxpold_command(config), expect
 
 
+#: The delay of each of the C{slow3} scenarios' three lookups.
+SLOW_LOOKUP_MS = 5.0
+
+
+def setup_slow3(directory: str, requests: list[dict], parallel: bool = False):
+    """
+    Three C{http} lookups in a chain, each answering DUNNO after
+    L{SLOW_LOOKUP_MS} from a slow web service this set-up starts
+    (bench/slow_http_server.py): a request takes the sum of the three
+    without C{[server] parallel}, about the slowest one with it.
+    """
+    port = free_port()
+    web = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(BENCH, "slow_http_server.py"),
+            str(port),
+            str(SLOW_LOOKUP_MS),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    HELPERS.append(web)
+    wait_for_port(port, web)
+    config = os.path.join(directory, "pfxpold.toml")
+    with open(config, "w") as f:
+        f.write(server_table(default_action="DUNNO", parallel=parallel, **LOG_SETTINGS["file"]))
+        for number in range(1, 4):
+            f.write(
+                f"""
+[[check]]
+name = "lookup{number}"
+type = "http"
+url = "http://127.0.0.1:{port}/lookup{number}"
+mode = "form"
+attributes = ["client_address", "sender"]
+action_field = ""
+max_requests = 256
+on_error = "DEFER_IF_PERMIT lookup{number} failed"
+"""
+            )
+    return pfxpold_command(config), lambda request: ["DUNNO"]
+
+
 def setup_rules(directory: str, requests: list[dict], log: str = "file"):
     """
     A C{rules} check of 1,000 rules (bench/rules_bench.py), most filed in
@@ -598,6 +641,20 @@ SCENARIOS = [
         needs=("rules",),
     ),
     # Optional scenarios: name them with --scenarios.
+    Scenario(
+        "slow3",
+        f"pfxpold, three http lookups of {SLOW_LOOKUP_MS:g} ms each, one after another",
+        setup_slow3,
+        needs=("http",),
+        optional=True,
+    ),
+    Scenario(
+        "slow3-parallel",
+        "the same three lookups with [server] parallel = true",
+        lambda directory, requests: setup_slow3(directory, requests, parallel=True),
+        needs=("http",),
+        optional=True,
+    ),
     Scenario(
         "rules-1000-nolog",
         "pfxpold, a rules check of 1,000 rules, log_requests = false",

@@ -19,10 +19,18 @@ callback, which runs at once when the Deferred has a result (that is how
 the chain tells a fired one from a waiting one) and otherwise continues
 the request through the chain's own methods when it fires; a check given
 up on is C{cancel}led.
+
+Two ways of running checks change only when a check runs, never what is
+answered. A I{shadow} check (C{shadow = true}) runs once the request is
+decided, if the walk reached its place, and its verdict is only logged
+and counted: the answer never waits for it. With C{parallel}, every check
+that writes no state starts at once; the answer is still the first
+decisive verdict in chain order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import CoroutineType
 from typing import Any, Optional, Union
@@ -42,6 +50,18 @@ from pfxpold.stages import DEFAULT_POSTFIX, Version, parse_version, problems, sh
 
 SKIP = "skip"
 NOREPLY = "noreply"
+#: C{on_deadline}: the checks that did not answer in time are treated by
+#: their own C{on_error}, and the chain answers from what it knows.
+KNOWN = "known"
+
+#: A check's C{mode}: it decides, or it is only watched.
+ENFORCE = "enforce"
+SHADOW = "shadow"
+MODES = (ENFORCE, SHADOW)
+
+#: What a chain error (a broken check or chain, a cancelled decision) is
+#: answered with when C{on_deadline} is C{"known"} and so names no action.
+ERROR_ACTION = "DEFER_IF_PERMIT Service temporarily unavailable"
 
 #: What checks answer at once.
 _PLAIN = frozenset((Action, str))
@@ -85,6 +105,21 @@ class ErrorPolicy:
             return cls(value)
         return cls("reply", Action.parse(value, restriction_classes))
 
+    @classmethod
+    def parse_deadline(cls, value: str, restriction_classes: tuple[str, ...] = ()) -> ErrorPolicy:
+        """
+        Read an C{on_deadline}: C{"known"}, C{"noreply"} or an action
+        string.
+
+        @raise ActionError: for anything else (C{"skip"} too: there is no
+            next check once the deadline has passed).
+        """
+        if value == KNOWN:
+            return cls(KNOWN)
+        if value == SKIP:
+            raise ActionError(f"{SKIP!r} is not an answer at the deadline")
+        return cls.parse(value, restriction_classes)
+
     def __str__(self) -> str:
         return str(self.action) if self.action is not None else self.kind
 
@@ -99,8 +134,16 @@ class ChainEntry:
     check: Any
     timeout: float
     on_error: ErrorPolicy
+    #: L{ENFORCE}, or L{SHADOW}: its verdict is logged and counted, never
+    #: answered.
+    mode: str = ENFORCE
 
 
+class DeadlinePassed(TimeoutError):
+    """
+    A check had not answered when the request's deadline passed (with
+    C{on_deadline = "known"}, handled by its C{on_error}).
+    """
 @dataclass
 class Decision:
     """
@@ -112,11 +155,16 @@ class Decision:
         check was decisive, or C{"deadline"}.
     @ivar verdicts: C{(check name, verdict)} pairs in the order the checks
         ran, filled only when the chain records them (debug logging).
+    @ivar shadows: C{(check name, verdict)} of the shadow checks run for
+        this request, once it is decided: an action, C{"error"},
+        C{"timeout"}, or C{"pending"} for one still running when the
+        answer is sent (its verdict is logged when it comes).
     """
 
     action: Optional[Action]
     decided_by: str
     verdicts: list[tuple[str, str]] = field(default_factory=list)
+    shadows: Optional[list[tuple[str, str]]] = None
 
 
 class _Walk:
@@ -161,12 +209,91 @@ class _Walk:
         self.deadline_at = 0.0
 
 
+#: A check of a parallel request not started yet: one that writes state,
+#: waiting for every check before it to answer DUNNO.
+_NOT_STARTED: Any = object()
+#: A check of a parallel request still running.
+_RUNNING: Any = object()
+
+
+class _Race:
+    """
+    A request whose checks run at once (C{parallel}): each check's
+    answer, kept until the answers before it in chain order are known.
+
+    @ivar results: per check, L{_NOT_STARTED}, L{_RUNNING}, its L{Action}
+        or a L{Failure}.
+    @ivar pending: the Deferreds of the checks still running, by index.
+    @ivar started: when each check was started (0 when no observer reads
+        it).
+    @ivar next: the first check in chain order whose answer is not used
+        yet.
+    @ivar passed: the last non-decisive answer before it.
+    @ivar launching: whether checks are being started, so that answers now
+        are only recorded.
+    @ivar done: whether the request is decided.
+    """
+
+    __slots__ = (
+        "request",
+        "verdicts",
+        "results",
+        "pending",
+        "started",
+        "next",
+        "passed",
+        "launching",
+        "done",
+        "decision",
+    )
+
+    def __init__(self, request: PolicyRequest, verdicts: list[tuple[str, str]], size: int) -> None:
+        self.request = request
+        self.verdicts = verdicts
+        self.results: list[Any] = [_NOT_STARTED] * size
+        self.pending: dict[int, Deferred[Any]] = {}
+        self.started = [0.0] * size
+        self.next = 0
+        self.passed = DUNNO
+        self.launching = False
+        self.done = False
+        self.decision: Optional[Deferred[Decision]] = None
+
+
+class _ShadowRun:
+    """
+    A shadow check still running after its request was answered.
+    """
+
+    __slots__ = ("entry", "request", "decision", "pending", "started", "verdict")
+
+    def __init__(
+        self,
+        entry: ChainEntry,
+        request: PolicyRequest,
+        decision: Decision,
+        pending: Deferred[Any],
+        started: float,
+    ) -> None:
+        self.entry = entry
+        self.request = request
+        self.decision = decision
+        self.pending: Optional[Deferred[Any]] = pending
+        self.started = started
+        self.verdict = "pending"
+
+
 @implementer(IPolicyDecider)
 class CheckChain:
     """
     Runs checks in order; the first decisive answer (anything but DUNNO)
     wins, and C{default_action} applies when every check passes. Without a
     default action, the last check's DUNNO is answered, text and all.
+
+    Shadow entries (L{SHADOW}) are left out of that walk: once a request
+    is decided, those it reached are started, their verdicts logged and
+    counted (L{_run_shadows}). With C{parallel}, the checks of a request
+    start at once (L{_race}), with the same answers.
 
     @ivar deadline: seconds a request waiting for checks may take in all
         before C{deadline_policy} answers it.
@@ -189,10 +316,22 @@ class CheckChain:
         restriction_classes: tuple[str, ...] = (),
         record_verdicts: bool = False,
         postfix_version: Version = parse_version(DEFAULT_POSTFIX),
+        parallel: bool = False,
     ) -> None:
+        """
+        @param entries: every check, in chain order, shadow ones included.
+        @param deadline_policy: what the deadline answers: L{KNOWN} (the
+            checks that did not answer are treated by their own
+            C{on_error}), C{noreply} or an action.
+        @param parallel: start every check of a request that writes no
+            state at once (see L{_race}).
+        """
         for entry in entries:
             if not ICheck.providedBy(entry.check):
                 raise TypeError(f"check {entry.name!r} does not provide ICheck")
+            if entry.mode not in MODES:
+                raise ValueError(f"check {entry.name!r}: mode {entry.mode!r} is not one of {MODES}")
+        #: Every check, shadow ones included, in chain order.
         self.entries = tuple(entries)
         self.default_action = default_action
         self.deadline = deadline
@@ -203,43 +342,96 @@ class CheckChain:
         # Verb -> protocol_state -> why Postfix would not honour it there
         # (pfxpold.stages); answers with other verbs cost one dict lookup.
         self._stage_problems = problems(postfix_version)
+        self.parallel = parallel
         self._clock = clock
         self._parsed: dict[str, Action] = {}
         self._plain_verbs: set[str] = set()
         # The kind of error each failing check last raised: during a backend
         # outage every request fails alike, and one traceback is enough.
         self._failing: dict[str, type] = {}
+        # The checks that decide; the walk knows only them.
+        self._steps = tuple(entry for entry in self.entries if entry.mode == ENFORCE)
+        self._positions = {entry.name: index for index, entry in enumerate(self._steps)}
+        # Each shadow check with the number of deciding checks before it: it
+        # runs when the request was decided by a check at or after that
+        # place (or by none), as it would have run if it decided.
+        shadows: list[tuple[int, ChainEntry]] = []
+        for entry in self.entries:
+            if entry.mode == SHADOW:
+                shadows.append((sum(1 for _ in self._steps_before(entry)), entry))
+        self._shadows = tuple(shadows)
+        self._shadow_runs: set[_ShadowRun] = set()
         self._listeners = tuple(
             entry.check for entry in self.entries if IDecisionListener.providedBy(entry.check)
+        )
+        self._error_action = (
+            deadline_policy.action
+            if deadline_policy.kind != KNOWN
+            else Action.parse(ERROR_ACTION, restriction_classes)
         )
         # The check timeouts' queues first: a check timing out exactly at
         # the deadline is handled as its own timeout, so its on_error may
         # still answer.
         self._expiries = Expiries(clock)
         by_timeout: dict[float, int] = {}
-        for entry in self.entries:
+        race_by_timeout: dict[float, int] = {}
+        for entry in self._steps:
             if entry.timeout not in by_timeout:
                 by_timeout[entry.timeout] = self._expiries.queue(entry.timeout, self._timed_out)
-        self._timeout_queues = tuple(by_timeout[entry.timeout] for entry in self.entries)
+                if parallel:
+                    race_by_timeout[entry.timeout] = self._expiries.queue(
+                        entry.timeout, self._race_timed_out
+                    )
+        self._timeout_queues = tuple(by_timeout[entry.timeout] for entry in self._steps)
+        self._race_timeout_queues = tuple(
+            race_by_timeout.get(entry.timeout, -1) for entry in self._steps
+        )
         self._deadline_queue = self._expiries.queue(deadline, self._give_up)
+        self._race_deadline_queue = self._expiries.queue(deadline, self._race_give_up)
+        shadow_queues: dict[float, int] = {}
+        for _, entry in self._shadows:
+            if entry.timeout not in shadow_queues:
+                shadow_queues[entry.timeout] = self._expiries.queue(
+                    entry.timeout, self._shadow_timed_out
+                )
+        self._shadow_queues = shadow_queues
+
+    def _steps_before(self, shadow: ChainEntry) -> Iterator[ChainEntry]:
+        for entry in self.entries:
+            if entry is shadow:
+                return
+            if entry.mode == ENFORCE:
+                yield entry
 
     def decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         """
-        Decide on C{request}, and tell the L{IDecisionListener} checks.
+        Decide on C{request}, start the shadow checks it reached, and tell
+        the L{IDecisionListener} checks.
 
         @return: a L{Decision}, at once when every check answered at once
             (with a value, or a Deferred or coroutine that had already
             finished), else a Deferred that fires with one within the
-            deadline and never fails.
+            deadline and never fails. Shadow checks never delay it.
         """
         verdicts: list[tuple[str, str]] = []
-        outcome = self._run(request, verdicts, 0, DUNNO, None)
-        if type(outcome) is _Walk:
-            decision = self._wait(outcome)
+        if self.parallel:
+            outcome: Union[Decision, _Walk, _Race] = self._race(request, verdicts)
+        else:
+            outcome = self._run(request, verdicts, 0, DUNNO, None)
+        if type(outcome) is not Decision:
+            if type(outcome) is _Walk:
+                decision = self._wait(outcome)
+            else:
+                assert type(outcome) is _Race
+                decision = self._race_wait(outcome)
+            if self._shadows:
+                decision.addCallback(self._run_shadows, request)
             if self._listeners:
                 decision.addCallback(self._tell_listeners, request)
             return decision
         assert type(outcome) is Decision
+        if self._shadows:
+            self._run_shadows(outcome, request)
         if self._listeners:
             self._tell_listeners(outcome, request)
         return outcome
@@ -269,7 +461,7 @@ class CheckChain:
         @return: the decision, or the request's L{_Walk} waiting for check
             C{walk.index}'s Deferred.
         """
-        entries = self.entries
+        entries = self._steps
         observer = self.observer
         started = 0.0
         while index < len(entries):
@@ -349,7 +541,7 @@ class CheckChain:
             walk.outcome = outcome
             return None
         self._expiries.discard(self._timeout_queues[walk.index], walk)
-        entry = self.entries[walk.index]
+        entry = self._steps[walk.index]
         try:
             if isinstance(outcome, Failure):
                 if outcome.check(CancelledError):
@@ -375,7 +567,7 @@ class CheckChain:
         return None
 
     def _go_on_after_failure(self, walk: _Walk, failure: Failure) -> None:
-        decision = self._failed(self.entries[walk.index], failure, walk.verdicts, walk.started)
+        decision = self._failed(self._steps[walk.index], failure, walk.verdicts, walk.started)
         if decision is not None:
             self._finish(walk, decision)
         else:
@@ -427,28 +619,58 @@ class CheckChain:
         if pending is None:
             return
         self._abandon(pending)
-        timeout = self.entries[walk.index].timeout
+        timeout = self._steps[walk.index].timeout
         self._go_on_after_failure(walk, Failure(TimeoutError(f"not done within {timeout}s")))
 
     def _give_up(self, walk: _Walk) -> None:
         """
         The request C{walk} missed its deadline: stop waiting, and answer
-        C{deadline_policy}.
+        C{deadline_policy}: with L{KNOWN}, the check waited for and those
+        not run yet are treated by their own C{on_error}.
         """
         pending, walk.pending = walk.pending, None
         self._expiries.discard(self._timeout_queues[walk.index], walk)
         if pending is not None:
             self._abandon(pending)
-        if self.observer is not None:
-            self.observer.check_abandoned(self.entries[walk.index].name, walk.started)
         policy = self.deadline_policy
+        if policy.kind == KNOWN:
+            decision = self._failed(
+                self._steps[walk.index],
+                Failure(DeadlinePassed(f"still running at the {self.deadline}s deadline")),
+                walk.verdicts,
+                walk.started,
+            )
+            if decision is None:
+                decision = self._not_run(walk.index + 1, walk.passed, walk.verdicts)
+            decision.decided_by = "deadline"
+        else:
+            if self.observer is not None:
+                self.observer.check_abandoned(self._steps[walk.index].name, walk.started)
+            decision = Decision(policy.action, "deadline", walk.verdicts)
+        self._missed(walk.request, decision)
+        self._finish(walk, decision)
+
+    def _missed(self, request: PolicyRequest, decision: Decision) -> None:
         self._log.warn(
             "request from {client} missed the {deadline}s deadline; answering {outcome}",
-            client=escape(walk.request.client_address),
+            client=escape(request.client_address),
             deadline=self.deadline,
-            outcome=str(policy),
+            outcome=NOREPLY if decision.action is None else escape(str(decision.action)),
         )
-        self._finish(walk, Decision(policy.action, "deadline", walk.verdicts))
+
+    def _not_run(self, index: int, passed: Action, verdicts: list[tuple[str, str]]) -> Decision:
+        """
+        The deadline passed before the checks from C{index} on were run:
+        each is treated by its C{on_error} (a check that could not answer),
+        in chain order, and without a decisive one the chain answers what
+        it knows.
+        """
+        for entry in self._steps[index:]:
+            if self.record_verdicts:
+                verdicts.append((entry.name, "not run"))
+            if entry.on_error.kind != SKIP:
+                return Decision(entry.on_error.action, entry.name, verdicts)
+        return Decision(self.default_action or passed, "default", verdicts)
 
     def _cancelled(self, walk: _Walk) -> None:
         """
@@ -459,7 +681,7 @@ class CheckChain:
         if pending is not None:
             self._expiries.discard(self._timeout_queues[walk.index], walk)
             self._abandon(pending)
-        self._finish(walk, Decision(self.deadline_policy.action, "error", walk.verdicts))
+        self._finish(walk, Decision(self._error_action, "error", walk.verdicts))
 
     def _finish(self, walk: _Walk, decision: Decision) -> None:
         self._expiries.discard(self._deadline_queue, walk)
@@ -478,7 +700,7 @@ class CheckChain:
 
     def _chain_error(self, failure: Failure, verdicts: list[tuple[str, str]]) -> Decision:
         self._log.failure("check chain failed", failure)
-        return Decision(self.deadline_policy.action, "error", verdicts)
+        return Decision(self._error_action, "error", verdicts)
 
     # Answers and failures
 
@@ -534,7 +756,15 @@ class CheckChain:
             when the chain goes on (C{skip}).
         """
         policy = entry.on_error
-        if failure.check(TimeoutError):
+        if failure.check(DeadlinePassed):
+            self._log.warn(
+                "check {check} {reason}; on_error={outcome}",
+                check=entry.name,
+                reason=failure.getErrorMessage(),
+                outcome=str(policy),
+            )
+            verdict = "deadline"
+        elif failure.check(TimeoutError):
             self._log.warn(
                 "check {check} timed out after {timeout}s; on_error={outcome}",
                 check=entry.name,
@@ -598,3 +828,395 @@ class CheckChain:
         if policy.kind == SKIP:
             return None
         return Decision(policy.action, entry.name, verdicts)
+
+    # Parallel checks
+
+    def _race(self, request: PolicyRequest, verdicts: list[tuple[str, str]]) -> Any:
+        """
+        Start every check of C{request} that writes no state, in chain
+        order, and use their answers in chain order: the first decisive
+        one decides, as in the walk. A check that writes state (quota,
+        greylist, rules that mark: its C{writes_state} is true) is started
+        only once every check before it answered DUNNO, so nothing is
+        counted for mail another check refused.
+
+        @return: the L{Decision}, or the L{_Race} waiting for answers.
+        """
+        steps = self._steps
+        race = _Race(request, verdicts, len(steps))
+        race.launching = True
+        try:
+            for index, entry in enumerate(steps):
+                if race.results[index] is not _NOT_STARTED or getattr(
+                    entry.check, "writes_state", False
+                ):
+                    # Started already (its turn came), or to start when
+                    # every check before it answered DUNNO.
+                    continue
+                self._launch(race, index)
+                if race.next == index and race.results[index] is not _RUNNING:
+                    # Answered at once and every answer before it is used:
+                    # a decisive one now spares starting the others.
+                    decision = self._resolve(race)
+                    if decision is not None:
+                        race.launching = False
+                        return self._race_decided(race, decision)
+            decision = self._resolve(race)
+        except Exception:
+            decision = self._chain_error(Failure(), verdicts)
+        race.launching = False
+        if decision is not None:
+            return self._race_decided(race, decision)
+        return race
+
+    def _launch(self, race: _Race, index: int) -> None:
+        """
+        Start check C{index}; its answer, if it has one now, is in
+        C{race.results}.
+        """
+        entry = self._steps[index]
+        if self.observer is not None:
+            race.started[index] = self._clock.seconds()
+        race.results[index] = _RUNNING
+        try:
+            result = entry.check.check(race.request)
+            if type(result) not in _PLAIN and isinstance(result, (Deferred, CoroutineType)):
+                if type(result) is CoroutineType:
+                    result = Deferred.fromCoroutine(result)
+                race.pending[index] = result
+                result.addBoth(self._race_answered, race, index, result)
+                if index in race.pending:
+                    self._expiries.add(self._race_timeout_queues[index], (race, index))
+                return
+            self._race_result(race, index, result)
+        except Exception:
+            race.results[index] = Failure()
+
+    def _race_result(self, race: _Race, index: int, outcome: object) -> None:
+        """
+        Record check C{index}'s answer or failure.
+        """
+        entry = self._steps[index]
+        if isinstance(outcome, Failure):
+            race.results[index] = outcome
+            return
+        try:
+            action = self._to_action(outcome, race.request)
+        except Exception:
+            race.results[index] = Failure()
+            return
+        if self._failing and entry.name in self._failing:
+            self._recovered(entry)
+        if self.observer is not None:
+            self.observer.check_answered(entry.name, action.verb, race.started[index])
+        race.results[index] = action
+
+    def _race_answered(
+        self, outcome: object, race: _Race, index: int, pending: Deferred[Any]
+    ) -> None:
+        """
+        Check C{index}'s Deferred fired: record its answer and, unless
+        checks are being started, use what can be used.
+
+        @return: L{None}: the result of a check given up on is swallowed.
+        """
+        if race.pending.get(index) is not pending:
+            return None
+        del race.pending[index]
+        self._expiries.discard(self._race_timeout_queues[index], (race, index))
+        self._race_result(race, index, outcome)
+        if not race.launching:
+            self._race_advance(race)
+        return None
+
+    def _race_timed_out(self, key: tuple[_Race, int]) -> None:
+        race, index = key
+        pending = race.pending.pop(index, None)
+        if pending is None:
+            return
+        self._abandon(pending)
+        timeout = self._steps[index].timeout
+        race.results[index] = Failure(TimeoutError(f"not done within {timeout}s"))
+        self._race_advance(race)
+
+    def _race_advance(self, race: _Race) -> None:
+        if race.done:
+            return
+        race.launching = True
+        try:
+            decision = self._resolve(race)
+        except Exception:
+            decision = self._chain_error(Failure(), race.verdicts)
+        race.launching = False
+        if decision is not None:
+            self._race_decided(race, decision)
+
+    def _resolve(self, race: _Race) -> Optional[Decision]:
+        """
+        Use the answers known, in chain order, from C{race.next} on,
+        starting a check that writes state when its turn comes.
+
+        @return: the decision, or L{None} while an answer is awaited.
+        """
+        steps = self._steps
+        results = race.results
+        while race.next < len(steps):
+            index = race.next
+            result = results[index]
+            if result is _NOT_STARTED:
+                self._launch(race, index)
+                result = results[index]
+            if result is _RUNNING:
+                return None
+            entry = steps[index]
+            if type(result) is Failure:
+                if result.check(_NotRun):
+                    if self.record_verdicts:
+                        race.verdicts.append((entry.name, "not run"))
+                    if entry.on_error.kind != SKIP:
+                        return Decision(entry.on_error.action, entry.name, race.verdicts)
+                    race.next += 1
+                    continue
+                decision = self._failed(entry, result, race.verdicts, race.started[index])
+                if decision is not None:
+                    return decision
+                race.next += 1
+                continue
+            if self.record_verdicts:
+                race.verdicts.append((entry.name, str(result)))
+            if result.decisive:
+                return Decision(result, entry.name, race.verdicts)
+            race.passed = result
+            race.next += 1
+        return Decision(self.default_action or race.passed, "default", race.verdicts)
+
+    def _race_decided(self, race: _Race, decision: Decision) -> Decision:
+        """
+        The request is decided: cancel the checks still running (their
+        answers can no longer matter), and answer.
+        """
+        race.done = True
+        for index, pending in list(race.pending.items()):
+            del race.pending[index]
+            self._expiries.discard(self._race_timeout_queues[index], (race, index))
+            self._abandon(pending)
+        if race.decision is not None:
+            self._expiries.discard(self._race_deadline_queue, race)
+            if not race.decision.called:
+                race.decision.callback(decision)
+        return decision
+
+    def _race_wait(self, race: _Race) -> Deferred[Decision]:
+        race.decision = Deferred(lambda decision: self._race_cancelled(race))
+        self._expiries.add(self._race_deadline_queue, race)
+        return race.decision
+
+    def _race_cancelled(self, race: _Race) -> None:
+        self._race_decided(race, Decision(self._error_action, "error", race.verdicts))
+
+    def _race_give_up(self, race: _Race) -> None:
+        """
+        The request C{race} missed its deadline. With L{KNOWN}, the checks
+        still running and those not started are treated by their own
+        C{on_error}, and the chain answers from the answers it has, in
+        chain order; otherwise it answers C{deadline_policy}.
+        """
+        if race.done:
+            return
+        policy = self.deadline_policy
+        running = list(race.pending.items())
+        for index, pending in running:
+            del race.pending[index]
+            self._expiries.discard(self._race_timeout_queues[index], (race, index))
+            self._abandon(pending)
+        if policy.kind == KNOWN:
+            message = f"still running at the {self.deadline}s deadline"
+            for index, _ in running:
+                race.results[index] = Failure(DeadlinePassed(message))
+            for index, result in enumerate(race.results):
+                if result is _NOT_STARTED:
+                    race.results[index] = Failure(_NotRun())
+            try:
+                decision = self._resolve(race) or self._chain_error(
+                    Failure(RuntimeError("no decision")), race.verdicts
+                )
+            except Exception:
+                decision = self._chain_error(Failure(), race.verdicts)
+            decision.decided_by = "deadline"
+        else:
+            if self.observer is not None:
+                for index, _ in running:
+                    self.observer.check_abandoned(self._steps[index].name, race.started[index])
+            decision = Decision(policy.action, "deadline", race.verdicts)
+        self._missed(race.request, decision)
+        self._race_decided(race, decision)
+
+    # Shadow checks
+
+    def _run_shadows(self, decision: Decision, request: PolicyRequest) -> Decision:
+        """
+        Run the shadow checks the request reached: those placed before the
+        deciding check (all of them when no check decided). Each is only
+        started here; one that answers later is logged when it does.
+        """
+        position = self._positions.get(decision.decided_by, len(self._steps))
+        shadows: list[tuple[str, str]] = []
+        decision.shadows = shadows
+        for before, entry in self._shadows:
+            if before <= position:
+                try:
+                    verdict = self._shadow(entry, request, decision)
+                except Exception:
+                    self._log.failure("shadow check {check} broke the chain", check=entry.name)
+                    verdict = "error"
+                shadows.append((entry.name, verdict))
+        return decision
+
+    def _shadow(self, entry: ChainEntry, request: PolicyRequest, decision: Decision) -> str:
+        """
+        Start shadow check C{entry}.
+
+        @return: its verdict, or C{"pending"} while it runs.
+        """
+        started = self._clock.seconds()
+        try:
+            result = entry.check.check(request)
+            if type(result) not in _PLAIN and isinstance(result, (Deferred, CoroutineType)):
+                if type(result) is CoroutineType:
+                    result = Deferred.fromCoroutine(result)
+                run = _ShadowRun(entry, request, decision, result, started)
+                self._shadow_runs.add(run)
+                result.addBoth(self._shadow_answered, run)
+                if run.pending is None:
+                    # It had answered already.
+                    return run.verdict
+                self._expiries.add(self._shadow_queues[entry.timeout], run)
+                return "pending"
+            action = self._to_action(result, request)
+        except Exception:
+            return self._shadow_failed(entry, request, decision, Failure())
+        return self._shadow_verdict(entry, request, decision, action)
+
+    def _shadow_answered(self, outcome: object, run: _ShadowRun) -> None:
+        pending, run.pending = run.pending, None
+        if pending is None:
+            return None
+        self._shadow_runs.discard(run)
+        self._expiries.discard(self._shadow_queues[run.entry.timeout], run)
+        if isinstance(outcome, Failure):
+            run.verdict = self._shadow_failed(run.entry, run.request, run.decision, outcome)
+            return None
+        try:
+            action = self._to_action(outcome, run.request)
+        except Exception:
+            run.verdict = self._shadow_failed(run.entry, run.request, run.decision, Failure())
+            return None
+        run.verdict = self._shadow_verdict(run.entry, run.request, run.decision, action)
+        return None
+
+    def _shadow_timed_out(self, run: _ShadowRun) -> None:
+        pending, run.pending = run.pending, None
+        if pending is None:
+            return
+        self._shadow_runs.discard(run)
+        self._abandon(pending)
+        self._shadow_failed(
+            run.entry,
+            run.request,
+            run.decision,
+            Failure(TimeoutError(f"not done within {run.entry.timeout}s")),
+        )
+
+    def cancel_shadows(self) -> int:
+        """
+        Cancel the shadow checks still running (when the daemon stops:
+        their verdicts can change no answer, and waiting for them would
+        only lengthen the stop).
+
+        @return: how many were cancelled.
+        """
+        runs = list(self._shadow_runs)
+        self._shadow_runs.clear()
+        for run in runs:
+            pending, run.pending = run.pending, None
+            self._expiries.discard(self._shadow_queues[run.entry.timeout], run)
+            if pending is not None:
+                self._abandon(pending)
+        return len(runs)
+
+    @property
+    def shadows_running(self) -> int:
+        """
+        How many shadow checks are still running.
+        """
+        return len(self._shadow_runs)
+
+    def _shadow_verdict(
+        self, entry: ChainEntry, request: PolicyRequest, decision: Decision, action: Action
+    ) -> str:
+        """
+        Log and count a shadow check's verdict beside the real answer.
+        "would have answered" is logged only when, deciding, the check
+        would have changed the answer.
+        """
+        verdict = str(action)
+        answered = NOREPLY if decision.action is None else str(decision.action)
+        differs = action.decisive and verdict != answered
+        fields = dict(
+            check=entry.name,
+            verdict=escape(verdict),
+            answered=escape(answered),
+            client=escape(request.client_address),
+            sender=escape(request.sender),
+            recipient=escape(request.recipient),
+            state=escape(request.protocol_state),
+            shadow=entry.name,
+            differs=differs,
+        )
+        if differs:
+            self._log.info(
+                "shadow check {check} would have answered {verdict}, answered {answered}"
+                " (client {client}, from <{sender}> to <{recipient}> at {state})",
+                **fields,
+            )
+        else:
+            self._log.info(
+                "shadow check {check} answered {verdict}, no change to {answered}"
+                " (client {client}, from <{sender}> to <{recipient}> at {state})",
+                **fields,
+            )
+        if self.observer is not None:
+            shadow_answered = getattr(self.observer, "shadow_answered", None)
+            if shadow_answered is not None:
+                shadow_answered(entry.name, action.verb, differs)
+        return verdict
+
+    def _shadow_failed(
+        self, entry: ChainEntry, request: PolicyRequest, decision: Decision, failure: Failure
+    ) -> str:
+        """
+        Log and count a shadow check's failure: it never changes the answer.
+        """
+        verdict = "timeout" if failure.check(TimeoutError) else "error"
+        if failure.check(CancelledError) and verdict == "error":
+            verdict = "cancelled"
+        self._log.warn(
+            "shadow check {check} failed ({error}); the answer {answered} is unaffected"
+            " (client {client})",
+            check=entry.name,
+            error=escape(f"{failure.type.__name__}: {failure.getErrorMessage()}"),
+            answered=escape(NOREPLY if decision.action is None else str(decision.action)),
+            client=escape(request.client_address),
+            shadow=entry.name,
+        )
+        if self.observer is not None:
+            shadow_answered = getattr(self.observer, "shadow_answered", None)
+            if shadow_answered is not None:
+                shadow_answered(entry.name, verdict, False)
+        return verdict
+
+
+class _NotRun(Exception):
+    """
+    A check of a parallel request was not started before the deadline.
+    """

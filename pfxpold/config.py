@@ -22,7 +22,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.reflect import namedAny
 
 from pfxpold.action import Action, ActionError
-from pfxpold.chain import NOREPLY, SKIP, ChainEntry, CheckChain, ErrorPolicy
+from pfxpold.chain import (
+    ENFORCE,
+    KNOWN,
+    NOREPLY,
+    SHADOW,
+    SKIP,
+    ChainEntry,
+    CheckChain,
+    ErrorPolicy,
+)
 from pfxpold.checks import BUILTIN_CHECKS, MissingExtraError, missing_extra
 from pfxpold.interfaces import ICheck, IUsesChecks
 from pfxpold.protocol import Limits
@@ -45,6 +54,9 @@ _TABLES = ("server", "check", *SECTIONS)
 
 #: Endpoint types whose first argument (or C{port=}) is a TCP port.
 _PORT_ENDPOINTS = ("tcp", "tcp6", "ssl")
+
+#: The keys of a [[check]] table the chain reads, not the check type.
+_CHAIN_KEYS = ("name", "type", "timeout", "on_error", "shadow")
 
 _T = TypeVar("_T")
 _MISSING: Any = object()
@@ -270,7 +282,7 @@ class CheckOptions(_Table):
     """
     What a check type is built from: its table from the configuration file
     (less the keys the chain itself reads: C{name}, C{type}, C{timeout},
-    C{on_error}), typed getters that raise a L{ConfigError} naming the file,
+    C{on_error}, C{shadow}), typed getters that raise a L{ConfigError} naming the file,
     the check and the key, and what a check needs from the daemon.
 
     @ivar name: the check's name.
@@ -278,7 +290,13 @@ class CheckOptions(_Table):
     @ivar base_directory: where relative paths in the file are resolved.
     @ivar restriction_classes: names that may be answered besides the
         access(5) actions.
+    @ivar mode: C{"enforce"}, or C{"shadow"} for a check with
+        C{shadow = true}; a shadow check's L{name} is C{"shadow:NAME"}, so that the state it keeps
+        under its name (quota counters, greylisting triplets) is apart
+        from an enforcing check's.
     """
+
+    mode = ENFORCE
 
     def __init__(
         self,
@@ -458,7 +476,7 @@ class CheckRecord:
 
     @ivar type_name: its C{type}.
     @ivar table: its table less the chain's keys (C{name}, C{type},
-        C{timeout}, C{on_error}).
+        C{timeout}, C{on_error}, C{shadow}).
     @ivar raw: its whole table.
     @ivar restriction_classes: the server's, which its actions were
         parsed with.
@@ -618,7 +636,7 @@ def load_document(
             restriction = Action(name).is_restriction_class
         except ActionError:
             restriction = False
-        if not restriction or name in (SKIP, NOREPLY):
+        if not restriction or name in (SKIP, NOREPLY, KNOWN):
             raise server.error(
                 "restriction_classes",
                 f"{name!r} is an access(5) verb, reserved or not a valid name",
@@ -638,11 +656,16 @@ def load_document(
         except ActionError as e:
             raise server.error("default_action", str(e)) from None
     deadline = server.number("deadline", DEFAULT_DEADLINE, positive=True)
-    deadline_policy = _parse_policy(server, "on_deadline", DEFAULT_ON_ERROR, classes)
-    if deadline_policy.kind == SKIP:
-        # There is no next check to skip to once the deadline has passed;
-        # taken as given, it would silently mean "noreply".
-        raise server.error("on_deadline", f"must be {NOREPLY!r} or an action, not {SKIP!r}")
+    on_deadline = server.string("on_deadline", KNOWN)
+    try:
+        # "skip" is refused: there is no next check to skip to once the
+        # deadline has passed.
+        deadline_policy = ErrorPolicy.parse_deadline(on_deadline, classes)
+    except ActionError as e:
+        raise server.error(
+            "on_deadline", f"must be {KNOWN!r}, {NOREPLY!r} or an action ({e})"
+        ) from None
+    parallel = server.boolean("parallel", False)
     limits = Limits(
         max_line_length=server.integer("max_line_length", Limits.max_line_length, minimum=256),
         max_attributes=server.integer("max_attributes", Limits.max_attributes, minimum=30),
@@ -696,10 +719,13 @@ def load_document(
         type_name = outer.string("type")
         timeout = outer.number("timeout", DEFAULT_CHECK_TIMEOUT, positive=True)
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
-        table = {k: v for k, v in raw.items() if k not in ("name", "type", "timeout", "on_error")}
+        # Not "mode": the http check has a key of that name.
+        mode = SHADOW if outer.boolean("shadow", False) else ENFORCE
+        table = {k: v for k, v in raw.items() if k not in _CHAIN_KEYS}
         kept = previous.checks.get(name) if previous is not None else None
         if (
             kept is not None
+            and bool(kept.raw.get("shadow", False)) == (mode == SHADOW)
             and not (IUsesChecks.providedBy(kept.check) and kept.check.uses)
             and _reusable(kept, type_name, table, classes, sections, previous_shared)
         ):
@@ -723,6 +749,11 @@ def load_document(
             )
             options.shared_reads = shared_reads
             options.previous_shared = previous_shared
+            if mode == SHADOW:
+                # Its state apart from an enforcing check's: quota and
+                # greylist keys hold the check's name.
+                options.mode = mode
+                options.name = f"shadow:{name}"
             try:
                 factory = resolve_check_type(type_name)
             except MissingExtraError as e:
@@ -744,7 +775,7 @@ def load_document(
             records[name] = CheckRecord(
                 check, type_name, table, dict(raw), classes, options.reads, options.shared_keys
             )
-        entries.append(ChainEntry(name, check, timeout, on_error))
+        entries.append(ChainEntry(name, check, timeout, on_error, mode))
         if IService.providedBy(check):
             services.append(check)
     services.extend(value for value in shared.values() if IService.providedBy(value))
@@ -764,6 +795,7 @@ def load_document(
         restriction_classes=classes,
         record_verdicts=log_verdicts,
         postfix_version=postfix_version,
+        parallel=parallel,
     )
     return Configuration(
         path,

@@ -159,7 +159,13 @@ async def explain(configuration: Configuration, request: PolicyRequest, clock: A
         )
         reports.append(report)
         entries.append(
-            ChainEntry(entry.name, _Recording(entry.check, report), entry.timeout, entry.on_error)
+            ChainEntry(
+                entry.name,
+                _Recording(entry.check, report),
+                entry.timeout,
+                entry.on_error,
+                entry.mode,
+            )
         )
     recording = CheckChain(
         entries,

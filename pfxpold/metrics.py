@@ -42,6 +42,7 @@ from zope.interface import implementer
 
 from pfxpold import __version__
 from pfxpold.action import ActionError
+from pfxpold.chain import DeadlinePassed
 from pfxpold.interfaces import IStateStore
 
 #: Where a worker writes its snapshots: set by the parent before it starts
@@ -126,6 +127,13 @@ FAMILIES = {
         "on_error applied after a check failed: skip, noreply or the action verb.",
         ("check", "applied"),
     ),
+    "pfxpold_shadow_verdicts": _Family(
+        "counter",
+        "Verdicts of shadow checks (shadow = true), which never decide: by"
+        " action verb (or error, timeout, cancelled), and differs=\"true\" when"
+        " the check, deciding, would have changed the answer.",
+        ("check", "action", "differs"),
+    ),
     "pfxpold_limit_violations": _Family(
         "counter",
         "Connections closed for breaking the protocol or its limits, by kind.",
@@ -201,6 +209,8 @@ def _histogram(histograms: dict[Any, _Histogram], key: Any) -> _Histogram:
 
 
 def _error_kind(failure: Failure) -> str:
+    if failure.check(DeadlinePassed):
+        return "deadline"
     if failure.check(TimeoutError):
         return "timeout"
     if failure.check(ActionError):
@@ -240,6 +250,7 @@ class Metrics:
         self.check_on_error: dict[tuple[str, str], int] = {}
         self.store_duration: dict[tuple[str, str], _Histogram] = {}
         self.store_errors: dict[tuple[str, str, str], int] = {}
+        self.shadow_verdicts: dict[tuple[str, str, str], int] = {}
         self.factory: Any = None
         self.workers: Optional[WorkerSnapshots] = None
         self.reloads: Any = None
@@ -325,6 +336,14 @@ class Metrics:
         applied = on_error.action.verb if on_error.action is not None else on_error.kind
         _bump(self.check_on_error, (name, applied))
 
+    def shadow_answered(self, name: str, verdict: str, differs: bool) -> None:
+        """
+        Count shadow check C{name}'s verdict (an action verb, C{"error"},
+        C{"timeout"} or C{"cancelled"}), and whether it would have changed
+        the answer.
+        """
+        _bump(self.shadow_verdicts, (name, verdict, "true" if differs else "false"))
+
     def check_abandoned(self, name: str, started: float) -> None:
         """
         Count check C{name} given up on because the request's deadline
@@ -376,6 +395,7 @@ class Metrics:
             ("pfxpold_check_errors", self.check_errors),
             ("pfxpold_check_on_error", self.check_on_error),
             ("pfxpold_store_errors", self.store_errors),
+            ("pfxpold_shadow_verdicts", self.shadow_verdicts),
         ):
             for labels, count in table.copy().items():
                 counters.append((family, labels, count))

@@ -161,6 +161,7 @@ def _server_changed(old: Configuration, new: Configuration) -> bool:
         or old.chain.restriction_classes != new.chain.restriction_classes
         or old.chain.record_verdicts != new.chain.record_verdicts
         or old.chain.postfix_version != new.chain.postfix_version
+        or old.chain.parallel != new.chain.parallel
     )
 
 

@@ -210,6 +210,11 @@ class PolicyService(OffersLogObserver, MultiService):
             # stops, whatever its protocol hears.
             self.factory.close_connections(abort=True)
         self.accept_log.stop()
+        # Shadow checks still running decide nothing: cancelled rather than
+        # awaited, before their backends go.
+        cancel_shadows = getattr(self.factory.decider, "cancel_shadows", None)
+        if cancel_shadows is not None and cancel_shadows():
+            self._log.info("stopping: cancelled the shadow checks still running")
         await self.backends.stopService()
 
     def stopService(self) -> Deferred[None]:

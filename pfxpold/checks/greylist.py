@@ -189,6 +189,10 @@ class GreylistCheck:
     retried correctly, and an optional C{X-Greylist:} header.
     """
 
+    #: It records what it sees: with C{[server] parallel}, started only once
+    #: every check before it answered DUNNO.
+    writes_state = True
+
     _log = Logger()
 
     def __init__(self, options: CheckOptions) -> None:

@@ -342,6 +342,10 @@ class QuotaCheck(MultiService):
     the daemon runs (C{overrides_reload} seconds apart, when it changed).
     """
 
+    #: It records what it sees: with C{[server] parallel}, started only once
+    #: every check before it answered DUNNO.
+    writes_state = True
+
     _log = Logger()
 
     def __init__(self, options: CheckOptions) -> None:

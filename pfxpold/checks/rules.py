@@ -105,6 +105,11 @@ class RulesCheck(MultiService):
         super().__init__()
         self.check_name = options.name
         self.reactor = options.reactor
+        # A shadow rules check keeps its marks apart from the enforcing
+        # ones: what it marks must not change what they decide.
+        self.mark_prefix = "shadow:" if options.mode == "shadow" else ""
+        self._writes_for: Any = None
+        self._writes = False
         self._options = options
         self._restriction_classes = options.restriction_classes
         self._base_directory = options.base_directory
@@ -383,7 +388,7 @@ class RulesCheck(MultiService):
             return
         expires = self.reactor.seconds() + self.mark_lifetime
         for mark in rule.marks:
-            run.writes.append(self.store.set_mark(mark_key(instance), mark, expires))
+            run.writes.append(self.store.set_mark(mark_key(self.mark_prefix + instance), mark, expires))
 
     def _read_marks(self, run: _Run) -> Deferred[None]:
         instance = run.facts.request.instance
@@ -395,9 +400,22 @@ class RulesCheck(MultiService):
             run.facts.marks = set(marks) | run.added
 
         reading: Deferred[frozenset[str]] = self.store.marks(
-            mark_key(instance), self.reactor.seconds()
+            mark_key(self.mark_prefix + instance), self.reactor.seconds()
         )
         return reading.addCallback(read)
+
+    @property
+    def writes_state(self) -> bool:
+        """
+        Whether its rules mark messages or count them in quotas: with
+        C{[server] parallel}, it is then started only once every check
+        before it answered DUNNO.
+        """
+        program = self.program
+        if self._writes_for is not program:
+            self._writes = bool(program.quotas) or any(rule.marks for rule in program.rules())
+            self._writes_for = program
+        return self._writes
 
     # Explaining
 

@@ -166,9 +166,8 @@ class ServerTests(ConfigTestCase):
         self.assertIsInstance(chain, CheckChain)
         self.assertIsNone(chain.default_action)
         self.assertEqual(chain.deadline, 20.0)
-        self.assertEqual(
-            str(chain.deadline_policy), "DEFER_IF_PERMIT Service temporarily unavailable"
-        )
+        self.assertEqual(str(chain.deadline_policy), "known")
+        self.assertFalse(chain.parallel)
         self.assertEqual(chain.restriction_classes, ())
         self.assertFalse(chain.record_verdicts)
         [entry] = chain.entries
