@@ -77,7 +77,10 @@ def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> st
     The one log line of an answered request, without a timestamp, every
     value escaped (L{pfxpold.escape.escape}): e.g. C{RCPT
     mx.example.org[192.0.2.1] helo=<...> from=<...> to=<...> instance=...
-    queue_id=...: OK (relay, 0.1 ms)}. Every destination writes this line.
+    queue_id=...: OK (relay, 0.1 ms)}, followed by C{shadow NAME=VERDICT
+    ...} when shadow checks ran (C{pending} for one still running when the
+    answer went out: its verdict follows in an event of its own). Every
+    destination writes this line.
 
     @param decision: the L{pfxpold.chain.Decision} answered.
     @param elapsed_ms: milliseconds from the request's last line to its
@@ -88,6 +91,9 @@ def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> st
         f"{request.summary()}: {'no reply' if action is None else action}"
         f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
     )
+    shadows = getattr(decision, "shadows", None)
+    if shadows:
+        line += " shadow " + " ".join(f"{name}={verdict}" for name, verdict in shadows)
     if is_clean(line):
         return line
     # A value with a CR, an escape sequence, U+2028...: the fixed parts of

@@ -268,6 +268,27 @@ class RequestLineTests(SynchronousTestCase):
             " to=<b@example.com> instance=1.2 queue_id=ABC: OK (relay, 0.2 ms)",
         )
 
+    def test_shadows(self):
+        """
+        Shadow verdicts follow the answer, apart from it, and are escaped
+        like the rest of the line.
+        """
+        decision = Decision(Action.parse("DUNNO"), "default")
+        decision.shadows = [("new-rbl", "REJECT listed\r\naction=OK"), ("quota", "pending")]
+        line = request_line(make_request(), decision, 1.0)
+        self.assertTrue(
+            line.endswith(
+                ": DUNNO (default, 1.0 ms) shadow new-rbl=REJECT listed\\x0d\\x0aaction=OK"
+                " quota=pending"
+            ),
+            line,
+        )
+
+    def test_no_shadows(self):
+        """Without shadow checks the line ends with the answer's check and time."""
+        line = request_line(make_request(), Decision(Action.parse("OK"), "relay"), 1.0)
+        self.assertTrue(line.endswith(": OK (relay, 1.0 ms)"), line)
+
     def test_no_reply(self):
         """A decision without an action is "no reply"."""
         line = request_line(make_request(), Decision(None, "deadline"), 3000.0)
