@@ -496,7 +496,10 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 )
             else:
                 self._log_request(request, decision, started)
-        if decision.verdicts:
+        capture = factory.capture
+        if capture is not None:
+            capture.record(request, decision, started)
+        if decision.verdicts and factory.log_verdicts:
             self._log.debug(
                 "verdicts for {peer}: {verdicts}", peer=self.peer, verdicts=decision.verdicts
             )
@@ -560,6 +563,10 @@ class PolicyFactory(Factory):
         C{request_timeout}).
     @ivar metrics: what counts answers, a L{pfxpold.metrics.Metrics}, or
         L{None} (metrics off: nothing is called).
+    @ivar capture: what captures answered requests for replay, a
+        L{pfxpold.capture.CaptureWriter}, or L{None}.
+    @ivar log_verdicts: whether the checks' verdicts, when the chain
+        records them, are logged (the capture has them recorded without).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -584,6 +591,8 @@ class PolicyFactory(Factory):
         self.in_flight = 0
         self.violations: Counter[str] = Counter()
         self.metrics: Optional[Any] = None
+        self.capture: Optional[Any] = None
+        self.log_verdicts = True
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
 
