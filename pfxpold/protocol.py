@@ -496,9 +496,6 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 )
             else:
                 self._log_request(request, decision, started)
-        capture = factory.capture
-        if capture is not None:
-            capture.record(request, decision, started)
         if decision.verdicts and factory.log_verdicts:
             self._log.debug(
                 "verdicts for {peer}: {verdicts}", peer=self.peer, verdicts=decision.verdicts
@@ -509,6 +506,10 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             self._close()
         else:
             self.transport.write(action.line)
+        capture = factory.capture
+        if capture is not None:
+            # After the answer: capturing is for later, not for Postfix.
+            capture.record(request, decision, started)
 
     def _log_request(self, request: PolicyRequest, decision: Any, started: float) -> None:
         """

@@ -170,6 +170,7 @@ def first_header(path: str) -> dict[str, str]:
 
 def _records(path: str, reading: Reading) -> Iterator[Captured]:
     fingerprints: dict[str, str] = {}
+    names: list[str] = []
     loads = json.loads
     with _open(path) as f:
         try:
@@ -178,10 +179,17 @@ def _records(path: str, reading: Reading) -> Iterator[Captured]:
                     record = loads(line)
                     if "pfxpold_capture" in record:
                         fingerprints = _fingerprints(record)
+                        names = [str(name) for name in record.get("names", ())]
                         continue
-                    attributes = record["request"]
-                    if not isinstance(attributes, dict):
-                        raise TypeError("request")
+                    values = record.get("values")
+                    if values is not None:
+                        if len(values) != len(names):
+                            raise ValueError("values")
+                        attributes = dict(zip(names, values, strict=True))
+                    else:
+                        attributes = record["request"]
+                        if not isinstance(attributes, dict):
+                            raise TypeError("request")
                     answer = record.get("answer")
                     verdicts = record.get("verdicts") or ()
                     yield Captured(

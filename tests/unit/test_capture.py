@@ -34,9 +34,22 @@ NOW = 1795554000.25
 
 
 def read_lines(path):
+    """
+    The capture's lines, each request's values turned back into a
+    C{"request"} object with the names its header lists.
+    """
     opener = gzip.open if path.endswith(".gz") else open
+    lines = []
     with opener(path, "rt", encoding="ascii") as f:
-        return [json.loads(line) for line in f]
+        for text in f:
+            line = json.loads(text)
+            if "names" in line:
+                names = line["names"]
+            if "values" in line:
+                values = line.pop("values")
+                line = {"t": line["t"], "request": dict(zip(names, values, strict=True)), **line}
+            lines.append(line)
+    return lines
 
 
 class BrokenFile:
@@ -124,9 +137,26 @@ class CaptureWriterTests(SynchronousTestCase):
         writer.record(make_request(sender=sender), self.decision, NOW)
         writer.flush()
         with open(self.path, encoding="ascii") as f:
-            lines = f.read().splitlines()
-        self.assertEqual(len(lines), 2)
-        self.assertEqual(json.loads(lines[1])["request"]["sender"], sender)
+            self.assertEqual(len(f.read().splitlines()), 2)
+        self.assertEqual(read_lines(self.path)[1]["request"]["sender"], sender)
+
+    def test_other_attributes(self):
+        """
+        The header names the first request's attributes and lines hold
+        their values; a request with other attributes is written whole,
+        names and values.
+        """
+        writer = self.writer()
+        first = make_request()
+        other = make_request(tls_sni="mx.example.com")
+        writer.record(first, self.decision, NOW)
+        writer.record(other, self.decision, NOW)
+        writer.flush()
+        with open(self.path, encoding="ascii") as f:
+            header, one, two = (json.loads(line) for line in f)
+        self.assertEqual(header["names"], list(first))
+        self.assertEqual(one["values"], list(first.values()))
+        self.assertEqual(two["request"], dict(other))
 
     def test_written_on_timer(self):
         """
@@ -241,7 +271,7 @@ class CaptureWriterTests(SynchronousTestCase):
         daemon) and the uncompressed ones removed.
         """
         writer = self.writer(max_bytes=65536, keep=3, compress=True)
-        for _ in range(6):
+        for _ in range(20):
             for _ in range(20):
                 writer.record(make_request(), self.decision, NOW)
             self.clock.advance(1)
