@@ -103,6 +103,21 @@ _encode_list = (
 _LINE = '{"t":%.3f,"values":[%s],"answer":%s,"by":%s,"verdicts":%s}'
 
 
+def _values_text(values: Any, count: int) -> str:
+    """
+    Strings as the inside of a JSON array: C{"a","b"}.
+
+    Joined with NUL and escaped in one call, the separators then turned
+    into C{","}: half the cost of escaping each value. Exact whenever no
+    value holds a NUL or the text C{\\u0000} (which would read as a
+    separator once escaped); such a request takes the slow way.
+    """
+    joined = "\x00".join(values)
+    if joined.count("\x00") == count - 1 and "\\u0000" not in joined:
+        return _string(joined).replace("\\u0000", '","')
+    return ",".join(map(_string, values))
+
+
 def check_fingerprints(configuration: Configuration) -> dict[str, dict[str, str]]:
     """
     Each check's type and a fingerprint of what it was built from (its
@@ -273,6 +288,9 @@ class CaptureWriter(Service):
         if key is None and settings.hash_local_parts:
             key = redaction_key()
         self._redact = Redactor(key or b"", settings.hash_local_parts, settings.drop)
+        self._redacting = settings.hash_local_parts or bool(settings.drop)
+        # Most requests go through the chain alike: their verdicts, encoded.
+        self._verdicts: dict[tuple[tuple[str, str], ...], str] = {}
         self._in_thread = in_thread or _in_thread(clock)
         self._flush_interval = flush_interval
         self._max_buffered = max_buffered
@@ -338,7 +356,9 @@ class CaptureWriter(Service):
         """
         # The request's own dictionary, read only: a copy per request would
         # cost more than encoding it.
-        attributes = self._redact(request._attributes)
+        attributes = request._attributes
+        if self._redacting:
+            attributes = self._redact(attributes)
         names = self._names
         if names is None:
             names = self._names = tuple(attributes)
@@ -347,13 +367,13 @@ class CaptureWriter(Service):
             # The usual request: its values in the order the header names
             # them, each escaped by the C encoder; a third of the cost of
             # encoding a dictionary of names and values.
-            values = ",".join(map(_string, attributes.values()))
+            values = _values_text(attributes.values(), len(names))
             line = _LINE % (
                 started,
                 values,
                 "null" if action is None else _string(str(action)),
                 _string(decision.decided_by),
-                "".join(_encode_list(decision.verdicts, 0)),
+                self._verdicts_text(decision.verdicts),
             )
         else:
             line = _encode(
@@ -369,6 +389,15 @@ class CaptureWriter(Service):
         pending.append(line)
         if len(pending) >= self._max_buffered:
             self.flush()
+
+    def _verdicts_text(self, verdicts: list[tuple[str, str]]) -> str:
+        key = tuple(verdicts)
+        text = self._verdicts.get(key)
+        if text is None:
+            text = "".join(_encode_list(verdicts, 0))
+            if len(self._verdicts) < 4096:
+                self._verdicts[key] = text
+        return text
 
     def _tick(self) -> None:
         self._timer = self._clock.callLater(self._flush_interval, self._tick)
