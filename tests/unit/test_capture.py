@@ -542,3 +542,27 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(started, NOW)
         self.assertFalse([e for e in events if "verdicts" in e.get("log_format", "")])
         protocol.connectionLost(None)
+
+
+class ValuesTextTests(SynchronousTestCase):
+    """
+    The values of a request encoded in one call read back exactly.
+    """
+
+    def test_round_trip(self):
+        """
+        Backslashes, quotes, control characters, NUL, the text C{\\u0000}
+        and non-ASCII text read back as they were.
+        """
+        from pfxpold.capture import _values_text
+
+        for values in (
+            ["a", "b"],
+            ["", ""],
+            ["a\\", "b"],
+            ["\\u0000x", "y"],
+            ["a\x00", "b"],
+            ["\u00e9\u2028\n", '"q"'],
+            ["x"],
+        ):
+            self.assertEqual(json.loads(f"[{_values_text(values, len(values))}]"), values)
