@@ -566,3 +566,76 @@ class ValuesTextTests(SynchronousTestCase):
             ["x"],
         ):
             self.assertEqual(json.loads(f"[{_values_text(values, len(values))}]"), values)
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    The daemon's service tree captures with the configuration, and a
+    reload keeps the capture in force.
+    """
+
+    def setUp(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        from pfxpold.reload import Reloader
+        from pfxpold.service import PolicyService
+
+        from .test_reload import check, document
+
+        self.directory = temporary_directory(self)
+        self.path = os.path.join(self.directory, "pfxpold.toml")
+        self.reactor = MemoryReactorClock()
+        self.document = document
+        self.check = check
+        self.next = document(check("a"), server={"capture": "capture.jsonl"})
+        self.configuration = self.load(None)
+        self.service = PolicyService(self.configuration, self.reactor)
+        self.reloader = Reloader(self.service, self.load, self.reactor)
+        with capturedLogs():
+            self.service.privilegedStartService()
+            self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def load(self, previous):
+        return load_document(self.next, self.reactor, self.path, previous)
+
+    def test_capture_is_a_backend(self):
+        """
+        The capture writer is started with the backends, answers reach it,
+        and the factory does not log verdicts it records for the capture.
+        """
+        writer = self.service.factory.capture
+        self.assertIsNotNone(writer)
+        self.assertTrue(writer.running)
+        self.assertEqual(writer.path, os.path.join(self.directory, "capture.jsonl"))
+        self.assertFalse(self.service.factory.log_verdicts)
+        self.assertTrue(self.service.factory.decider.record_verdicts)
+
+    def test_reload_keeps_capture(self):
+        """
+        A reload without capture warns that it takes effect on restart; the
+        capture goes on, with each check's verdicts recorded by the new chain.
+        """
+        self.next = self.document(self.check("a"), self.check("b"))
+        with capturedLogs() as events:
+            self.assertTrue(self.successResultOf(self.reloader.reload()))
+        [warning] = [e for e in events if "server.capture changed" in e.get("log_format", "")]
+        self.assertIn("still capturing to", warning["capture"])
+        self.assertEqual(self.service.configuration.capture, self.configuration.capture)
+        self.assertTrue(self.service.factory.decider.record_verdicts)
+
+    def test_round_trip_more(self):
+        """
+        Values holding the separators' text read back exactly too.
+        """
+        from pfxpold.capture import _values_text
+
+        for values in (
+            ['a","b', "c"],
+            ['"', '"'],
+            ["a,b", ""],
+            ["", "", ""],
+            ["tab\there", "x"],
+            ['"","', "\\"],
+        ):
+            self.assertEqual(json.loads(f"[{_values_text(values, len(values))}]"), values)
