@@ -16,9 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from pfxpold.capture import CaptureWriter
 from pfxpold.config import load_configuration
+from pfxpold.interfaces import ICheck
 from pfxpold.protocol import PolicyFactory
 from pfxpold.replay import (
     BROKEN,
@@ -580,3 +582,70 @@ class CommandTests(SynchronousTestCase):
         self.patch(argparse.ArgumentParser, "exit", lambda *a, **k: (_ for _ in ()).throw(
             ValueError("exit")))
         self.assertRaises(ValueError, parser.parse_args, ["-c", "x", "--max-changed", "2", "y"])
+
+
+@implementer(ICheck)
+class Hanging:
+    """
+    A check whose answer never comes (a backend that hangs).
+    """
+
+    def __init__(self, options):
+        self.asked = 0
+
+    def check(self, request):
+        self.asked += 1
+        return Deferred()
+
+
+HANGING_CONFIG = """
+[server]
+deadline = 5.0
+on_deadline = "DEFER_IF_PERMIT Service temporarily unavailable"
+
+[[check]]
+name = "hanging"
+type = "tests.unit.test_replay.Hanging"
+timeout = 10.0
+"""
+
+
+class WaitingTests(SynchronousTestCase):
+    """
+    A check that does not answer at once is waited for on the real
+    reactor, within the chain's deadline in real time.
+    """
+
+    def test_deadline(self):
+        """
+        A check that never answers is given up after the chain's deadline
+        (of the reactor's time): the replay answers C{on_deadline} and goes
+        on with the next request.
+        """
+        directory = temporary_directory(self)
+        config = os.path.join(directory, "pfxpold.toml")
+        with open(config, "w") as f:
+            f.write(HANGING_CONFIG)
+        capture = os.path.join(directory, "capture.jsonl")
+        with open(capture, "w") as f:
+            for t in (NOW, NOW + 1):
+                f.write(json.dumps({"t": t, "request": dict(make_request()), "answer": "DUNNO",
+                                    "by": "default", "verdicts": []}) + "\n")
+        clock, reactor = Clock(), Clock()
+        reading = Reading()
+        replayer = build(load(config, clock), clock, "recorded", [])
+        report = Report(config, [capture], "recorded", "verb")
+        done = Deferred.fromCoroutine(
+            replay(replayer, read_captures([capture], reading), report, reactor)
+        )
+        self.assertNoResult(done)
+        self.assertEqual(report.requests, 0)
+        reactor.advance(5)
+        self.assertNoResult(done)
+        self.assertEqual(report.requests, 1)
+        reactor.advance(5)
+        self.successResultOf(done)
+        self.assertEqual(report.requests, 2)
+        self.assertEqual(dict(report.pairs), {("DUNNO", "DEFER_IF_PERMIT"): 2})
+        self.assertEqual(dict(report.causes), {("default", "deadline"): 2})
+        self.assertEqual(reactor.getDelayedCalls(), [])
