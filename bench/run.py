@@ -371,15 +371,21 @@ def setup_map(
     log: str = "file",
     tls: bool = True,
     metrics: bool = False,
+    capture: bool = False,
 ):
     """
     @param metrics: with a C{[metrics]} table (counted, served on a free
         port, never scraped: the cost is the counting).
+    @param capture: with C{[server] capture} on (every request captured
+        for pfxpold-replay, rotated at the default size).
     """
     table = write_access_map(os.path.join(directory, "senders.map"), Population())
     config = os.path.join(directory, "pfxpold.toml")
+    settings = dict(LOG_SETTINGS[log])
+    if capture:
+        settings["capture"] = "capture.jsonl"
     with open(config, "w") as f:
-        f.write(server_table(**LOG_SETTINGS[log]))
+        f.write(server_table(**settings))
         f.write(MAP_CHECK)
         if metrics:
             f.write(f'\n[metrics]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n')
@@ -673,6 +679,13 @@ SCENARIOS = [
         "map-100k-metrics",
         "map-100k with [metrics] on (Prometheus counters; needs prometheus_client)",
         lambda directory, requests: setup_map(directory, requests, metrics=True),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-capture",
+        "map-100k with [server] capture on (every request written for pfxpold-replay)",
+        lambda directory, requests: setup_map(directory, requests, capture=True),
         needs=("file",),
         optional=True,
     ),

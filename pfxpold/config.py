@@ -493,6 +493,28 @@ class CheckRecord:
     shared_keys: list[Any]
 
 
+@dataclass(frozen=True)
+class CaptureSettings:
+    """
+    C{[server] capture} and its companions (see L{pfxpold.capture}).
+
+    @ivar path: the capture file.
+    @ivar max_bytes: the size at which it is rotated.
+    @ivar keep: how many rotated files are kept.
+    @ivar compress: whether rotated files are compressed with gzip.
+    @ivar hash_local_parts: whether the local parts of addresses are
+        replaced by a keyed hash.
+    @ivar drop: attributes left out of the capture.
+    """
+
+    path: str
+    max_bytes: int = 100 * 1024 * 1024
+    keep: int = 10
+    compress: bool = False
+    hash_local_parts: bool = False
+    drop: tuple[str, ...] = ()
+
+
 @dataclass
 class Configuration:
     """
@@ -519,6 +541,10 @@ class Configuration:
     shared: dict[Any, SharedRecord] = field(default_factory=dict)
     #: Where C{/metrics} is served (L{pfxpold.metrics}), or L{None}: off.
     metrics_listen: Optional[str] = None
+    #: What is captured for C{pfxpold-replay}, or L{None}: nothing.
+    capture: Optional[CaptureSettings] = None
+    #: Whether each check's verdict is logged (at debug level).
+    log_verdicts: bool = False
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -686,6 +712,7 @@ def load_document(
         if not os.path.isdir(os.path.dirname(request_log)):
             raise server.error("request_log", f"{os.path.dirname(request_log)} is not a directory")
     log_verdicts = server.boolean("log_verdicts", False)
+    capture = _capture_settings(server, path)
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
     backlog = server.integer("backlog", DEFAULT_BACKLOG, minimum=1)
     try:
@@ -793,7 +820,8 @@ def load_document(
         deadline_policy=deadline_policy,
         clock=reactor,
         restriction_classes=classes,
-        record_verdicts=log_verdicts,
+        # The capture records each check's verdict.
+        record_verdicts=log_verdicts or capture is not None,
         postfix_version=postfix_version,
         parallel=parallel,
     )
@@ -812,6 +840,46 @@ def load_document(
             key: SharedRecord(value, shared_reads.get(key, {})) for key, value in shared.items()
         },
         metrics_listen=metrics,
+        capture=capture,
+        log_verdicts=log_verdicts,
+    )
+
+
+def _capture_settings(server: _Table, path: Optional[str]) -> Optional[CaptureSettings]:
+    """
+    Read C{capture} and its companions from C{[server]}: L{None} without
+    C{capture}, when the others are not allowed either.
+    """
+    defaults = CaptureSettings("")
+    keys = (
+        "capture_max_bytes",
+        "capture_keep",
+        "capture_compress",
+        "capture_hash_local_parts",
+        "capture_drop",
+    )
+    capture = server.string("capture", None)
+    if capture is None:
+        for key in keys:
+            if key in server:
+                raise server.error(key, "needs capture (the file to capture requests in)")
+        return None
+    if not capture.strip():
+        raise server.error("capture", "must name a file (leave it out for no capture)")
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    capture = os.path.join(base, os.path.expanduser(capture))
+    if not os.path.isdir(os.path.dirname(capture)):
+        raise server.error("capture", f"{os.path.dirname(capture)} is not a directory")
+    drop = tuple(server.strings("capture_drop", []))
+    if any(not name or "=" in name or "\n" in name for name in drop):
+        raise server.error("capture_drop", "must list attribute names")
+    return CaptureSettings(
+        capture,
+        max_bytes=server.integer("capture_max_bytes", defaults.max_bytes, minimum=65536),
+        keep=server.integer("capture_keep", defaults.keep, minimum=1),
+        compress=server.boolean("capture_compress", defaults.compress),
+        hash_local_parts=server.boolean("capture_hash_local_parts", defaults.hash_local_parts),
+        drop=drop,
     )
 
 

@@ -309,15 +309,24 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _log_to_stderr() -> None:
+    log_to_stderr(PROGRAM)
+
+
+def log_to_stderr(program: str, quiet: tuple[str, ...] = ()) -> None:
     """
     Show the checks' warnings and errors (a backend that cannot be
     reached, a map that cannot be read) as one escaped line each on
-    standard error; their verdicts are in the explanation.
+    standard error, prefixed with C{program}; their verdicts are in the
+    program's own output.
+
+    @param quiet: log namespaces (prefixes) left out.
     """
     from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
 
     def observe(event: dict[str, Any]) -> None:
         if event.get("log_level", LogLevel.info) < LogLevel.warn:
+            return
+        if quiet and str(event.get("log_namespace", "")).startswith(quiet):
             return
         text = formatEvent(event)
         failure = event.get("log_failure")
@@ -326,7 +335,7 @@ def _log_to_stderr() -> None:
         text = " ".join(text.split())
         # Log formats escape what they quote already; escape only what is
         # still not printable, not their backslashes again.
-        print(f"{PROGRAM}: log: {text if text.isprintable() else escape(text)}", file=sys.stderr)
+        print(f"{program}: log: {text if text.isprintable() else escape(text)}", file=sys.stderr)
 
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, observe)], redirectStandardIO=False)
 

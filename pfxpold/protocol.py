@@ -489,7 +489,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
                 )
             else:
                 self._log_request(request, decision, started)
-        if decision.verdicts:
+        if decision.verdicts and factory.log_verdicts:
             self._log.debug(
                 "verdicts for {peer}: {verdicts}", peer=self.peer, verdicts=decision.verdicts
             )
@@ -499,6 +499,10 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             self._close()
         else:
             self.transport.write(action.line)
+        capture = factory.capture
+        if capture is not None:
+            # After the answer: capturing is for later, not for Postfix.
+            capture.record(request, decision, started)
 
     def _log_request(self, request: PolicyRequest, decision: Any, started: float) -> None:
         """
@@ -552,6 +556,10 @@ class PolicyFactory(Factory):
         C{request_timeout}).
     @ivar metrics: what counts answers, a L{pfxpold.metrics.Metrics}, or
         L{None} (metrics off: nothing is called).
+    @ivar capture: what captures answered requests for replay, a
+        L{pfxpold.capture.CaptureWriter}, or L{None}.
+    @ivar log_verdicts: whether the checks' verdicts, when the chain
+        records them, are logged (the capture has them recorded without).
     """
 
     protocol = PolicyProtocol  # type: ignore[assignment]
@@ -576,6 +584,8 @@ class PolicyFactory(Factory):
         self.in_flight = 0
         self.violations: Counter[str] = Counter()
         self.metrics: Optional[Any] = None
+        self.capture: Optional[Any] = None
+        self.log_verdicts = True
         self._drain_waiters: list[Deferred[None]] = []
         self._close_waiters: list[Deferred[None]] = []
 

@@ -392,6 +392,16 @@ class Reloader:
                 ),
             )
             new.metrics_listen = old.metrics_listen
+        factory.log_verdicts = new.log_verdicts
+        if new.capture != old.capture:
+            self._log.warn(
+                "reload: server.capture changed; it takes effect when pfxpold is restarted"
+                " ({capture})",
+                capture=f"still capturing to {old.capture.path}" if old.capture else "no capture",
+            )
+            new.capture = old.capture
+            # The capture goes on recording each check's verdict.
+            new.chain.record_verdicts = new.log_verdicts or old.capture is not None
         service.configuration = new
 
     async def _listen(self, old: Configuration, new: Configuration) -> None:

@@ -89,6 +89,9 @@ class PolicyService(OffersLogObserver, MultiService):
             batches = EventRequestLog(reactor)
             batches.setServiceParent(self.backends)
             self.factory.request_log = batches
+        self.factory.log_verdicts = configuration.log_verdicts
+        if configuration.capture is not None:
+            self._start_capture(configuration, bool(adopted))
         #: The checks and shared objects of the configuration in force,
         #: which a reload changes while they run (L{pfxpold.reload}).
         self.checks = ServiceSet(IService(backend) for backend in configuration.services)
@@ -125,6 +128,24 @@ class PolicyService(OffersLogObserver, MultiService):
             self.recorders.append(recorder)
             listener.setServiceParent(self.listeners)
             self.listening[description] = listener
+
+    def _start_capture(self, configuration: Configuration, worker: bool) -> None:
+        """
+        Capture answered requests for C{pfxpold-replay}: a backend, like
+        the request log; a worker writes a file of its own.
+        """
+        from pfxpold import capture
+
+        assert configuration.capture is not None
+        number = os.environ.get(capture.WORKER_VARIABLE) if worker else None
+        writer = capture.CaptureWriter(
+            configuration.capture,
+            self.reactor,
+            checks=lambda: self.configuration,
+            path=capture.worker_path(configuration.capture.path, number),
+        )
+        writer.setServiceParent(self.backends)
+        self.factory.capture = writer
 
     def privilegedStartService(self) -> None:
         self._raise_open_files_limit()

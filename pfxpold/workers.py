@@ -298,6 +298,8 @@ class WorkerPool(Service):
         # Log lines reach the parent as they are written, not at exit; under
         # load the parent still reads them in large batches.
         env["PYTHONUNBUFFERED"] = "1"
+        # Which worker it is: its capture file is named for it.
+        env["PFXPOLD_WORKER"] = str(number)
         transport = self.reactor.spawnProcess(
             worker, self.executable, arguments, env=env, childFDs=child_fds
         )

@@ -1,0 +1,575 @@
+"""
+The capture: every answered request, written to a file of JSON lines so
+that C{pfxpold-replay} can run it through another configuration.
+
+With C{[server] capture = "/var/lib/pfxpold/capture.jsonl"}, each answered
+request becomes one line::
+
+    {"t":1764868800.250,"values":["smtpd_access_policy","RCPT",...],
+     "answer":"REJECT blocked","by":"senders",
+     "verdicts":[["senders","REJECT blocked"]]}
+
+C{values} are the request's attributes, in the order of the C{names} that
+the file's header line lists (a request with other attributes has them
+as a C{"request"} object of names and values instead). C{t} is when the
+request was complete (the time the checks saw), C{answer}
+the action sent (L{None}: no reply), C{by} the deciding check (C{default},
+C{deadline}, C{error}), C{verdicts} each check's verdict in chain order
+(C{error}, C{timeout}, C{invalid action} when it failed; a check after the
+deciding one is absent). Each file starts with a header line,
+C{{"pfxpold_capture": 1, ...}}, naming every check with its type and a
+fingerprint of its settings, and a new header follows a reload that
+changed the checks: replay reuses a recorded lookup verdict only for a
+check whose fingerprint is unchanged.
+
+The design is the request log's (L{pfxpold.requestlog}): answering only
+appends the request, its decision and its time to a list; lines are
+encoded and written in batches, once a second, whenever
+C{MAX_BUFFERED} requests wait, and when the daemon stops. A write that
+fails (disk full) is counted and logged once per outage. A file moved away
+by someone else is followed by a new one at the path.
+
+The capture is bounded: when the file reaches C{capture_max_bytes} it is
+renamed with a UTC time stamp (C{capture.jsonl.20261204T174500Z}),
+optionally compressed to C{.gz} in a thread, and only the newest
+C{capture_keep} rotated files are kept.
+
+Privacy: C{capture_hash_local_parts} replaces the local part of every
+address attribute (L{ADDRESS_ATTRIBUTES}) by a keyed hash, the same for
+the same local part for as long as the daemon runs (workers share the
+key), so replay still groups quotas and greylisting by sender; the key is
+never written. C{capture_drop} drops named attributes altogether.
+
+Workers (C{--workers N}) each write a file of their own beside the
+parent's, C{capture.worker1.jsonl}, ..., each rotated on its own: no two
+processes append to or rotate one file. Replay merges them by time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+from typing import IO, Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from pfxpold.config import CaptureSettings, Configuration
+from pfxpold.request import PolicyRequest
+
+#: The format version written in each header line.
+FORMAT = 1
+
+#: Seconds between writes of what is buffered.
+FLUSH_INTERVAL = 1.0
+
+#: Requests buffered before they are written without waiting for the timer.
+MAX_BUFFERED = 2048
+
+#: The attributes holding addresses whose local part is hashed.
+ADDRESS_ATTRIBUTES = ("sender", "recipient", "original_recipient", "sasl_sender", "sasl_username")
+
+#: The environment variable that hands the redaction key to worker
+#: processes, and their number.
+KEY_VARIABLE = "PFXPOLD_CAPTURE_KEY"
+WORKER_VARIABLE = "PFXPOLD_WORKER"
+
+#: The check types whose verdicts replay may reuse (C{--lookups recorded}).
+LOOKUP_TYPES = frozenset(("sql", "ldap", "dnsbl", "http"))
+
+#: What the header last described before the first header is written.
+_NOTHING = object()
+
+_encode = json.JSONEncoder(ensure_ascii=True, check_circular=False, separators=(",", ":")).encode
+
+#: One string as JSON, non-ASCII and control characters escaped (C).
+_string = encode_basestring_ascii
+
+#: The C encoder itself, for the verdicts' list of pairs.
+_encode_list = (
+    c_make_encoder(None, None, encode_basestring_ascii, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else lambda value, level: [_encode(value)]
+)
+
+#: A request line with its values alone.
+_LINE = '{"t":%.3f,"values":[%s],"answer":%s,"by":%s,"verdicts":%s}'
+
+
+def _values_text(values: Any, count: int) -> str:
+    """
+    Strings as the inside of a JSON array: C{"a","b"}.
+
+    Most requests hold printable ASCII without quotes or backslashes,
+    which JSON takes as it is: joined with C{","} and checked in a few
+    C calls, they need no escaping. Any other request is joined with NUL,
+    escaped in one call and the separators turned into C{","}, unless a
+    value holds a NUL or the text C{\\u0000} (which would read as a
+    separator once escaped): then each value is escaped on its own.
+    """
+    joined = '","'.join(values)
+    if (
+        joined.isascii()
+        and joined.isprintable()
+        and "\\" not in joined
+        and joined.count('"') == 2 * (count - 1)
+    ):
+        return f'"{joined}"'
+    joined = "\x00".join(values)
+    if joined.count("\x00") == count - 1 and "\\u0000" not in joined:
+        return _string(joined).replace("\\u0000", '","')
+    return ",".join(map(_string, values))
+
+
+def check_fingerprints(configuration: Configuration) -> dict[str, dict[str, str]]:
+    """
+    Each check's type and a fingerprint of what it was built from (its
+    table, and the parts of shared tables it read), by name, in chain
+    order: replay compares them to tell an unchanged check.
+    """
+    checks: dict[str, dict[str, str]] = {}
+    for entry in configuration.chain.entries:
+        record = configuration.checks.get(entry.name)
+        if record is None:
+            checks[entry.name] = {"type": type(entry.check).__name__, "fingerprint": ""}
+            continue
+        material = _encode(
+            [
+                record.type_name,
+                record.table,
+                sorted(["/".join(path), value] for path, value in record.reads.items()),
+                list(record.restriction_classes),
+            ]
+            if _jsonable(record.table)
+            else repr((record.type_name, record.table, sorted(record.reads.items(), key=str)))
+        )
+        digest = hashlib.sha256(material.encode("utf-8", "replace")).hexdigest()[:16]
+        checks[entry.name] = {"type": record.type_name, "fingerprint": digest}
+    return checks
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        _encode(value)
+    except (TypeError, ValueError):
+        # TOML dates and times.
+        return False
+    return True
+
+
+def worker_path(path: str, number: Optional[str]) -> str:
+    """
+    The file worker C{number} writes: C{capture.jsonl} -> C{capture.worker1.jsonl};
+    C{path} itself for the parent (L{None}).
+    """
+    if not number:
+        return path
+    root, extension = os.path.splitext(path)
+    return f"{root}.worker{number}{extension}"
+
+
+class Redactor:
+    """
+    Hashes the local parts of address attributes with a key, and drops
+    named attributes.
+
+    @ivar key: the hash key (never written anywhere).
+    """
+
+    def __init__(self, key: bytes, hash_local_parts: bool, drop: tuple[str, ...]) -> None:
+        self.key = key
+        self.hash_local_parts = hash_local_parts
+        self.drop = drop
+        self._hashed: dict[str, str] = {}
+
+    def local_part(self, local: str) -> str:
+        hashed = self._hashed.get(local)
+        if hashed is None:
+            digest = hashlib.blake2b(local.encode("utf-8", "surrogatepass"), key=self.key)
+            hashed = "h-" + digest.hexdigest()[:16]
+            if len(self._hashed) < 65536:
+                self._hashed[local] = hashed
+        return hashed
+
+    def __call__(self, attributes: dict[str, str]) -> dict[str, str]:
+        """
+        @return: a redacted copy of C{attributes} (C{attributes} itself
+            when nothing applies).
+        """
+        if not self.hash_local_parts and not self.drop:
+            return attributes
+        redacted = dict(attributes)
+        for name in self.drop:
+            redacted.pop(name, None)
+        if self.hash_local_parts:
+            for name in ADDRESS_ATTRIBUTES:
+                address = redacted.get(name)
+                if address:
+                    at = address.rfind("@")
+                    if at < 0:
+                        redacted[name] = self.local_part(address)
+                    else:
+                        redacted[name] = self.local_part(address[:at]) + address[at:]
+        return redacted
+
+
+def redaction_key(environ: Any = os.environ) -> bytes:
+    """
+    The redaction key this process uses: the parent's, handed down in
+    the environment, or a new random one that the workers it starts
+    inherit.
+    """
+    value = environ.get(KEY_VARIABLE)
+    if value:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    key = os.urandom(32)
+    environ[KEY_VARIABLE] = key.hex()
+    return key
+
+
+def gzip_file(path: str) -> None:
+    """
+    Compress C{path} to C{path.gz} and remove C{path}.
+    """
+    with open(path, "rb") as source, gzip.open(path + ".gz.tmp", "wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    os.replace(path + ".gz.tmp", path + ".gz")
+    os.unlink(path)
+
+
+def _in_thread(reactor: Any) -> Callable[[Callable[[], None]], Any]:
+    def run(work: Callable[[], None]) -> Any:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    return run
+
+
+class CaptureWriter(Service):
+    """
+    Writes one JSON line per answered request to C{path}, rotating it by
+    size.
+
+    @ivar path: the file.
+    @ivar dropped: requests lost to failed writes since the daemon started.
+    @ivar rotated: the rotated files written since the daemon started.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        settings: CaptureSettings,
+        clock: IReactorTime,
+        checks: Callable[[], Any] = lambda: None,
+        path: Optional[str] = None,
+        key: Optional[bytes] = None,
+        in_thread: Optional[Callable[[Callable[[], None]], Any]] = None,
+        flush_interval: float = FLUSH_INTERVAL,
+        max_buffered: int = MAX_BUFFERED,
+    ) -> None:
+        """
+        @param checks: gives the configuration in force (read at each
+            flush: after a reload, a new header line describes its checks),
+            or L{None}.
+        @param path: the file, when not C{settings.path} (a worker's).
+        @param key: the redaction key (default: L{redaction_key}).
+        @param in_thread: runs the compression of a rotated file off the
+            reactor thread (default: the reactor's thread pool); tests
+            pass a function that runs it at once.
+        """
+        self.settings = settings
+        self.path = path or settings.path
+        self.dropped = 0
+        self.rotated: list[str] = []
+        self._clock = clock
+        self._checks = checks
+        if key is None and settings.hash_local_parts:
+            key = redaction_key()
+        self._redact = Redactor(key or b"", settings.hash_local_parts, settings.drop)
+        self._redacting = settings.hash_local_parts or bool(settings.drop)
+        # Most requests go through the chain alike: their verdicts, encoded.
+        self._verdicts: dict[tuple[tuple[str, str], ...], str] = {}
+        self._in_thread = in_thread or _in_thread(clock)
+        self._flush_interval = flush_interval
+        self._max_buffered = max_buffered
+        self._file: Optional[IO[str]] = None
+        self._identity: Optional[tuple[int, int]] = None
+        self._size = 0
+        self._pending: list[str] = []
+        #: The attribute names, in order, of the first request: the header
+        #: declares them, and requests with the same names are written as
+        #: their values alone.
+        self._names: Optional[tuple[str, ...]] = None
+        self._described: Any = _NOTHING
+        self._timer: Optional[IDelayedCall] = None
+        self._failing = False
+
+    # Service life
+
+    def privilegedStartService(self) -> None:
+        self._open()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self._file is None:
+            self._open()
+        super().startService()
+        self._timer = self._clock.callLater(self._flush_interval, self._tick)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self) -> None:
+        """
+        Open the file for appending; a file that cannot be opened stops
+        the daemon at start, like a bad configuration.
+        """
+        self._file = open(self.path, "a", encoding="ascii")
+        stat = os.fstat(self._file.fileno())
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._size = stat.st_size
+        self._described = _NOTHING
+
+    # Requests
+
+    def record(self, request: PolicyRequest, decision: Any, started: float) -> None:
+        """
+        Encode an answered request's line for the next write. The protocol
+        calls this after the answer is written to the connection.
+
+        Encoded at once, not when written: a string is no work for the
+        garbage collector, where thousands of requests kept for a second
+        were, and the encoding is spread over the requests instead of
+        stalling every connection once a second.
+
+        @param decision: the L{pfxpold.chain.Decision} answered.
+        @param started: when the request was complete.
+        """
+        # The request's own dictionary, read only: a copy per request would
+        # cost more than encoding it.
+        attributes = request._attributes
+        if self._redacting:
+            attributes = self._redact(attributes)
+        names = self._names
+        if names is None:
+            names = self._names = tuple(attributes)
+        action = decision.action
+        if len(attributes) == len(names) and tuple(attributes) == names:
+            # The usual request: its values in the order the header names
+            # them, each escaped by the C encoder; a third of the cost of
+            # encoding a dictionary of names and values.
+            values = _values_text(attributes.values(), len(names))
+            line = _LINE % (
+                started,
+                values,
+                "null" if action is None else _string(str(action)),
+                _string(decision.decided_by),
+                self._verdicts_text(decision.verdicts),
+            )
+        else:
+            line = _encode(
+                {
+                    "t": round(started, 3),
+                    "request": attributes,
+                    "answer": None if action is None else str(action),
+                    "by": decision.decided_by,
+                    "verdicts": decision.verdicts,
+                }
+            )
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= self._max_buffered:
+            self.flush()
+
+    def _verdicts_text(self, verdicts: list[tuple[str, str]]) -> str:
+        key = tuple(verdicts)
+        text = self._verdicts.get(key)
+        if text is None:
+            text = "".join(_encode_list(verdicts, 0))
+            if len(self._verdicts) < 4096:
+                self._verdicts[key] = text
+        return text
+
+    def _tick(self) -> None:
+        self._timer = self._clock.callLater(self._flush_interval, self._tick)
+        self._reopen_if_moved()
+        self.flush()
+
+    def _header(self) -> str:
+        configuration = self._checks()
+        self._described = configuration
+        header: dict[str, Any] = {
+            "pfxpold_capture": FORMAT,
+            "t": round(self._clock.seconds(), 3),
+            "checks": check_fingerprints(configuration) if configuration is not None else {},
+            "names": list(self._names or ()),
+            "redacted": {
+                "hash_local_parts": self.settings.hash_local_parts,
+                "dropped": list(self.settings.drop),
+            },
+        }
+        return _encode(header) + "\n"
+
+    def flush(self) -> None:
+        """
+        Encode and write what is buffered, in one write, rotating the file
+        first when it would grow past C{max_bytes}.
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        pending.append("")
+        text = "\n".join(pending)
+        pending.pop()
+        if self._file is not None and self._size and self._size + len(text) > self.settings.max_bytes:
+            self._rotate()
+        if self._file is None:
+            self._lost(len(pending), "the capture file is not open")
+            return
+        if self._checks() is not self._described:
+            text = self._header() + text
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except OSError as e:
+            self._lost(len(pending), e.strerror or str(e))
+            return
+        self._size += len(text)
+        if self._failing:
+            self._failing = False
+            self._log.info(
+                "capture {path} is written again; {dropped} requests were lost",
+                path=self.path,
+                dropped=self.dropped,
+            )
+
+    def _lost(self, count: int, reason: str) -> None:
+        self.dropped += count
+        if not self._failing:
+            self._failing = True
+            self._log.error(
+                "cannot write the capture {path}: {reason}; requests are lost until it works",
+                path=self.path,
+                reason=reason,
+            )
+
+    # Rotation
+
+    def _rotate(self) -> None:
+        """
+        Rename the full file with a time stamp, start a new one, compress
+        the old one if asked, and remove the oldest beyond C{keep}.
+        """
+        assert self._file is not None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock.seconds()))
+        target = f"{self.path}.{stamp}"
+        serial = 1
+        while os.path.exists(target) or os.path.exists(target + ".gz"):
+            target = f"{self.path}.{stamp}-{serial}"
+            serial += 1
+        self._file.close()
+        self._file = None
+        try:
+            os.rename(self.path, target)
+            self._open()
+        except OSError as e:
+            self._log.error(
+                "cannot rotate the capture {path}: {reason}", path=self.path, reason=e.strerror
+            )
+            try:
+                self._open()
+            except OSError:
+                self._file = None
+            return
+        self.rotated.append(target)
+        if self.settings.compress:
+            compressing = self._in_thread(lambda: gzip_file(target))
+            if hasattr(compressing, "addCallbacks"):
+                compressing.addCallbacks(lambda _: self._prune(), self._compress_failed)
+                return
+        self._prune()
+
+    def _compress_failed(self, failure: Any) -> None:
+        self._log.error(
+            "cannot compress a rotated capture file: {reason}", reason=failure.getErrorMessage()
+        )
+        self._prune()
+
+    def rotated_files(self) -> list[str]:
+        """
+        The rotated files of this capture on disk, oldest first.
+        """
+        directory = os.path.dirname(self.path) or "."
+        prefix = os.path.basename(self.path) + "."
+        names = [
+            name
+            for name in os.listdir(directory)
+            if name.startswith(prefix)
+            and name[len(prefix) : len(prefix) + 1].isdigit()
+            and not name.endswith(".tmp")
+        ]
+
+        def order(name: str) -> tuple[str, int]:
+            stem = name[len(prefix) :].removesuffix(".gz")
+            stamp, _, serial = stem.partition("-")
+            return stamp, int(serial) if serial.isdigit() else 0
+
+        return [os.path.join(directory, name) for name in sorted(names, key=order)]
+
+    def _prune(self) -> None:
+        files = self.rotated_files()
+        for old in files[: max(0, len(files) - self.settings.keep)]:
+            try:
+                os.unlink(old)
+            except OSError as e:
+                self._log.warn(
+                    "cannot remove the old capture {file}: {reason}", file=old, reason=e.strerror
+                )
+
+    def _reopen_if_moved(self) -> None:
+        """
+        When the path no longer names the open file (moved away by hand),
+        flush to the old file and go on in a new one at the path.
+        """
+        try:
+            stat = os.stat(self.path)
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return
+        except OSError:
+            pass
+        self.flush()
+        previous = self._file
+        try:
+            self._open()
+        except OSError as e:
+            self._file = previous
+            if not self._failing:
+                self._log.error(
+                    "capture {path} was moved and cannot be opened again ({reason});"
+                    " still writing to the moved file",
+                    path=self.path,
+                    reason=e.strerror,
+                )
+            return
+        if previous is not None:
+            previous.close()
+        self._log.info("capture {path} reopened", path=self.path)
