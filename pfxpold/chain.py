@@ -403,6 +403,30 @@ class CheckChain:
             if entry.mode == ENFORCE:
                 yield entry
 
+    def rebuilt(
+        self, entries: list[ChainEntry], clock: IReactorTime, record_verdicts: Optional[bool] = None
+    ) -> CheckChain:
+        """
+        A chain with this one's settings (default action, deadline and its
+        policy, restriction classes, Postfix version, C{parallel}) over
+        other entries and another clock: how C{pfxpold-explain} and
+        C{pfxpold-replay} run a configuration's checks wrapped in their
+        own, without copying the settings one by one.
+
+        @param record_verdicts: L{None} to keep this chain's.
+        """
+        return CheckChain(
+            entries,
+            default_action=self.default_action,
+            deadline=self.deadline,
+            deadline_policy=self.deadline_policy,
+            clock=clock,
+            restriction_classes=self.restriction_classes,
+            record_verdicts=self.record_verdicts if record_verdicts is None else record_verdicts,
+            postfix_version=self.postfix_version,
+            parallel=self.parallel,
+        )
+
     def decide(self, request: PolicyRequest) -> Union[Decision, Deferred[Decision]]:
         """
         Decide on C{request}, start the shadow checks it reached, and tell

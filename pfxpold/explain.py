@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from zope.interface import alsoProvides, implementer
 
 from pfxpold.action import Action
-from pfxpold.chain import ChainEntry, CheckChain
+from pfxpold.chain import ChainEntry
 from pfxpold.config import (
     ConfigError,
     Configuration,
@@ -167,16 +167,7 @@ async def explain(configuration: Configuration, request: PolicyRequest, clock: A
                 entry.mode,
             )
         )
-    recording = CheckChain(
-        entries,
-        default_action=chain.default_action,
-        deadline=chain.deadline,
-        deadline_policy=chain.deadline_policy,
-        clock=clock,
-        restriction_classes=chain.restriction_classes,
-        record_verdicts=True,
-        postfix_version=chain.postfix_version,
-    )
+    recording = chain.rebuilt(entries, clock, record_verdicts=True)
     decided = recording.decide(request)
     decision = await decided if isinstance(decided, Deferred) else decided
     by_name = {report.name: report for report in reports}

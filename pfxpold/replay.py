@@ -335,20 +335,8 @@ def build(
                 live_checks.append(entry.name)
         elif type_name in LOOKUP_TYPES or not record:
             live_checks.append(entry.name)
-        entries.append(ChainEntry(entry.name, check, entry.timeout, entry.on_error))
-    settings: dict[str, Any] = {}
-    if hasattr(old, "postfix_version"):
-        # The Postfix version the stage checks follow, where the chain has one.
-        settings["postfix_version"] = old.postfix_version
-    chain = CheckChain(
-        entries,
-        default_action=old.default_action,
-        deadline=old.deadline,
-        deadline_policy=old.deadline_policy,
-        clock=clock,
-        restriction_classes=old.restriction_classes,
-        **settings,
-    )
+        entries.append(ChainEntry(entry.name, check, entry.timeout, entry.on_error, entry.mode))
+    chain = old.rebuilt(entries, clock)
     services = MultiService()
     for service in configuration.services:
         if id(service) not in skipped:

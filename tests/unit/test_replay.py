@@ -327,6 +327,23 @@ class ChangedMapTests(SynchronousTestCase):
         self.assertEqual(report.samples[0]["new"], "450 4.7.1 later")
         self.assertEqual(report.samples[0]["new_by"], "senders")
 
+    def test_shadow_never_decides(self):
+        """
+        A check that is a shadow in the new configuration decides nothing
+        in the replay either, as it would decide nothing live: what it
+        refused or accepted in the capture now gets the default answer, and
+        its new map's entries refuse nothing.
+        """
+        shadow = self.harness.write(
+            "shadow.toml", MAP_CONFIG.format(map="new.map") + "shadow = true\n"
+        )
+        report, _ = self.harness.replay(shadow)
+        self.assertEqual(report.requests, 12)
+        self.assertEqual(
+            dict(report.pairs),
+            {("DUNNO", "DUNNO"): 6, ("REJECT", "DUNNO"): 3, ("OK", "DUNNO"): 3},
+        )
+
     def test_render(self):
         """
         The printed report has the table of answers, the causes, the top
