@@ -31,7 +31,7 @@ decisive verdict in chain order.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import CoroutineType
 from typing import Any, Optional, Union
 
@@ -448,17 +448,48 @@ class CheckChain:
             else:
                 assert type(outcome) is _Race
                 decision = self._race_wait(outcome)
+            decision.addCallback(self._honoured, request)
             if self._shadows:
                 decision.addCallback(self._run_shadows, request)
             if self._listeners:
                 decision.addCallback(self._tell_listeners, request)
             return decision
         assert type(outcome) is Decision
+        outcome = self._honoured(outcome, request)
         if self._shadows:
             self._run_shadows(outcome, request)
         if self._listeners:
             self._tell_listeners(outcome, request)
         return outcome
+
+    def _honoured(self, decision: Decision, request: PolicyRequest) -> Decision:
+        """
+        The decision, unless its action is one Postfix would not honour at
+        the request's stage: a checks' own answers are held to that in
+        L{_to_action}, but an C{on_error}, C{default_action} or deadline
+        action is the configuration's, and is only warned about by
+        C{--check-config}. Such an answer is never sent: the request gets
+        no reply, so that Postfix applies its
+        C{smtpd_policy_service_default_action}, and the log says why.
+        """
+        action = decision.action
+        if action is None:
+            return decision
+        reasons = self._stage_problems.get(action.verb)
+        if reasons is None:
+            return decision
+        reason = reasons.get(request.protocol_state)
+        if reason is None:
+            return decision
+        self._log.error(
+            "the configured answer {action} (by {by}) is one Postfix does not honour here"
+            " ({reason}); no reply is sent, so Postfix applies its"
+            " smtpd_policy_service_default_action",
+            action=escape(str(action)),
+            by=decision.decided_by,
+            reason=escape(str(reason)),
+        )
+        return replace(decision, action=None)
 
     def _tell_listeners(self, decision: Decision, request: PolicyRequest) -> Decision:
         for listener in self._listeners:

@@ -192,6 +192,39 @@ class RunTimeTests(SynchronousTestCase):
         self.assertIn("END-OF-MESSAGE", text)
         self.assertNotIn("bug in the check", text)
 
+    def test_on_error_not_honoured(self):
+        """
+        An on_error answer Postfix would not honour at the stage is not
+        sent either: no reply, so Postfix applies its own default, and the
+        log says why.
+        """
+        chain = stage_chain(Answer("PREPEND X-Test: yes"), on_error="PREPEND X-Error: yes")
+        with capturedLogs() as events:
+            decision = chain.decide(make_request("eod"))
+        self.assertIsNone(decision.action)
+        self.assertEqual(decision.decided_by, "c1")
+        text = "\n".join(formatEvent(event) for event in events)
+        self.assertIn("the configured answer PREPEND X-Error: yes (by c1)", text)
+        self.assertIn("smtpd_policy_service_default_action", text)
+
+    def test_default_action_not_honoured(self):
+        """A default_action Postfix would not honour at the stage: no reply."""
+        chain = stage_chain(Answer("DUNNO"), default="PREPEND X-Checked: yes")
+        with capturedLogs():
+            self.assertIsNone(chain.decide(make_request("eod")).action)
+        self.assertEqual(
+            str(chain.decide(make_request("rcpt")).action), "PREPEND X-Checked: yes"
+        )
+
+    def test_late_on_error_not_honoured(self):
+        """After a late answer the configured answer is held to the same rule."""
+        waiting = Deferred()
+        chain = stage_chain(Answer(waiting), on_error="PREPEND X-Error: yes")
+        pending = chain.decide(make_request("eod"))
+        with capturedLogs():
+            waiting.callback(Action("PREPEND", "X-Late: yes"))
+        self.assertIsNone(self.successResultOf(pending).action)
+
     def test_skip_goes_on(self):
         """With on_error = skip, the chain goes on as if the check had failed."""
         chain = stage_chain(Answer("PREPEND X-Test: yes"), default="DUNNO fine")
