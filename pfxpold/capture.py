@@ -55,12 +55,13 @@ import shutil
 import time
 from collections.abc import Callable
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from pfxpold.appendfile import AppendedFile
 from pfxpold.config import CaptureSettings, Configuration
 from pfxpold.request import PolicyRequest
 
@@ -290,8 +291,7 @@ class CaptureWriter(Service):
             pass a function that runs it at once.
         """
         self.settings = settings
-        self.path = path or settings.path
-        self.dropped = 0
+        self.output = AppendedFile(path or settings.path, "capture", "requests", encoding="ascii")
         self.rotated: list[str] = []
         self._clock = clock
         self._checks = checks
@@ -304,8 +304,6 @@ class CaptureWriter(Service):
         self._in_thread = in_thread or _in_thread(clock)
         self._flush_interval = flush_interval
         self._max_buffered = max_buffered
-        self._file: Optional[IO[str]] = None
-        self._identity: Optional[tuple[int, int]] = None
         self._size = 0
         self._pending: list[str] = []
         #: The attribute names, in order, of the first request: the header
@@ -314,7 +312,15 @@ class CaptureWriter(Service):
         self._names: Optional[tuple[str, ...]] = None
         self._described: Any = _NOTHING
         self._timer: Optional[IDelayedCall] = None
-        self._failing = False
+
+    @property
+    def path(self) -> str:
+        return self.output.path
+
+    @property
+    def dropped(self) -> int:
+        """Requests lost to failed writes since the daemon started."""
+        return self.output.dropped
 
     # Service life
 
@@ -323,7 +329,7 @@ class CaptureWriter(Service):
         super().privilegedStartService()
 
     def startService(self) -> None:
-        if self._file is None:
+        if self.output.stream is None:
             self._open()
         super().startService()
         self._timer = self._clock.callLater(self._flush_interval, self._tick)
@@ -334,19 +340,14 @@ class CaptureWriter(Service):
             self._timer.cancel()
         self._timer = None
         self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.output.close()
 
     def _open(self) -> None:
         """
         Open the file for appending; a file that cannot be opened stops
         the daemon at start, like a bad configuration.
         """
-        self._file = open(self.path, "a", encoding="ascii")
-        stat = os.fstat(self._file.fileno())
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._size = stat.st_size
+        self._size = self.output.open()
         self._described = _NOTHING
 
     # Requests
@@ -440,37 +441,16 @@ class CaptureWriter(Service):
         pending.append("")
         text = "\n".join(pending)
         pending.pop()
-        if self._file is not None and self._size and self._size + len(text) > self.settings.max_bytes:
+        if (
+            self.output.stream is not None
+            and self._size
+            and self._size + len(text) > self.settings.max_bytes
+        ):
             self._rotate()
-        if self._file is None:
-            self._lost(len(pending), "the capture file is not open")
-            return
-        if self._checks() is not self._described:
+        if self.output.stream is not None and self._checks() is not self._described:
             text = self._header() + text
-        try:
-            self._file.write(text)
-            self._file.flush()
-        except OSError as e:
-            self._lost(len(pending), e.strerror or str(e))
-            return
-        self._size += len(text)
-        if self._failing:
-            self._failing = False
-            self._log.info(
-                "capture {path} is written again; {dropped} requests were lost",
-                path=self.path,
-                dropped=self.dropped,
-            )
-
-    def _lost(self, count: int, reason: str) -> None:
-        self.dropped += count
-        if not self._failing:
-            self._failing = True
-            self._log.error(
-                "cannot write the capture {path}: {reason}; requests are lost until it works",
-                path=self.path,
-                reason=reason,
-            )
+        if self.output.write(text, len(pending)):
+            self._size += len(text)
 
     # Rotation
 
@@ -479,15 +459,14 @@ class CaptureWriter(Service):
         Rename the full file with a time stamp, start a new one, compress
         the old one if asked, and remove the oldest beyond C{keep}.
         """
-        assert self._file is not None
+        assert self.output.stream is not None
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock.seconds()))
         target = f"{self.path}.{stamp}"
         serial = 1
         while os.path.exists(target) or os.path.exists(target + ".gz"):
             target = f"{self.path}.{stamp}-{serial}"
             serial += 1
-        self._file.close()
-        self._file = None
+        self.output.close()
         try:
             os.rename(self.path, target)
             self._open()
@@ -498,7 +477,7 @@ class CaptureWriter(Service):
             try:
                 self._open()
             except OSError:
-                self._file = None
+                self.output.stream = None
             return
         self.rotated.append(target)
         if self.settings.compress:
@@ -550,26 +529,9 @@ class CaptureWriter(Service):
         When the path no longer names the open file (moved away by hand),
         flush to the old file and go on in a new one at the path.
         """
-        try:
-            stat = os.stat(self.path)
-            if (stat.st_dev, stat.st_ino) == self._identity:
-                return
-        except OSError:
-            pass
-        self.flush()
-        previous = self._file
-        try:
-            self._open()
-        except OSError as e:
-            self._file = previous
-            if not self._failing:
-                self._log.error(
-                    "capture {path} was moved and cannot be opened again ({reason});"
-                    " still writing to the moved file",
-                    path=self.path,
-                    reason=e.strerror,
-                )
-            return
-        if previous is not None:
-            previous.close()
-        self._log.info("capture {path} reopened", path=self.path)
+        if self.output.moved():
+            self.flush()
+            size = self.output.reopen()
+            if size is not None:
+                self._size = size
+                self._described = _NOTHING

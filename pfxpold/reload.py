@@ -582,7 +582,7 @@ class SignalService(Service):
         What SIGUSR1 does when twistd does not rotate a log file on it.
         """
         request_log = self.request_log()
-        reopen = getattr(request_log, "_reopen_if_moved", None)
+        reopen = getattr(request_log, "reopen_if_moved", None)
         if reopen is None:
             self._log.info(
                 "SIGUSR1: twistd's log is not a file here and there is no request log file:"

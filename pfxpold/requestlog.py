@@ -39,15 +39,15 @@ logged, and the daemon goes on answering.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from pfxpold.appendfile import AppendedFile
 from pfxpold.escape import escape, is_clean
 from pfxpold.request import PolicyRequest
 
@@ -230,11 +230,8 @@ class FileRequestLog(RequestLines):
     Writes one line per answered request to C{path}, each after its
     timestamp.
 
-    @ivar path: the file.
-    @ivar dropped: lines lost to failed writes since the daemon started.
+    @ivar output: the file (L{pfxpold.appendfile.AppendedFile}).
     """
-
-    _log = Logger()
 
     def __init__(
         self,
@@ -244,12 +241,16 @@ class FileRequestLog(RequestLines):
         max_buffered: int = MAX_BUFFERED,
     ) -> None:
         super().__init__(clock, flush_interval, max_buffered)
-        self.path = path
-        self.dropped = 0
-        self._file: Optional[IO[str]] = None
-        self._identity: Optional[tuple[int, int]] = None
-        self._failing = False
-        self._reopen_failed = False
+        self.output = AppendedFile(path, "request log", "lines")
+
+    @property
+    def path(self) -> str:
+        return self.output.path
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost to failed writes since the daemon started."""
+        return self.output.dropped
 
     # Service life
 
@@ -259,99 +260,37 @@ class FileRequestLog(RequestLines):
         directory only root may write to works as it does for twistd's
         own log file.
         """
-        self._open()
+        self.output.open()
         super().privilegedStartService()
 
     def startService(self) -> None:
-        if self._file is None:
+        if self.output.stream is None:
             # Started without privilegedStartService (a tac file's own
             # service tree, tests): open now.
-            self._open()
+            self.output.open()
         super().startService()
 
     def stopService(self) -> None:
         super().stopService()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-    def _open(self) -> None:
-        """
-        Open the file for appending. A file that cannot be opened stops the
-        daemon at start, like a bad configuration: requests would otherwise
-        go unlogged without anyone noticing.
-        """
-        self._file = open(self.path, "a", encoding="utf-8", errors="replace")
-        stat = os.fstat(self._file.fileno())
-        self._identity = (stat.st_dev, stat.st_ino)
+        self.output.close()
 
     # Lines
 
     def _tick(self) -> None:
-        self._reopen_if_moved()
+        self.reopen_if_moved()
         super()._tick()
 
     def write(self, batch: Batch) -> None:
         """
         Write a batch, in one write.
         """
-        if self._file is None:
-            self._lost(batch, "the request log is not open")
-            return
-        try:
-            self._file.write(render(batch, _file_prefix))
-            self._file.flush()
-        except OSError as e:
-            self._lost(batch, e.strerror or str(e))
-            return
-        if self._failing:
-            self._failing = False
-            self._log.info(
-                "request log {path} is written again; {dropped} lines were lost",
-                path=self.path,
-                dropped=self.dropped,
-            )
+        self.output.write(render(batch, _file_prefix), sum(len(lines) for _, lines in batch))
 
-    def _lost(self, batch: Batch, reason: str) -> None:
-        self.dropped += sum(len(lines) for _, lines in batch)
-        if not self._failing:
-            # Once per outage: a full disk would otherwise add a line to
-            # twistd's log for every flush.
-            self._failing = True
-            self._log.error(
-                "cannot write the request log {path}: {reason}; lines are lost until it works",
-                path=self.path,
-                reason=reason,
-            )
-
-    def _reopen_if_moved(self) -> None:
+    def reopen_if_moved(self) -> None:
         """
         Follow logrotate: when the path no longer names the open file,
         flush to the old file and continue in a new one at the path.
         """
-        try:
-            stat = os.stat(self.path)
-            if (stat.st_dev, stat.st_ino) == self._identity:
-                return
-        except OSError:
-            pass
-        self.flush()
-        try:
-            replacement = open(self.path, "a", encoding="utf-8", errors="replace")
-        except OSError as e:
-            if not self._reopen_failed:
-                self._reopen_failed = True
-                self._log.error(
-                    "request log {path} was moved and cannot be opened again ({reason});"
-                    " still writing to the moved file",
-                    path=self.path,
-                    reason=e.strerror,
-                )
-            return
-        self._reopen_failed = False
-        if self._file is not None:
-            self._file.close()
-        self._file = replacement
-        stat = os.fstat(replacement.fileno())
-        self._identity = (stat.st_dev, stat.st_ino)
-        self._log.info("request log {path} reopened", path=self.path)
+        if self.output.moved():
+            self.flush()
+            self.output.reopen()

@@ -221,7 +221,7 @@ class CaptureWriterTests(SynchronousTestCase):
         Failed writes count the requests lost and log one error per outage.
         """
         writer = self.writer()
-        writer._file = BrokenFile()
+        writer.output.stream = BrokenFile()
         with capturedLogs() as events:
             for _ in range(3):
                 writer.record(make_request(), self.decision, NOW)

@@ -498,7 +498,7 @@ class FakeRequestLog:
     def __init__(self):
         self.reopened = 0
 
-    def _reopen_if_moved(self):
+    def reopen_if_moved(self):
         self.reopened += 1
 
 

@@ -226,14 +226,14 @@ class FileRequestLogTests(SynchronousTestCase):
         next good write says how many were lost.
         """
         self.start()
-        good = self.log._file
-        self.log._file = BrokenFile()
+        good = self.log.output.stream
+        self.log.output.stream = BrokenFile()
         with capturedLogs() as events:
             self.record()
             self.log.flush()
             self.record()
             self.log.flush()
-            self.log._file = good
+            self.log.output.stream = good
             self.record()
             self.log.flush()
         self.assertEqual(self.log.dropped, 2)
