@@ -43,12 +43,12 @@ from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.internet.task import Clock
 from zope.interface import directlyProvides, implementer, providedBy
 
+from pfxpold import explain
 from pfxpold.action import DUNNO, ActionError
 from pfxpold.capture import LOOKUP_TYPES, check_fingerprints
 from pfxpold.chain import ChainEntry, CheckChain, Decision
-from pfxpold.config import ConfigError, Configuration, load_document, read_document
+from pfxpold.config import Configuration
 from pfxpold.escape import escape
-from pfxpold.explain import private_stores
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
 
@@ -584,8 +584,8 @@ def load(path: str, reactor: Any) -> Configuration:
     @raise ReplayError: with the configuration's one-line error.
     """
     try:
-        return load_document(private_stores(read_document(path)), reactor, path)
-    except ConfigError as e:
+        return explain.load(path, reactor)
+    except explain.ExplainError as e:
         raise ReplayError(str(e)) from None
 
 
