@@ -26,10 +26,13 @@ C{synchronous=NORMAL} in WAL mode may lose: the last commits before a power
 failure, never the file's consistency.
 
 Several processes may share the file (C{--workers}, or C{pfxpold-admin}):
-an operation that finds the lock taken never blocks the reactor more than
-L{LOCK_WAIT}; it waits, with those asked for after it, for a retry from a
-timer, and fails with L{StoreError} (C{database is locked}) after
-C{busy_timeout}.
+an operation that finds the lock taken never blocks the reactor; it waits,
+with those asked for after it, for a retry from a timer, and fails with
+L{StoreError} (C{database is locked}) after C{busy_timeout}. Once another
+process has held the lock, and for L{SHARED_FOR} seconds since it last
+did, the store holds the lock as briefly as it can: the operations of a
+turn run together at its end, in one transaction, and are answered after
+its commit.
 """
 
 from __future__ import annotations
@@ -366,11 +369,15 @@ def marks_in(connection: sqlite3.Connection, key: str, now: float) -> frozenset[
 #: the Deferred to fire.
 _Operation = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]
 
-#: Seconds one attempt at the write lock may block the reactor when another
-#: process holds it; then the attempt is retried from a timer.
-LOCK_WAIT = 0.002
-#: Seconds between two attempts at a lock another process holds.
+#: Seconds between two attempts at a lock another process holds (an
+#: attempt never waits: SQLite's busy timeout is 0 once the file is open).
 LOCK_RETRY = 0.002
+#: Seconds the file counts as shared after another process last held the
+#: lock: meanwhile operations are run at the end of each reactor turn, all
+#: of the turn's in one short transaction, and answered after its commit,
+#: instead of in a transaction held for the whole turn, which would keep
+#: the other processes out.
+SHARED_FOR = 10.0
 
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
@@ -410,6 +417,8 @@ class SQLiteStore(ExpiringStore):
         #: Operations waiting for a lock another process holds, in order.
         self._waiting: deque[_Operation] = deque()
         self._waiting_since = 0.0
+        #: Until when another process counts as writing the file too.
+        self._shared_until = 0.0
         self._retry_call: Optional[IDelayedCall] = None
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -417,9 +426,8 @@ class SQLiteStore(ExpiringStore):
         if self._connection is None:
             connection = open_database(self.path, self.busy_timeout)
             # Opening may wait for the lock (once); from now on a statement
-            # blocks the reactor at most LOCK_WAIT, the rest of the wait
-            # being retries from a timer.
-            connection.execute(f"PRAGMA busy_timeout = {max(1, round(LOCK_WAIT * 1000))}")
+            # never blocks the reactor: the wait is retries from a timer.
+            connection.execute("PRAGMA busy_timeout = 0")
             self._connection = connection
         return self._connection
 
@@ -522,46 +530,56 @@ class SQLiteStore(ExpiringStore):
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
         Run C{function(connection, *args, **kwargs)} now, in this turn's
-        transaction.
+        transaction; while the file is shared (L{SHARED_FOR}), at the end
+        of the turn, with the turn's others, in a short transaction.
 
         @return: a Deferred that has fired with its result (or failed with
-            L{StoreError}); while another process holds the lock, one that
-            fires once the lock is taken, or fails after C{busy_timeout}.
+            L{StoreError}); while the file is shared, one that fires once
+            the turn's operations are committed, or fails after
+            C{busy_timeout} when the lock could not be taken.
         """
         if self._stopped:
             return fail(StoreError(f"{self.name}: stopped"))
-        if not self._waiting:
+        if not self._waiting and not (
+            self._shared_until and self.reactor.seconds() < self._shared_until
+        ):
             try:
                 return succeed(self._run(function, args, kwargs))
             except sqlite3.Error as e:
-                if not is_busy(e) or self._connection is None:
+                connection = self._connection
+                if not is_busy(e) or connection is None or connection.in_transaction:
+                    # Busy inside the transaction is not expected with
+                    # BEGIN IMMEDIATE in WAL mode: not worth waiting for.
                     return fail(self._error(e))
-                if self._connection.in_transaction:
-                    # Busy inside the transaction (not expected with
-                    # BEGIN IMMEDIATE in WAL mode): not worth waiting for.
-                    return fail(self._error(e))
-                self._waiting_since = self.reactor.seconds()
-                self._retry_call = self.reactor.callLater(LOCK_RETRY, self._retry)
+                self._shared_until = self.reactor.seconds() + SHARED_FOR
             except Exception as e:
                 return fail(e)
         result: Deferred[Any] = Deferred()
+        if not self._waiting:
+            self._waiting_since = self.reactor.seconds()
         self._waiting.append((function, args, kwargs, result))
+        if self._retry_call is None:
+            self._retry_call = self.reactor.callLater(0, self._retry)
         return result
 
     def _retry(self) -> None:
         """
-        Try the lock again for the operations waiting for it: run them all,
-        in order, once it is taken; fail them all once C{busy_timeout} is
-        over.
+        Run the operations waiting, in order, in one transaction committed
+        at once, then answer them; while another process holds the lock,
+        try again from a timer, and fail them once C{busy_timeout} is over.
         """
         self._retry_call = None
+        if not self._waiting:
+            return
         try:
-            self._begin()
+            connection = self._begin()
         except sqlite3.Error as e:
             waited = self.reactor.seconds() - self._waiting_since
-            if is_busy(e) and waited < self.busy_timeout:
-                self._retry_call = self.reactor.callLater(LOCK_RETRY, self._retry)
-                return
+            if is_busy(e):
+                self._shared_until = self.reactor.seconds() + SHARED_FOR
+                if waited < self.busy_timeout:
+                    self._retry_call = self.reactor.callLater(LOCK_RETRY, self._retry)
+                    return
             waiting, self._waiting = self._waiting, deque()
             for _, _, _, result in waiting:
                 result.errback(self._error(e))
@@ -574,6 +592,24 @@ class SQLiteStore(ExpiringStore):
                 outcomes.append((result, True, self._run(function, args, kwargs)))
             except Exception as e:
                 outcomes.append((result, False, self._error(e)))
+        # Committed now, not at the end of the turn: the lock is held as
+        # briefly as can be for the other processes, and these operations,
+        # not yet answered, fail if the commit does.
+        if self._commit_call is not None:
+            self._commit_call.cancel()
+            self._commit_call = None
+        try:
+            if connection.in_transaction:
+                connection.execute("COMMIT")
+        except sqlite3.Error as e:
+            if connection.in_transaction:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failed = self._error(e)
+            outcomes = [(result, False, failed) for result, _, _ in outcomes]
+        self._turn = []
         # Answered once all ran, so that an operation a callback asks for
         # comes after them.
         for result, succeeded, outcome in outcomes:

@@ -36,7 +36,7 @@ from pfxpold.state import (
 )
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
-from pfxpold.state.sqlite import LOCK_RETRY, SQLiteStore
+from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore
 from tests.unit.tempdir import temporary_path
 
 START = 1_800_000_000.0
@@ -604,7 +604,49 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
         failure = self.failureResultOf(waiting, StoreError)
         self.assertIn("locked", failure.getErrorMessage())
         other.execute("ROLLBACK")
-        self.assertTrue(self.successResultOf(self.consume("a")).allowed)
+        waiting = self.consume("a")
+        self.clock.advance(0)
+        self.assertTrue(self.successResultOf(waiting).allowed)
+
+    def test_shared_file_answers_after_commit(self) -> None:
+        """
+        Once another process held the lock, the store holds it as briefly
+        as it can for SHARED_FOR seconds: a turn's operations run together
+        at its end and are answered after their commit; then operations
+        run at once again.
+        """
+        other = self.other_writer()
+        first = self.consume("a")
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.successResultOf(first)
+        turn = [self.consume("a"), self.consume("b")]
+        self.assertNoResult(turn[0])
+        self.clock.advance(0)
+        self.assertEqual([self.successResultOf(each).totals for each in turn], [(2,), (1,)])
+        self.assertEqual((self.committed("a"), self.committed("b")), (2, 1))
+        self.clock.advance(SHARED_FOR)
+        self.assertEqual(self.successResultOf(self.consume("a")).totals, (3,))
+
+    def test_shared_file_failing_commit_fails(self) -> None:
+        """
+        While the file is shared, operations answer after their commit: a
+        commit that fails fails them, and nothing is lost unsaid.
+        """
+        other = self.other_writer()
+        first = self.consume("a")
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.successResultOf(first)
+        real = self.store._connect()
+        self.store._connection = FailingCommit(real)  # type: ignore[assignment]
+        waiting = self.consume("b")
+        self.clock.advance(0)
+        failure = self.failureResultOf(waiting, StoreError)
+        self.assertIn("disk is full", failure.getErrorMessage())
+        self.assertEqual(self.logged, [])
+        self.assertIsNone(self.committed("b"))
+        self.assertFalse(real.in_transaction)
 
     def test_stop_commits(self) -> None:
         """Stopping the store commits the turn's operations and closes the file."""
