@@ -648,6 +648,26 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
         self.assertIsNone(self.committed("b"))
         self.assertFalse(real.in_transaction)
 
+    def test_two_stores_share_a_file_exactly(self) -> None:
+        """
+        Two stores (two processes) writing one file take turns with the
+        lock: none of their operations fails, and a limit holds exactly
+        across both.
+        """
+        other = self.make_store()
+        results = []
+        for _ in range(6):
+            for store in (self.store, other):
+                for _ in range(3):
+                    results.append(store.consume([counter("a", 10)], 1, START))
+            self.clock.pump([0, LOCK_RETRY, LOCK_RETRY])
+        self.clock.pump([LOCK_RETRY] * 5)
+        answers = [self.successResultOf(each) for each in results]
+        self.assertEqual(sum(each.allowed for each in answers), 10)
+        self.assertEqual(self.committed("a"), 10)
+        # They did meet the lock taken, and waited for it.
+        self.assertTrue(self.store._shared_until or other._shared_until)
+
     def test_stop_commits(self) -> None:
         """Stopping the store commits the turn's operations and closes the file."""
         self.store.startService()
