@@ -78,7 +78,8 @@ def answer_of(stored: Deferred[Consumption], decide: Callable[[Any], Any]) -> An
     The check's answer from the store's Deferred: C{decide(outcome)} (the
     outcome being the L{Consumption} or the store's L{Failure}; it returns
     an action or a Failure), returned itself when the store already
-    answered (the memory store always does), so that the chain stays on
+    answered (the memory store always does, the SQLite store unless
+    another process shares its file), so that the chain stays on
     its synchronous path; else a new Deferred of it. One callback on the
     store's Deferred does it all: the Deferred machinery cost more than the
     memory store's work.

@@ -2,38 +2,48 @@
 The SQLite state store: the embedded default. State survives a restart of
 the daemon and needs no server.
 
-All statements run on one connection in one thread of a private
-single-thread pool, so this daemon is SQLite's only writer and never
-blocks the reactor. Several processes may share the file (a busy timeout
-makes them wait for each other instead of failing with C{database is
-locked}).
+All statements run on one connection, on the reactor thread: an
+operation's statements are cheaper than a hop to another thread and back
+(and the two threads' fight for the GIL), so an operation is run at once
+and its Deferred has fired when it is returned, keeping the checks on their
+synchronous path.
 
-Operations are committed in groups: those asked for while a group runs in
-the store's thread go together into the next one (at most
-L{MAX_BATCH}), which costs one thread hop and one C{BEGIN IMMEDIATE} ...
-C{COMMIT} for all of them instead of one each. C{BEGIN IMMEDIATE} holds the
-write lock from its first statement, so no other writer can slip in
-between a limit check and its upserts; inside a group the operations run
-one after the other, in the order they were asked for, each seeing the
-ones before it. One that fails is rolled back alone and fails only its
-own Deferred (the group then runs again with a C{SAVEPOINT} around each
-operation; see L{run_batch}). Nothing is answered
-before the group is committed: when the commit itself fails, every
-operation of the group fails.
+Operations are committed once per reactor turn: the first operation of a
+turn begins a C{BEGIN IMMEDIATE} transaction and schedules its C{COMMIT}
+(C{callLater(0)}, which runs once the turn's network input is handled), so
+a busy daemon pays one commit for all the messages of a turn. C{BEGIN
+IMMEDIATE} holds the write lock from the start, so no other writer can
+slip in between a limit check and its upserts; operations run one after
+the other, in the order they were asked for, each seeing the ones before
+it. One that fails is rolled back alone and fails only its own Deferred
+(see L{SQLiteStore._run}).
+
+Operations are answered before their turn's commit. When the commit fails
+(a full disk, an I/O error), that turn's operations were answered but are
+not stored: at most one turn's quota counts or greylist entries are lost,
+and this is logged as critical with their number. A crash loses what
+C{synchronous=NORMAL} in WAL mode may lose: the last commits before a power
+failure, never the file's consistency.
+
+Several processes may share the file (C{--workers}, or C{pfxpold-admin}):
+an operation that finds the lock taken never blocks the reactor; it waits,
+with those asked for after it, for a retry from a timer, and fails with
+L{StoreError} (C{database is locked}) after C{busy_timeout}. Once another
+process has held the lock, and for L{SHARED_FOR} seconds since it last
+did, the store holds the lock as briefly as it can: the operations of a
+turn run together at its end, in one transaction, and are answered after
+its commit.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.interfaces import IDelayedCall
 from zope.interface import implementer
 
 from pfxpold.config import CheckOptions
@@ -57,8 +67,6 @@ from pfxpold.state import (
 from pfxpold.state.memory import ExpiringStore, matches
 
 DEFAULT_BUSY_TIMEOUT = 5.0
-#: The most operations committed together.
-MAX_BATCH = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -357,239 +365,314 @@ def marks_in(connection: sqlite3.Connection, key: str, now: float) -> frozenset[
     return frozenset(row[0] for row in rows)
 
 
-#: One operation: the function, its arguments, and the Deferred to fire.
+#: One operation waiting for the lock: the function, its arguments, and
+#: the Deferred to fire.
 _Operation = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Deferred[Any]]
 
+#: Seconds between two attempts at a lock another process holds (an
+#: attempt never waits: SQLite's busy timeout is 0 once the file is open).
+LOCK_RETRY = 0.002
+#: Seconds the file counts as shared after another process last held the
+#: lock: meanwhile operations are run at the end of each reactor turn, all
+#: of the turn's in one short transaction, and answered after its commit,
+#: instead of in a transaction held for the whole turn, which would keep
+#: the other processes out.
+SHARED_FOR = 10.0
 
-class _OperationFailed(Exception):
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def is_busy(error: sqlite3.Error) -> bool:
     """
-    One operation of a batch failed and the batch's transaction was rolled
-    back, the transaction itself being sound.
+    Whether C{error} is SQLite's C{database is locked}: another process
+    holds the lock, and trying again later may succeed.
     """
-
-
-def run_batch(
-    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
-) -> list[Any]:
-    """
-    Run C{operations} (C{function(connection, *args, **kwargs)} each) in
-    one C{BEGIN IMMEDIATE} transaction.
-
-    They run first without savepoints: two statements fewer per operation,
-    and every statement is a release and re-acquisition of the GIL that the
-    reactor thread is competing for. Operations seldom fail alone (a full
-    disk or a lost lock fails the transaction); when one does, the
-    transaction is rolled back and the batch runs again with a savepoint
-    around each operation, so that only the failing one fails. Nothing was
-    committed in between, so each operation still takes effect once.
-
-    @return: each operation's result, or the exception it raised (its
-        savepoint rolled back), in order, once the transaction committed.
-    @raise sqlite3.Error: when the transaction could not be begun or
-        committed, or was lost (every operation then failed).
-    """
-    try:
-        return _run_together(connection, operations)
-    except _OperationFailed:
-        return _run_isolated(connection, operations)
-
-
-@contextmanager
-def _immediate_transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    """
-    C{BEGIN IMMEDIATE} ... C{COMMIT}, rolled back when the block raises.
-    """
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        connection.execute("COMMIT")
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-
-
-def _run_together(
-    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
-) -> list[Any]:
-    outcomes: list[Any] = []
-    with _immediate_transaction(connection):
-        for function, args, kwargs in operations:
-            try:
-                outcomes.append(function(connection, *args, **kwargs))
-            except Exception as e:
-                if not connection.in_transaction:
-                    # SQLite rolled the whole transaction back (a full
-                    # disk, an I/O error): every operation failed.
-                    raise
-                raise _OperationFailed() from e
-    return outcomes
-
-
-def _run_isolated(
-    connection: sqlite3.Connection, operations: Sequence[tuple[Callable[..., Any], tuple, dict]]
-) -> list[Any]:
-    outcomes: list[Any] = []
-    with _immediate_transaction(connection):
-        for function, args, kwargs in operations:
-            connection.execute("SAVEPOINT operation")
-            try:
-                outcome = function(connection, *args, **kwargs)
-            except Exception as e:
-                if not connection.in_transaction:
-                    raise
-                connection.execute("ROLLBACK TO operation")
-                outcome = e
-            connection.execute("RELEASE operation")
-            outcomes.append(outcome)
-    return outcomes
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES
+    return "locked" in str(error) or "busy" in str(error)
 
 
 @implementer(IStateStore)
 class SQLiteStore(ExpiringStore):
     """
-    State in an SQLite file, written by one connection in one thread.
+    State in an SQLite file, written by one connection on the reactor
+    thread, one transaction per reactor turn.
 
     Settings of C{[stores.NAME]}: C{path} (relative to the configuration
-    file; default C{pfxpold-state.sqlite3}), C{busy_timeout} (seconds to
-    wait for another process's lock, default 5), C{expire_interval}.
-
-    @param run: for tests: a callable C{run(function)} returning a
-        Deferred of C{function()}, which runs one group of operations;
-        without it, groups go to a one-thread pool started with the service.
+    file; default C{pfxpold-state.sqlite3}), C{busy_timeout} (seconds an
+    operation waits for another process's lock before it fails, default
+    5), C{expire_interval}.
     """
 
-    def __init__(
-        self,
-        options: CheckOptions,
-        run: Optional[Callable[..., Deferred[Any]]] = None,
-    ) -> None:
+    def __init__(self, options: CheckOptions) -> None:
         super().__init__(options)
         self.path = options.path("path", DEFAULT_SQLITE_PATH)
         self.busy_timeout = options.number("busy_timeout", DEFAULT_BUSY_TIMEOUT, positive=True)
-        self._run_for_tests = run
-        self._pool: Optional[ThreadPool] = None
         self._connection: Optional[sqlite3.Connection] = None
-        self._queue: deque[_Operation] = deque()
-        self._running = False
+        self._stopped = False
+        #: The operations run in the transaction not yet committed.
+        self._turn: list[tuple[Callable[..., Any], tuple, dict]] = []
+        self._commit_call: Optional[IDelayedCall] = None
+        #: Operations waiting for a lock another process holds, in order.
+        self._waiting: deque[_Operation] = deque()
+        self._waiting_since = 0.0
+        #: Until when another process counts as writing the file too.
+        self._shared_until = 0.0
+        self._retry_call: Optional[IDelayedCall] = None
         self._idle_waiters: list[Deferred[None]] = []
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
-            self._connection = open_database(self.path, self.busy_timeout)
+            connection = open_database(self.path, self.busy_timeout)
+            # Opening may wait for the lock (once); from now on a statement
+            # never blocks the reactor: the wait is retries from a timer.
+            connection.execute("PRAGMA busy_timeout = 0")
+            self._connection = connection
         return self._connection
+
+    def _error(self, error: BaseException) -> BaseException:
+        if isinstance(error, sqlite3.Error):
+            return StoreError(f"{self.name}: {self.path}: {error}")
+        return error
+
+    def _begin(self) -> sqlite3.Connection:
+        """
+        The connection, inside this turn's write transaction: begun by the
+        first operation of a turn, committed once when the turn is over.
+
+        @raise sqlite3.Error: when the file cannot be opened or the lock
+            taken (L{is_busy}: another process holds it).
+        """
+        connection = self._connect()
+        if not connection.in_transaction:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("SAVEPOINT turn")
+            if self._commit_call is None:
+                self._commit_call = self.reactor.callLater(0, self._commit)
+        return connection
+
+    def _run(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """
+        Run one operation in this turn's transaction.
+
+        Operations run without a savepoint each (two statements fewer per
+        operation). One that fails is undone alone all the same: the turn
+        is rolled back to its start (C{SAVEPOINT turn}, the lock still
+        held, so nothing else wrote meanwhile) and the turn's earlier
+        operations run again, to the same outcomes, as they answered.
+        """
+        connection = self._begin()
+        try:
+            outcome = function(connection, *args, **kwargs)
+        except Exception:
+            if connection.in_transaction:
+                self._undo_last(connection)
+            else:
+                # SQLite rolled the whole transaction back (a full disk,
+                # an I/O error): the operations answered before it in this
+                # turn are lost too.
+                self._lost("the transaction was rolled back")
+            raise
+        self._turn.append((function, args, kwargs))
+        return outcome
+
+    def _undo_last(self, connection: sqlite3.Connection) -> None:
+        """
+        Undo what a failed operation wrote: back to the turn's start, then
+        the turn's earlier operations again.
+        """
+        connection.execute("ROLLBACK TO turn")
+        for function, args, kwargs in self._turn:
+            try:
+                function(connection, *args, **kwargs)
+            except Exception:
+                # Not expected (the same statements on the same state): the
+                # turn's answers can no longer be trusted to be stored.
+                connection.execute("ROLLBACK")
+                self._lost("running the turn again after a failed operation failed")
+                return
+
+    def _lost(self, reason: str) -> None:
+        count = len(self._turn)
+        self._turn = []
+        if count:
+            self._log.critical(
+                "{store}: {path}: {reason}: {count} operations already answered are NOT"
+                " stored (quota counts or greylist entries lost)",
+                store=self.name,
+                path=self.path,
+                reason=reason,
+                count=count,
+            )
+
+    def _commit(self) -> None:
+        """
+        Commit this turn's transaction.
+        """
+        self._commit_call = None
+        connection = self._connection
+        if connection is None or not connection.in_transaction:
+            self._turn = []
+            return
+        try:
+            connection.execute("COMMIT")
+        except sqlite3.Error as e:
+            if connection.in_transaction:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            self._lost(f"commit failed: {e}")
+        else:
+            self._turn = []
 
     def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """
-        Queue C{function(connection, *args, **kwargs)} for the next group.
+        Run C{function(connection, *args, **kwargs)} now, in this turn's
+        transaction; while the file is shared (L{SHARED_FOR}), at the end
+        of the turn, with the turn's others, in a short transaction.
 
-        @return: a Deferred that fires with its result once its group is
-            committed, or fails with L{StoreError}.
+        @return: a Deferred that has fired with its result (or failed with
+            L{StoreError}); while the file is shared, one that fires once
+            the turn's operations are committed, or fails after
+            C{busy_timeout} when the lock could not be taken.
         """
-        if self._run_for_tests is None and self._pool is None:
-            return fail(StoreError(f"{self.name}: not started"))
+        if self._stopped:
+            return fail(StoreError(f"{self.name}: stopped"))
+        if not self._waiting and not (
+            self._shared_until and self.reactor.seconds() < self._shared_until
+        ):
+            try:
+                return succeed(self._run(function, args, kwargs))
+            except sqlite3.Error as e:
+                connection = self._connection
+                if not is_busy(e) or connection is None or connection.in_transaction:
+                    # Busy inside the transaction is not expected with
+                    # BEGIN IMMEDIATE in WAL mode: not worth waiting for.
+                    return fail(self._error(e))
+                self._shared_until = self.reactor.seconds() + SHARED_FOR
+            except Exception as e:
+                return fail(e)
         result: Deferred[Any] = Deferred()
-        self._queue.append((function, args, kwargs, result))
-        if not self._running:
-            self._next_batch()
+        if not self._waiting:
+            self._waiting_since = self.reactor.seconds()
+        self._waiting.append((function, args, kwargs, result))
+        if self._retry_call is None:
+            self._retry_call = self.reactor.callLater(0, self._retry)
         return result
 
-    def _next_batch(self) -> None:
+    def _retry(self) -> None:
         """
-        Send the operations waiting (at most L{MAX_BATCH}) to the store's
-        thread as one group.
+        Run the operations waiting, in order, in one transaction committed
+        at once, then answer them; while another process holds the lock,
+        try again from a timer, and fail them once C{busy_timeout} is over.
         """
-        queue = self._queue
-        batch = [queue.popleft() for _ in range(min(len(queue), MAX_BATCH))]
-        if not batch:
-            self._running = False
+        self._retry_call = None
+        if not self._waiting:
+            return
+        try:
+            connection = self._begin()
+        except sqlite3.Error as e:
+            waited = self.reactor.seconds() - self._waiting_since
+            if is_busy(e):
+                self._shared_until = self.reactor.seconds() + SHARED_FOR
+                if waited < self.busy_timeout:
+                    self._retry_call = self.reactor.callLater(LOCK_RETRY, self._retry)
+                    return
+            waiting, self._waiting = self._waiting, deque()
+            for _, _, _, result in waiting:
+                result.errback(self._error(e))
+            self._idle()
+            return
+        waiting, self._waiting = self._waiting, deque()
+        outcomes: list[tuple[Deferred[Any], bool, Any]] = []
+        for function, args, kwargs, result in waiting:
+            try:
+                outcomes.append((result, True, self._run(function, args, kwargs)))
+            except Exception as e:
+                outcomes.append((result, False, self._error(e)))
+        # Committed now, not at the end of the turn: the lock is held as
+        # briefly as can be for the other processes, and these operations,
+        # not yet answered, fail if the commit does.
+        if self._commit_call is not None:
+            self._commit_call.cancel()
+            self._commit_call = None
+        try:
+            if connection.in_transaction:
+                connection.execute("COMMIT")
+        except sqlite3.Error as e:
+            if connection.in_transaction:
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failed = self._error(e)
+            outcomes = [(result, False, failed) for result, _, _ in outcomes]
+        self._turn = []
+        # Answered once all ran, so that an operation a callback asks for
+        # comes after them.
+        for result, succeeded, outcome in outcomes:
+            if succeeded:
+                result.callback(outcome)
+            else:
+                result.errback(outcome)
+        self._idle()
+
+    def _idle(self) -> None:
+        if not self._waiting:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
-            return
-        self._running = True
-        operations = [(function, args, kwargs) for function, args, kwargs, _ in batch]
-
-        def in_thread() -> list[Any]:
-            try:
-                return run_batch(self._connect(), operations)
-            except sqlite3.Error as e:
-                raise StoreError(f"{self.name}: {self.path}: {e}") from e
-
-        if self._run_for_tests is not None:
-            running = self._run_for_tests(in_thread)
-        elif self._pool is not None:
-            running = deferToThreadPool(self.reactor, self._pool, in_thread)
-        else:
-            running = fail(StoreError(f"{self.name}: not started"))
-        running.addBoth(self._batch_done, batch)
-
-    def _batch_done(self, outcomes: Any, batch: list[_Operation]) -> None:
-        for index, (_, _, _, result) in enumerate(batch):
-            if isinstance(outcomes, Failure):
-                result.errback(outcomes)
-                continue
-            outcome = outcomes[index]
-            if isinstance(outcome, sqlite3.Error):
-                result.errback(StoreError(f"{self.name}: {self.path}: {outcome}"))
-            elif isinstance(outcome, Exception):
-                result.errback(outcome)
-            else:
-                result.callback(outcome)
-        self._next_batch()
 
     def _drained(self) -> Deferred[None]:
         """
-        @return: a Deferred that fires once no operation waits or runs.
+        @return: a Deferred that fires once no operation waits for the lock.
         """
-        if not self._running:
+        if not self._waiting:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._idle_waiters.append(waiter)
         return waiter
 
     def startService(self) -> None:
-        if self._run_for_tests is None:
-            self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"pfxpold-{self.name}")
-            self._pool.start()
         # Open (and create) the file now, so a bad path is logged at start.
-        self._call(lambda connection: None).addErrback(
-            lambda failure: self._log.error(
-                "{store}: cannot open {path}: {reason}",
-                store=self.name,
-                path=self.path,
-                reason=failure.getErrorMessage(),
+        try:
+            self._connect()
+        except sqlite3.Error as e:
+            self._log.error(
+                "{store}: cannot open {path}: {reason}", store=self.name, path=self.path, reason=e
             )
-        )
         super().startService()
 
     def verify(self) -> Deferred[None]:
         """
-        Open the file, once started: a reload swaps in a configuration
-        only when this succeeds.
+        Open the file: a reload swaps in a configuration only when this
+        succeeds.
 
         @return: a Deferred that fails with L{StoreError} when the file
             cannot be opened.
         """
-        return self._call(lambda connection: None)
+        try:
+            self._connect()
+        except sqlite3.Error as e:
+            return fail(self._error(e))
+        return succeed(None)
 
     def stopService(self) -> Deferred[None]:
-        d = Deferred.fromCoroutine(self._stop())
-        return d
+        return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         await super().stopService()
         # Operations already asked for are committed before the file closes.
         await self._drained()
+        self._stopped = True
+        if self._commit_call is not None:
+            self._commit_call.cancel()
+            self._commit()
         if self._connection is not None:
             connection, self._connection = self._connection, None
-            if self._run_for_tests is None and self._pool is not None:
-                await deferToThreadPool(self.reactor, self._pool, connection.close)
-            else:
-                connection.close()
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.stop()
+            connection.close()
 
     def consume(
         self, counters: Sequence[Counter], amount: int, now: float

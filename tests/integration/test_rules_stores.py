@@ -64,7 +64,7 @@ async def test_redis_marks(redis_server) -> None:
 @pytest_twisted.ensureDeferred
 async def test_sqlite_marks(tmp_path: os.PathLike) -> None:
     """
-    The SQLite store keeps marks on its own thread, and its sweep removes
+    The SQLite store keeps marks, and its sweep removes
     expired ones.
     """
     from twisted.internet import reactor

@@ -7,10 +7,12 @@ expiry timer, and the configuration of stores.
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -34,7 +36,7 @@ from pfxpold.state import (
 )
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
-from pfxpold.state.sqlite import SQLiteStore
+from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore
 from tests.unit.tempdir import temporary_path
 
 START = 1_800_000_000.0
@@ -344,15 +346,12 @@ class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
 
 class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
     """
-    The SQLite store, its statements run synchronously.
+    The SQLite store.
     """
 
     def make_store(self) -> SQLiteStore:
         path = temporary_path(self)
-        store = SQLiteStore(
-            CheckOptions({"path": path}, name="stores.sqlite", reactor=self.clock),
-            run=lambda function: maybeDeferred(function),
-        )
+        store = SQLiteStore(CheckOptions({"path": path}, name="stores.sqlite", reactor=self.clock))
         self.addCleanup(lambda: store._connection and store._connection.close())
         return store
 
@@ -362,109 +361,122 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
 
     def test_survives_reopening(self) -> None:
         """
-        Counts are in the file: a new store on it sees them.
+        Counts are in the file once the turn is over: a new store on it
+        sees them.
         """
         self.consume([counter("a", 3)], 2)
+        self.clock.advance(0)
         again = SQLiteStore(
-            CheckOptions({"path": self.store.path}, name="stores.sqlite", reactor=self.clock),
-            run=lambda function: maybeDeferred(function),
+            CheckOptions({"path": self.store.path}, name="stores.sqlite", reactor=self.clock)
         )
         result = self.successResultOf(again.consume([counter("a", 3)], 2, self.clock.seconds()))
+        self.clock.advance(0)
         again._connection.close()
         self.assertEqual((result.allowed, result.totals), (False, (2,)))
 
     def test_bad_path(self) -> None:
         """
         A database that cannot be opened fails the operation with a
-        StoreError naming the path.
+        StoreError naming the path, and fails verify().
         """
         store = SQLiteStore(
-            CheckOptions({"path": "/nonexistent/dir/x.db"}, name="s", reactor=self.clock),
-            run=lambda function: maybeDeferred(function),
+            CheckOptions({"path": "/nonexistent/dir/x.db"}, name="s", reactor=self.clock)
         )
         failure = self.failureResultOf(store.consume([counter("a", 1)], 1, START))
         self.assertIn("/nonexistent/dir/x.db", failure.getErrorMessage())
+        self.failureResultOf(store.verify(), StoreError)
 
-    def test_not_started(self) -> None:
+    def test_stopped(self) -> None:
         """
-        Without the thread pool (not started), operations fail at once.
+        Once the store stopped (its file closed), operations fail at once.
         """
-        store = SQLiteStore(CheckOptions({"path": "x.db"}, name="s", reactor=self.clock))
-        self.failureResultOf(store.consume([counter("a", 1)], 1, START))
+        self.store.startService()
+        self.successResultOf(self.store.stopService())
+        self.failureResultOf(self.store.consume([counter("a", 1)], 1, START), StoreError)
 
 
-class HeldGroups:
+class FailingCommit:
     """
-    Stands in for the SQLite store's thread: holds each group of
-    operations until the test runs it.
+    A connection whose COMMIT fails, as on a full disk.
     """
 
-    def __init__(self) -> None:
-        self.groups: list[tuple[Any, Deferred[Any]]] = []
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
 
-    def __call__(self, function: Any) -> Deferred[Any]:
-        held: Deferred[Any] = Deferred()
-        self.groups.append((function, held))
-        return held
+    def execute(self, statement: str, *args: Any) -> Any:
+        if statement == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.connection.execute(statement, *args)
 
-    def run_next(self) -> None:
-        function, held = self.groups.pop(0)
-        try:
-            result = function()
-        except Exception:
-            held.errback()
-        else:
-            held.callback(result)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
 
 
-class SQLiteGroupCommitTests(SynchronousTestCase):
+class SQLiteTurnCommitTests(SynchronousTestCase):
     """
-    Operations asked for while a group runs are committed together in the
-    next group, in order, each isolated from the others' failures.
+    Operations run at once on the reactor thread, in one transaction per
+    reactor turn, committed once when the turn is over.
     """
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.groups = HeldGroups()
-        self.store = SQLiteStore(
-            CheckOptions({"path": temporary_path(self)}, name="stores.sqlite", reactor=self.clock),
-            run=self.groups,
-        )
-        self.addCleanup(lambda: self.store._connection and self.store._connection.close())
+        self.path = temporary_path(self)
+        self.store = self.make_store()
         self.statements: list[str] = []
         self.store._connect().set_trace_callback(self.statements.append)
+        self.logged: list[dict[str, Any]] = []
+        self.store._log = Logger(observer=self.logged.append)
+
+    def make_store(self, busy_timeout: float = 5.0) -> SQLiteStore:
+        store = SQLiteStore(
+            CheckOptions(
+                {"path": self.path, "busy_timeout": busy_timeout},
+                name="stores.sqlite",
+                reactor=self.clock,
+            )
+        )
+        self.addCleanup(lambda: store._connection and store._connection.close())
+        return store
 
     def consume(self, key: str = "a", limit: int = 3) -> Deferred[Any]:
         return self.store.consume([counter(key, limit)], 1, START)
 
-    def count(self, key: str) -> Any:
-        row = (
-            self.store._connect()
-            .execute("SELECT count FROM counters WHERE key = ?", (key,))
-            .fetchone()
-        )
+    def committed(self, key: str) -> Any:
+        """The count of C{key} another connection sees: only what was committed."""
+        other = sqlite3.connect(self.path)
+        try:
+            row = other.execute("SELECT count FROM counters WHERE key = ?", (key,)).fetchone()
+        finally:
+            other.close()
         return row and row[0]
 
-    def test_queued_operations_share_one_transaction(self) -> None:
+    def other_writer(self) -> sqlite3.Connection:
+        """Another process's connection, holding the write lock."""
+        other = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        return other
+
+    def test_answered_at_once_committed_once_per_turn(self) -> None:
         """
-        The first operation goes at once; the ones asked for meanwhile go
-        together in one BEGIN IMMEDIATE ... COMMIT.
+        Every operation of a turn is answered at once, in one BEGIN
+        IMMEDIATE transaction committed once the turn is over; the next
+        turn begins another.
         """
-        first = self.consume("a")
-        rest = [self.consume(f"k{number}") for number in range(5)]
-        self.assertEqual(len(self.groups.groups), 1)
-        self.groups.run_next()
-        self.successResultOf(first)
-        for each in rest:
-            self.assertNoResult(each)
-        self.assertEqual(len(self.groups.groups), 1)
-        self.groups.run_next()
-        for each in rest:
+        results = [self.consume(f"k{number}") for number in range(5)]
+        for each in results:
             self.assertTrue(self.successResultOf(each).allowed)
+        self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 1)
+        self.assertEqual(self.statements.count("COMMIT"), 0)
+        self.assertIsNone(self.committed("k0"))
+        self.clock.advance(0)
+        self.assertEqual(self.statements.count("COMMIT"), 1)
+        self.assertEqual([self.committed(f"k{number}") for number in range(5)], [1] * 5)
+        self.successResultOf(self.consume("k0"))
+        self.clock.advance(0)
         self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 2)
-        self.assertEqual(self.statements.count("COMMIT"), 2)
-        self.assertEqual(self.groups.groups, [])
+        self.assertEqual(self.committed("k0"), 2)
 
     def test_fixed_window_consume_is_one_statement(self) -> None:
         """
@@ -472,39 +484,32 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         statement, new or live; only a refusal reads the total again.
         """
         self.consume("first")
-        self.groups.run_next()
         groups = []
         for _ in range(3):
-            self.consume("a", 2)
             del self.statements[:]
-            self.groups.run_next()
+            self.consume("a", 2)
             groups.append(self.statements[:])
-        self.assertEqual([len(group) for group in groups], [3, 3, 4])
-        self.assertEqual({group[0] for group in groups}, {"BEGIN IMMEDIATE"})
-        self.assertEqual({group[-1] for group in groups}, {"COMMIT"})
-        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
-        self.assertEqual(self.count("a"), 2)
+        self.assertEqual([len(group) for group in groups], [1, 1, 2])
+        self.assertIn("INSERT INTO counters", groups[0][0])
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][1])
 
     def test_order_and_exact_limits(self) -> None:
         """
-        Inside a group operations run in the order asked, each seeing the
+        Inside a turn operations run in the order asked, each seeing the
         ones before: a limit of 3 lets exactly the first 3 of 5 through.
         """
-        self.consume("other")
-        results = [self.consume("a", 3) for _ in range(5)]
-        self.groups.run_next()
-        self.groups.run_next()
-        answers = [self.successResultOf(each) for each in results]
+        answers = [self.successResultOf(self.consume("a", 3)) for _ in range(5)]
+        self.clock.advance(0)
         self.assertEqual([each.allowed for each in answers], [True, True, True, False, False])
         self.assertEqual([each.totals for each in answers], [(1,), (2,), (3,), (3,), (3,)])
-        self.assertEqual(self.count("a"), 3)
+        self.assertEqual(self.committed("a"), 3)
 
     def test_failing_operation_fails_alone(self) -> None:
         """
-        An operation that fails is rolled back alone (to its savepoint)
-        and fails only its own Deferred; the others are committed.
+        An operation that fails is rolled back alone (the turn rolled back
+        and its earlier operations run again) and fails only its own
+        Deferred; the others are committed, each once.
         """
-        import sqlite3
 
         def writes_then_fails(connection: Any) -> None:
             connection.execute("INSERT INTO counters VALUES ('bad', 1, ?)", (START + 60,))
@@ -513,72 +518,177 @@ class SQLiteGroupCommitTests(SynchronousTestCase):
         def bug(connection: Any) -> None:
             raise ValueError("a bug")
 
-        self.consume("first")
         before = self.consume("a")
         failing = self.store._call(writes_then_fails)
         buggy = self.store._call(bug)
         after = self.consume("b")
-        self.groups.run_next()
-        self.groups.run_next()
+        self.clock.advance(0)
         self.assertTrue(self.successResultOf(before).allowed)
         self.assertTrue(self.successResultOf(after).allowed)
         failure = self.failureResultOf(failing, StoreError)
         self.assertIn("constraint failed", failure.getErrorMessage())
         self.failureResultOf(buggy, ValueError)
-        self.assertEqual((self.count("a"), self.count("b"), self.count("bad")), (1, 1, None))
+        self.assertEqual((self.committed("a"), self.committed("b"), self.committed("bad")), (1, 1, None))
 
-    def test_lost_transaction_fails_the_group(self) -> None:
+    def test_lost_transaction_is_logged(self) -> None:
         """
-        When SQLite rolls the whole transaction back (an I/O error), every
-        operation of the group fails, including those that had succeeded:
-        nothing is answered before the commit.
+        When SQLite rolls the whole transaction back (an I/O error), the
+        operations answered before it in the turn are lost, which is
+        logged as critical with their number; the next operation begins a
+        new transaction.
         """
-        import sqlite3
 
         def rolled_back(connection: Any) -> None:
             connection.execute("ROLLBACK")
             raise sqlite3.OperationalError("disk I/O error")
 
-        self.consume("first")
-        before = self.consume("a")
-        lost = self.store._call(rolled_back)
-        self.groups.run_next()
-        self.groups.run_next()
-        self.failureResultOf(before, StoreError)
-        self.failureResultOf(lost, StoreError)
-        self.assertIsNone(self.count("a"))
-        self.assertFalse(self.store._connect().in_transaction)
-        self.assertTrue(self.successResultOf(self.run_alone(self.consume("a"))).allowed)
+        self.assertTrue(self.successResultOf(self.consume("a")).allowed)
+        self.assertTrue(self.successResultOf(self.consume("b")).allowed)
+        self.failureResultOf(self.store._call(rolled_back), StoreError)
+        self.assertEqual([event["count"] for event in self.logged], [2])
+        self.assertEqual(self.logged[0]["log_level"], LogLevel.critical)
+        self.assertTrue(self.successResultOf(self.consume("c")).allowed)
+        self.clock.advance(0)
+        self.assertEqual((self.committed("a"), self.committed("c")), (None, 1))
 
-    def run_alone(self, result: Deferred[Any]) -> Deferred[Any]:
-        self.groups.run_next()
-        return result
+    def test_failing_commit_is_logged(self) -> None:
+        """
+        A COMMIT that fails (a full disk) rolls the turn back and logs, as
+        critical, how many answered operations were not stored; the store
+        goes on with the next turn.
+        """
+        real = self.store._connect()
+        self.store._connection = FailingCommit(real)  # type: ignore[assignment]
+        for key in ("a", "b", "c"):
+            self.assertTrue(self.successResultOf(self.consume(key)).allowed)
+        self.clock.advance(0)
+        self.assertEqual([event["count"] for event in self.logged], [3])
+        self.assertIn("disk is full", self.logged[0]["reason"])
+        self.assertFalse(real.in_transaction)
+        self.store._connection = real
+        self.assertEqual(self.successResultOf(self.consume("a")).totals, (1,))
+        self.clock.advance(0)
+        self.assertEqual(self.committed("a"), 1)
 
-    def test_group_size_bounded(self) -> None:
-        """At most MAX_BATCH operations go into one group; the rest wait for the next."""
-        from pfxpold.state import sqlite
+    def test_busy_database_waits_on_a_timer(self) -> None:
+        """
+        While another process holds the lock, operations wait (in order)
+        for a retry from the reactor's timer instead of blocking it, and
+        run once the lock is free.
+        """
+        other = self.other_writer()
+        first = self.consume("a", 1)
+        second = self.consume("a", 1)
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.clock.advance(LOCK_RETRY)
+        self.assertNoResult(first)
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.assertTrue(self.successResultOf(first).allowed)
+        self.assertFalse(self.successResultOf(second).allowed)
+        self.clock.advance(0)
+        self.assertEqual(self.committed("a"), 1)
 
-        self.patch(sqlite, "MAX_BATCH", 3)
-        self.consume("first")
-        results = [self.consume(f"k{number}") for number in range(5)]
-        self.groups.run_next()
-        self.groups.run_next()
-        self.assertEqual([each.called for each in results], [True] * 3 + [False] * 2)
-        self.groups.run_next()
-        self.assertEqual([each.called for each in results], [True] * 5)
-        self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 3)
+    def test_busy_database_fails_after_busy_timeout(self) -> None:
+        """
+        Operations that waited C{busy_timeout} for the lock fail with a
+        StoreError saying the database is locked; the store then works
+        again once the lock is free.
+        """
+        self.store = self.make_store(busy_timeout=0.01)
+        self.store.verify()
+        other = self.other_writer()
+        waiting = self.consume("a")
+        self.clock.pump([LOCK_RETRY] * 10)
+        failure = self.failureResultOf(waiting, StoreError)
+        self.assertIn("locked", failure.getErrorMessage())
+        other.execute("ROLLBACK")
+        waiting = self.consume("a")
+        self.clock.advance(0)
+        self.assertTrue(self.successResultOf(waiting).allowed)
 
-    def test_stop_commits_queued_operations(self) -> None:
-        """Stopping the store waits for the operations already asked for."""
+    def test_shared_file_answers_after_commit(self) -> None:
+        """
+        Once another process held the lock, the store holds it as briefly
+        as it can for SHARED_FOR seconds: a turn's operations run together
+        at its end and are answered after their commit; then operations
+        run at once again.
+        """
+        other = self.other_writer()
+        first = self.consume("a")
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.successResultOf(first)
+        turn = [self.consume("a"), self.consume("b")]
+        self.assertNoResult(turn[0])
+        self.clock.advance(0)
+        self.assertEqual([self.successResultOf(each).totals for each in turn], [(2,), (1,)])
+        self.assertEqual((self.committed("a"), self.committed("b")), (2, 1))
+        self.clock.advance(SHARED_FOR)
+        self.assertEqual(self.successResultOf(self.consume("a")).totals, (3,))
+
+    def test_shared_file_failing_commit_fails(self) -> None:
+        """
+        While the file is shared, operations answer after their commit: a
+        commit that fails fails them, and nothing is lost unsaid.
+        """
+        other = self.other_writer()
+        first = self.consume("a")
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.successResultOf(first)
+        real = self.store._connect()
+        self.store._connection = FailingCommit(real)  # type: ignore[assignment]
+        waiting = self.consume("b")
+        self.clock.advance(0)
+        failure = self.failureResultOf(waiting, StoreError)
+        self.assertIn("disk is full", failure.getErrorMessage())
+        self.assertEqual(self.logged, [])
+        self.assertIsNone(self.committed("b"))
+        self.assertFalse(real.in_transaction)
+
+    def test_two_stores_share_a_file_exactly(self) -> None:
+        """
+        Two stores (two processes) writing one file take turns with the
+        lock: none of their operations fails, and a limit holds exactly
+        across both.
+        """
+        other = self.make_store()
+        results = []
+        for _ in range(6):
+            for store in (self.store, other):
+                for _ in range(3):
+                    results.append(store.consume([counter("a", 10)], 1, START))
+            self.clock.pump([0, LOCK_RETRY, LOCK_RETRY])
+        self.clock.pump([LOCK_RETRY] * 5)
+        answers = [self.successResultOf(each) for each in results]
+        self.assertEqual(sum(each.allowed for each in answers), 10)
+        self.assertEqual(self.committed("a"), 10)
+        # They did meet the lock taken, and waited for it.
+        self.assertTrue(self.store._shared_until or other._shared_until)
+
+    def test_stop_commits(self) -> None:
+        """Stopping the store commits the turn's operations and closes the file."""
         self.store.startService()
-        queued = self.consume("a")
+        self.successResultOf(self.consume("a"))
+        self.successResultOf(self.store.stopService())
+        self.assertEqual(self.committed("a"), 1)
+        self.assertIsNone(self.store._connection)
+
+    def test_stop_waits_for_the_lock(self) -> None:
+        """Stopping the store waits for the operations waiting for the lock."""
+        self.store.startService()
+        self.clock.advance(0)
+        other = self.other_writer()
+        waiting = self.consume("a")
         stopped = self.store.stopService()
         self.assertNoResult(stopped)
-        while self.groups.groups:
-            self.groups.run_next()
+        other.execute("COMMIT")
+        self.clock.advance(LOCK_RETRY)
+        self.assertTrue(self.successResultOf(waiting).allowed)
         self.successResultOf(stopped)
-        self.assertTrue(self.successResultOf(queued).allowed)
-        self.assertIsNone(self.store._connection)
+        self.assertEqual(self.committed("a"), 1)
 
 
 class MemoryOneKeyTests(SynchronousTestCase):
@@ -729,8 +839,7 @@ class SQLiteMatchesModelTests(SynchronousTestCase):
             sqlite = SQLiteStore(
                 CheckOptions(
                     {"path": os.path.join(directory, f"{seed}.db")}, name="s", reactor=clock
-                ),
-                run=lambda function: maybeDeferred(function),
+                )
             )
             try:
                 for number, operation in enumerate(
