@@ -53,7 +53,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Optional
 
@@ -199,7 +199,7 @@ class Redactor:
                 self._hashed[local] = hashed
         return hashed
 
-    def __call__(self, attributes: dict[str, str]) -> dict[str, str]:
+    def __call__(self, attributes: Mapping[str, str]) -> Mapping[str, str]:
         """
         @return: a redacted copy of C{attributes} (C{attributes} itself
             when nothing applies).
@@ -365,9 +365,9 @@ class CaptureWriter(Service):
         @param decision: the L{pfxpold.chain.Decision} answered.
         @param started: when the request was complete.
         """
-        # The request's own dictionary, read only: a copy per request would
-        # cost more than encoding it.
-        attributes = request._attributes
+        # The request itself, read only: a copy per request would cost more
+        # than encoding it.
+        attributes: Mapping[str, str] = request
         if self._redacting:
             attributes = self._redact(attributes)
         names = self._names
@@ -390,7 +390,7 @@ class CaptureWriter(Service):
             line = _encode(
                 {
                     "t": round(started, 3),
-                    "request": attributes,
+                    "request": dict(attributes),
                     "answer": None if action is None else str(action),
                     "by": decision.decided_by,
                     "verdicts": decision.verdicts,

@@ -10,8 +10,8 @@ in theory, do not.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping
-from typing import Optional, Union
+from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from typing import Any, Optional, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -126,6 +126,22 @@ class PolicyRequest(Mapping[str, str]):
 
     def __len__(self) -> int:
         return len(self._attributes)
+
+    # The dictionary's own views and get: Mapping's versions go through
+    # __getitem__ (and an exception for every absent attribute), and checks
+    # read attributes on every request.
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self._attributes.get(name, default)
+
+    def keys(self) -> KeysView[str]:
+        return self._attributes.keys()
+
+    def values(self) -> ValuesView[str]:
+        return self._attributes.values()
+
+    def items(self) -> ItemsView[str, str]:
+        return self._attributes.items()
 
     def __repr__(self) -> str:
         return f"PolicyRequest({self._attributes!r})"

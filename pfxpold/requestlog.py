@@ -91,7 +91,7 @@ def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> st
         f"{request.summary()}: {'no reply' if action is None else action}"
         f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
     )
-    shadows = getattr(decision, "shadows", None)
+    shadows = decision.shadows
     if shadows:
         line += " shadow " + " ".join(f"{name}={verdict}" for name, verdict in shadows)
     if is_clean(line):

@@ -132,14 +132,14 @@ class Attribute:
         derived = name in DERIVED_ATTRIBUTES or name in RULE_DERIVED
         if name in ("sender_domain", "recipient_domain"):
             source = name.partition("_")[0]
-            return lambda request: _domain_of(request._attributes.get(source, "")).lower().rstrip(".")
+            return lambda request: _domain_of(request.get(source, "")).lower().rstrip(".")
         if self._strip_dot and derived:
             return lambda request: get(request).lower().rstrip(".")
         if self._strip_dot:
-            return lambda request: request._attributes.get(name, "").lower().rstrip(".")
+            return lambda request: request.get(name, "").lower().rstrip(".")
         if derived:
             return lambda request: get(request).lower()
-        return lambda request: request._attributes.get(name, "").lower()
+        return lambda request: request.get(name, "").lower()
 
     @staticmethod
     def _getter(name: str) -> Callable[[PolicyRequest], str]:
@@ -148,12 +148,10 @@ class Attribute:
         if name in ("sender_domain", "recipient_domain"):
             # As PolicyRequest's own properties, in one call.
             source = name.partition("_")[0]
-            return lambda request: _domain_of(request._attributes.get(source, "")).lower()
+            return lambda request: _domain_of(request.get(source, "")).lower()
         if name in DERIVED_ATTRIBUTES:
             return lambda request: attribute_value(request, name) or ""
-        # The request's own dict: Mapping.get goes through __getitem__
-        # and an exception for every absent attribute.
-        return lambda request: request._attributes.get(name, "")
+        return lambda request: request.get(name, "")
 
     def fold(self, value: str) -> str:
         """

@@ -107,6 +107,19 @@ class PolicyRequestTests(SynchronousTestCase):
         self.assertEqual(len(request), 2)
         self.assertIn("sender", request)
 
+    def test_views(self):
+        """
+        get, keys, values and items answer as the attributes' dict does,
+        absent attributes included, and give no way to change them.
+        """
+        request = PolicyRequest({"sender": "a@b", "tls_sni": "mx.example"})
+        self.assertIsNone(request.get("missing"))
+        self.assertEqual(request.get("sender", ""), "a@b")
+        self.assertEqual(list(request.keys()), ["sender", "tls_sni"])
+        self.assertEqual(list(request.values()), ["a@b", "mx.example"])
+        self.assertEqual(list(request.items()), [("sender", "a@b"), ("tls_sni", "mx.example")])
+        self.assertFalse(hasattr(request.items(), "__setitem__"))
+
     def test_immutable(self):
         """Neither attributes nor items can be changed or added."""
         request = make_request()
