@@ -43,6 +43,10 @@ DEFAULT_ON_ERROR = "DEFER_IF_PERMIT Service temporarily unavailable"
 DEFAULT_CHECK_TIMEOUT = 10.0
 DEFAULT_DEADLINE = 20.0
 DEFAULT_SHUTDOWN_GRACE = 10.0
+#: The size at which twistd's C{--logfile} is rotated: not twistd's 1 MB, which
+#: a log of request lines reaches every few seconds on a busy relay, each
+#: rotation renaming every file kept before it.
+DEFAULT_LOG_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_METRICS_LISTEN = "tcp:9101:interface=127.0.0.1"
 
 #: The top-level tables of a configuration file besides C{[server]} and
@@ -545,6 +549,11 @@ class Configuration:
     capture: Optional[CaptureSettings] = None
     #: Whether each check's verdict is logged (at debug level).
     log_verdicts: bool = False
+    #: The size at which twistd's C{--logfile} is rotated
+    #: (L{pfxpold.logger.twistd_log_observer}).
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    #: How many rotated C{--logfile} files are kept: 0 keeps all.
+    log_keep: int = 0
 
 
 def resolve_check_type(name: str) -> Callable[[CheckOptions], Any]:
@@ -712,6 +721,8 @@ def load_document(
         if not os.path.isdir(os.path.dirname(request_log)):
             raise server.error("request_log", f"{os.path.dirname(request_log)} is not a directory")
     log_verdicts = server.boolean("log_verdicts", False)
+    log_max_bytes = server.integer("log_max_bytes", DEFAULT_LOG_MAX_BYTES, minimum=65536)
+    log_keep = server.integer("log_keep", 0, minimum=0)
     capture = _capture_settings(server, path)
     shutdown_grace = server.number("shutdown_grace", DEFAULT_SHUTDOWN_GRACE, positive=True)
     backlog = server.integer("backlog", DEFAULT_BACKLOG, minimum=1)
@@ -842,6 +853,8 @@ def load_document(
         metrics_listen=metrics,
         capture=capture,
         log_verdicts=log_verdicts,
+        log_max_bytes=log_max_bytes,
+        log_keep=log_keep,
     )
 
 

@@ -51,6 +51,7 @@ from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from pfxpold.config import DEFAULT_LOG_MAX_BYTES
 from pfxpold.requestlog import BATCH_KEY, Batch
 
 #: The environment variable naming the syslog socket of
@@ -85,9 +86,10 @@ def _classic_prefix(event: Mapping[str, Any], second: int) -> str:
 
 
 #: Characters of a batch written at a time to a text log: twistd's LogFile
-#: checks whether to rotate (at 1 MB) before each write, so a batch must
-#: not push the file far past that.
-WRITE_SIZE = 4096
+#: checks whether to rotate before each write, so a batch must not push the
+#: file far past its size (C{log_max_bytes}, at least 64 KiB); each write
+#: also takes LogFile's lock and asks whether to rotate, so fewer is cheaper.
+WRITE_SIZE = 16384
 
 
 @implementer(ILogObserver)
@@ -144,7 +146,10 @@ def _twistd_output(twistd_options: Optional[Mapping[str, Any]]) -> Optional[str]
 
 
 def twistd_log_observer(
-    twistd_options: Optional[Mapping[str, Any]], reactor: Any
+    twistd_options: Optional[Mapping[str, Any]],
+    reactor: Any,
+    max_bytes: int = DEFAULT_LOG_MAX_BYTES,
+    keep: int = 0,
 ) -> Optional[ILogObserver]:
     """
     The observer twistd would make from its options for a log file or for
@@ -152,11 +157,18 @@ def twistd_log_observer(
     (L{TextLogObserver}).
 
     As twistd does: C{--logfile FILE} (C{twistd.log} by default when
-    daemonized) is a L{LogFile}, rotated at 1 MB and, unless something
-    already handles SIGUSR1, on SIGUSR1; C{-n} without a log file, or
-    C{--logfile -} with C{-n}, is standard output.
+    daemonized) is Twisted's L{LogFile}, rotated by size and, unless
+    something already handles SIGUSR1, on SIGUSR1; C{-n} without a log
+    file, or C{--logfile -} with C{-n}, is standard output. Unlike twistd,
+    the size is C{max_bytes}, not 1 MB: request lines reach 1 MB every few
+    seconds on a busy relay, and each rotation renames every older file
+    (C{.1} to C{.2}, ...), so it grew slower the more files were kept.
 
     @param twistd_options: twistd's own options (the parent of pfxpold's).
+    @param max_bytes: the size at which the log file is rotated
+        (C{log_max_bytes}).
+    @param keep: how many rotated files are kept (C{log_keep}); 0 keeps
+        them all, as twistd does.
     @return: the observer, or L{None} where twistd's own stays: with
         C{--syslog} or C{--logger}, outside twistd, or for a daemon told to
         log to standard output (which twistd refuses).
@@ -168,7 +180,9 @@ def twistd_log_observer(
     if destination == "-":
         output = sys.stdout
     else:
-        output = LogFile.fromFullPath(destination)
+        output = LogFile.fromFullPath(
+            destination, rotateLength=max_bytes, maxRotatedFiles=keep or None
+        )
         if not signal.getsignal(signal.SIGUSR1):
 
             def rotate(number: int, frame: Any) -> None:

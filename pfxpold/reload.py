@@ -393,6 +393,14 @@ class Reloader:
             )
             new.metrics_listen = old.metrics_listen
         factory.log_verdicts = new.log_verdicts
+        if (new.log_max_bytes, new.log_keep) != (old.log_max_bytes, old.log_keep):
+            self._log.warn(
+                "reload: server.log_max_bytes or server.log_keep changed; it takes effect"
+                " when pfxpold is restarted (still {max_bytes} bytes, keeping {keep})",
+                max_bytes=old.log_max_bytes,
+                keep=old.log_keep or "all",
+            )
+            new.log_max_bytes, new.log_keep = old.log_max_bytes, old.log_keep
         if new.capture != old.capture:
             self._log.warn(
                 "reload: server.capture changed; it takes effect when pfxpold is restarted"

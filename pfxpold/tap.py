@@ -477,7 +477,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     request_batches = logger.takes_request_batches(twistd_options)
 
     def log_observer() -> Any:
-        return logger.twistd_log_observer(twistd_options, reactor)
+        return logger.twistd_log_observer(
+            twistd_options,
+            reactor,
+            max_bytes=configuration.log_max_bytes,
+            keep=configuration.log_keep,
+        )
 
     if options["adopt"]:
         try:

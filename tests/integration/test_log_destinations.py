@@ -271,7 +271,8 @@ def test_logfile_rotation_after_dropping_privileges(
     pfxpold_installation, world_readable_tmp, directory_owner, file_owner, chroot, rotates
 ):
     """
-    twistd --logfile with --uid nobody rotates at 1 MB (and on SIGUSR1)
+    twistd --logfile with --uid nobody rotates at log_max_bytes, here 1 MB
+    (and on SIGUSR1)
     only when nobody owns the log directory and the log file; when twistd
     creates the file (as root, before the drop), when the directory is
     root's, or when the log is outside a --chroot jail, rotation is
@@ -291,10 +292,16 @@ def test_logfile_rotation_after_dropping_privileges(
         os.chmod(log_path, 0o640)
         os.chown(log_path, pwd.getpwnam(file_owner).pw_uid, grp.getgrnam(SERVICE_GROUP).gr_gid)
     port = free_port()
+    # pfxpold rotates at 100 MiB by default; twistd's own 1 MB keeps the
+    # test short, and shows the setting reaches twistd's LogFile.
+    config = os.path.join(work, "pfxpold.toml")
+    with open(config, "w") as f:
+        f.write('[server]\nlog_max_bytes = 1000000\n\n[[check]]\nname = "demo"\ntype = "demo"\n')
+    os.chmod(config, 0o644)
     arguments = ["-n", "--pidfile=", f"--logfile={log_path}"]
     if chroot:
         arguments += ["--chroot", build_jail(os.path.join(work, "jail"))]
-    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+    arguments += ["--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold", "--config", config]
     arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
     with running_twistd(pfxpold_installation, work, arguments, listening_on(port)) as twistd:
         sent = _fill_log(port, 1.2, "first")

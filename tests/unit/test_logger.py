@@ -389,7 +389,7 @@ class TextLogObserverTests(SynchronousTestCase):
         that twistd's LogFile, which decides to rotate before each write,
         rotates close to its size.
         """
-        lines = [f"line {number} " + "x" * 190 for number in range(200)]
+        lines = [f"line {number} " + "x" * 190 for number in range(1000)]
         self.observer(request_event("", WHEN, **{BATCH_KEY: [(WHEN, lines)]}))
         self.assertGreater(len(self.output.writes), 5)
         for text in self.output.writes:
@@ -474,10 +474,31 @@ class TwistdLogObserverTests(SynchronousTestCase):
         self.assertEqual(rotate.__name__, "rotate")
         rotate.__self__.close()
 
+    def test_log_file_rotation_settings(self):
+        """
+        The LogFile rotates at log_max_bytes (100 MiB by default, not
+        twistd's 1 MB) and keeps log_keep rotated files (all by default).
+        """
+        path = os.path.join(temporary_directory(self), "pfxpold.log")
+        observer = twistd_log_observer({"logfile": path}, None)
+        self.addCleanup(observer.output.close)
+        self.assertEqual(
+            (observer.output.rotateLength, observer.output.maxRotatedFiles),
+            (100 * 1024 * 1024, None),
+        )
+        other = os.path.join(temporary_directory(self), "small.log")
+        observer = twistd_log_observer({"logfile": other}, None, max_bytes=65536, keep=2)
+        self.addCleanup(observer.output.close)
+        for _ in range(4):
+            observer({"log_format": "{text}", "text": "x" * 70000, "log_time": WHEN})
+        self.assertEqual(
+            sorted(os.listdir(os.path.dirname(other))), ["small.log", "small.log.1", "small.log.2"]
+        )
+
     def test_daemon_default_log_file(self):
         """Daemonized without --logfile, the file is twistd.log, as twistd's."""
         directory = temporary_directory(self)
-        self.patch(logger.LogFile, "fromFullPath", classmethod(lambda cls, path: io.StringIO(path)))
+        self.patch(logger.LogFile, "fromFullPath", classmethod(lambda cls, path, **how: io.StringIO(path)))
         cwd = os.getcwd()
         os.chdir(directory)
         self.addCleanup(os.chdir, cwd)

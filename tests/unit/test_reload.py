@@ -246,6 +246,18 @@ class ReloaderTests(SynchronousTestCase):
         self.assertEqual(warning["endpoint"], "metrics stay off")
         self.assertIsNone(self.service.configuration.metrics_listen)
 
+    def test_log_rotation_change_needs_a_restart(self):
+        """
+        twistd's log file was opened at start: a reload that changes
+        log_max_bytes or log_keep says it takes effect on restart, and the
+        configuration in force keeps the settings the file has.
+        """
+        ok, events = self.reload(document(check("a"), server={"log_keep": 3}))
+        self.assertTrue(ok)
+        [warning] = [e for e in events if "log_keep changed" in e.get("log_format", "")]
+        self.assertEqual(warning["keep"], "all")
+        self.assertEqual(self.service.configuration.log_keep, 0)
+
     def test_failure_changes_nothing(self):
         """
         A broken file leaves the chain, the services and the listeners as
