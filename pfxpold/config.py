@@ -286,7 +286,7 @@ class CheckOptions(_Table):
     """
     What a check type is built from: its table from the configuration file
     (less the keys the chain itself reads: C{name}, C{type}, C{timeout},
-    C{on_error}, C{shadow}), typed getters that raise a L{ConfigError} naming the file,
+    C{on_error}, C{mode = "shadow"} or C{"enforce"}, C{shadow}), typed getters that raise a L{ConfigError} naming the file,
     the check and the key, and what a check needs from the daemon.
 
     @ivar name: the check's name.
@@ -757,13 +757,16 @@ def load_document(
         type_name = outer.string("type")
         timeout = outer.number("timeout", DEFAULT_CHECK_TIMEOUT, positive=True)
         on_error = _parse_policy(outer, "on_error", DEFAULT_ON_ERROR, classes)
-        # Not "mode": the http check has a key of that name.
-        mode = SHADOW if outer.boolean("shadow", False) else ENFORCE
-        table = {k: v for k, v in raw.items() if k not in _CHAIN_KEYS}
+        mode = _chain_mode(outer, raw)
+        table = {
+            k: v
+            for k, v in raw.items()
+            if k not in _CHAIN_KEYS and not (k == "mode" and v in _CHAIN_MODES)
+        }
         kept = previous.checks.get(name) if previous is not None else None
         if (
             kept is not None
-            and bool(kept.raw.get("shadow", False)) == (mode == SHADOW)
+            and _chain_mode(_Table(kept.raw, path, str(label)), kept.raw) == mode
             and not (IUsesChecks.providedBy(kept.check) and kept.check.uses)
             and _reusable(kept, type_name, table, classes, sections, previous_shared)
         ):
@@ -809,7 +812,10 @@ def load_document(
             if not ICheck.providedBy(check):
                 raise outer.error("type", f"{type_name!r} does not make an ICheck provider")
             if options.unused():
-                raise options.error(options.unused()[0], "is not a setting of this check type")
+                unused = options.unused()[0]
+                if unused == "mode":
+                    raise options.error("mode", f"must be {ENFORCE!r} or {SHADOW!r}")
+                raise options.error(unused, "is not a setting of this check type")
             records[name] = CheckRecord(
                 check, type_name, table, dict(raw), classes, options.reads, options.shared_keys
             )
@@ -856,6 +862,28 @@ def load_document(
         log_max_bytes=log_max_bytes,
         log_keep=log_keep,
     )
+
+
+#: The values of a check's C{mode} that the chain reads; any other value
+#: is the check type's own (the http check's C{mode = "json"} of old).
+_CHAIN_MODES = (ENFORCE, SHADOW)
+
+
+def _chain_mode(outer: _Table, raw: Mapping[str, Any]) -> str:
+    """
+    Whether a check decides (C{"enforce"}) or only runs beside the chain
+    (C{"shadow"}): its C{mode}, or C{shadow = true}, the older spelling.
+    A C{mode} of another value is left to the check type (the http check
+    named its encoding C{mode} before it had C{encoding}).
+    """
+    shadow = outer.boolean("shadow", False)
+    mode = raw.get("mode")
+    if mode not in _CHAIN_MODES:
+        return SHADOW if shadow else ENFORCE
+    outer.string("mode")
+    if "shadow" in raw and shadow != (mode == SHADOW):
+        raise outer.error("shadow", f"contradicts mode = {mode!r}: leave one out")
+    return str(mode)
 
 
 def _capture_settings(server: _Table, path: Optional[str]) -> Optional[CaptureSettings]:

@@ -177,7 +177,11 @@ class HTTPCheck(Service):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise options.error("url", f"must be an http:// or https:// URL, not {url!r}")
         self.url = url.encode("ascii")
-        self.mode = options.choice("mode", MODES, "json")
+        # "encoding"; "mode" was its name before checks had mode = "shadow",
+        # and a mode the chain does not read still reaches this table.
+        if "encoding" in options and "mode" in options:
+            raise options.error("mode", "use encoding alone (mode is its old name)")
+        self.mode = options.choice("mode" if "mode" in options else "encoding", MODES, "json")
         self.attributes = options.strings("attributes", [])
         self.action_field = options.string("action_field", "action")
         self.max_response_size = options.integer(

@@ -343,6 +343,43 @@ class ShadowConfigurationTests(SynchronousTestCase):
         )
         self.assertEqual([entry.mode for entry in configuration.chain.entries], ["enforce", SHADOW])
 
+    def test_mode_key(self):
+        """
+        C{mode = "shadow"} makes a shadow entry and C{mode = "enforce"} an
+        enforcing one; the check type never sees the key.
+        """
+        configuration = self.load(
+            '[[check]]\nname = "a"\ntype = "demo"\nmode = "enforce"\n'
+            '[[check]]\nname = "b"\ntype = "demo"\nmode = "shadow"\n'
+            '[[check]]\nname = "c"\ntype = "demo"\nmode = "shadow"\nshadow = true\n'
+        )
+        self.assertEqual(
+            [entry.mode for entry in configuration.chain.entries], ["enforce", SHADOW, SHADOW]
+        )
+
+    def test_mode_contradicted(self):
+        """
+        C{mode} and C{shadow} saying different things is an error naming
+        the key, not a guess.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            self.load('[[check]]\nname = "a"\ntype = "demo"\nmode = "shadow"\nshadow = false\n')
+        message = str(raised.exception)
+        self.assertIn("check 'a': key 'shadow'", message)
+        self.assertIn("contradicts mode = 'shadow'", message)
+
+    def test_misspelt_mode(self):
+        """
+        A C{mode} the chain does not know, on a check type without a mode
+        of its own, says what the chain's values are.
+        """
+        with self.assertRaises(ConfigError) as raised:
+            self.load('[[check]]\nname = "a"\ntype = "demo"\nmode = "shadw"\n')
+        message = str(raised.exception)
+        self.assertIn("check 'a': key 'mode'", message)
+        self.assertIn("must be 'enforce' or 'shadow'", message)
+        self.assertNotIn("\n", message)
+
     def test_bad_mode(self):
         """
         Anything but a boolean is a one-line error naming the file, the

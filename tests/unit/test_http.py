@@ -92,6 +92,15 @@ class ConfigurationTests(SynchronousTestCase):
         body = check.body(make_request(sender="</s><evil/>@example.org"))
         self.assertIn(b"&lt;/s&gt;&lt;evil/&gt;@example.org", body)
 
+    def test_encoding(self) -> None:
+        """
+        The encoding is C{encoding}; C{mode}, its old name, still sets it.
+        """
+        self.assertEqual(HTTPCheck(make_options(url="http://p.example/")).mode, "json")
+        for key in ("encoding", "mode"):
+            check = HTTPCheck(make_options(url="http://p.example/", **{key: "form"}))
+            self.assertEqual(check.mode, "form", key)
+
     def test_configuration_errors(self) -> None:
         """Bad settings are refused when the configuration is loaded."""
         bad: list[dict[str, Any]] = [
@@ -99,6 +108,8 @@ class ConfigurationTests(SynchronousTestCase):
             {"url": "ftp://p.example/"},
             {"url": "http:///nohost"},
             {"url": "http://p.example/", "mode": "xmlrpc"},
+            {"url": "http://p.example/", "encoding": "xmlrpc"},
+            {"url": "http://p.example/", "encoding": "json", "mode": "form"},
             {"url": "http://p.example/", "headers": {"X-A": "a\r\nX-B: b"}},
             {"url": "http://p.example/", "username": "joe"},
             {"url": "http://p.example/", "ca_file": "/nonexistent/ca.pem"},
