@@ -216,3 +216,63 @@ def test_resolver_gone(tmp_path, dns_server):
     print(
         f"\ndnsbl measured: resolver gone {first:.2f}s to on_error; with breaker open {open_breaker:.3f}s"
     )
+
+
+def test_replay_lookups_live_and_recorded(tmp_path, dns_server):
+    """
+    pfxpold-replay over a capture of DNS list answers: with the recorded
+    lookups (the default) the DNS server is not asked again; with
+    C{--lookups live} it is, read only, and a changed list setting
+    changes exactly the answer it should, from what the server says now.
+    """
+    from tests.integration.test_replay import replay
+
+    def configuration(codes: str) -> str:
+        return f"""
+[server]
+capture = "capture.jsonl"
+log_requests = false
+
+[[check]]
+name = "dnsbl"
+type = "dnsbl"
+timeout = 5.0
+resolvers = ["127.0.0.1:{dns_server.port}"]
+query_timeout = 1.0
+
+[[check.lists]]
+zone = "bl.test"
+codes = [{codes}]
+"""
+
+    listed = dict(BASE, client_address="127.0.0.2", instance="live.1")
+    clean = dict(BASE, client_address="192.0.2.9", instance="live.2")
+    with running_daemon(tmp_path, configuration('"127.0.0.2"')) as daemon:
+        with daemon.client() as client:
+            assert client.ask(listed) == "REJECT Blocked: see http://bl.test/?127.0.0.2"
+            assert client.ask(clean) == "DUNNO"
+        assert daemon.stop() in (0, -15)
+    capture = str(tmp_path / "capture.jsonl")
+    same = tmp_path / "same.toml"
+    same.write_text(configuration('"127.0.0.2"'))
+
+    asked = len(dns_server.queries())
+    result = replay("--config", str(same), "--json", capture)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["requests"], report["changed"]) == (2, 0)
+    assert len(dns_server.queries()) == asked, "recorded lookups asked the DNS server"
+
+    result = replay("--config", str(same), "--lookups", "live", "--json", capture)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["changed"] == 0
+    assert "A 2.0.0.127.bl.test" in dns_server.queries()[asked:]
+
+    narrowed = tmp_path / "narrowed.toml"
+    narrowed.write_text(configuration('"127.0.0.3"'))
+    result = replay("--config", str(narrowed), "--lookups", "live", "--json", capture)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["changed"] == 1
+    assert {"old": "REJECT", "new": "DUNNO", "count": 1} in report["answers"]
+    assert {"old": "DUNNO", "new": "DUNNO", "count": 1} in report["answers"]
