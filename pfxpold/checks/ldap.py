@@ -8,19 +8,37 @@ The filter template is parsed once, at start-up, into ldaptor filter
 objects; request values are put into those objects' assertion values, never
 into filter text, so no sender can widen the search (C{*)(uid=*} is looked
 up as those eight characters).
+
+The connection may be protected by TLS, either from the first byte
+(C{ldaps://}) or after an LDAP STARTTLS request (RFC 4513), with the
+server's certificate verified against a CA and a host name; and bound by a
+simple bind (a DN and a password) or by SASL EXTERNAL, which lets the
+directory take the client's identity from the connection: the peer
+credentials of a unix socket (C{ldapi://}) or a TLS client certificate.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Optional
+from urllib.parse import unquote, urlsplit
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import IService, Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet import defer
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+    clientFromString,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,7 +59,7 @@ _LDAPTOR_MODULES = r"ldaptor(\.|$)"
 warnings.filterwarnings("ignore", category=DeprecationWarning, module=_LDAPTOR_MODULES)
 
 from ldaptor import ldapfilter  # noqa: E402
-from ldaptor.protocols import pureldap  # noqa: E402
+from ldaptor.protocols import pureber, pureldap  # noqa: E402
 from ldaptor.protocols.ldap import ldaperrors  # noqa: E402
 from ldaptor.protocols.ldap.ldapclient import LDAPClient  # noqa: E402
 
@@ -57,6 +75,18 @@ MAX_CACHE_ENTRIES = 10_000
 #: Longest wait between reconnection attempts, in seconds.
 RETRY_MAX_DELAY = 10.0
 
+#: Ports of ldap:// and ldaps:// URLs that name none.
+LDAP_PORT = 389
+LDAPS_PORT = 636
+#: Where Debian's slapd listens for C{ldapi:///} (its SLAPD_SERVICES).
+DEFAULT_LDAPI_PATH = "/var/run/slapd/ldapi"
+#: The SASL mechanisms the check binds with: ldaptor sends a SASL bind
+#: request as it is given, with no mechanism of its own, so only those
+#: needing no exchange of challenges can be had: EXTERNAL.
+SASL_MECHANISMS = ("EXTERNAL",)
+#: The settings that shape TLS, meaningful only where TLS is spoken.
+TLS_KEYS = ("ca_file", "tls_hostname", "cert_file", "key_file")
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _MARKER = "pfxpoldvalue{}x"
 _MARKER_PATTERN = re.compile(r"pfxpoldvalue(\d+)x")
@@ -66,6 +96,72 @@ class LDAPCheckError(Exception):
     """
     The directory's answer cannot be used.
     """
+
+
+@dataclass(frozen=True)
+class Server:
+    """
+    Where the directory is, from the C{server} setting.
+
+    @ivar scheme: C{"ldap"}, C{"ldaps"} or C{"ldapi"} for an LDAP URL;
+        C{""} for a Twisted client endpoint string, kept in C{endpoint}.
+    @ivar host: the host of an ldap:// or ldaps:// URL.
+    @ivar port: its port.
+    @ivar path: the socket of an ldapi:// URL.
+    """
+
+    scheme: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    endpoint: str = ""
+
+    @property
+    def local(self) -> bool:
+        """Whether the directory is reached over a unix socket."""
+        return self.scheme == "ldapi" or self.endpoint.startswith("unix:")
+
+    @property
+    def implicit_tls(self) -> bool:
+        """Whether TLS starts with the connection (ldaps://, tls:)."""
+        return self.scheme == "ldaps" or self.endpoint.startswith("tls:")
+
+
+def parse_server(text: str) -> Server:
+    """
+    Read the C{server} setting: an LDAP URL (C{ldap://host[:port]},
+    C{ldaps://host[:port]}, C{ldapi://} and a percent-encoded socket path)
+    or, without C{://}, a Twisted client endpoint string.
+
+    @raise ValueError: for an URL that is not one of those.
+    """
+    if "://" not in text:
+        return Server("", endpoint=text)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"is not a valid LDAP URL: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("ldap", "ldaps", "ldapi"):
+        raise ValueError(f"{scheme}:// is not ldap://, ldaps:// or ldapi://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            "an LDAP URL here names only the server: give the base and the filter"
+            " in base and filter"
+        )
+    if scheme == "ldapi":
+        path = unquote(parts.netloc) or DEFAULT_LDAPI_PATH
+        if not path.startswith("/"):
+            raise ValueError(
+                "ldapi:// takes an absolute socket path, percent-encoded:"
+                " ldapi://%2Fvar%2Frun%2Fslapd%2Fldapi"
+            )
+        return Server("ldapi", path=path)
+    if parts.username is not None or not parts.hostname:
+        raise ValueError(f"{scheme}:// must name a host (and no user): {scheme}://host:port")
+    default_port = LDAPS_PORT if scheme == "ldaps" else LDAP_PORT
+    return Server(scheme, host=parts.hostname, port=port or default_port)
 
 
 class FilterTemplate:
@@ -167,6 +263,88 @@ class _Client(LDAPClient):
             self.lost(reason)
 
 
+@implementer(IHandshakeListener)
+class _TLSClient(_Client):
+    """
+    A client that also says when its TLS handshake is done, so that
+    nothing (a bind's password above all) is sent before the server's
+    certificate has been verified.
+    """
+
+    handshake_done = False
+    _waiting: Optional[list[Deferred[None]]] = None
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def when_handshake_done(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires when the handshake is done, or fails
+            with the reason the connection was lost first (a certificate
+            that does not verify, for one).
+        """
+        if self.handshake_done:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        if self._waiting is None:
+            self._waiting = []
+        self._waiting.append(waiter)
+        return waiter
+
+    def start_tls(self, options: Any) -> Deferred[None]:
+        """
+        Start TLS on the connection, after the server accepted STARTTLS.
+
+        @return: L{when_handshake_done}'s Deferred.
+        """
+        self.transport.startTLS(options)
+        return self.when_handshake_done()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for waiter in waiting:
+            waiter.errback(reason)
+        super().connectionLost(reason)
+
+
+class _SASLBindRequest(pureldap.LDAPBindRequest):  # type: ignore[misc]
+    """
+    A SASL bind request whose credentials are always sent, empty ones too.
+
+    ldaptor leaves empty credentials out, and slapd then answers EXTERNAL
+    with saslBindInProgress (an empty challenge) instead of binding: an
+    empty initial response is how a client asks to be authorized as the
+    identity the connection proves (RFC 4422, appendix A).
+    """
+
+    def __init__(self, mechanism: str, credentials: bytes = b"") -> None:
+        super().__init__(dn="", auth=(mechanism, credentials), sasl=True)
+
+    def toWire(self) -> bytes:
+        mechanism, credentials = self.auth
+        return pureber.BERSequence(
+            [
+                pureber.BERInteger(self.version),
+                pureber.BEROctetString(self.dn),
+                pureber.BERSequence(
+                    [pureber.BEROctetString(mechanism), pureber.BEROctetString(credentials)],
+                    tag=pureber.CLASS_CONTEXT | 3,
+                ),
+            ],
+            tag=self.tag,
+        ).toWire()
+
+
+class _SetupError(Exception):
+    """
+    A new connection could not be made ready: STARTTLS refused, TLS failed,
+    the bind refused. The message is what the admin reads in the log.
+    """
+
+
 @implementer(IStreamClientEndpoint)
 class _WatchedEndpoint:
     """
@@ -205,13 +383,21 @@ class LDAPCheck(Service):
         self.setName(options.name)
         self._clock = options.reactor
         self._classes = options.restriction_classes
-        server = options.string("server")
+        try:
+            self.server = parse_server(options.string("server"))
+        except ValueError as e:
+            raise options.error("server", str(e)) from None
         self.bind_dn = options.string("bind_dn", None)
         self._password = options.secret("bind_password_file", None)
         if self.bind_dn is not None and self._password is None:
             raise options.error("bind_password_file", "is required with bind_dn")
         if self._password is not None and self.bind_dn is None:
             raise options.error("bind_dn", "is required with bind_password_file")
+        self.starttls = options.boolean("starttls", False)
+        #: Twisted's client TLS options, when TLS is spoken (ldaps:// or
+        #: STARTTLS), else None.
+        self.tls_options = self._tls_settings(options)
+        self.sasl_mechanism = self._sasl_settings(options)
         self.base = options.string("base")
         self.scope = SCOPES[options.choice("scope", tuple(SCOPES), "sub")]
         try:
@@ -236,18 +422,9 @@ class LDAPCheck(Service):
         self.in_flight: Coalescer[str, Action] = Coalescer(cancel_abandoned=True)
         self.guard = ControlCharacterGuard(options.name)
         if service is None:
-            if server.split(":", 1)[0] in ("tls", "ssl"):
-                try:
-                    require_tls("ldap")
-                except MissingExtraError as e:
-                    raise options.error("server", str(e)) from None
-            try:
-                endpoint = clientFromString(self._clock, server)
-            except (ValueError, TypeError, KeyError) as e:
-                raise options.error("server", f"is not a client endpoint string: {e}") from None
             factory = Factory.forProtocol(self._make_protocol)
             service = ClientService(
-                _WatchedEndpoint(endpoint, self._unreachable),
+                _WatchedEndpoint(self._endpoint(options), self._unreachable),
                 factory,
                 retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=RETRY_MAX_DELAY),
                 clock=self._clock,
@@ -260,8 +437,105 @@ class LDAPCheck(Service):
         #: Whether a bound connection is up (shown by pfxpold.metrics).
         self.connected = False
 
+    def _tls_settings(self, options: CheckOptions) -> Any:
+        """
+        @return: Twisted's client TLS options for the TLS settings, or
+            L{None} when the connection is not to speak TLS.
+        """
+        server = self.server
+        if not (self.starttls or server.scheme == "ldaps"):
+            for key in TLS_KEYS:
+                if key in options:
+                    raise options.error(key, "needs starttls = true or an ldaps:// server")
+            if server.endpoint.startswith("tls:"):
+                try:
+                    require_tls("ldap")
+                except MissingExtraError as e:
+                    raise options.error("server", str(e)) from None
+            return None
+        if self.starttls and (
+            server.local or server.implicit_tls or server.endpoint.startswith("ssl:")
+        ):
+            raise options.error(
+                "starttls", "is for ldap:// servers (ldaps:// speaks TLS from the start)"
+            )
+        try:
+            ssl = require_tls("ldap")
+        except MissingExtraError as e:
+            raise options.error("starttls" if self.starttls else "server", str(e)) from None
+        hostname = options.string("tls_hostname", server.host or None)
+        if hostname is None:
+            raise options.error(
+                "tls_hostname",
+                "is required with starttls and an endpoint string: or give server as ldap://host:port",
+            )
+        trust_root: Any = None
+        ca_file = options.path("ca_file", None)
+        if ca_file is not None:
+            trust_root = _load_certificates(options, "ca_file", ca_file, ssl)
+        client_certificate: Any = None
+        cert_file = options.path("cert_file", None)
+        key_file = options.path("key_file", cert_file)
+        if key_file is not None and cert_file is None:
+            raise options.error("cert_file", "is required with key_file")
+        if cert_file is not None:
+            client_certificate = _load_client_certificate(options, cert_file, key_file, ssl)
+        return ssl.optionsForClientTLS(
+            hostname, trustRoot=trust_root, clientCertificate=client_certificate
+        )
+
+    def _sasl_settings(self, options: CheckOptions) -> Optional[str]:
+        """
+        @return: the SASL mechanism to bind with, or L{None} for a simple
+            (or no) bind.
+        """
+        mechanism = options.string("sasl_mechanism", None)
+        if mechanism is None:
+            return None
+        mechanism = mechanism.upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise options.error(
+                "sasl_mechanism",
+                f"{mechanism!r} is not supported: only EXTERNAL (ldaptor has no SASL"
+                " mechanism of its own; use bind_dn for a password)",
+            )
+        if self.bind_dn is not None:
+            raise options.error("sasl_mechanism", "replaces bind_dn: give one of them")
+        if not self.server.local and "cert_file" not in options:
+            raise options.error(
+                "sasl_mechanism",
+                "EXTERNAL needs an ldapi:// server (the directory sees this process's"
+                " user) or a TLS client certificate (cert_file)",
+            )
+        return mechanism
+
+    def _endpoint(self, options: CheckOptions) -> Any:
+        """
+        @return: the endpoint that reaches the directory.
+        """
+        server = self.server
+        if server.scheme == "ldapi":
+            return UNIXClientEndpoint(self._clock, server.path)
+        if server.scheme in ("ldap", "ldaps"):
+            endpoint: Any
+            try:
+                address = ipaddress.ip_address(server.host)
+            except ValueError:
+                endpoint = HostnameEndpoint(self._clock, server.host, server.port)
+            else:
+                # An address needs no name resolution.
+                tcp = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint
+                endpoint = tcp(self._clock, server.host, server.port)
+            if server.scheme == "ldaps":
+                endpoint = wrapClientTLS(self.tls_options, endpoint)
+            return endpoint
+        try:
+            return clientFromString(self._clock, server.endpoint)
+        except (ValueError, TypeError, KeyError) as e:
+            raise options.error("server", f"is not a client endpoint string: {e}") from None
+
     def _make_protocol(self) -> _Client:
-        protocol = _Client()
+        protocol = _TLSClient()
         protocol.clock = self._clock
         protocol.last_received = self._clock.seconds()
         protocol.lost = self._lost
@@ -274,7 +548,9 @@ class LDAPCheck(Service):
                 check=self.name,
                 reason=reason.getErrorMessage(),
             )
-        self._down = f"connection lost: {reason.getErrorMessage()}"
+            self._down = f"connection lost: {reason.getErrorMessage()}"
+        # Else keep the reason already known (a certificate refused, a
+        # bind refused): it says more than the connection's end.
         self.connected = False
 
     def _unreachable(self, reason: Failure) -> None:
@@ -287,17 +563,62 @@ class LDAPCheck(Service):
         self._down = f"cannot connect: {reason.getErrorMessage()}"
         self.connected = False
 
-    def _prepare(self, protocol: LDAPClient) -> Optional[Deferred[Any]]:
+    def _prepare(self, protocol: Any) -> Deferred[None]:
         """
-        Bind each new connection before any search goes over it.
+        Make each new connection ready before any search goes over it: TLS
+        (its handshake done and the certificate verified), then the bind.
+        Bounded by request_timeout; a connection that cannot be made ready
+        is closed, and the ClientService tries again after its back-off.
         """
-        if self.bind_dn is None:
-            self._bound(None)
-            return None
-        request = pureldap.LDAPBindRequest(dn=self.bind_dn, auth=self._password)
-        return protocol.send(request).addCallback(self._bound)
+        setup = Deferred.fromCoroutine(self._setup(protocol))
+        setup.addTimeout(self.request_timeout, self._clock)
+        setup.addErrback(self._setup_failed, protocol)
+        return setup
 
-    def _bound(self, response: Any) -> None:
+    async def _setup(self, protocol: Any) -> None:
+        if self.starttls:
+            response = await protocol.send(pureldap.LDAPStartTLSRequest())
+            if response.resultCode != ldaperrors.Success.resultCode:
+                error = ldaperrors.get(response.resultCode, response.errorMessage)
+                raise _SetupError(f"the directory refused STARTTLS: {error}")
+            await self._handshake(protocol.start_tls(self.tls_options))
+        elif self.server.implicit_tls and hasattr(protocol, "when_handshake_done"):
+            await self._handshake(protocol.when_handshake_done())
+        if self.sasl_mechanism is not None:
+            request = _SASLBindRequest(self.sasl_mechanism)
+            self._bound(await protocol.send(request), f"SASL {self.sasl_mechanism} bind")
+        elif self.bind_dn is not None:
+            request = pureldap.LDAPBindRequest(dn=self.bind_dn, auth=self._password)
+            self._bound(await protocol.send(request), f"bind as {self.bind_dn}")
+        else:
+            self._bound(None, "")
+
+    async def _handshake(self, done: Deferred[None]) -> None:
+        try:
+            await done
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise _SetupError(f"TLS with the directory failed: {_tls_reason(e)}") from None
+
+    def _setup_failed(self, failure: Failure, protocol: Any) -> Failure:
+        if failure.check(_SetupError):
+            reason = str(failure.value)
+        elif failure.check(defer.TimeoutError):
+            reason = f"no answer while setting up the connection within {self.request_timeout}s"
+        else:
+            reason = f"setting up the connection failed: {failure.getErrorMessage()}"
+        if self._down != reason:
+            self._log.error("check {check}: {reason}", check=self.name, reason=escape(reason))
+        self._down = reason
+        self.connected = False
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+            abort()
+        return failure
+
+    def _bound(self, response: Any, what: str) -> None:
         if response is None or response.resultCode == ldaperrors.Success.resultCode:
             self._down = None
             self.connected = True
@@ -305,13 +626,7 @@ class LDAPCheck(Service):
         else:
             error = ldaperrors.get(response.resultCode, response.errorMessage)
             # Never the password; the DN and the server's reason suffice.
-            self._log.error(
-                "check {check}: bind as {dn} failed: {reason}",
-                check=self.name,
-                dn=self.bind_dn,
-                reason=escape(str(error)),
-            )
-            raise error
+            raise _SetupError(f"{what} failed: {error}")
 
     def startService(self) -> None:
         super().startService()
@@ -469,3 +784,79 @@ class LDAPCheck(Service):
             return Action.parse(value, self._classes)
         except ActionError as e:
             raise LDAPCheckError(f"{self.attribute} is not an action: {e}") from None
+
+
+def _tls_reason(error: BaseException) -> str:
+    """
+    What an admin needs to read of a failed TLS handshake: OpenSSL's
+    reason (C{certificate verify failed}), or that the certificate does not
+    name the host.
+    """
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover: TLS needs it (require_tls)
+        VerificationError = ()  # type: ignore[assignment,misc]
+    if isinstance(error, VerificationError):
+        return f"the certificate is not valid for the host name ({error})"
+    errors = getattr(error, "args", ())
+    if errors and isinstance(errors[0], list):
+        # pyOpenSSL: [(library, function, reason), ...]
+        # OpenSSL's last reason sums up: "certificate verify failed".
+        reasons = [str(entry[-1]) for entry in errors[0] if isinstance(entry, tuple) and entry]
+        if reasons:
+            return reasons[-1]
+    return str(error) or type(error).__name__
+
+
+def _pem_blocks(data: bytes, kind: bytes) -> list[bytes]:
+    pattern = re.compile(
+        rb"-----BEGIN " + kind + rb"-----.+?-----END " + kind + rb"-----", re.DOTALL
+    )
+    return pattern.findall(data)
+
+
+def _load_certificates(options: CheckOptions, key: str, path: str, ssl: Any) -> Any:
+    """
+    @return: a trust root holding every certificate of the PEM file C{path}.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise options.error(key, f"cannot read {path}: {e.strerror}") from None
+    blocks = _pem_blocks(data, b"CERTIFICATE")
+    if not blocks:
+        raise options.error(key, f"{path} holds no PEM certificate")
+    try:
+        certificates = [ssl.Certificate.loadPEM(block) for block in blocks]
+    except Exception as e:
+        raise options.error(key, f"{path}: not a valid PEM certificate: {e}") from None
+    return ssl.trustRootFromCertificates(certificates)
+
+
+def _load_client_certificate(options: CheckOptions, cert_file: str, key_file: str, ssl: Any) -> Any:
+    """
+    @return: the client's certificate with its private key, from one PEM
+        file or two.
+    """
+    texts = []
+    for key, path in (("cert_file", cert_file), ("key_file", key_file)):
+        try:
+            with open(path, "rb") as f:
+                texts.append(f.read())
+        except OSError as e:
+            raise options.error(key, f"cannot read {path}: {e.strerror}") from None
+    certificate = _pem_blocks(texts[0], b"CERTIFICATE")
+    private_key = re.search(
+        rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.+?-----END \1PRIVATE KEY-----", texts[1], re.DOTALL
+    )
+    if not certificate:
+        raise options.error("cert_file", f"{cert_file} holds no PEM certificate")
+    if private_key is None:
+        raise options.error("key_file", f"{key_file} holds no PEM private key (unencrypted)")
+    try:
+        return ssl.PrivateCertificate.loadPEM(certificate[0] + b"\n" + private_key.group(0))
+    except Exception as e:
+        raise options.error(
+            "cert_file", f"{cert_file} and {key_file} do not make a client certificate: {e}"
+        ) from None

@@ -7,9 +7,14 @@ slapadd, run in the foreground on a loopback port and stopped by PID.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
 from typing import Optional
+from urllib.parse import quote
 
 from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
@@ -33,8 +38,9 @@ rootdn "cn=admin,{suffix}"
 rootpw admin-secret
 directory {directory}/db
 # Anonymous clients may only bind: a search finds something only when the
-# check has bound as cn=pfxpold.
-access to * by users read by anonymous auth
+# check has bound as cn=pfxpold (by password, or by a SASL identity that an
+# authz-regexp maps to it).
+access to * by dn.exact="cn=pfxpold,{suffix}" read by anonymous auth
 """
 
 DATA = f"""\
@@ -93,21 +99,51 @@ class Slapd:
     One slapd process on 127.0.0.1:C{port}, with its data in C{directory}.
     """
 
-    def __init__(self, directory: str, tls: Optional[tuple[str, str]] = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        tls: Optional[tuple[str, str]] = None,
+        ca_file: Optional[str] = None,
+        security: Optional[str] = None,
+        ldapi: bool = False,
+        authz_regexps: Sequence[tuple[str, str]] = (),
+    ) -> None:
         """
         @param tls: the certificate and key files; with them slapd also
-            listens for LDAPS on C{tls_port}.
+            listens for LDAPS on C{tls_port}, and accepts STARTTLS on
+            C{port}.
+        @param ca_file: the CA that signs client certificates; slapd then
+            asks clients for one (C{TLSVerifyClient try}), for SASL
+            EXTERNAL over TLS.
+        @param security: slapd's C{security} factors, e.g. C{ssf=1}: the
+            server then refuses binds and searches over plain TCP.
+        @param ldapi: listen on a unix socket too, at C{ldapi_path}, where
+            SASL EXTERNAL sees the client's uid and gid.
+        @param authz_regexps: C{authz-regexp} rules (pattern, DN), mapping
+            SASL identities to entries.
         """
         self.slapd = require_program("/usr/sbin/slapd", "slapd")
         self.directory = directory
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.process: Optional[subprocess.Popen] = None
+        #: A short directory of its own for the socket: a unix socket's
+        #: path must fit in 108 bytes, which pytest's tmp_path may not.
+        self._socket_directory = tempfile.mkdtemp(prefix="slapd-") if ldapi else None
+        self.ldapi_path = (
+            os.path.join(self._socket_directory, "ldapi") if self._socket_directory else None
+        )
         self.config = os.path.join(directory, "slapd.conf")
         os.makedirs(os.path.join(directory, "db"), exist_ok=True)
         with open(self.config, "w") as f:
             if tls:
                 f.write(f"TLSCertificateFile {tls[0]}\nTLSCertificateKeyFile {tls[1]}\n")
+            if ca_file:
+                f.write(f"TLSCACertificateFile {ca_file}\nTLSVerifyClient try\n")
+            if security:
+                f.write(f"security {security}\n")
+            for pattern, replacement in authz_regexps:
+                f.write(f'authz-regexp "{pattern}" "{replacement}"\n')
             f.write(CONFIG.format(directory=directory, suffix=SUFFIX))
         ldif = os.path.join(directory, "data.ldif")
         with open(ldif, "w") as f:
@@ -122,7 +158,14 @@ class Slapd:
         urls = f"ldap://127.0.0.1:{self.port}/"
         if self.tls_port:
             urls += f" ldaps://127.0.0.1:{self.tls_port}/"
+        if self.ldapi_path:
+            urls += f" {self.ldapi_url}"
         return urls
+
+    @property
+    def ldapi_url(self) -> str:
+        assert self.ldapi_path is not None
+        return "ldapi://" + quote(self.ldapi_path, safe="")
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -133,11 +176,20 @@ class Slapd:
         wait_for_port(self.port, process=self.process)
         if self.tls_port:
             wait_for_port(self.tls_port, process=self.process)
+        if self.ldapi_path:
+            wait_for_path(self.ldapi_path, self.process)
 
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process, 10, wake=True)
         self.process = None
+
+    def remove(self) -> None:
+        """Stop slapd and remove the socket's directory."""
+        self.stop()
+        if self._socket_directory is not None:
+            shutil.rmtree(self._socket_directory, ignore_errors=True)
+            self._socket_directory = None
 
     def pause(self) -> None:
         """Freeze slapd: it keeps its socket open and answers nothing."""
@@ -147,3 +199,18 @@ class Slapd:
     def resume(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGCONT)
+
+
+def wait_for_path(path: str, process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """
+    Wait until C{process} has made the unix socket C{path}.
+
+    @raise RuntimeError: when it does not within C{timeout}, or exits first.
+    """
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            raise RuntimeError(f"slapd exited with {process.returncode} before making {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"slapd made no {path} within {timeout}s")
+        time.sleep(0.02)
