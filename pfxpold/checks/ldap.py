@@ -38,7 +38,11 @@ from twisted.internet.endpoints import (
     clientFromString,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IHandshakeListener, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IHandshakeListener,
+    IReactorPluggableNameResolver,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -521,7 +525,13 @@ class LDAPCheck(Service):
             try:
                 address = ipaddress.ip_address(server.host)
             except ValueError:
-                endpoint = HostnameEndpoint(self._clock, server.host, server.port)
+                if IReactorPluggableNameResolver.providedBy(self._clock):
+                    # Every address of the name, IPv6 and IPv4, tried in turn.
+                    endpoint = HostnameEndpoint(self._clock, server.host, server.port)
+                else:
+                    # A reactor without a resolver (a test's Clock) cannot
+                    # back a HostnameEndpoint.
+                    endpoint = TCP4ClientEndpoint(self._clock, server.host, server.port)
             else:
                 # An address needs no name resolution.
                 tcp = TCP6ClientEndpoint if address.version == 6 else TCP4ClientEndpoint

@@ -9,6 +9,7 @@ certificate.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -18,7 +19,7 @@ from tests.integration.certificates import (
     split_certificate,
 )
 from tests.integration.slapd import BIND_DN, BIND_PASSWORD, SUFFIX, Slapd
-from tests.integration.support import PolicyClient, running_daemon
+from tests.integration.support import REPOSITORY, PolicyClient, running_daemon
 
 ON_ERROR = "DEFER_IF_PERMIT directory unavailable"
 
@@ -213,3 +214,48 @@ def test_sasl_external_client_certificate(tmp_path, slapd, keys):
     )
     with running_daemon(tmp_path, text) as daemon:
         assert ask(daemon.port) == "REJECT found"
+
+
+def readme_block(first_line: str) -> str:
+    """The README's toml block that starts with C{first_line}."""
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    match = re.search(r"```toml\n(" + re.escape(first_line) + r"\n.*?)```", readme, re.DOTALL)
+    assert match is not None, f"README has no toml block starting {first_line!r}"
+    return match.group(1)
+
+
+def test_readme_ldapi_example(tmp_path, slapd):
+    """
+    The README's SASL EXTERNAL example works as printed, with only the
+    socket's path changed to the test slapd's.
+    """
+    text = readme_block("# The ldap check over slapd's unix socket, bound as the daemon's user")
+    assert 'server = "ldapi:///"' in text
+    text = text.replace('"ldapi:///"', f'"{slapd.ldapi_url}"')
+    with running_daemon(tmp_path, text) as daemon:
+        assert ask(daemon.port, recipient="alice@example.com") == "OK"
+        assert ask(daemon.port, recipient="nobody@example.com") == "REJECT No such user here"
+
+
+def test_shipped_example(tmp_path, slapd, keys):
+    """
+    examples/ldap.toml (STARTTLS, a simple bind) against the slapd that
+    requires TLS, with the server, the CA, the service DN and the password
+    changed to the test's.
+    """
+    with open(os.path.join(REPOSITORY, "examples", "ldap.toml"), encoding="utf-8") as f:
+        text = f.read()
+    secret = tmp_path / "ldap.secret"
+    secret.write_text(BIND_PASSWORD + "\n")
+    for old, new in [
+        ('"ldap://ldap.example.com"', f'"ldap://127.0.0.1:{slapd.port}"'),
+        ('# ca_file = "/etc/pfxpold/ldap-ca.pem"', f'ca_file = "{keys.ca}"'),
+        ('"cn=pfxpold,ou=services,dc=example,dc=com"', f'"{BIND_DN}"'),
+        ('"ldap.secret"', f'"{secret}"'),
+    ]:
+        assert old in text, old
+        text = text.replace(old, new)
+    with running_daemon(tmp_path, text) as daemon:
+        assert ask(daemon.port, recipient="bob@example.com") == "DUNNO"
+        assert ask(daemon.port, recipient="nobody@example.com") == "REJECT No such user here"
