@@ -46,12 +46,15 @@ from pfxpold.state import (
     WhitelistEntry,
     store_for,
 )
+from pfxpold.whitelist import exemption_file
 
 DEFAULT_ACTION = "DEFER_IF_PERMIT Greylisted, please try again in {seconds} seconds"
 #: Seconds the store's run-time whitelist is kept before it is read again.
 DEFAULT_WHITELIST_REFRESH = 10.0
 #: The key of the one read of the run-time whitelist in flight.
 _RUNTIME_WHITELIST = "runtime whitelist"
+#: What whitelist_file's entries are looked up by, unless whitelist_file_lookup says.
+WHITELIST_FILE_LOOKUPS = ("client_address", "client_name", "recipient")
 
 _SRS0 = re.compile(r"^SRS0[=+-][^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
 _SRS1 = re.compile(r"^SRS1[=+-][^=]*=[^=]*==[^=]*=[^=]*=([^=]+)=(.+)$", re.IGNORECASE)
@@ -226,6 +229,7 @@ class GreylistCheck:
         self.whitelist_recipient_domains = frozenset(
             name.lower().strip(".") for name in options.strings("whitelist_recipient_domains", [])
         )
+        self.whitelist_file = exemption_file(options, "whitelist_file", WHITELIST_FILE_LOOKUPS)
         self.action = options.action("action", DEFAULT_ACTION)
         try:
             self.action.text.format(seconds=1)
@@ -325,6 +329,8 @@ class GreylistCheck:
         """
         Whether the client or the recipient domain is on a whitelist.
         """
+        if self.whitelist_file is not None and self.whitelist_file.exempt(request):
+            return True
         address = request.client_ip
         if address is not None and any(address in network for network in self.whitelist_clients):
             return True

@@ -35,6 +35,7 @@ from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, ISta
 from pfxpold.request import PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
 from pfxpold.state import Consumption, Counter, store_for
+from pfxpold.whitelist import exemption_file, map_attributes
 
 KEY_PARTS = (
     "sasl_username",
@@ -375,6 +376,7 @@ class QuotaCheck(MultiService):
         self.windows = read_windows(options)
         self.overrides_path = options.path("overrides", None)
         self.unlimited = tuple(options.strings("unlimited", []))
+        self.unlimited_file = exemption_file(options, "unlimited_file", map_attributes(parts))
         self.overrides: dict[str, Optional[dict[str, int]]] = {}
         self._overrides_version: Optional[tuple[float, int]] = None
         try:
@@ -622,6 +624,8 @@ class QuotaCheck(MultiService):
         for all mail, and a rules check's C{quota} rule for the mail it
         matches.
         """
+        if self.unlimited_file is not None and self.unlimited_file.exempt(request):
+            return DUNNO
         state = request.protocol_state
         if state != self.stage:
             if self.refuse_early and state == "RCPT":
