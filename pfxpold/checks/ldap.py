@@ -628,7 +628,7 @@ class LDAPCheck(Service):
             abort()
         return failure
 
-    def _bound(self, response: Any, what: str) -> None:
+    def _bound(self, response: Any, what: str = "bind") -> None:
         if response is None or response.resultCode == ldaperrors.Success.resultCode:
             self._down = None
             self.connected = True
