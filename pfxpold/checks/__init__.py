@@ -21,6 +21,7 @@ BUILTIN_CHECKS: dict[str, str] = {
     "sql": "pfxpold.checks.sql.SQLCheck",
     "ldap": "pfxpold.checks.ldap.LDAPCheck",
     "dnsbl": "pfxpold.checks.dnsbl.DNSBLCheck",
+    "spf": "pfxpold.checks.spf.SPFCheck",
     "http": "pfxpold.checks.http.HTTPCheck",
     "quota": "pfxpold.checks.quota.QuotaCheck",
     "greylist": "pfxpold.checks.greylist.GreylistCheck",
@@ -35,6 +36,8 @@ OPTIONAL_LIBRARIES: dict[str, tuple[str, str]] = {
     "OpenSSL": ("pyOpenSSL", "http"),
     "service_identity": ("service_identity", "http"),
     "prometheus_client": ("prometheus_client", "metrics"),
+    "spf": ("pyspf", "spf"),
+    "dns": ("dnspython", "spf"),
 }
 
 
