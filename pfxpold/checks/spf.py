@@ -113,16 +113,25 @@ _TEMPLATE_FIELDS = (
 )
 
 
-def valid_query_name(name: str) -> bool:
+def query_name(name: str) -> Optional[str]:
     """
-    @return: whether C{name} can be asked at all: ASCII without control
-        characters or spaces, labels of 1 to 63 characters, 253 in all.
+    @return: C{name} as it can be asked: printable ASCII (a label may hold
+        any octet, and the RFC 7208 test suite asks for names with spaces
+        and C{%}), or an internationalised name in its IDNA form; labels of
+        1 to 63 characters, 253 in all. L{None} when it cannot be asked.
     """
-    if not name or len(name) > MAX_NAME_LENGTH or not name.isascii() or has_control(name):
-        return False
-    if " " in name:
-        return False
-    return all(0 < len(label) < 64 for label in name.split("."))
+    if not name or has_control(name):
+        return None
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if len(name) > MAX_NAME_LENGTH:
+        return None
+    if not all(0 < len(label) < 64 for label in name.split(".")):
+        return None
+    return name
 
 
 @dataclass
@@ -170,7 +179,7 @@ class SPFCheck(Service):
         self.temperror_defer = options.boolean("temperror_defer", False)
         self.header = options.boolean("header", True)
         receiver = options.string("receiver", "") or socket.gethostname()
-        if not valid_query_name(receiver.rstrip(".")):
+        if query_name(receiver.rstrip(".")) is None or " " in receiver:
             raise options.error("receiver", f"{receiver!r} is not a host name")
         self.receiver = receiver.rstrip(".")
         self.reason_url = options.string("reason_url", DEFAULT_URL)
@@ -316,12 +325,7 @@ class SPFCheck(Service):
         self, scope: str, policy: str, client_address: str, identity: str, helo: str, sender: str
     ) -> Verdict:
         envelope_from = sender if scope == "mailfrom" else f"postmaster@{helo}"
-        if (
-            has_control(identity)
-            or not identity.isascii()
-            or len(identity) > 2 * MAX_NAME_LENGTH
-            or " " in identity
-        ):
+        if has_control(identity) or len(identity) > 2 * MAX_NAME_LENGTH:
             # Postfix never sends these; nothing is asked for them.
             outcome = Outcome("none", "", None, 0)
         else:
@@ -409,15 +413,17 @@ class SPFCheck(Service):
         in flight; never fails.
         """
         name, record_type = key
-        if not valid_query_name(name) or record_type not in _LOOKUPS:
-            # pyspf skips bad names itself; anything else is void.
+        asked = query_name(name)
+        if asked is None or record_type not in _LOOKUPS:
+            # pyspf skips most bad names itself; the others are void.
             return succeed(())
         cached = self.cache.get(key)
         if cached is not None:
             return succeed(cached)
-        return self._in_flight.run(key, lambda: self._semaphore.run(self._query, name, record_type))
+        return self._in_flight.run(key, lambda: self._semaphore.run(self._query, asked, key))
 
-    def _query(self, name: str, record_type: str) -> Deferred[Answer]:
+    def _query(self, name: str, key: Question) -> Deferred[Answer]:
+        record_type = key[1]
         self.queries_sent += 1
         resolver = self._resolver_source.resolver
         lookup = getattr(resolver, _LOOKUPS[record_type])
@@ -425,28 +431,26 @@ class SPFCheck(Service):
         return result.addCallbacks(
             self._answered,
             self._failed,
-            callbackArgs=(name, record_type),
-            errbackArgs=(name, record_type),
+            callbackArgs=(key,),
+            errbackArgs=(key,),
         )
 
-    def _answered(
-        self, result: tuple[list[Any], list[Any], list[Any]], name: str, record_type: str
-    ) -> Answer:
+    def _answered(self, result: tuple[list[Any], list[Any], list[Any]], key: Question) -> Answer:
+        record_type = key[1]
         records = result[0]
         answer = pairs_from_records(records, record_type)
         wanted = _TYPE_CODES[record_type]
         ttls = [record.ttl for record in records if record.type in (wanted, dns.CNAME)]
         ttl = min(ttls) if ttls else self._negative_ttl(result[1])
-        self.cache.put((name, record_type), answer, min(self.max_ttl, ttl))
+        self.cache.put(key, answer, min(self.max_ttl, ttl))
         return answer
 
-    def _failed(self, failure: Failure, name: str, record_type: str) -> Answer:
+    def _failed(self, failure: Failure, key: Question) -> Answer:
+        name, record_type = key
         if failure.check(DNSNameError):
             message = failure.value.args[0] if failure.value.args else None
             answer: Answer = ()
-            self.cache.put(
-                (name, record_type), answer, self._negative_ttl(getattr(message, "authority", []))
-            )
+            self.cache.put(key, answer, self._negative_ttl(getattr(message, "authority", [])))
             return answer
         reason = "timeout" if failure.check(TimeoutError) else escape(failure.getErrorMessage())
         self._log.info(
