@@ -37,7 +37,9 @@ OPTIONAL_LIBRARIES: dict[str, tuple[str, str]] = {
     "service_identity": ("service_identity", "http"),
     "prometheus_client": ("prometheus_client", "metrics"),
     "spf": ("pyspf", "spf"),
+    # pyspf imports dnspython, or pydns (module DNS) when it is missing.
     "dns": ("dnspython", "spf"),
+    "DNS": ("dnspython", "spf"),
 }
 
 

@@ -109,10 +109,12 @@ class Feeder:
         return list(answer)
 
 
-_FEEDER: contextvars.ContextVar[Optional[Feeder]] = contextvars.ContextVar(
-    "pfxpold_spf_feeder", default=None
-)
-_ORIGINAL_LOOKUP = pyspf.DNSLookup
+# Kept on the pyspf module itself, so that this module imported a second
+# time (a test that forgets it) shares the hook rather than wrapping it.
+_FEEDER: contextvars.ContextVar[Optional[Feeder]] = getattr(
+    pyspf, "_pfxpold_feeder", None
+) or contextvars.ContextVar("pfxpold_spf_feeder", default=None)
+_ORIGINAL_LOOKUP = getattr(pyspf, "_pfxpold_original_lookup", pyspf.DNSLookup)
 
 
 def _fed_lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> Any:
@@ -122,7 +124,10 @@ def _fed_lookup(name: str, qtype: str, strict: Any = True, timeout: Any = None) 
     return feeder.lookup(name, qtype)
 
 
-pyspf.DNSLookup = _fed_lookup
+if not hasattr(pyspf, "_pfxpold_original_lookup"):
+    pyspf._pfxpold_feeder = _FEEDER
+    pyspf._pfxpold_original_lookup = _ORIGINAL_LOOKUP
+    pyspf.DNSLookup = _fed_lookup
 
 
 def run_once(

@@ -365,3 +365,34 @@ class HeaderTests(SynchronousTestCase):
         """Only RFC 7208's results make a header."""
         with self.assertRaises(ValueError):
             received_spf("maybe", "helo", "192.0.2.1", "h", "a@h", "r")
+
+
+class LibraryTests(SynchronousTestCase):
+    def test_missing_pyspf(self) -> None:
+        """examples/spf.toml without pyspf: one line naming the check and the spf extra."""
+        import os
+
+        from pfxpold.config import load_configuration
+        from tests.unit.test_extras import EXAMPLES, forget, unimportable
+
+        unimportable(self, "spf")
+        forget(self, "pfxpold.checks.spf")
+        forget(self, "pfxpold.spf.evaluate")
+        path = os.path.join(EXAMPLES, "spf.toml")
+        error = self.assertRaises(ConfigError, load_configuration, path, Clock())
+        self.assertEqual(
+            str(error), f"{path}: check 'spf': needs pyspf: pip install 'pfxpold[spf]'"
+        )
+
+    def test_pyspf_outside_a_check(self) -> None:
+        """pyspf used outside an evaluation asks its own DNS lookup, not a feeder."""
+        import spf as pyspf
+
+        from pfxpold.spf import evaluate
+
+        asked = []
+        original = pyspf._pfxpold_original_lookup
+        self.addCleanup(setattr, evaluate, "_ORIGINAL_LOOKUP", original)
+        evaluate._ORIGINAL_LOOKUP = lambda *args: asked.append(args) or []
+        self.assertEqual(pyspf.DNSLookup("example.org", "TXT", True, 5), [])
+        self.assertEqual(asked, [("example.org", "TXT", True, 5)])
