@@ -94,5 +94,7 @@ def require_tls(extra: str) -> Any:
         module = (e.name or "").partition(".")[0]
         if module in OPTIONAL_LIBRARIES:
             raise MissingExtraError(extra_advice(module, extra)) from None
-        raise MissingExtraError(f"needs TLS support ({e}): pip install 'pfxpold[{extra}]'") from None
+        raise MissingExtraError(
+            f"needs TLS support ({e}): pip install 'pfxpold[{extra}]'"
+        ) from None
     return ssl

@@ -338,6 +338,7 @@ class SPFCheck(Service):
                 self._ask,
                 self._clock.seconds,
                 start + self.lookup_time,
+                self._cached,
             )
         result = outcome.result
         if result in POLICIES[policy]:
@@ -406,6 +407,15 @@ class SPFCheck(Service):
         return Action("PREPEND", verdict.header)
 
     # DNS
+
+    def _cached(self, key: Question) -> Optional[Answer]:
+        """
+        The answer to a question without asking: from the cache, or void
+        for a name that cannot be asked; else L{None}.
+        """
+        if query_name(key[0]) is None or key[1] not in _LOOKUPS:
+            return ()
+        return self.cache.get(key)
 
     def _ask(self, key: Question) -> Deferred[Answer]:
         """

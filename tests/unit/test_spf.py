@@ -396,3 +396,44 @@ class LibraryTests(SynchronousTestCase):
         evaluate._ORIGINAL_LOOKUP = lambda *args: asked.append(args) or []
         self.assertEqual(pyspf.DNSLookup("example.org", "TXT", True, 5), [])
         self.assertEqual(asked, [("example.org", "TXT", True, 5)])
+
+
+class EvaluateTests(SynchronousTestCase):
+    def test_runs(self) -> None:
+        """Cold, pyspf runs once per round of questions; with every answer cached, once."""
+        from pfxpold.spf.evaluate import evaluate
+
+        answers = {
+            ("example.org", "TXT"): ((("example.org", "TXT"), (b"v=spf1 mx -all",)),),
+            ("example.org", "MX"): ((("example.org", "MX"), (10, "mx.example.org")),),
+            ("mx.example.org", "A"): ((("mx.example.org", "A"), "192.0.2.2"),),
+        }
+        asked = []
+
+        def ask(key):
+            asked.append(key)
+            return succeed(answers[key])
+
+        cold = self.successResultOf(
+            Deferred.fromCoroutine(
+                evaluate("192.0.2.2", "a@example.org", "h.test", "mx.test", ask, lambda: 0.0)
+            )
+        )
+        self.assertEqual((cold.result, cold.mechanism, cold.runs), ("pass", "mx", 3))
+        # The MX host's address came with the MX answer, not a run later.
+        self.assertEqual(len(asked), 3)
+        warm = self.successResultOf(
+            Deferred.fromCoroutine(
+                evaluate(
+                    "192.0.2.2",
+                    "a@example.org",
+                    "h.test",
+                    "mx.test",
+                    ask,
+                    lambda: 0.0,
+                    cached=answers.get,
+                )
+            )
+        )
+        self.assertEqual((warm.result, warm.runs), ("pass", 1))
+        self.assertEqual(len(asked), 3)
