@@ -325,8 +325,13 @@ class SPFCheck(Service):
         self, scope: str, policy: str, client_address: str, identity: str, helo: str, sender: str
     ) -> Verdict:
         envelope_from = sender if scope == "mailfrom" else f"postmaster@{helo}"
+        domain = identity.rpartition("@")[2].rstrip(".")
         if has_control(identity) or len(identity) > 2 * MAX_NAME_LENGTH:
             # Postfix never sends these; nothing is asked for them.
+            outcome = Outcome("none", "", None, 0)
+        elif "." not in domain or domain.startswith("["):
+            # RFC 7208 section 4.3: not a multi-label domain name
+            # (localhost, an address literal): "none", without asking.
             outcome = Outcome("none", "", None, 0)
         else:
             start = self._clock.seconds()

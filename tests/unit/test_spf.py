@@ -275,6 +275,15 @@ class SPFCheckTests(SynchronousTestCase):
         for _, name in resolver.asked:
             self.assertIsNotNone(query_name(name), name)
 
+    def test_single_label_and_literal_not_asked(self) -> None:
+        """A HELO name of one label or an address literal is "none", not asked (RFC 7208 4.3)."""
+        resolver = FakeResolver(RECORDS)
+        check = make_check(resolver)
+        for helo in ("[192.0.2.1]", "localhost", "foo."):
+            answer = self.answer(check, helo_name=helo, sender="")
+            self.assertTrue(answer.startswith("PREPEND Received-SPF: none"), answer)
+        self.assertEqual(resolver.asked, [])
+
     def test_skipped_clients(self) -> None:
         """Authenticated, loopback and configured clients are not checked."""
         resolver = FakeResolver(RECORDS)
