@@ -382,7 +382,9 @@ def _fold_network(
     return network
 
 
-def logical_lines(lines: Iterable[str], keep_whitespace: bool = False) -> Iterator[tuple[int, str]]:
+def logical_lines(
+    lines: Iterable[str], keep_whitespace: bool = False
+) -> Iterator[tuple[int, str]]:
     """
     The logical lines of a Postfix table with their first line number:
     comments and blank lines dropped, a line starting with whitespace

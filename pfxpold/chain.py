@@ -144,8 +144,6 @@ class DeadlinePassed(TimeoutError):
     A check had not answered when the request's deadline passed (with
     C{on_deadline = "known"}, handled by its C{on_error}).
     """
-
-
 @dataclass
 class Decision:
     """

@@ -327,9 +327,7 @@ class SyslogMailObserver:
         self._stream = getattr(self._socket, "type", socket.SOCK_DGRAM) == socket.SOCK_STREAM
 
     def _header(self, priority: int, when: float) -> str:
-        return (
-            f"<{priority | self.facility}>{_syslog_time(when)} {self._prefix}[{self._getpid()}]: "
-        )
+        return f"<{priority | self.facility}>{_syslog_time(when)} {self._prefix}[{self._getpid()}]: "
 
     def _send_all(self, messages: list[str]) -> None:
         """

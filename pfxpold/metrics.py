@@ -130,7 +130,7 @@ FAMILIES = {
     "pfxpold_shadow_verdicts": _Family(
         "counter",
         "Verdicts of shadow checks (shadow = true), which never decide: by"
-        ' action verb (or error, timeout, cancelled), and differs="true" when'
+        " action verb (or error, timeout, cancelled), and differs=\"true\" when"
         " the check, deciding, would have changed the answer.",
         ("check", "action", "differs"),
     ),

@@ -425,9 +425,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             self._violation("not_name_value", "a line that is not name=value")
             return
         if "\x00" in name or name in attributes:
-            self._violation(
-                "bad_attribute_name", f"a bad or repeated attribute name '{escape(name)}'"
-            )
+            self._violation("bad_attribute_name", f"a bad or repeated attribute name '{escape(name)}'")
             return
         attributes[name] = value
 

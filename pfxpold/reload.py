@@ -383,7 +383,8 @@ class Reloader:
             new.request_log = old.request_log
         if new.metrics_listen != old.metrics_listen:
             self._log.warn(
-                "reload: [metrics] changed; it takes effect when pfxpold is restarted ({endpoint})",
+                "reload: [metrics] changed; it takes effect when pfxpold is restarted"
+                " ({endpoint})",
                 endpoint=(
                     f"still serving /metrics on {old.metrics_listen}"
                     if old.metrics_listen

@@ -703,7 +703,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--top", type=int, default=5, help="how many changed senders, clients, recipients"
     )
-    parser.add_argument("--samples", type=int, default=10, help="how many changed requests to show")
+    parser.add_argument(
+        "--samples", type=int, default=10, help="how many changed requests to show"
+    )
     parser.add_argument(
         "--timing", action="store_true", help="print the replay's speed on standard error"
     )

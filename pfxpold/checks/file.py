@@ -82,6 +82,7 @@ def table_value(request: PolicyRequest, attribute: str) -> str:
     return value
 
 
+
 def file_loader(reactor: Any) -> Callable[..., Deferred[Any]]:
     """
     How a check reads its files at a reload: in the reactor's thread pool,

@@ -250,9 +250,7 @@ class HTTPCheck(Service):
             try:
                 require_tls("http")
             except MissingExtraError as e:
-                raise options.error(
-                    "ca_file" if parts.scheme == "http" else "url", str(e)
-                ) from None
+                raise options.error("ca_file" if parts.scheme == "http" else "url", str(e)) from None
         if ca_file is not None:
             try:
                 with open(ca_file, "rb") as f:

@@ -160,9 +160,7 @@ class RulesCheck(MultiService):
         try:
             builder.add("", self._rules_table, self._sets_table, self._base_directory)
         except RuleError as e:
-            raise _LoadError(
-                "rule" if self._rules_table is not None else "ruleset", str(e)
-            ) from None
+            raise _LoadError("rule" if self._rules_table is not None else "ruleset", str(e)) from None
         for path in self.includes:
             signatures[path] = _signature(path)
             try:
@@ -228,9 +226,7 @@ class RulesCheck(MultiService):
             quota = checks.get(rule.quota)
             where = f"{rule.where}: " if rule.where else ""
             if quota is None or not callable(getattr(quota, "apply", None)):
-                raise RuleError(
-                    f"{where}rule {rule.name!r}: 'quota': no quota check {rule.quota!r}"
-                )
+                raise RuleError(f"{where}rule {rule.name!r}: 'quota': no quota check {rule.quota!r}")
             if not getattr(quota, "rules_only", False):
                 raise RuleError(
                     f"{where}rule {rule.name!r}: 'quota': check {rule.quota!r} counts all mail"
@@ -392,9 +388,7 @@ class RulesCheck(MultiService):
             return
         expires = self.reactor.seconds() + self.mark_lifetime
         for mark in rule.marks:
-            run.writes.append(
-                self.store.set_mark(mark_key(self.mark_prefix + instance), mark, expires)
-            )
+            run.writes.append(self.store.set_mark(mark_key(self.mark_prefix + instance), mark, expires))
 
     def _read_marks(self, run: _Run) -> Deferred[None]:
         instance = run.facts.request.instance
@@ -445,10 +439,8 @@ class RulesCheck(MultiService):
                 mine = _narrowed(states, _stages_of(rule.condition))
                 if mine is not None and not mine:
                     continue  # never holds
-                where = (
-                    f"rule {rule.name!r}"
-                    if set_name == MAIN
-                    else (f"rule set {set_name!r}: rule {rule.name!r}")
+                where = f"rule {rule.name!r}" if set_name == MAIN else (
+                    f"rule set {set_name!r}: rule {rule.name!r}"
                 )
                 if rule.action is not None:
                     found.append(possible(rule.action.verb, mine, where))

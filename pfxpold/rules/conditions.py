@@ -94,7 +94,9 @@ def check_mark_name(value: Any) -> str:
     @raise RuleError: when it is not one.
     """
     if not isinstance(value, str) or not _MARK.fullmatch(value):
-        raise RuleError(f"a mark name is 1-64 letters, digits, '.', '_' or '-', not {value!r}")
+        raise RuleError(
+            f"a mark name is 1-64 letters, digits, '.', '_' or '-', not {value!r}"
+        )
     return value
 
 
@@ -754,9 +756,7 @@ class Compiler:
         if not isinstance(table, Mapping):
             raise RuleError(f"a condition must be a table, not {table!r}")
         if not table:
-            raise RuleError(
-                "an empty condition table; leave 'if' out for a rule that always applies"
-            )
+            raise RuleError("an empty condition table; leave 'if' out for a rule that always applies")
         parts = [self._entry(key, value) for key, value in table.items()]
         return parts[0] if len(parts) == 1 else All(parts)
 
@@ -785,10 +785,7 @@ class Compiler:
         if isinstance(value, Mapping):
             if not value:
                 raise RuleError(f"{key}: an empty table of operators")
-            parts = [
-                self._operator(attribute, operator, argument)
-                for operator, argument in value.items()
-            ]
+            parts = [self._operator(attribute, operator, argument) for operator, argument in value.items()]
             return parts[0] if len(parts) == 1 else All(parts)
         return self._operator(attribute, "is", value)
 
@@ -847,7 +844,9 @@ class Compiler:
                     raise RuleError(f"{name}: 'not' needs an operator table or a value")
                 return Not(parts[0] if len(parts) == 1 else All(parts))
             return Not(self._operator(attribute, "is", value))
-        raise RuleError(f"{name}: {operator!r} is not an operator ({', '.join(OPERATORS)})")
+        raise RuleError(
+            f"{name}: {operator!r} is not an operator ({', '.join(OPERATORS)})"
+        )
 
 
 __all__ = [

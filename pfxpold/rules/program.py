@@ -179,14 +179,8 @@ class Rule:
         if self.quota is not None:
             done.append(f"applies quota {self.quota!r}")
         if self.action is not None:
-            done.append(
-                "answers "
-                + (
-                    str(self.action.action)
-                    if self.action.action
-                    else f"{self.action.verb} {self.action.text}".strip()
-                )
-            )
+            done.append("answers " + (str(self.action.action) if self.action.action else
+                                      f"{self.action.verb} {self.action.text}".strip()))
         if self.jump is not None:
             done.append(f"jumps to {self.jump!r}")
         if self.returns:
@@ -212,8 +206,7 @@ class RuleSet:
             if not self._file(rule):
                 self.always |= 1 << rule.position
         self._exact_list = tuple(
-            (attribute.name, attribute.get_folded, table)
-            for attribute, table in self._exact.values()
+            (attribute.name, attribute.get_folded, table) for attribute, table in self._exact.values()
         )
         #: What the networks and the patterns give for a value, by
         #: attribute: clients come back (every recipient of a message is
@@ -241,10 +234,8 @@ class RuleSet:
         conjuncts = tuple(
             sorted(
                 conjuncts,
-                key=lambda part: (
-                    isinstance(part, Equals)
-                    and (part.attribute.name in _FEW_VALUES or "" in part.values)
-                ),
+                key=lambda part: isinstance(part, Equals)
+                and (part.attribute.name in _FEW_VALUES or "" in part.values),
             )
         )
         for part in conjuncts:
@@ -423,9 +414,7 @@ def shadows(earlier: Rule, later: Rule) -> bool:
     if later.condition is None:
         return False
     mine = later.condition.conjuncts()
-    return all(
-        any(part.implies(theirs) for part in mine) for theirs in earlier.condition.conjuncts()
-    )
+    return all(any(part.implies(theirs) for part in mine) for theirs in earlier.condition.conjuncts())
 
 
 class ProgramBuilder:

@@ -353,7 +353,9 @@ class RedisClient(ClientService):
                 # that the replies of later commands cannot be late too.
                 if protocol.transport is not None:
                     protocol.transport.abortConnection()
-                command.errback(RedisTimeout(f"{self.description}: no answer in {self.timeout}s"))
+                command.errback(
+                    RedisTimeout(f"{self.description}: no answer in {self.timeout}s")
+                )
 
             deadlines = self._deadlines[protocol] = _Deadlines(self.reactor, self.timeout, expired)
         deadlines.track(d)
