@@ -83,7 +83,7 @@ KEY_VARIABLE = "PFXPOLD_CAPTURE_KEY"
 WORKER_VARIABLE = "PFXPOLD_WORKER"
 
 #: The check types whose verdicts replay may reuse (C{--lookups recorded}).
-LOOKUP_TYPES = frozenset(("sql", "ldap", "dnsbl", "http"))
+LOOKUP_TYPES = frozenset(("sql", "ldap", "dnsbl", "http", "spf"))
 
 #: What the header last described before the first header is written.
 _NOTHING = object()

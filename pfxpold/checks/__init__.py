@@ -21,6 +21,7 @@ BUILTIN_CHECKS: dict[str, str] = {
     "sql": "pfxpold.checks.sql.SQLCheck",
     "ldap": "pfxpold.checks.ldap.LDAPCheck",
     "dnsbl": "pfxpold.checks.dnsbl.DNSBLCheck",
+    "spf": "pfxpold.checks.spf.SPFCheck",
     "http": "pfxpold.checks.http.HTTPCheck",
     "quota": "pfxpold.checks.quota.QuotaCheck",
     "greylist": "pfxpold.checks.greylist.GreylistCheck",
@@ -35,6 +36,10 @@ OPTIONAL_LIBRARIES: dict[str, tuple[str, str]] = {
     "OpenSSL": ("pyOpenSSL", "http"),
     "service_identity": ("service_identity", "http"),
     "prometheus_client": ("prometheus_client", "metrics"),
+    "spf": ("pyspf", "spf"),
+    # pyspf imports dnspython, or pydns (module DNS) when it is missing.
+    "dns": ("dnspython", "spf"),
+    "DNS": ("dnspython", "spf"),
 }
 
 
@@ -89,5 +94,7 @@ def require_tls(extra: str) -> Any:
         module = (e.name or "").partition(".")[0]
         if module in OPTIONAL_LIBRARIES:
             raise MissingExtraError(extra_advice(module, extra)) from None
-        raise MissingExtraError(f"needs TLS support ({e}): pip install 'pfxpold[{extra}]'") from None
+        raise MissingExtraError(
+            f"needs TLS support ({e}): pip install 'pfxpold[{extra}]'"
+        ) from None
     return ssl

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,6 +38,12 @@ from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest, parse_ip
+from pfxpold.resolver import (  # noqa: F401 (parse_server: dnsbl's name for it)
+    DEFAULT_NAMESERVERS,
+    RESOLV_CONF_INTERVAL,
+    nameservers,
+    parse_server,
+)
 
 #: What a list looks up.
 SOURCES = ("client_address", "sender_domain", "helo_name", "client_name")
@@ -64,10 +69,6 @@ DEFAULT_MAX_TTL = 3600
 MAX_CACHE_ENTRIES = 100_000
 #: Client addresses whose reversed form is remembered.
 MAX_REMEMBERED_ADDRESSES = 10_000
-#: Seconds between two readings of resolv.conf (as Twisted's own resolver).
-RESOLV_CONF_INTERVAL = 60.0
-#: The nameserver of a resolv.conf that names none (resolv.conf(5)).
-DEFAULT_NAMESERVERS = [("127.0.0.1", 53)]
 
 
 def valid_host_name(name: str) -> Optional[str]:
@@ -85,48 +86,6 @@ def valid_host_name(name: str) -> Optional[str]:
     if len(name) > 253 or _HOST_NAME.fullmatch(name) is None:
         return None
     return name
-
-
-def parse_server(value: str) -> Optional[tuple[str, int]]:
-    """
-    @return: C{(address, port)} for C{"192.0.2.53"}, C{"192.0.2.53:5353"},
-        C{"2001:db8::53"} or C{"[2001:db8::53]:5353"}; L{None} for anything
-        else (names are refused: resolving the resolver needs a resolver).
-    """
-    host, port = value, "53"
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                return None
-            port = rest[1:]
-    elif value.count(":") == 1:
-        host, _, port = value.partition(":")
-    try:
-        address = ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        return None
-    if not 0 < number < 65536:
-        return None
-    return str(address), number
-
-
-def nameservers(lines: Iterable[str]) -> list[tuple[str, int]]:
-    """
-    The C{nameserver} addresses of a resolv.conf(5), in order; the local
-    host's when it names none (as the C library does). Lines whose address
-    is not an IP address are ignored.
-    """
-    servers = []
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            try:
-                servers.append((str(ipaddress.ip_address(fields[1])), 53))
-            except ValueError:
-                continue
-    return servers or list(DEFAULT_NAMESERVERS)
 
 
 def reversed_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

@@ -1,5 +1,5 @@
 """
-The ldap, dnsbl and http sample configurations: the README shows each
+The ldap, dnsbl, http and spf sample configurations: the README shows each
 exactly as shipped in examples/, and each loads as it stands.
 """
 
@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pfxpold.config import load_configuration
 
 REPOSITORY = os.path.join(os.path.dirname(__file__), "..", "..")
-EXAMPLES = ("ldap", "dnsbl", "http")
+EXAMPLES = ("ldap", "dnsbl", "http", "spf")
 
 
 def readme_block(name: str) -> str:
@@ -35,7 +35,12 @@ class NetworkExampleTests(SynchronousTestCase):
 
     def test_examples_load(self):
         """Each example builds its checks without touching the network."""
-        expected = {"ldap": ["ldap"], "dnsbl": ["dnsbl"], "http": ["rest", "soap"]}
+        expected = {
+            "ldap": ["ldap"],
+            "dnsbl": ["dnsbl"],
+            "http": ["rest", "soap"],
+            "spf": ["spf"],
+        }
         for name in EXAMPLES:
             clock = Clock()
             path = os.path.join(REPOSITORY, "examples", f"{name}.toml")
