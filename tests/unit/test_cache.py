@@ -99,7 +99,6 @@ class ExpiringCacheTests(SynchronousTestCase):
         empty.put("key", 1, 60)
         self.assertIsNone(empty.get("key"))
 
-
     def test_get_until(self) -> None:
         """get_until answers the value with the time it lasts until, and misses after it."""
         cache: ExpiringCache[str, str] = ExpiringCache(self.clock, 10)
