@@ -53,7 +53,8 @@ class ExpiringCache(Generic[K, V]):
         """
         self.max_entries = max_entries
         self._seconds = clock.seconds
-        self._entries: LRUCache[K, tuple[float, V]] = LRUCache(max(1, max_entries))
+        # (value, expires): get_until hands the entry itself out.
+        self._entries: LRUCache[K, tuple[V, float]] = LRUCache(max(1, max_entries))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -62,14 +63,8 @@ class ExpiringCache(Generic[K, V]):
         """
         @return: the value for C{key} while its time lasts, else L{None}.
         """
-        try:
-            expires, value = self._entries[key]
-        except KeyError:
-            return None
-        if expires <= self._seconds():
-            del self._entries[key]
-            return None
-        return value
+        entry = self.get_until(key)
+        return None if entry is None else entry[0]
 
     def get_until(self, key: K) -> Optional[tuple[V, float]]:
         """
@@ -80,13 +75,13 @@ class ExpiringCache(Generic[K, V]):
         @return: C{(value, expires)} while its time lasts, else L{None}.
         """
         try:
-            expires, value = self._entries[key]
+            entry = self._entries[key]
         except KeyError:
             return None
-        if expires <= self._seconds():
+        if entry[1] <= self._seconds():
             del self._entries[key]
             return None
-        return value, expires
+        return entry
 
     def put(self, key: K, value: V, ttl: float) -> None:
         """
@@ -95,7 +90,7 @@ class ExpiringCache(Generic[K, V]):
         """
         if ttl <= 0 or self.max_entries <= 0:
             return
-        self._entries[key] = (self._seconds() + ttl, value)
+        self._entries[key] = (value, self._seconds() + ttl)
 
     def clear(self) -> None:
         """
