@@ -9,6 +9,10 @@ L{twisted.internet.task.Clock}), and at its cap drops the least recently
 used entry, never the whole cache: a full cache costs one miss, not a
 cliff of them.
 
+L{Memo} remembers the answers of a table that changes only when it is
+replaced (an access map, until its file is read again): bounded the same
+way, with no clock, and emptied when the table goes.
+
 L{Coalescer} shares one lookup among the requests that ask the same
 question while it runs: a burst of requests from one client (a cold cache
 after a restart, many recipients at once) costs one lookup, not one each.
@@ -49,7 +53,8 @@ class ExpiringCache(Generic[K, V]):
         """
         self.max_entries = max_entries
         self._seconds = clock.seconds
-        self._entries: LRUCache[K, tuple[float, V]] = LRUCache(max(1, max_entries))
+        # (value, expires): get_until hands the entry itself out.
+        self._entries: LRUCache[K, tuple[V, float]] = LRUCache(max(1, max_entries))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -58,14 +63,25 @@ class ExpiringCache(Generic[K, V]):
         """
         @return: the value for C{key} while its time lasts, else L{None}.
         """
+        entry = self.get_until(key)
+        return None if entry is None else entry[0]
+
+    def get_until(self, key: K) -> Optional[tuple[V, float]]:
+        """
+        Like L{get}, with the time (on the clock's C{seconds()}) the value
+        lasts until: for a result derived from several entries, which
+        holds only as long as the first of them to expire.
+
+        @return: C{(value, expires)} while its time lasts, else L{None}.
+        """
         try:
-            expires, value = self._entries[key]
+            entry = self._entries[key]
         except KeyError:
             return None
-        if expires <= self._seconds():
+        if entry[1] <= self._seconds():
             del self._entries[key]
             return None
-        return value
+        return entry
 
     def put(self, key: K, value: V, ttl: float) -> None:
         """
@@ -74,7 +90,65 @@ class ExpiringCache(Generic[K, V]):
         """
         if ttl <= 0 or self.max_entries <= 0:
             return
-        self._entries[key] = (self._seconds() + ttl, value)
+        self._entries[key] = (value, self._seconds() + ttl)
+
+    def clear(self) -> None:
+        """
+        Forget every entry (what they were derived from no longer holds).
+        """
+        self._entries.clear()
+
+
+class Memo(Generic[K, V]):
+    """
+    The answers of a lookup in a table that does not change while it is
+    in force, at most C{max_entries} of them; past that, the least recently
+    used goes (the same L{LRUCache} as L{ExpiringCache}, without a clock:
+    an answer holds until the table is replaced).
+
+    The table is named on every call, and the memo empties itself when it
+    is another one than the answers came from: a reload can never leave a
+    stale answer behind, whoever swapped the table in.
+
+    Values are never L{None}: L{get} answers L{None} for a miss.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        """
+        @param max_entries: how many answers are kept; C{0} keeps none.
+        """
+        self.max_entries = max_entries
+        self._entries: LRUCache[K, V] = LRUCache(max(1, max_entries))
+        self._table: object = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, table: object, key: K) -> Optional[V]:
+        """
+        @param table: the table in force now.
+        @return: the answer remembered for C{key} from C{table}, else
+            L{None}.
+        """
+        if table is not self._table:
+            self._entries.clear()
+            self._table = table
+            return None
+        try:
+            return self._entries[key]
+        except KeyError:
+            return None
+
+    def put(self, table: object, key: K, value: V) -> None:
+        """
+        Remember C{value} as C{table}'s answer for C{key}.
+        """
+        if self.max_entries <= 0:
+            return
+        if table is not self._table:
+            self._entries.clear()
+            self._table = table
+        self._entries[key] = value
 
 
 class _Shared(Generic[V]):

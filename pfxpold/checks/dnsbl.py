@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -250,6 +251,13 @@ class DNSBLCheck(Service):
         self.cache: ExpiringCache[tuple[str, int], Answer] = ExpiringCache(
             self._clock, MAX_CACHE_ENTRIES
         )
+        #: The check's answers by the request values the lists look up
+        #: (L{_decision_key}), each kept while every answer it was weighed
+        #: from lasts: a client seen again costs one lookup, not one per
+        #: list and the weighing.
+        self.decisions: ExpiringCache[Any, Action] = ExpiringCache(self._clock, MAX_CACHE_ENTRIES)
+        # The value of the one source, or a tuple of the sources' values.
+        self._decision_key = operator.attrgetter(*self._sources)
         # Each request waits on its own Deferred: cancelling one (the
         # chain's timeout) must not cancel a query others share, and
         # twisted.names queries end by their own timeout anyway, with an
@@ -356,6 +364,10 @@ class DNSBLCheck(Service):
         """
         if self._resolver is None:
             raise ListUnavailable("the check is not started")
+        decision_key = self._decision_key(request)
+        decided = self.decisions.get(decision_key)
+        if decided is not None:
+            return decided
         subjects = self._subjects(request)
         now = self._clock.seconds()
         asked: list[tuple[DNSList, str]] = []
@@ -377,18 +389,31 @@ class DNSBLCheck(Service):
             return DUNNO
         cache = self.cache
         answers: list[Any] = []
+        # The decision holds as long as the first answer to expire.
+        expires = float("inf")
         for _, query_name in asked:
-            answer = cache.get((query_name, dns.A))
-            if answer is None:
+            cached = cache.get_until((query_name, dns.A))
+            if cached is None:
                 return Deferred.fromCoroutine(self._check_later(asked))
-            answers.append(answer)
+            answers.append(cached[0])
+            expires = min(expires, cached[1])
         listed, whitelisted = self._weigh(asked, answers)
+        action: Action
         if not listed:
-            return self.whitelisted_action if whitelisted else DUNNO
-        reasons = self._cached_reasons(listed)
-        if reasons is None:
-            return Deferred.fromCoroutine(self._listed_later(listed))
-        return self._listed_action(listed, reasons)
+            action = self.whitelisted_action if whitelisted else DUNNO
+        else:
+            cached_reasons = self._cached_reasons(listed)
+            if cached_reasons is None:
+                return Deferred.fromCoroutine(self._listed_later(listed))
+            reasons, reasons_expire = cached_reasons
+            action = self._listed_action(listed, reasons)
+            expires = min(expires, reasons_expire)
+        if len(asked) == len(self.lists):
+            # Only when every list was asked: a skipped list or a value
+            # that could not be looked up (logged each time) is weighed
+            # again for every request.
+            self.decisions.put(decision_key, action, expires - now)
+        return action
 
     async def _check_later(self, asked: list[tuple[DNSList, str]]) -> Action:
         results = await DeferredList(
@@ -463,20 +488,26 @@ class DNSBLCheck(Service):
             texts.append(self._reason(dns_list, answer))
         return texts
 
-    def _cached_reasons(self, listed: list[tuple[DNSList, str]]) -> Optional[list[str]]:
+    def _cached_reasons(
+        self, listed: list[tuple[DNSList, str]]
+    ) -> Optional[tuple[list[str], float]]:
         """
-        The reasons of C{listed} from the cache, or L{None} when a TXT
-        answer that is needed is not there.
+        The reasons of C{listed} from the cache, and until when the first
+        of the TXT answers they come from lasts; L{None} when a TXT answer
+        that is needed is not there.
         """
         texts = []
+        expires = float("inf")
         for dns_list, name in listed:
             answer = None
             if dns_list.fetch_reason:
-                answer = self.cache.get((name, dns.TXT))
-                if answer is None:
+                cached = self.cache.get_until((name, dns.TXT))
+                if cached is None:
                     return None
+                answer, until = cached
+                expires = min(expires, until)
             texts.append(self._reason(dns_list, answer))
-        return texts
+        return texts, expires
 
     @staticmethod
     def _reason(dns_list: DNSList, answer: Optional[Answer]) -> str:
@@ -489,6 +520,9 @@ class DNSBLCheck(Service):
         if dns_list.failures >= self.failure_limit:
             dns_list.skip_until = self._clock.seconds() + self.skip_for
             dns_list.failures = 0
+            # The remembered decisions weighed this list's answers, which
+            # must not count while it is skipped.
+            self.decisions.clear()
             self._log.warn(
                 "check {check}: list {zone} failed {count} times in a row ({reason});"
                 " skipping it for {seconds}s",

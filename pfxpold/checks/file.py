@@ -34,6 +34,7 @@ from pfxpold.accessmap import (
     lookup_key,
 )
 from pfxpold.action import Action
+from pfxpold.cache import Memo
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable, IPossibleActions
 from pfxpold.request import PolicyRequest
@@ -48,6 +49,15 @@ FORMATS = (ACCESS, *regexptable.FORMATS)
 _ACCESS_ONLY = ("pair_with", "parent_domains", "case_sensitive_local_part")
 
 DEFAULT_RELOAD_INTERVAL = 5.0
+
+#: Answers remembered per check, by the values looked up: a relay sees the
+#: same senders and clients again and again, and a remembered answer costs
+#: one dictionary lookup instead of deriving the keys and matching them.
+MEMO_SIZE = 10_000
+#: Values longer than this (in characters, all together) are looked up
+#: each time, never remembered: real addresses are far shorter, and a
+#: client sending huge values could otherwise fill the memo's memory.
+MAX_MEMO_KEY_LENGTH = 1024
 
 #: Derived values meant for SQL parameters, and what to look up instead.
 _NOT_FOR_MAPS = {
@@ -171,6 +181,10 @@ class FileCheck(Service):
             raise options.error("map", f"cannot read {self.path}: {e.strerror}") from None
         except MapError as e:
             raise options.error("map", str(e)) from None
+        # The answers depend on these values only (with the settings above).
+        self._looked_up = (*self.lookups, *self.pair_with)
+        #: The answers of the table in force, by the values looked up.
+        self.memo: Memo[Any, Action] = Memo(MEMO_SIZE)
         self._timer: Optional[TimerService] = None
         if interval > 0:
             self._timer = TimerService(interval, self.reload)
@@ -268,10 +282,34 @@ class FileCheck(Service):
         table: of its first matching rule, for the first C{lookup}
         attribute that one matches), or C{not_found}.
 
+        Answers are remembered (L{memo}) by the values looked up, for as
+        long as the table they came from is in force: a reload empties
+        the memo. A failed lookup is never remembered.
+
         @raise regexptable.TableLookupError: when a regexp or pcre rule's
             result, with the text its groups captured, is not an action.
         """
         table = self.map
+        looked_up = self._looked_up
+        key: Any
+        if len(looked_up) == 1:
+            key = attribute_value(request, looked_up[0])
+            length = len(key or "")
+        else:
+            key = tuple(attribute_value(request, name) for name in looked_up)
+            length = sum(len(value or "") for value in key)
+        memo = self.memo
+        action = memo.get(table, key)
+        if action is not None:
+            return action
+        action = self._lookup(table, request)
+        if length <= MAX_MEMO_KEY_LENGTH:
+            memo.put(table, key, action)
+        return action
+
+    def _lookup(
+        self, table: Union[AccessMap, regexptable.RegexpTable], request: PolicyRequest
+    ) -> Action:
         if type(table) is not AccessMap:
             assert isinstance(table, regexptable.RegexpTable)
             for name in self.lookups:

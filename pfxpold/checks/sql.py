@@ -166,17 +166,20 @@ class SQLCheck(Service):
         and cannot fill the pool's queue until lookups are refused.
         """
         values = [attribute_value(request, name) for name in self.parameters]
+        key = tuple(values)
+        cache = self.cache
+        if cache is not None:
+            # First, so that a warm cache costs one lookup: values the
+            # guard refuses are never looked up, so never cached either.
+            action = cache.get(key)
+            if action is not None:
+                return action
         if self.guard.refuses(zip(self.parameters, values, strict=True)):
             # PostgreSQL refuses a NUL in text, SQLite compares it: either
             # way no row holds such a value, so: not found.
             return self.not_found
-        key = tuple(values)
-        cache = self.cache
         if cache is None:
             return self.database.lookup(self.sql, values).addCallback(self._to_action, key)
-        action = cache.get(key)
-        if action is not None:
-            return action
         if sum(len(value or "") for value in key) > MAX_CACHED_KEY_LENGTH:
             # Not cached, so not shared either: no memory for huge keys.
             return self.database.lookup(self.sql, values).addCallback(self._to_action, key)

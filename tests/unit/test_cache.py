@@ -9,7 +9,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pfxpold.cache import Coalescer, ExpiringCache
+from pfxpold.cache import Coalescer, ExpiringCache, Memo
 
 
 class ExpiringCacheTests(SynchronousTestCase):
@@ -98,6 +98,75 @@ class ExpiringCacheTests(SynchronousTestCase):
         empty: ExpiringCache[str, int] = ExpiringCache(self.clock, 0)
         empty.put("key", 1, 60)
         self.assertIsNone(empty.get("key"))
+
+    def test_get_until(self) -> None:
+        """get_until answers the value with the time it lasts until, and misses after it."""
+        cache: ExpiringCache[str, str] = ExpiringCache(self.clock, 10)
+        self.clock.advance(100)
+        cache.put("key", "value", 30)
+        self.assertIsNone(cache.get_until("other"))
+        self.assertEqual(cache.get_until("key"), ("value", 130.0))
+        self.clock.advance(30)
+        self.assertIsNone(cache.get_until("key"))
+        self.assertEqual(len(cache), 0)
+
+    def test_clear(self) -> None:
+        """clear forgets every entry."""
+        cache: ExpiringCache[str, int] = ExpiringCache(self.clock, 10)
+        cache.put("a", 1, 60)
+        cache.put("b", 2, 60)
+        cache.clear()
+        self.assertEqual(len(cache), 0)
+        self.assertIsNone(cache.get("a"))
+
+
+class MemoTests(SynchronousTestCase):
+    """
+    L{Memo} remembers a table's answers, at most C{max_entries} of them,
+    until the table is replaced.
+    """
+
+    def test_remembers_for_the_table(self) -> None:
+        """An answer put for a table is got back for that table."""
+        table = object()
+        memo: Memo[str, str] = Memo(10)
+        self.assertIsNone(memo.get(table, "key"))
+        memo.put(table, "key", "answer")
+        self.assertEqual(memo.get(table, "key"), "answer")
+        self.assertIsNone(memo.get(table, "other"))
+
+    def test_another_table_empties_it(self) -> None:
+        """Asking with another table (a reload) forgets every answer of the old one."""
+        old, new = object(), object()
+        memo: Memo[str, str] = Memo(10)
+        memo.put(old, "a", "1")
+        memo.put(old, "b", "2")
+        self.assertIsNone(memo.get(new, "a"))
+        self.assertEqual(len(memo), 0)
+        self.assertIsNone(memo.get(old, "b"))
+        memo.put(new, "a", "3")
+        memo.put(old, "a", "4")
+        self.assertEqual(len(memo), 1)
+        self.assertIsNone(memo.get(new, "a"))
+
+    def test_bounded_lru(self) -> None:
+        """Past max_entries the least recently used answer goes, one at a time."""
+        table = object()
+        memo: Memo[int, int] = Memo(3)
+        for number in range(3):
+            memo.put(table, number, number)
+        self.assertEqual(memo.get(table, 0), 0)
+        memo.put(table, 3, 3)
+        self.assertEqual(len(memo), 3)
+        self.assertIsNone(memo.get(table, 1))
+        self.assertEqual([memo.get(table, key) for key in (0, 2, 3)], [0, 2, 3])
+
+    def test_nothing_kept(self) -> None:
+        """A memo of 0 entries keeps nothing."""
+        table = object()
+        memo: Memo[str, int] = Memo(0)
+        memo.put(table, "key", 1)
+        self.assertIsNone(memo.get(table, "key"))
 
 
 class CoalescerTests(SynchronousTestCase):

@@ -661,6 +661,88 @@ class CacheHitTests(CheckTestCase):
         self.assertEqual(len(resolver.queries), 3)
 
 
+class DecisionTests(CheckTestCase):
+    """
+    With every answer it needs in the cache, the check remembers its
+    decision for the request's values, for as long as the first of those
+    answers lasts.
+    """
+
+    def test_decision_remembered(self) -> None:
+        """A client seen again is answered from the decision, not the answers."""
+        check, resolver, _ = make_check(LISTED, [{"zone": "bl.test"}, {"zone": "other.test"}])
+        request = make_request(client_address="127.0.0.2")
+        first = self.successResultOf(run_check(check, request))
+        self.assertEqual(len(check.decisions), 0)
+        self.assertEqual(check.check(request), first)
+        self.assertEqual(len(check.decisions), 1)
+        # The answers are gone; the decision still holds.
+        check.cache.clear()
+        self.assertEqual(check.check(make_request(client_address="127.0.0.2")), first)
+        self.assertEqual(len(resolver.queries), 3)
+
+    def test_lasts_as_long_as_its_first_answer(self) -> None:
+        """The decision expires with the shortest-lived answer it was weighed from."""
+        check, resolver, clock = make_check(
+            LISTED, [{"zone": "bl.test"}, {"zone": "other.test"}], negative_ttl=10
+        )
+        request = make_request(client_address="127.0.0.2")
+        self.successResultOf(run_check(check, request))
+        clock.advance(5)
+        self.assertEqual(check.check(request).verb, "REJECT")
+        queries = len(resolver.queries)
+        clock.advance(4.9)
+        self.assertEqual(check.check(request).verb, "REJECT")
+        self.assertEqual(len(resolver.queries), queries)
+        clock.advance(0.1)
+        answer = check.check(request)
+        self.assertIsInstance(answer, Deferred)
+        self.assertEqual(self.successResultOf(answer).verb, "REJECT")
+        self.assertEqual(
+            [name for _, name, _ in resolver.queries[queries:]], ["2.0.0.127.other.test"]
+        )
+
+    def test_by_every_source(self) -> None:
+        """Requests differing only in a value some list looks up get decisions of their own."""
+        records = {"bad.example.rhs.test": {"A": ["127.0.0.2"]}}
+        lists = [{"zone": "bl.test"}, {"zone": "rhs.test", "lookup": "sender_domain"}]
+        check, _, _ = make_check(records, lists, action="REJECT listed")
+        good = make_request(client_address="127.0.0.3", sender="a@good.example")
+        bad = make_request(client_address="127.0.0.3", sender="a@bad.example")
+        for _ in range(2):
+            self.assertEqual(str(self.successResultOf(run_check(check, good))), "DUNNO")
+            self.assertEqual(str(self.successResultOf(run_check(check, bad))), "REJECT listed")
+        self.assertEqual(len(check.decisions), 2)
+
+    def test_skipping_forgets(self) -> None:
+        """
+        A list that starts being skipped after failures empties the
+        decisions, and none is remembered while a list is skipped.
+        """
+        check, resolver, _ = make_check(
+            LISTED, [{"zone": "bl.test"}, {"zone": "down.test"}], failure_limit=1
+        )
+        request = make_request(client_address="127.0.0.2")
+        self.successResultOf(run_check(check, request))
+        self.assertEqual(check.check(request).verb, "REJECT")
+        self.assertEqual(len(check.decisions), 1)
+        resolver.failing["3.0.0.127.down.test"] = TimeoutError()
+        self.successResultOf(run_check(check, make_request(client_address="127.0.0.3")))
+        self.assertEqual(len(check.decisions), 0)
+        self.assertEqual(check.check(request).verb, "REJECT")
+        self.assertEqual(len(check.decisions), 0)
+
+    def test_unusable_address_not_remembered(self) -> None:
+        """A client address that is not one is logged for every request, never remembered."""
+        check, _, _ = make_check({}, [{"zone": "bl.test"}])
+        for _ in range(2):
+            with capturedLogs() as events:
+                self.assertEqual(str(check.check(make_request(client_address="nonsense"))), "DUNNO")
+            self.assertEqual(len(events), 1)
+        self.assertEqual(len(check.decisions), 0)
+        self.assertEqual(check.unusable_addresses, 2)
+
+
 def _answer(addresses: tuple[str, ...]) -> Any:
     from pfxpold.checks.dnsbl import Answer
 

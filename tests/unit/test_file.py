@@ -13,7 +13,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from zope.interface.verify import verifyObject
 
-from pfxpold.checks.file import FileCheck
+from pfxpold.checks.file import MAX_MEMO_KEY_LENGTH, FileCheck
 from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck, IConfigWarnings, IExplainable
 from pfxpold.regexptable import TableLookupError
@@ -260,6 +260,79 @@ class ReloadTests(CheckTestCase):
         check.startService()
         self.addCleanup(check.stopService)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # the other check's timer only
+
+
+class MemoTests(CheckTestCase):
+    """
+    The check remembers its answers by the values looked up, for as long
+    as the table they came from is in force.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.path = temporary_path(self)
+        write(self.path, "192.0.2.1 OK\nscanner@example.com REJECT no scanners\n")
+
+    def make_check(self, **table) -> FileCheck:
+        check = FileCheck(
+            make_options(reactor=self.clock, map=self.path, reload_interval=5.0, **table)
+        )
+        check.startService()
+        self.addCleanup(check.stopService)
+        return check
+
+    def test_answer_remembered(self):
+        """A second request with the same values is answered from the memo, not the map."""
+        check = self.make_check(lookup=["client_address"])
+        request = make_request(client_address="192.0.2.1")
+        self.assertAction(check, request, "OK")
+        self.assertEqual(len(check.memo), 1)
+        # Not read from the map again: a memo hit never looks there.
+        check.map.lookup = None  # type: ignore[method-assign, assignment]
+        self.assertAction(check, make_request(client_address="192.0.2.1"), "OK")
+
+    def test_values_of_every_lookup_and_pair(self):
+        """The memo tells requests apart by every lookup and pair_with value."""
+        write(self.path, "192.0.2.1 scanner@example.com OK\n")
+        check = self.make_check(
+            lookup=["client_address"], pair_with=["sender"], not_found="REJECT no pair"
+        )
+        paired = make_request(client_address="192.0.2.1", sender="scanner@example.com")
+        other = make_request(client_address="192.0.2.1", sender="other@example.com")
+        for _ in range(2):
+            self.assertAction(check, paired, "OK")
+            self.assertAction(check, other, "REJECT no pair")
+        self.assertEqual(len(check.memo), 2)
+
+    def test_reload_forgets(self):
+        """A reloaded map answers at once; nothing remembered from the old one is used."""
+        check = self.make_check(lookup=["sender"])
+        request = make_request(sender="scanner@example.com")
+        self.assertAction(check, request, "REJECT no scanners")
+        write(self.path, "scanner@example.com OK\n")
+        self.clock.advance(5)
+        self.assertAction(check, request, "OK")
+        self.assertEqual(len(check.memo), 1)
+
+    def test_bounded(self):
+        """The memo holds at most MEMO_SIZE answers, and none for huge values."""
+        check = self.make_check(lookup=["sender"])
+        check.memo.max_entries = 0
+        self.assertAction(check, make_request(sender="scanner@example.com"), "REJECT no scanners")
+        self.assertEqual(len(check.memo), 0)
+        check = self.make_check(lookup=["sender"])
+        huge = "a" * MAX_MEMO_KEY_LENGTH + "@example.com"
+        self.assertAction(check, make_request(sender=huge), "DUNNO")
+        self.assertEqual(len(check.memo), 0)
+
+    def test_failed_lookup_not_remembered(self):
+        """A regexp rule whose result fails is not remembered: it fails every time."""
+        write(self.path, "/^(.*)@old\\.example$/ REDIRECT $1@new.example\n")
+        check = self.make_check(format="regexp", lookup=["sender"])
+        request = make_request(sender="a@b@old.example")
+        for _ in range(2):
+            self.failureResultOf(run_check(check, request), TableLookupError)
+        self.assertEqual(len(check.memo), 0)
 
 
 HELO_TABLE = """\

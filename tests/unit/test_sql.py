@@ -173,6 +173,22 @@ class SQLCheckTests(CheckTestCase):
         run_check(check, make_request(client_address="unknown"))
         self.assertEqual(len(self.database.lookups), 1)
 
+    def test_cache_read_before_guard(self):
+        """
+        A cached answer is given at once, before the guard; a value the
+        guard refuses is never cached, so it is refused every time.
+        """
+        check = self.make_check(not_found="REJECT not allowed", cache_negative_ttl=60)
+        request = make_request(sender="a@example.com")
+        pending = run_check(check, request)
+        self.database.pending[0].callback(None)
+        self.assertEqual(str(self.successResultOf(pending)), "REJECT not allowed")
+        self.assertAction(check, request, "REJECT not allowed")
+        self.assertEqual((len(self.database.lookups), check.guard.refused), (1, 0))
+        for _ in range(2):
+            self.assertAction(check, make_request(sender="a\x00@example.com"), "REJECT not allowed")
+        self.assertEqual((len(self.database.lookups), check.guard.refused), (1, 2))
+
     def test_found_not_found(self):
         """found answers a row, not_found no row."""
         check = self.make_check(not_found="REJECT no")
