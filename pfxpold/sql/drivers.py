@@ -46,7 +46,7 @@ class SQLiteDriver:
 
     module = "sqlite3"
     placeholder = "?"
-    dialect = "sqlite"
+    dialect = "standard"
     escape_percent = False
     max_connections = 1
 
@@ -120,7 +120,7 @@ class PostgreSQLDriver:
 
     module = "psycopg"
     placeholder = "%s"
-    dialect = "postgresql"
+    dialect = "standard"
     escape_percent = True
     max_connections: Optional[int] = None
 
