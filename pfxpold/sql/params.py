@@ -120,10 +120,10 @@ class Query:
             if isinstance(part, str):
                 sql.append(part)
             elif part.rank_of is not None:
-                keys = values[part.name]
-                if not keys:
-                    sql.append("0")
-                    continue
+                # An empty list ranks against one NULL, which equals
+                # nothing: never a bare 0, which ORDER BY reads as a
+                # column number.
+                keys = values[part.name] or [None]
                 sql.append("(CASE (")
                 part.rank_of._render(values, sql, bound)
                 sql.append(")")
