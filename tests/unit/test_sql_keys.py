@@ -79,7 +79,7 @@ class KeyListQueryTests(SynchronousTestCase):
             sql, values = query.bind({"client_address_keys": network_keys(address)})
             self.assertEqual(connection.execute(sql, values).fetchone(), (expected,))
         sql, values = query.bind({"client_address_keys": []})
-        self.assertEqual(values, [None])
+        self.assertEqual(values, [None, None])
         self.assertIsNone(connection.execute(sql, values).fetchone())
 
     def test_rank_needs_column(self) -> None:
