@@ -428,3 +428,52 @@ not_found = "DUNNO"
         assert client.ask({**sender, "client_address": "198.51.100.1"}) == "DUNNO"
         assert client.ask({"sender": "no-at-sign", "client_address": "192.0.2.1"}) == "DUNNO"
         assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"
+
+
+def mariadb_config(server, port: int = 0) -> str:
+    """
+    examples/relay-acl-postgresql.toml pointed at the MariaDB test server,
+    without its cache.
+    """
+    return replaced(
+        example("relay-acl-postgresql.toml"),
+        ('driver = "postgresql"', 'driver = "mysql"'),
+        (
+            'conninfo = "host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold"',
+            f'url = "{server.url(port=port)}"',
+        ),
+        ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
+        ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
+    )
+
+
+def test_mariadb_relay_acl(tmp_path, lookup_mariadb):
+    """The relay-ACL sample answers from a real MariaDB server."""
+    with (
+        running_daemon(tmp_path, mariadb_config(lookup_mariadb)) as daemon,
+        daemon.client() as client,
+    ):
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask(UNKNOWN) == REJECT
+        assert (
+            client.ask({**UNKNOWN, "client_address": "2001:db8:10::33", "sender": "x@example.com"})
+            == "OK"
+        )
+        named = {
+            **UNKNOWN,
+            "client_name": "bulk.mail.example.com",
+            "sender": "newsletter@example.com",
+        }
+        assert client.ask(named) == "OK"
+
+
+def test_mariadb_hostile_senders(tmp_path, lookup_mariadb):
+    """Hostile senders are escaped values, never SQL: none allowed, the table intact."""
+    with (
+        running_daemon(tmp_path, mariadb_config(lookup_mariadb)) as daemon,
+        daemon.client() as client,
+    ):
+        for sender in HOSTILE_SENDERS:
+            assert client.ask({**ALLOWED, "sender": sender}) == REJECT, sender
+        assert client.ask(ALLOWED) == "OK"
+    assert lookup_mariadb.execute("SELECT count(*) FROM relay_acl") == [(4,)]
