@@ -1,7 +1,7 @@
 """
 Benchmark for the sql check: lookups per second through the adbapi pool
-against SQLite and against a private PostgreSQL (started like the tests
-start it), without a cache and with one, with several lookups in flight as
+against SQLite, a private PostgreSQL and a private MariaDB (started like
+the tests start them), without a cache and with one, with several lookups in flight as
 Postfix's many connections would have.
 
     PYTHONPATH=. python3 bench/sql_bench.py [--lookups 5000] [--concurrency 20]
@@ -94,8 +94,31 @@ async def main(reactor, arguments) -> None:
     connection.close()
     print(f"{arguments.lookups} lookups, {arguments.concurrency} in flight, {ROWS} rows:")
     await bench(reactor, "SQLite", {"database": path}, arguments)
-    if arguments.no_postgresql:
-        return
+    if not arguments.no_postgresql:
+        await bench_postgresql(reactor, arguments)
+    if not arguments.no_mysql:
+        await bench_mysql(reactor, arguments)
+
+
+async def bench_mysql(reactor, arguments) -> None:
+    from tests.integration.lookup_mariadb import MariaDBServer
+
+    server = MariaDBServer()
+    try:
+        server.start()
+        server.execute("CREATE DATABASE pfxpold", None)
+        server.execute(SCHEMA.replace("TEXT", "VARCHAR(255)"))
+        connection = server.connect()
+        with connection.cursor() as cursor:
+            cursor.executemany("INSERT INTO relay_acl VALUES (%s, %s)", rows())
+        connection.close()
+        settings = {"driver": "mysql", "url": server.url(), "pool_size": 4}
+        await bench(reactor, "MySQL", settings, arguments)
+    finally:
+        server.cleanup()
+
+
+async def bench_postgresql(reactor, arguments) -> None:
     from tests.integration.lookup_postgresql import PostgreSQLServer
 
     server = PostgreSQLServer()
@@ -119,5 +142,6 @@ if __name__ == "__main__":
     parser.add_argument("--lookups", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--no-postgresql", action="store_true")
+    parser.add_argument("--no-mysql", action="store_true")
     parsed = parser.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(main(reactor, parsed)))

@@ -33,6 +33,7 @@ BUILTIN_CHECKS: dict[str, str] = {
 OPTIONAL_LIBRARIES: dict[str, tuple[str, str]] = {
     "ldaptor": ("ldaptor", "ldap"),
     "psycopg": ("psycopg", "postgresql"),
+    "pymysql": ("PyMySQL", "mysql"),
     "OpenSSL": ("pyOpenSSL", "http"),
     "service_identity": ("service_identity", "http"),
     "prometheus_client": ("prometheus_client", "metrics"),

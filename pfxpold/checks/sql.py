@@ -35,11 +35,19 @@ from pfxpold.checks._values import ControlCharacterGuard
 from pfxpold.config import CheckOptions
 from pfxpold.interfaces import ICheck
 from pfxpold.request import PolicyRequest
-from pfxpold.sql.drivers import PostgreSQLDriver, SQLiteDriver, psycopg
-from pfxpold.sql.params import translate_query
+from pfxpold.sql.drivers import (
+    MySQLDriver,
+    PostgreSQLDriver,
+    SQLiteDriver,
+    URLError,
+    psycopg,
+    pymysql,
+)
+from pfxpold.sql.keys import KEY_LISTS, LIST_SUFFIX, check_key_list
+from pfxpold.sql.params import parse_query
 from pfxpold.sql.pool import Database
 
-DRIVERS = ("sqlite", "postgresql")
+DRIVERS = ("sqlite", "postgresql", "mysql", "mariadb")
 DEFAULT_POOL_SIZE = 4
 DEFAULT_MAX_WAITING = 100
 DEFAULT_QUERY_TIMEOUT = 5.0
@@ -90,6 +98,15 @@ class SQLCheck(Service):
                 problem = driver.probe()
                 if problem is not None:
                     raise options.error("database", problem)
+        elif driver_name in ("mysql", "mariadb"):
+            url = options.string("url")
+            password = options.secret("password_file", None)
+            if pymysql is None:
+                raise MissingExtraError(extra_advice("pymysql"))
+            try:
+                driver = MySQLDriver(url, password, connect_timeout, query_timeout)
+            except URLError as e:
+                raise options.error("url", str(e)) from None
         else:
             conninfo = options.string("conninfo")
             password = options.secret("password_file", None)
@@ -102,11 +119,17 @@ class SQLCheck(Service):
                 raise options.error("conninfo", f"is not a libpq connection string: {e}") from None
             driver = PostgreSQLDriver(conninfo, password, connect_timeout, query_timeout)
         try:
-            self.sql, self.parameters = translate_query(
-                options.string("query"), driver.placeholder, driver.escape_percent
+            self.query = parse_query(
+                options.string("query"), driver.placeholder, driver.escape_percent, driver.dialect
             )
+            #: Each value name once: a key list's values come from its
+            #: attribute, which the guard and the cache key see.
+            self.parameters = list(dict.fromkeys(self.query.names))
             for name in self.parameters:
-                check_attribute(name)
+                if name.endswith(LIST_SUFFIX):
+                    check_key_list(name)
+                else:
+                    check_attribute(name)
         except ValueError as e:
             raise options.error("query", str(e)) from None
         self.found = options.action("found", None)
@@ -165,7 +188,8 @@ class SQLCheck(Service):
         or many recipients at once) then costs one query, not one each,
         and cannot fill the pool's queue until lookups are refused.
         """
-        values = [attribute_value(request, name) for name in self.parameters]
+        sources = [KEY_LISTS[name][0] if name in KEY_LISTS else name for name in self.parameters]
+        values = [attribute_value(request, name) for name in sources]
         key = tuple(values)
         cache = self.cache
         if cache is not None:
@@ -174,20 +198,26 @@ class SQLCheck(Service):
             action = cache.get(key)
             if action is not None:
                 return action
-        if self.guard.refuses(zip(self.parameters, values, strict=True)):
+        if self.guard.refuses(zip(sources, values, strict=True)):
             # PostgreSQL refuses a NUL in text, SQLite compares it: either
             # way no row holds such a value, so: not found.
             return self.not_found
+        sql, values = self.query.bind(
+            {
+                name: KEY_LISTS[name][1](request) if name in KEY_LISTS else value
+                for name, value in zip(self.parameters, values, strict=True)
+            }
+        )
         if cache is None:
-            return self.database.lookup(self.sql, values).addCallback(self._to_action, key)
+            return self.database.lookup(sql, values).addCallback(self._to_action, key)
         if sum(len(value or "") for value in key) > MAX_CACHED_KEY_LENGTH:
             # Not cached, so not shared either: no memory for huge keys.
-            return self.database.lookup(self.sql, values).addCallback(self._to_action, key)
+            return self.database.lookup(sql, values).addCallback(self._to_action, key)
         # Each request gets its own Deferred: cancelling one (the chain's
         # timeout) leaves the others waiting; the query is interrupted
         # only when every request waiting for it gave up.
         return self.in_flight.run(
-            key, lambda: self.database.lookup(self.sql, values).addCallback(self._to_action, key)
+            key, lambda: self.database.lookup(sql, values).addCallback(self._to_action, key)
         )
 
     def _to_action(self, row: Optional[Sequence[Any]], key: tuple) -> Action:

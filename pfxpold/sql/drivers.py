@@ -1,6 +1,7 @@
 """
 The database drivers the C{sql} check speaks: SQLite (the standard
-library's C{sqlite3}) and PostgreSQL (psycopg 3). Each says how
+library's C{sqlite3}), PostgreSQL (psycopg 3) and MySQL/MariaDB (PyMySQL).
+Each says how
 L{twisted.enterprise.adbapi} connects, which placeholder it takes, how a
 query runs on a pool thread, and how a running query is interrupted.
 """
@@ -24,6 +25,17 @@ try:
 except ImportError:  # pragma: no cover - the postgresql extra is not installed
     psycopg = None
 
+pymysql: Any
+try:
+    import pymysql  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover - the mysql extra is not installed
+    pymysql = None
+
+#: The URL schemes of the MySQL driver (MariaDB speaks the same protocol).
+MYSQL_SCHEMES = ("mysql", "mariadb")
+#: What a MySQL URL's query string may say.
+MYSQL_URL_OPTIONS = ("unix_socket", "ssl_ca", "ssl_cert", "ssl_key")
+
 
 class SQLiteDriver:
     """
@@ -34,6 +46,7 @@ class SQLiteDriver:
 
     module = "sqlite3"
     placeholder = "?"
+    dialect = "standard"
     escape_percent = False
     max_connections = 1
 
@@ -107,6 +120,7 @@ class PostgreSQLDriver:
 
     module = "psycopg"
     placeholder = "%s"
+    dialect = "standard"
     escape_percent = True
     max_connections: Optional[int] = None
 
@@ -170,3 +184,170 @@ class PostgreSQLDriver:
             pass
         finally:
             duplicate.close()
+
+
+class URLError(ValueError):
+    """
+    A MySQL URL that cannot be used; the message says why.
+    """
+
+
+def parse_mysql_url(url: str) -> dict[str, Any]:
+    """
+    Read a C{mysql://user@host:port/database?option=value} URL (or
+    C{mariadb://}) into PyMySQL's connection keywords.
+
+    Options: C{unix_socket} (the server's socket; the host is then only a
+    name), C{ssl_ca} (TLS, the server's certificate and host name checked
+    against this CA file), C{ssl_cert} and C{ssl_key} (a client
+    certificate). A password in the URL is refused: it belongs in
+    C{password_file}, which is not shown by C{--check-config} or in logs.
+
+    @raise URLError: when the URL is not one.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise URLError(f"is not a MySQL URL: {e}") from None
+    if parts.scheme not in MYSQL_SCHEMES:
+        raise URLError("must start with mysql:// or mariadb:// (mysql://user@host:3306/database)")
+    if parts.password is not None:
+        raise URLError("holds a password: put it in password_file instead")
+    if not parts.username:
+        raise URLError("names no user (mysql://user@host/database)")
+    database = urllib.parse.unquote(parts.path.lstrip("/"))
+    if not database or "/" in database:
+        raise URLError("names no database (mysql://user@host/database)")
+    if parts.fragment:
+        raise URLError("has a #fragment")
+    keywords: dict[str, Any] = {
+        "user": urllib.parse.unquote(parts.username),
+        "database": database,
+        "host": parts.hostname or "localhost",
+        "port": port or 3306,
+    }
+    try:
+        options = urllib.parse.parse_qsl(
+            parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)
+        )
+    except ValueError as e:
+        raise URLError(f"has a bad query string: {e}") from None
+    for name, value in options:
+        if name not in MYSQL_URL_OPTIONS:
+            raise URLError(
+                f"has an unknown option {name!r} (known: {', '.join(MYSQL_URL_OPTIONS)})"
+            )
+        if name in keywords:
+            raise URLError(f"gives {name} twice")
+        if not value:
+            raise URLError(f"gives an empty {name}")
+        keywords[name] = value
+    if ("ssl_cert" in keywords or "ssl_key" in keywords) and "ssl_ca" not in keywords:
+        raise URLError("gives a client certificate without ssl_ca")
+    if "ssl_ca" in keywords:
+        # Verified like any TLS client should: the chain and the name.
+        keywords["ssl_verify_cert"] = True
+        keywords["ssl_verify_identity"] = "unix_socket" not in keywords
+    return keywords
+
+
+class MySQLDriver:
+    """
+    MySQL and MariaDB through PyMySQL (pure Python), in autocommit mode so
+    that every lookup sees the table as it is now (InnoDB's repeatable
+    reads would otherwise keep the first lookup's snapshot for ever), with
+    connect and read timeouts, and the server's own statement timeout
+    (MariaDB's C{max_statement_time}, MySQL's C{max_execution_time}).
+
+    PyMySQL puts the escaped values into the statement it sends (MySQL's
+    text protocol), so the query's text must be lexed as MySQL reads it:
+    L{pfxpold.sql.params} does that for the C{mysql} dialect.
+    """
+
+    module = "pymysql"
+    placeholder = "%s"
+    escape_percent = True
+    dialect = "mysql"
+    max_connections: Optional[int] = None
+
+    def __init__(
+        self,
+        url: str,
+        password: Optional[str],
+        connect_timeout: float,
+        query_timeout: float,
+    ) -> None:
+        if pymysql is None:
+            # The sql check says which extra to install before it gets here.
+            raise ImportError("the MySQL driver needs PyMySQL")
+        keywords = parse_mysql_url(url)
+        self.location = (
+            keywords.get("unix_socket") or f"{keywords['host']}:{keywords['port']}"
+        ) + f"/{keywords['database']}"
+        self.query_timeout = query_timeout
+        # A backstop only: the pool interrupts a query at query_timeout.
+        socket_timeout = max(query_timeout * 2, query_timeout + 5.0)
+        keywords.update(
+            {
+                "charset": "utf8mb4",
+                "autocommit": True,
+                "connect_timeout": connect_timeout,
+                "read_timeout": socket_timeout,
+                "write_timeout": socket_timeout,
+                "program_name": "pfxpold",
+            }
+        )
+        if password is not None:
+            keywords["password"] = password
+        self.connect_args = ()
+        self.connect_keywords = keywords
+
+    def describe(self) -> str:
+        return f"MySQL {self.location}"
+
+    def on_connect(self, connection: Any) -> None:
+        """
+        Set the server's statement timeout on a new connection; in a pool
+        thread.
+        """
+        with connection.cursor() as cursor:
+            if "mariadb" in connection.get_server_info().lower():
+                cursor.execute(
+                    "SET SESSION max_statement_time = %s", (round(self.query_timeout, 3),)
+                )
+            else:
+                # MySQL 5.7.8+: read-only SELECTs only, in milliseconds.
+                cursor.execute(
+                    "SET SESSION max_execution_time = %s",
+                    (max(1, int(self.query_timeout * 1000)),),
+                )
+
+    def fetch_one(
+        self, connection: Any, sql: str, values: Sequence[Any], abandoned: Callable[[], bool]
+    ) -> Optional[tuple]:
+        """
+        Run the query; in a pool thread. (An abandoned query is stopped by
+        L{interrupt}, which breaks the connection.)
+        """
+        with connection.cursor() as cursor:
+            # PyMySQL formats with %: always pass a tuple, so a literal
+            # %% in the query means one % even without parameters.
+            cursor.execute(sql, tuple(values))
+            return cursor.fetchone()
+
+    def is_broken(self, connection: Any) -> bool:
+        return not connection.open
+
+    def interrupt(self, connection: Any) -> None:
+        # KILL QUERY would need a second connection to a server that may be
+        # the one not answering; shutting the socket down wakes the blocked
+        # thread at once, and the connection is then replaced. PyMySQL
+        # keeps its socket in _sock and offers no public way to reach it.
+        sock = getattr(connection, "_sock", None)
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -73,6 +73,7 @@ class Database:
             cp_max=self.pool_size,
             cp_noisy=False,
             cp_reactor=self.reactor,
+            cp_openfun=getattr(self.driver, "on_connect", None),
             **self.driver.connect_keywords,
         )
 

@@ -36,6 +36,29 @@ def lookup_postgresql() -> Iterator:
 
 
 @pytest.fixture(scope="session")
+def lookup_mariadb() -> Iterator:
+    """
+    A private MariaDB server with a C{pfxpold} database holding the
+    relay-ACL table of examples/relay-acl.sql; stopped at the end of the
+    session.
+    """
+    from tests.integration.lookup_mariadb import MariaDBServer
+
+    server = MariaDBServer()
+    try:
+        server.start()
+        server.execute("CREATE DATABASE pfxpold", None)
+        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), encoding="utf-8") as f:
+            script = "\n".join(line for line in f if not line.startswith("--"))
+        for statement in script.split(";"):
+            if statement.strip():
+                server.execute(statement)
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
 def pfxpold_installation() -> Iterator[Installation]:
     """
     pfxpold built from this checkout (sdist, then a wheel from the sdist)

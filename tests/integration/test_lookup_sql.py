@@ -428,3 +428,118 @@ not_found = "DUNNO"
         assert client.ask({**sender, "client_address": "198.51.100.1"}) == "DUNNO"
         assert client.ask({"sender": "no-at-sign", "client_address": "192.0.2.1"}) == "DUNNO"
         assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"
+
+
+def mariadb_config(server, port: int = 0) -> str:
+    """
+    examples/relay-acl-postgresql.toml pointed at the MariaDB test server,
+    without its cache.
+    """
+    return replaced(
+        example("relay-acl-postgresql.toml"),
+        ('driver = "postgresql"', 'driver = "mysql"'),
+        (
+            'conninfo = "host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold"',
+            f'url = "{server.url(port=port)}"',
+        ),
+        ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
+        ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
+    )
+
+
+def test_mariadb_relay_acl(tmp_path, lookup_mariadb):
+    """The relay-ACL sample answers from a real MariaDB server."""
+    with (
+        running_daemon(tmp_path, mariadb_config(lookup_mariadb)) as daemon,
+        daemon.client() as client,
+    ):
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask(UNKNOWN) == REJECT
+        assert (
+            client.ask({**UNKNOWN, "client_address": "2001:db8:10::33", "sender": "x@example.com"})
+            == "OK"
+        )
+        named = {
+            **UNKNOWN,
+            "client_name": "bulk.mail.example.com",
+            "sender": "newsletter@example.com",
+        }
+        assert client.ask(named) == "OK"
+
+
+def test_mariadb_hostile_senders(tmp_path, lookup_mariadb):
+    """Hostile senders are escaped values, never SQL: none allowed, the table intact."""
+    with (
+        running_daemon(tmp_path, mariadb_config(lookup_mariadb)) as daemon,
+        daemon.client() as client,
+    ):
+        for sender in HOSTILE_SENDERS:
+            assert client.ask({**ALLOWED, "sender": sender}) == REJECT, sender
+        assert client.ask(ALLOWED) == "OK"
+    assert lookup_mariadb.execute("SELECT count(*) FROM relay_acl") == [(4,)]
+
+
+KEY_LIST_ROWS = [
+    ("192.0.2.0/24", "REJECT network"),
+    ("192.0.2.10", "OK host"),
+    ("2001:db8::/32", "DEFER_IF_PERMIT v6"),
+    ("example.com", "REJECT domain"),
+]
+KEY_LIST_QUERY = """
+    SELECT action FROM client_access
+     WHERE origin IN (:client_address_keys) OR origin IN (:sender_domain_keys)
+     ORDER BY :client_address_keys_rank(origin), :sender_domain_keys_rank(origin)
+     LIMIT 1
+"""
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "mysql"])
+def test_key_lists(tmp_path, request, database):
+    """
+    One query matches network rows and parent-domain rows, most specific
+    first, on SQLite, PostgreSQL and MariaDB alike.
+    """
+    create = "CREATE TABLE client_access (origin VARCHAR(255), action VARCHAR(255))"
+    if database == "sqlite":
+        connection = sqlite3.connect(os.path.join(tmp_path, "client-access.sqlite"))
+        connection.execute(create)
+        connection.executemany("INSERT INTO client_access VALUES (?, ?)", KEY_LIST_ROWS)
+        connection.commit()
+        connection.close()
+        where = 'database = "client-access.sqlite"'
+    elif database == "postgresql":
+        server = request.getfixturevalue("lookup_postgresql")
+        server.execute("DROP TABLE IF EXISTS client_access")
+        server.execute(create)
+        for row in KEY_LIST_ROWS:
+            server.execute("INSERT INTO client_access VALUES (%s, %s)", params=row)
+        where = f'driver = "postgresql"\nconninfo = "{server.conninfo()}"'
+    else:
+        server = request.getfixturevalue("lookup_mariadb")
+        server.execute("DROP TABLE IF EXISTS client_access")
+        server.execute(create)
+        for row in KEY_LIST_ROWS:
+            server.execute("INSERT INTO client_access VALUES (%s, %s)", params=row)
+        where = f'driver = "mysql"\nurl = "{server.url()}"'
+    config = f'[[check]]\nname = "access"\ntype = "sql"\n{where}\nquery = """{KEY_LIST_QUERY}"""\n'
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        other = {"sender": "a@other.example.org"}
+        assert client.ask({**other, "client_address": "192.0.2.10"}) == "OK host"
+        assert client.ask({**other, "client_address": "::ffff:192.0.2.11"}) == "REJECT network"
+        assert client.ask({**other, "client_address": "2001:db8::5"}) == "DEFER_IF_PERMIT v6"
+        assert (
+            client.ask({"client_address": "10.0.0.1", "sender": "x@mail.Example.com"})
+            == "REJECT domain"
+        )
+        assert client.ask({**other, "client_address": "10.0.0.1"}) == "DUNNO"
+        assert client.ask({**other, "client_address": "unknown"}) == "DUNNO"
+
+
+def test_mariadb_unreachable(tmp_path, lookup_mariadb, silent_listener):
+    """A MySQL server that never answers gives the on_error DEFER, and the daemon stops."""
+    config = replaced(
+        mariadb_config(lookup_mariadb, port=silent_listener), ("timeout = 5.0", "timeout = 3.0")
+    )
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == DEFER
+    assert daemon.process.returncode == -signal.SIGTERM
