@@ -7,8 +7,9 @@ after a C{MOVED} redirection (at most one refresh at a time). A command
 whose slot is not known yet goes to any node; its answer (C{MOVED}) says
 where to go. A slot being migrated answers C{ASK}: the command is sent
 once to the importing node, after C{ASKING}, and the map is left alone.
-A multi-key command caught half-way through a migration answers
-C{TRYAGAIN}: it is sent again a little later, a few times. Every attempt
+A multi-key command caught half-way through a migration (a sliding
+window's buckets, some moved, some not yet written) answers C{TRYAGAIN}:
+it is sent again every 50 ms, within the node's timeout. Every attempt
 is bounded by the node client's timeout, and redirections by a count, so
 a cluster in trouble never holds a request longer than the check allows.
 
@@ -32,8 +33,8 @@ from pfxpold.state.resp import RedisClient, RedisError, RedisUnavailable
 SLOTS = 16384
 #: Redirections followed for one command before it fails.
 MAX_REDIRECTIONS = 5
-#: TRYAGAIN answers waited out for one command, and the wait between.
-MAX_TRYAGAIN = 10
+#: The wait between two tries of a command answered TRYAGAIN (tried again
+#: until the node's timeout has passed since the first).
 TRYAGAIN_DELAY = 0.05
 #: The shortest time between two slot map refreshes.
 REFRESH_INTERVAL = 0.5
@@ -167,6 +168,7 @@ class ClusterClient(MultiService):
         self._refreshing = False
         self._last_refresh = float("-inf")
         self._timeout: Optional[float] = None
+        self._seen: set[tuple[str, int, Address]] = set()
         for seed in self.seeds:
             self.node(seed)
 
@@ -290,7 +292,8 @@ class ClusterClient(MultiService):
     async def _execute(self, arguments: tuple[Any, ...], slot: Optional[int]) -> Any:
         address = self.where(slot) if slot is not None else self.where(0)
         asking = False
-        redirections = tryagains = 0
+        redirections = 0
+        started = self.reactor.seconds()
         while True:
             client = self.node(address)
             try:
@@ -308,12 +311,25 @@ class ClusterClient(MultiService):
                         ) from None
                     kind, moved_slot, address = redirection
                     asking = kind == "ASK"
+                    if (kind, moved_slot, address) not in self._seen:
+                        # Once per slot and place: a migration is worth a
+                        # line, not a line per command.
+                        self._seen.add((kind, moved_slot, address))
+                        self._log.info(
+                            "{description}: slot {slot} {what} {address}",
+                            description=self.description,
+                            slot=moved_slot,
+                            what="moved to" if kind == "MOVED" else "is migrating to",
+                            address=str(address),
+                        )
                     if kind == "MOVED":
                         self._slots[moved_slot] = address
                         self.refresh()
                     continue
-                if message.startswith("TRYAGAIN") and tryagains < MAX_TRYAGAIN:
-                    tryagains += 1
+                if (
+                    message.startswith("TRYAGAIN")
+                    and self.reactor.seconds() + TRYAGAIN_DELAY < started + client.timeout
+                ):
                     await deferLater(self.reactor, TRYAGAIN_DELAY, lambda: None)
                     continue
                 raise

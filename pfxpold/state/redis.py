@@ -235,18 +235,24 @@ def make_client(settings: RedisSettings, reactor: Any, name: str) -> Any:
 
     def switched(address: Address) -> None:
         if address != endpoint.current:
+            endpoint.hint = address
             master.drop()
 
-    SentinelWatch(
-        reactor,
-        settings.sentinels,
-        settings.master_name,
-        connect,
-        settings.timeout,
-        switched,
-        credentials,
-        description,
-    ).setServiceParent(master)
+    # Started and stopped with the store (see RedisStore): one
+    # subscription per sentinel.
+    master.companions = [
+        SentinelWatch(
+            reactor,
+            [sentinel],
+            settings.master_name,
+            connect,
+            settings.timeout,
+            switched,
+            credentials,
+            f"{description} via sentinel {sentinel}",
+        )
+        for sentinel in settings.sentinels
+    ]
     return master
 
 
@@ -273,6 +279,8 @@ class RedisStore(MultiService):
         self.prefix = self.settings.prefix
         self.client: Any = make_client(self.settings, options.reactor, self.name)
         self.client.setServiceParent(self)
+        for companion in getattr(self.client, "companions", ()):
+            companion.setServiceParent(self)
 
     def consume(
         self, counters: Sequence[Counter], amount: int, now: float

@@ -349,13 +349,13 @@ class RedisClient(ClientService):
         self._gave_up_waiting = False
         #: The last reason a connection could not be used, logged once.
         self._last_problem: Optional[str] = None
+        #: Services to run beside this client (a Sentinel subscription).
+        self.companions: list[Any] = []
 
     async def _prepare(self, protocol: Any) -> None:
         try:
             if self.password is not None:
-                credentials = (
-                    (self.username, self.password) if self.username else (self.password,)
-                )
+                credentials = (self.username, self.password) if self.username else (self.password,)
                 try:
                     await self._bounded(protocol.execute("AUTH", *credentials), protocol)
                 except RedisError as e:
@@ -440,9 +440,7 @@ class RedisClient(ClientService):
                 # that the replies of later commands cannot be late too.
                 if protocol.transport is not None:
                     protocol.transport.abortConnection()
-                command.errback(
-                    RedisTimeout(f"{self.description}: no answer in {self.timeout}s")
-                )
+                command.errback(RedisTimeout(f"{self.description}: no answer in {self.timeout}s"))
 
             deadlines = self._deadlines[protocol] = _Deadlines(self.reactor, self.timeout, expired)
         deadlines.track(d)

@@ -35,6 +35,9 @@ from pfxpold.state.resp import RedisError, RedisProtocol, RedisUnavailable
 
 #: The channel on which sentinels announce a new master.
 SWITCH_MASTER = "+switch-master"
+#: The channel on which the sentinel that leads a failover announces the
+#: replica it promoted, before the others switch.
+PROMOTED = "+promoted-slave"
 
 
 def parse_master_address(reply: Any) -> Optional[Address]:
@@ -72,6 +75,18 @@ def parse_switch_master(payload: bytes) -> Optional[tuple[str, Address]]:
     if len(parts) != 5 or not parts[4].isdigit():
         return None
     return parts[0], Address(parts[3], int(parts[4]))
+
+
+def parse_promoted(payload: bytes) -> Optional[tuple[str, Address]]:
+    """
+    A C{+promoted-slave} message (C{slave NAME HOST PORT @ MASTER MHOST
+    MPORT}) as the master's name and the promoted replica's address;
+    L{None} when malformed.
+    """
+    parts = payload.decode("utf-8", "replace").split()
+    if len(parts) != 8 or parts[0] != "slave" or parts[4] != "@" or not parts[3].isdigit():
+        return None
+    return parts[5], Address(parts[2], int(parts[3]))
 
 
 async def _ask_once(
@@ -136,7 +151,8 @@ class SentinelEndpoint:
         self.credentials = credentials
         self.description = description
         self.current: Optional[Address] = None
-        self._last_problem: Optional[str] = None
+        #: Where a sentinel said the master went (tried first, once).
+        self.hint: Optional[Address] = None
 
     async def master_address(self) -> Address:
         """
@@ -172,7 +188,9 @@ class SentinelEndpoint:
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         async def connect() -> Any:
-            address = await self.master_address()
+            hint, self.hint = self.hint, None
+            # A hint from a sentinel's message saves asking; ROLE confirms it.
+            address = hint if hint is not None else await self.master_address()
             if address != self.current:
                 self._log.info(
                     "{description}: the sentinels name {address} as the master",
@@ -187,10 +205,11 @@ class SentinelEndpoint:
 
 class SentinelWatch(ClientService):
     """
-    A subscription to C{+switch-master} on one sentinel at a time (the
-    next one when it is lost): C{switched} is called at once when the
-    master of C{master_name} moves, instead of when the old one drops
-    its clients.
+    A subscription to C{+switch-master} and C{+promoted-slave} on one
+    sentinel (the store keeps one per sentinel, since only the leader of
+    a failover announces the promotion): C{switched} is called at once
+    when the master of C{master_name} moves, instead of when the old one
+    drops its clients.
     """
 
     _log = Logger()
@@ -228,9 +247,10 @@ class SentinelWatch(ClientService):
                 auth = protocol.execute("AUTH", *self.credentials)
                 auth.addTimeout(self.timeout, self.reactor)
                 await auth
-            subscribed = protocol.subscribe(SWITCH_MASTER, self._message)
-            subscribed.addTimeout(self.timeout, self.reactor)
-            await subscribed
+            for channel in (SWITCH_MASTER, PROMOTED):
+                subscribed = protocol.subscribe(channel, self._message)
+                subscribed.addTimeout(self.timeout, self.reactor)
+                await subscribed
         except BaseException:
             # See RedisClient._prepare: close it without telling
             # ClientService, which would fail on it.
@@ -241,7 +261,10 @@ class SentinelWatch(ClientService):
             raise
 
     def _message(self, channel: bytes, payload: bytes) -> None:
-        switch = parse_switch_master(payload)
+        if channel == PROMOTED.encode("ascii"):
+            switch = parse_promoted(payload)
+        else:
+            switch = parse_switch_master(payload)
         if switch is None or switch[0] != self.master_name:
             return
         self._log.info(

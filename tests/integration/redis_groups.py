@@ -7,6 +7,7 @@ Cluster. Every process is ours, stopped by PID even when a test fails.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -141,7 +142,11 @@ class SentinelGroup:
                 if "s_down" in master.get("flags", "") or "o_down" in master.get("flags", ""):
                     return False
                 replica = redis_cli(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME)
-                if "master_link_down" in replica or "s_down" in replica or "disconnected" in replica:
+                if (
+                    "master_link_down" in replica
+                    or "s_down" in replica
+                    or "disconnected" in replica
+                ):
                     return False
                 ports.add(master["port"])
             if len(ports) != 1:
@@ -213,6 +218,22 @@ class Cluster:
         raise RuntimeError(f"nobody holds slot {slot}")
 
 
+def cluster_port() -> int:
+    """
+    A free port whose cluster bus port (10000 above) is free and valid.
+    """
+    while True:
+        port = free_port()
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 @contextmanager
 def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
     """
@@ -223,7 +244,7 @@ def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
     cluster = Cluster(path)
     with ExitStack() as stack:
         for _ in range(3):
-            port = free_port()
+            port = cluster_port()
             server = RedisServer(
                 path,
                 port,
