@@ -20,8 +20,8 @@ asyncio reactor (twistd's default here is epoll, and every worker would
 have to switch), keeps its timeouts on asyncio's loop clock, so tests
 could no longer drive them with a L{Clock}, and its cluster and connection
 modules alone are some 10,000 lines, for the few commands pfxpold sends.
-txredisapi, the Twisted-native one, is no longer maintained and has no
-Cluster support. What Sentinel and Cluster need on top of this client is
+txredisapi, the Twisted-native one, does Sentinel but not Redis Cluster
+(its sharding is its own consistent hashing, not Cluster's slots). What Sentinel and Cluster need on top of this client is
 small and testable with fake transports: finding the master (a client
 endpoint, L{pfxpold.state.sentinel}), a slot map with MOVED/ASK/TRYAGAIN
 (L{pfxpold.state.cluster}), and TLS and ACL logins, which are Twisted's
