@@ -153,6 +153,7 @@ class SentinelEndpoint:
         self.current: Optional[Address] = None
         #: Where a sentinel said the master went (tried first, once).
         self.hint: Optional[Address] = None
+        self._failing = False
 
     async def master_address(self) -> Address:
         """
@@ -183,8 +184,16 @@ class SentinelEndpoint:
                 continue
             if index:
                 self.sentinels.insert(0, self.sentinels.pop(index))
+            self._failing = False
             return address
-        raise RedisUnavailable("no sentinel named the master (" + "; ".join(problems) + ")")
+        problem = "no sentinel named the master (" + "; ".join(problems) + ")"
+        if not self._failing:
+            # Once per outage: the retries every second or so are not news.
+            self._failing = True
+            self._log.error(
+                "{description}: {problem}", description=self.description, problem=problem
+            )
+        raise RedisUnavailable(problem)
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
         async def connect() -> Any:
