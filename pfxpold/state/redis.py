@@ -231,7 +231,7 @@ def make_client(settings: RedisSettings, reactor: Any, name: str) -> Any:
         description,
     )
     # A failover should be followed within a second or so.
-    master = client(endpoint, description, role="master", max_retry_delay=1.0)
+    master = client(endpoint, description, role="master", max_retry_delay=1.0, quick_retry=True)
 
     def switched(address: Address) -> None:
         if address != endpoint.current:

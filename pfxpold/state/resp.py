@@ -306,6 +306,17 @@ class _Deadlines:
         self._waiting.clear()
 
 
+def _quick_policy(max_delay: float) -> Callable[[int], float]:
+    import random
+
+    def delay(attempt: int) -> float:
+        if attempt <= 1:
+            return 0.0
+        return min(0.1 * 2 ** (attempt - 2), max_delay) + random.random() * 0.1
+
+    return delay
+
+
 class RedisClient(ClientService):
     """
     A connection to Redis that is re-made whenever it is lost.
@@ -327,6 +338,7 @@ class RedisClient(ClientService):
         role: Optional[str] = None,
         ping: bool = False,
         max_retry_delay: float = 5.0,
+        quick_retry: bool = False,
     ) -> None:
         """
         @param username: the ACL user (C{AUTH username password}); without
@@ -339,6 +351,11 @@ class RedisClient(ClientService):
             connection, not as a connection lost at the first command.
         @param max_retry_delay: the longest wait between two attempts to
             connect.
+        @param quick_retry: try again at once after a lost connection, then
+            after 0.1 s, 0.2 s, ... (with at most 0.1 s of jitter), rather
+            than after Twisted's default backoff, whose jitter alone may be
+            a second: for a master that a failover moved, whose new address
+            is known at once.
         """
         factory = Factory.forProtocol(RedisProtocol)
         # Connection changes are logged by this client, once and by name.
@@ -346,7 +363,11 @@ class RedisClient(ClientService):
         super().__init__(
             endpoint,
             factory,
-            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=max_retry_delay, factor=2.0),
+            retryPolicy=(
+                _quick_policy(max_retry_delay)
+                if quick_retry
+                else backoffPolicy(initialDelay=0.2, maxDelay=max_retry_delay, factor=2.0)
+            ),
             clock=reactor,
             prepareConnection=lambda protocol: Deferred.fromCoroutine(self._prepare(protocol)),
         )
