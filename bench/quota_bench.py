@@ -8,7 +8,7 @@ followed by the chain's decided() call, and prints checks per second.
 Redis is a private redis-server started on a free loopback port (stopped
 by PID at the end) unless C{--redis-endpoint} names one.
 
-    python3 bench/quota_bench.py [--count 20000] [--concurrency 100] [--daemon]
+    python3 bench/quota_bench.py [--count 20000] [--concurrency 100] [--daemon] [--topologies]
 
 With C{--daemon}, it also measures whole requests through a real pfxpold
 daemon (twistd subprocess) on each store: 20 connections, each pipelining
@@ -18,6 +18,7 @@ its share of END-OF-MESSAGE requests, as Postfix's smtpd processes would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -173,6 +174,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--redis-endpoint", default=None)
     parser.add_argument("--daemon", action="store_true", help="also measure through a daemon")
+    parser.add_argument(
+        "--topologies",
+        action="store_true",
+        help="also Redis through Sentinel (master + replica + 3 sentinels) and a 3-master Cluster",
+    )
     arguments = parser.parse_args()
 
     from twisted.internet import reactor
@@ -187,6 +193,31 @@ def main() -> None:
         ("sqlite", {"type": "sqlite", "path": os.path.join(directory, "bench.sqlite3")}),
         ("redis", {"type": "redis", "endpoint": endpoint}),
     ]
+    groups = contextlib.ExitStack()
+    if arguments.topologies:
+        from tests.integration.redis_groups import (
+            MASTER_NAME,
+            running_cluster,
+            running_sentinel_group,
+        )
+
+        sentinel_directory = os.path.join(directory, "sentinel")
+        cluster_directory = os.path.join(directory, "cluster")
+        os.mkdir(sentinel_directory)
+        os.mkdir(cluster_directory)
+        group = groups.enter_context(running_sentinel_group(sentinel_directory))
+        cluster = groups.enter_context(running_cluster(cluster_directory))
+        stores += [
+            (
+                "sentinel",
+                {
+                    "type": "redis",
+                    "sentinels": group.sentinel_addresses,
+                    "master_name": MASTER_NAME,
+                },
+            ),
+            ("cluster", {"type": "redis", "cluster_nodes": cluster.addresses}),
+        ]
 
     async def run() -> None:
         try:
@@ -196,7 +227,7 @@ def main() -> None:
             )
             for name, store in stores:
                 rate = await measure(reactor, store, arguments.count, arguments.concurrency)
-                print(f"  {name:7} {rate:10.0f} checks/s")
+                print(f"  {name:8} {rate:10.0f} checks/s")
         finally:
             reactor.stop()
 
@@ -210,8 +241,9 @@ def main() -> None:
                     f"{key} = {value!r}".replace("'", '"') for key, value in store.items()
                 )
                 rate = measure_daemon(directory, table, arguments.count)
-                print(f"  {name:7} {rate:10.0f} requests/s")
+                print(f"  {name:8} {rate:10.0f} requests/s")
     finally:
+        groups.close()
         if redis_process is not None:
             redis_process.terminate()
             redis_process.wait()

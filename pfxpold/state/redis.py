@@ -24,7 +24,6 @@ from typing import Any, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, gatherResults, succeed
-from twisted.internet.endpoints import clientFromString
 from zope.interface import implementer
 
 from pfxpold.config import CheckOptions
@@ -39,10 +38,8 @@ from pfxpold.state import (
     WhitelistEntry,
 )
 from pfxpold.state.memory import matches
+from pfxpold.state.redisconfig import Address, RedisSettings, describe, read_settings
 from pfxpold.state.resp import RedisClient, RedisError
-
-DEFAULT_ENDPOINT = "tcp:host=127.0.0.1:port=6379"
-DEFAULT_TIMEOUT = 2.0
 
 CONSUME = """
 local amount = tonumber(ARGV[1])
@@ -163,9 +160,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
-    def run(
-        self, client: RedisClient, keys: Sequence[str], arguments: Sequence[Any]
-    ) -> Deferred[Any]:
+    def run(self, client: Any, keys: Sequence[str], arguments: Sequence[Any]) -> Deferred[Any]:
         def unknown(failure: Any) -> Any:
             failure.trap(RedisError)
             if not str(failure.value).startswith("NOSCRIPT"):
@@ -187,38 +182,105 @@ def _milliseconds(timestamp: float) -> int:
     return int(timestamp * 1000)
 
 
+def make_client(settings: RedisSettings, reactor: Any, name: str) -> Any:
+    """
+    The client of a store's Redis: a L{RedisClient} of one server or of
+    the master the sentinels name, or a L{ClusterClient}.
+    """
+    from pfxpold.state.cluster import ClusterClient
+    from pfxpold.state.sentinel import SentinelEndpoint, SentinelWatch
+
+    description = describe(name, settings)
+    connect = settings.connector(reactor)
+
+    def client(endpoint: Any, description: str, **extra: Any) -> RedisClient:
+        return RedisClient(
+            endpoint,
+            reactor,
+            timeout=settings.timeout,
+            password=settings.password,
+            username=settings.username,
+            database=settings.database,
+            description=description,
+            ping=settings.tls,
+            **extra,
+        )
+
+    if settings.mode == "cluster":
+        return ClusterClient(
+            reactor,
+            settings.cluster_nodes,
+            lambda address: client(connect(address), f"{name} (cluster node {address})"),
+            description=description,
+        )
+    if settings.mode == "server":
+        return client(settings.server_endpoint(reactor), description)
+    assert settings.master_name is not None
+    credentials: tuple[str, ...] = ()
+    if settings.sentinel_password is not None:
+        credentials = tuple(
+            part for part in (settings.sentinel_username, settings.sentinel_password) if part
+        )
+    endpoint = SentinelEndpoint(
+        reactor,
+        settings.sentinels,
+        settings.master_name,
+        connect,
+        settings.timeout,
+        credentials,
+        description,
+    )
+    # A failover should be followed within a second or so.
+    master = client(endpoint, description, role="master", max_retry_delay=1.0, quick_retry=True)
+
+    def switched(address: Address) -> None:
+        if address != endpoint.current:
+            endpoint.hint = address
+            master.drop()
+
+    # Started and stopped with the store (see RedisStore): one
+    # subscription per sentinel.
+    master.companions = [
+        SentinelWatch(
+            reactor,
+            [sentinel],
+            settings.master_name,
+            connect,
+            settings.timeout,
+            switched,
+            credentials,
+            f"{description} via sentinel {sentinel}",
+        )
+        for sentinel in settings.sentinels
+    ]
+    return master
+
+
 @implementer(IStateStore)
 class RedisStore(MultiService):
     """
-    State in Redis, through one pipelined connection that is re-made
-    whenever it is lost.
+    State in Redis, through one pipelined connection (one per master on
+    a cluster) that is re-made whenever it is lost.
 
-    Settings of C{[stores.NAME]}: C{endpoint} (a Twisted client endpoint
-    string; default C{tcp:host=127.0.0.1:port=6379}), C{database} (0),
-    C{password_file} (a file whose first line is the password), C{timeout}
-    (seconds a command may take, default 2), C{prefix} (of every key,
-    default C{pfxpold:}).
+    Settings of C{[stores.NAME]} (see L{read_settings}): C{endpoint} (a
+    Twisted client endpoint string; default
+    C{tcp:host=127.0.0.1:port=6379}), or C{sentinels} and C{master_name},
+    or C{cluster_nodes}; C{database} (0), C{username} and C{password_file}
+    (a file whose first line is the password), C{tls} and its files,
+    C{timeout} (seconds a command may take, default 2), C{prefix} (of
+    every key, default C{pfxpold:}).
     """
 
     def __init__(self, options: CheckOptions) -> None:
         super().__init__()
         self.name: str = options.name  # type: ignore[assignment]
         self.reactor = options.reactor
-        endpoint = options.string("endpoint", DEFAULT_ENDPOINT)
-        try:
-            parsed = clientFromString(options.reactor, endpoint)
-        except (ValueError, TypeError, KeyError) as e:
-            raise options.error("endpoint", f"not a Twisted client endpoint: {e}") from None
-        self.prefix = options.string("prefix", "pfxpold:")
-        self.client = RedisClient(
-            parsed,
-            options.reactor,
-            timeout=options.number("timeout", DEFAULT_TIMEOUT, positive=True),
-            password=options.secret("password_file", None),
-            database=options.integer("database", 0, minimum=0),
-            description=f"{self.name} ({endpoint})",
-        )
+        self.settings = read_settings(options)
+        self.prefix = self.settings.prefix
+        self.client: Any = make_client(self.settings, options.reactor, self.name)
         self.client.setServiceParent(self)
+        for companion in getattr(self.client, "companions", ()):
+            companion.setServiceParent(self)
 
     def consume(
         self, counters: Sequence[Counter], amount: int, now: float
@@ -290,15 +352,19 @@ class RedisStore(MultiService):
         """
         pattern = glob_escape(self.prefix + prefix) + "*"
         extra = ["TYPE", kind] if kind is not None else []
-        cursor = b"0"
         found: list[str] = []
-        while True:
-            cursor, keys = await self.client.execute(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, *extra
-            )
-            found.extend(key.decode("utf-8")[len(self.prefix) :] for key in keys)
-            if cursor == b"0":
-                return sorted(set(found))
+        # A cluster's keys are spread over its masters: each is scanned.
+        nodes = self.client.masters() if hasattr(self.client, "masters") else [self.client]
+        for node in nodes:
+            cursor = b"0"
+            while True:
+                cursor, keys = await node.execute(
+                    "SCAN", cursor, "MATCH", pattern, "COUNT", SCAN_COUNT, *extra
+                )
+                found.extend(key.decode("utf-8")[len(self.prefix) :] for key in keys)
+                if cursor == b"0":
+                    break
+        return sorted(set(found))
 
     def reset_prefix(self, prefix: str) -> Deferred[int]:
         async def reset() -> int:

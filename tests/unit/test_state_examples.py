@@ -28,7 +28,8 @@ def load(name: str):
 
 class StateExampleTests(SynchronousTestCase):
     """
-    examples/quota.toml, examples/quota-redis.toml, examples/greylist.toml.
+    examples/quota.toml, examples/quota-redis.toml, examples/greylist.toml,
+    examples/quota-redis-sentinel.toml, examples/quota-redis-cluster.toml.
     """
 
     def test_quota_sqlite_default(self) -> None:
@@ -58,6 +59,20 @@ class StateExampleTests(SynchronousTestCase):
         self.assertIs(quota.store, greylist.store)
         self.assertEqual(configuration.services.count(quota.store), 1)
 
+    def test_redis_sentinel_and_cluster(self) -> None:
+        """
+        quota-redis-sentinel.toml and quota-redis-cluster.toml build Redis
+        stores in Sentinel and Cluster mode, shared by their two checks.
+        """
+        for name, mode in (
+            ("quota-redis-sentinel.toml", "sentinel"),
+            ("quota-redis-cluster.toml", "cluster"),
+        ):
+            greylist, quota = (entry.check for entry in load(name).chain.entries)
+            self.assertIsInstance(quota.store, RedisStore)
+            self.assertEqual(quota.store.settings.mode, mode)
+            self.assertIs(quota.store, greylist.store)
+
     def test_greylist(self) -> None:
         """
         greylist.toml builds a greylist on SQLite with its header.
@@ -77,9 +92,15 @@ class StateExampleTests(SynchronousTestCase):
         start = readme.index("### State stores")
         end = readme.index("\n## ", start)
         blocks = re.findall(r"```toml\n(.*?)```", readme[start:end], re.DOTALL)
-        self.assertEqual(len(blocks), 3)
+        self.assertEqual(len(blocks), 5)
         examples = {}
-        for name in ("quota.toml", "quota-redis.toml", "greylist.toml"):
+        for name in (
+            "quota.toml",
+            "quota-redis.toml",
+            "greylist.toml",
+            "quota-redis-sentinel.toml",
+            "quota-redis-cluster.toml",
+        ):
             with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
                 examples[name] = f.read()
         for block in blocks:

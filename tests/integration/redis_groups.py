@@ -1,0 +1,280 @@
+"""
+Groups of Redis servers for integration tests, on free loopback ports: a
+master with a replica watched by three sentinels, and a three-master Redis
+Cluster. Every process is ours, stopped by PID even when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Optional
+
+from tests.integration.redis_server import RedisServer
+from tests.integration.support import free_port, require_program, stop_process, wait_for_port
+
+MASTER_NAME = "pfxmaster"
+#: Sentinel timings tuned low, so that a failover takes a second or two.
+DOWN_AFTER_MS = 500
+FAILOVER_TIMEOUT_MS = 2000
+
+
+def redis_cli(port: int, *arguments: str, check: bool = True) -> str:
+    """
+    Run C{redis-cli} against the server (or sentinel) on C{port}.
+
+    @return: its output, stripped.
+    """
+    cli = require_program("/usr/bin/redis-cli", "redis-tools")
+    result = subprocess.run(
+        [cli, "-h", "127.0.0.1", "-p", str(port), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"redis-cli {' '.join(arguments)}: {result.stdout}{result.stderr}")
+    return result.stdout.strip()
+
+
+def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    """
+    Poll C{condition} (a callable) until it is true.
+
+    @raise AssertionError: when it is not within C{timeout}.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except RuntimeError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Sentinel:
+    """
+    One redis-sentinel process we started.
+    """
+
+    def __init__(self, directory: str, master_port: int) -> None:
+        self.program = require_program("/usr/bin/redis-sentinel", "redis-sentinel")
+        self.port = free_port()
+        self.directory = directory
+        self.config = os.path.join(directory, f"sentinel-{self.port}.conf")
+        with open(self.config, "w") as f:
+            f.write(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {directory}\n"
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
+                f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
+                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+            )
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(os.path.join(self.directory, f"sentinel-{self.port}.log"), "ab")
+        self.process = subprocess.Popen(
+            [self.program, self.config], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        wait_for_port(self.port, process=self.process)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            stop_process(process, 10)
+
+
+class SentinelGroup:
+    """
+    A master, a replica and three sentinels.
+
+    @ivar servers: the two Redis servers (either may be the master).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.servers: list[RedisServer] = []
+        self.sentinels: list[Sentinel] = []
+
+    @property
+    def sentinel_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels]
+
+    def master_port(self) -> int:
+        """The port of the master, as the first live sentinel sees it."""
+        for sentinel in self.sentinels:
+            if sentinel.process is None:
+                continue
+            reply = redis_cli(
+                sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME
+            ).split()
+            if len(reply) == 2:
+                return int(reply[1])
+        raise RuntimeError("no sentinel names the master")
+
+    def server(self, port: int) -> RedisServer:
+        return next(server for server in self.servers if server.port == port)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """
+        Wait until every sentinel agrees on the master, sees the other two
+        sentinels and a replica that is in sync: a failover can then be
+        made.
+        """
+
+        def healthy() -> bool:
+            ports = set()
+            for sentinel in self.sentinels:
+                fields = redis_cli(sentinel.port, "SENTINEL", "MASTER", MASTER_NAME).split("\n")
+                master = dict(zip(fields[::2], fields[1::2], strict=False))
+                if master.get("num-other-sentinels") != "2" or master.get("num-slaves") != "1":
+                    return False
+                if "s_down" in master.get("flags", "") or "o_down" in master.get("flags", ""):
+                    return False
+                replica = redis_cli(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME)
+                if (
+                    "master_link_down" in replica
+                    or "s_down" in replica
+                    or "disconnected" in replica
+                ):
+                    return False
+                ports.add(master["port"])
+            if len(ports) != 1:
+                return False
+            port = int(ports.pop())
+            info = redis_cli(port, "INFO", "replication")
+            return "role:master" in info and "state=online" in info
+
+        wait_until(healthy, timeout, "a healthy sentinel group")
+
+
+@contextmanager
+def running_sentinel_group(directory: os.PathLike) -> Iterator[SentinelGroup]:
+    """
+    A master, a replica and three sentinels for the block, then stopped.
+    """
+    path = os.fspath(directory)
+    group = SentinelGroup(path)
+    with ExitStack() as stack:
+        master = RedisServer(path)
+        stack.callback(master.stop)
+        master.start()
+        replica = RedisServer(path, extra_args=("--replicaof", "127.0.0.1", str(master.port)))
+        stack.callback(replica.stop)
+        replica.start()
+        group.servers = [master, replica]
+        for _ in range(3):
+            sentinel = Sentinel(path, master.port)
+            stack.callback(sentinel.stop)
+            sentinel.start()
+            group.sentinels.append(sentinel)
+        group.wait_healthy()
+        yield group
+
+
+class Cluster:
+    """
+    A Redis Cluster of three masters (no replicas) on loopback ports.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.servers: list[RedisServer] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{server.port}" for server in self.servers]
+
+    def node_ids(self) -> dict[int, str]:
+        """Each node's ID, by port."""
+        found = {}
+        for line in redis_cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            found[port] = fields[0]
+        return found
+
+    def slot_owner(self, slot: int) -> int:
+        """The port of the master that holds C{slot}."""
+        for line in redis_cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for part in fields[8:]:
+                if part.startswith("["):
+                    continue
+                first, _, last = part.partition("-")
+                if int(first) <= slot <= int(last or first):
+                    return port
+        raise RuntimeError(f"nobody holds slot {slot}")
+
+
+def cluster_port() -> int:
+    """
+    A free port whose cluster bus port (10000 above) is free and valid.
+    """
+    while True:
+        port = free_port()
+        if port + 10000 >= 65536:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@contextmanager
+def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
+    """
+    Three cluster-enabled redis-servers joined into one cluster with
+    C{redis-cli --cluster create}, for the block, then stopped.
+    """
+    path = os.fspath(directory)
+    cluster = Cluster(path)
+    with ExitStack() as stack:
+        for _ in range(3):
+            port = cluster_port()
+            server = RedisServer(
+                path,
+                port,
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    os.path.join(path, f"nodes-{port}.conf"),
+                    "--cluster-node-timeout",
+                    "2000",
+                ),
+            )
+            stack.callback(server.stop)
+            server.start()
+            cluster.servers.append(server)
+        cli = require_program("/usr/bin/redis-cli", "redis-tools")
+        result = subprocess.run(
+            [cli, "--cluster", "create", *cluster.addresses, "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create: {result.stdout}{result.stderr}")
+
+        def agreed() -> bool:
+            return all(
+                "cluster_state:ok" in redis_cli(server.port, "CLUSTER", "INFO")
+                for server in cluster.servers
+            )
+
+        wait_until(agreed, 30, "the cluster to be ok")
+        yield cluster

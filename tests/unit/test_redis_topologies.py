@@ -1,0 +1,360 @@
+"""
+Tests for the Redis store's Sentinel and Cluster support and its settings
+(pfxpold.state.sentinel, cluster, redisconfig): parsing, slot placement,
+redirections and configuration errors, with fake transports and a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from pfxpold.config import CheckOptions, ConfigError
+from pfxpold.state.cluster import (
+    ClusterClient,
+    command_key,
+    crc16,
+    key_slot,
+    parse_redirection,
+    parse_slots,
+)
+from pfxpold.state.redis import RedisStore
+from pfxpold.state.redisconfig import Address, parse_address, read_settings
+from pfxpold.state.resp import RedisClient, RedisError
+from pfxpold.state.sentinel import (
+    SentinelEndpoint,
+    parse_master_address,
+    parse_promoted,
+    parse_switch_master,
+)
+from tests.unit.tempdir import temporary_directory
+
+
+class SlotTests(SynchronousTestCase):
+    """
+    Key placement on a cluster, as Redis computes it.
+    """
+
+    def test_crc16(self) -> None:
+        """
+        CRC-16/XMODEM's check value, and Redis's own CLUSTER KEYSLOT of
+        "foo" (12182).
+        """
+        self.assertEqual(crc16(b"123456789"), 0x31C3)
+        self.assertEqual(key_slot("foo"), 12182)
+
+    def test_hash_tags(self) -> None:
+        """
+        The first non-empty {...} places a key; an empty one does not.
+        """
+        self.assertEqual(key_slot("{user1000}.following"), key_slot("user1000"))
+        self.assertEqual(key_slot("foo{}{bar}"), crc16(b"foo{}{bar}") % 16384)
+        self.assertEqual(key_slot("foo{{bar}}zap"), key_slot("{bar"))
+        self.assertEqual(key_slot(b"x{a}y"), key_slot("a"))
+        self.assertEqual(
+            key_slot("pfxpold:quota:{quota:alice}:day:20261205"),
+            key_slot("pfxpold:quota:{quota:alice}:sliding:17"),
+        )
+
+    def test_command_key(self) -> None:
+        """
+        Scripts are placed by their first key, other commands by their
+        first argument; keyless commands by nothing.
+        """
+        self.assertEqual(command_key(("EVALSHA", "abc", 2, "k1", "k2", 5)), "k1")
+        self.assertIsNone(command_key(("EVAL", "return 1", 0)))
+        self.assertEqual(command_key(("HGETALL", "h")), "h")
+        self.assertIsNone(command_key(("SCAN", b"0", "MATCH", "x*")))
+        self.assertIsNone(command_key(("PING",)))
+
+    def test_redirections(self) -> None:
+        """
+        MOVED and ASK errors give their slot and address; other errors and
+        malformed ones give nothing.
+        """
+        self.assertEqual(
+            parse_redirection("MOVED 3999 127.0.0.1:6381"),
+            ("MOVED", 3999, Address("127.0.0.1", 6381)),
+        )
+        self.assertEqual(parse_redirection("ASK 12 [::1]:7000"), ("ASK", 12, Address("::1", 7000)))
+        for message in (
+            "ERR unknown",
+            "MOVED abc 127.0.0.1:1",
+            "MOVED 16384 127.0.0.1:1",
+            "ASK 1 127.0.0.1",
+            "MOVED 1 127.0.0.1:99999",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+        ):
+            self.assertIsNone(parse_redirection(message), message)
+
+    def test_slots_reply(self) -> None:
+        """
+        CLUSTER SLOTS gives ranges and masters; an empty host is the node
+        that was asked; garbage is a ValueError.
+        """
+        reply = [
+            [0, 5460, [b"127.0.0.1", 7000, b"id1"], [b"127.0.0.1", 7003, b"id4"]],
+            [5461, 16383, [b"", 7001, b"id2"]],
+        ]
+        self.assertEqual(
+            parse_slots(reply, Address("10.0.0.9", 7001)),
+            [(0, 5460, Address("127.0.0.1", 7000)), (5461, 16383, Address("10.0.0.9", 7001))],
+        )
+        for bad in (b"OK", [[0, 99999, [b"h", 1]]], [[0, 1]], [[0, 1, [b"h", b"x"]]]):
+            self.assertRaises(ValueError, parse_slots, bad, Address("h", 1))
+
+
+class SentinelParsingTests(SynchronousTestCase):
+    """
+    What sentinels say, parsed.
+    """
+
+    def test_master_address(self) -> None:
+        """
+        GET-MASTER-ADDR-BY-NAME: an address, nil (unknown master), or
+        garbage (a ValueError).
+        """
+        self.assertEqual(parse_master_address([b"127.0.0.1", b"6380"]), Address("127.0.0.1", 6380))
+        self.assertIsNone(parse_master_address(None))
+        for bad in (b"OK", [b"h"], [b"h", b"port"], [b"h", b"0"], [b"", b"1"], [1, 2]):
+            self.assertRaises(ValueError, parse_master_address, bad)
+
+    def test_messages(self) -> None:
+        """
+        +switch-master and +promoted-slave payloads give the master's name
+        and new address; malformed ones nothing.
+        """
+        self.assertEqual(
+            parse_switch_master(b"pfx 127.0.0.1 6379 127.0.0.1 6380"),
+            ("pfx", Address("127.0.0.1", 6380)),
+        )
+        self.assertEqual(
+            parse_promoted(b"slave 127.0.0.1:6380 127.0.0.1 6380 @ pfx 127.0.0.1 6379"),
+            ("pfx", Address("127.0.0.1", 6380)),
+        )
+        self.assertIsNone(parse_switch_master(b"pfx 127.0.0.1 6379"))
+        self.assertIsNone(parse_promoted(b"master pfx 127.0.0.1 6379"))
+
+    def test_addresses(self) -> None:
+        """
+        host:port, [v6]:port, and a default port; anything else is a
+        ValueError.
+        """
+        self.assertEqual(parse_address("10.0.0.1:26380", 26379), Address("10.0.0.1", 26380))
+        self.assertEqual(parse_address("redis-a", 26379), Address("redis-a", 26379))
+        self.assertEqual(parse_address("[::1]:7000", 1), Address("::1", 7000))
+        for bad in ("::1:7000", "h:0", "h:70000", "", "[nope]:1", "a b:1"):
+            self.assertRaises(ValueError, parse_address, bad, 1)
+
+
+def options(table: dict[str, Any], path: str = "/etc/pfxpold.toml") -> CheckOptions:
+    return CheckOptions(table, name="stores.main", reactor=MemoryReactorClock(), path=path)
+
+
+class SettingsTests(SynchronousTestCase):
+    """
+    A Redis store's settings: each mistake is one line naming the file,
+    the store and the key.
+    """
+
+    def error(self, table: dict[str, Any]) -> str:
+        table = dict(table, type="redis")
+        with self.assertRaises(ConfigError) as caught:
+            RedisStore(options({k: v for k, v in table.items() if k != "type"}))
+        message = str(caught.exception)
+        self.assertNotIn("\n", message)
+        self.assertTrue(message.startswith("/etc/pfxpold.toml: "), message)
+        self.assertIn("stores.main", message)
+        return message
+
+    def test_errors(self) -> None:
+        """
+        Every contradictory or malformed setting is refused by key.
+        """
+        cases = [
+            ({"sentinels": ["h:1"]}, "master_name", "is required with sentinels"),
+            ({"master_name": "m"}, "master_name", "needs sentinels"),
+            ({"sentinels": ["h:1"], "master_name": "m", "endpoint": "tcp:h:1"}, "sentinels", "cannot be used with endpoint"),
+            ({"sentinels": ["h:1"], "master_name": "m", "cluster_nodes": ["h:2"]}, "cluster_nodes", "cannot be used with sentinels"),
+            ({"sentinels": []}, "sentinels", "at least one"),
+            ({"sentinels": ["h:x"], "master_name": "m"}, "sentinels", "not host:port"),
+            ({"cluster_nodes": ["h:1"], "database": 2}, "database", "database 0 only"),
+            ({"username": "u"}, "username", "needs password_file"),
+            ({"tls_ca_file": "/x"}, "tls_ca_file", "needs tls = true"),
+            ({"tls_server_name": "r"}, "tls_server_name", "needs tls = true"),
+            ({"tls": True, "tls_ca_file": "/nonexistent/ca.pem"}, "tls_ca_file", "cannot open"),
+            ({"tls": True, "endpoint": "unix:/run/redis.sock"}, "tls_server_name", "is required"),
+            ({"sentinel_username": "s"}, "sentinel_username", "needs sentinels"),
+            ({"endpoint": "nonsense:x"}, "endpoint", "not a Twisted client endpoint"),
+            ({"tls": "yes"}, "tls", "true or false"),
+        ]  # fmt: skip
+        for table, key, text in cases:
+            message = self.error(table)
+            self.assertIn(f"key '{key}': ", message, table)
+            self.assertIn(text, message, table)
+
+    def test_not_a_certificate(self) -> None:
+        """
+        A CA file that holds no PEM certificate is refused at load time.
+        """
+        path = os.path.join(temporary_directory(self), "ca.pem")
+        with open(path, "w") as f:
+            f.write("hello\n")
+        message = self.error({"tls": True, "tls_ca_file": path})
+        self.assertIn("key 'tls_ca_file': ", message)
+        self.assertIn("no PEM certificate", message)
+
+    def test_modes(self) -> None:
+        """
+        The mode follows the keys given; sentinel ports default to 26379.
+        """
+        sentinel = read_settings(options({"sentinels": ["a", "b:2"], "master_name": "m"}))
+        self.assertEqual(sentinel.mode, "sentinel")
+        self.assertEqual(sentinel.sentinels, (Address("a", 26379), Address("b", 2)))
+        self.assertEqual(read_settings(options({"cluster_nodes": ["c"]})).mode, "cluster")
+        self.assertEqual(read_settings(options({})).mode, "server")
+
+
+class FakeRedis:
+    """
+    The connections a MemoryReactorClock was asked for, answered by hand.
+    """
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+        self.seen = 0
+
+    def accept(self) -> tuple[tuple[str, int], Any, StringTransport]:
+        host, port, factory, _, _ = self.reactor.tcpClients[self.seen]
+        self.seen += 1
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return (host, port), protocol, transport
+
+
+class SentinelEndpointTests(SynchronousTestCase):
+    """
+    The master found through the sentinels.
+    """
+
+    def test_asks_then_connects(self) -> None:
+        """
+        A sentinel that does not know the master is passed over; the next
+        one's answer is where the connection goes; a hint goes first.
+        """
+        reactor = MemoryReactorClock()
+        fake = FakeRedis(reactor)
+        settings = read_settings(
+            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
+        )
+        endpoint = SentinelEndpoint(
+            reactor, settings.sentinels, "m", settings.connector(reactor), 1.0
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        connected = endpoint.connect(Factory.forProtocol(Protocol))
+        address, protocol, transport = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 1))
+        self.assertIn(b"GET-MASTER-ADDR-BY-NAME", transport.value())
+        protocol.dataReceived(b"*-1\r\n")
+        address, protocol, transport = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 2))
+        protocol.dataReceived(b"*2\r\n$9\r\n127.0.0.1\r\n$4\r\n6390\r\n")
+        address, _, _ = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 6390))
+        self.assertEqual(endpoint.current, Address("127.0.0.1", 6390))
+        self.assertIsNotNone(self.successResultOf(connected))
+        # The sentinel that answered is asked first next time.
+        self.assertEqual(endpoint.sentinels[0], Address("127.0.0.1", 2))
+        endpoint.hint = Address("127.0.0.1", 6391)
+        endpoint.connect(Factory.forProtocol(Protocol))
+        address, _, _ = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 6391))
+
+    def test_replica_refused(self) -> None:
+        """
+        A server that says it is a replica is not used: the connection
+        fails and is dropped, and the reason is logged.
+        """
+        reactor = MemoryReactorClock()
+        fake = FakeRedis(reactor)
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        client = RedisClient(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", 6379), reactor, timeout=1.0, role="master"
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        _, protocol, transport = fake.accept()
+        self.assertIn(b"ROLE", transport.value())
+        protocol.dataReceived(b"*1\r\n$5\r\nslave\r\n")
+        self.assertFalse(client.connected)
+        self.assertTrue(transport.disconnecting)
+
+
+class ClusterClientTests(SynchronousTestCase):
+    """
+    Commands on a cluster follow MOVED and ASK.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.fake = FakeRedis(self.reactor)
+        settings = read_settings(options({"cluster_nodes": ["127.0.0.1:7000"]}))
+        connect = settings.connector(self.reactor)
+        self.cluster = ClusterClient(
+            self.reactor,
+            settings.cluster_nodes,
+            lambda address: RedisClient(connect(address), self.reactor, timeout=1.0),
+        )
+        self.cluster.startService()
+        self.addCleanup(self.cluster.stopService)
+        _, self.seed, self.seed_transport = self.fake.accept()
+        # The slot map is asked for at start; this cluster says nothing yet.
+        self.assertIn(b"SLOTS", self.seed_transport.value())
+        self.seed.dataReceived(b"*0\r\n")
+        self.seed_transport.clear()
+
+    def test_moved(self) -> None:
+        """
+        MOVED sends the command to the new node and remembers it for the
+        slot (and asks for the slot map again).
+        """
+        result = self.cluster.execute("GET", "{a}x")
+        self.assertIn(b"GET", self.seed_transport.value())
+        self.seed.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % key_slot("a"))
+        address, node, transport = self.fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 7001))
+        self.assertIn(b"GET", transport.value())
+        node.dataReceived(b"$1\r\n5\r\n")
+        self.assertEqual(self.successResultOf(result), b"5")
+        self.assertEqual(self.cluster.where(key_slot("a")), Address("127.0.0.1", 7001))
+
+    def test_ask(self) -> None:
+        """
+        ASK sends ASKING then the command to the importing node, once: the
+        slot stays where it was.
+        """
+        result = self.cluster.execute("GET", "{a}x")
+        self.seed.dataReceived(b"-ASK %d 127.0.0.1:7002\r\n" % key_slot("a"))
+        _, node, transport = self.fake.accept()
+        self.assertEqual(transport.value().split(b"\r\n")[2], b"ASKING")
+        node.dataReceived(b"+OK\r\n$1\r\n7\r\n")
+        self.assertEqual(self.successResultOf(result), b"7")
+        self.assertEqual(self.cluster.where(key_slot("a")), Address("127.0.0.1", 7000))
+
+    def test_redirection_loop(self) -> None:
+        """
+        Redirections without end fail the command after a few.
+        """
+        result = self.cluster.execute("GET", "{a}x")
+        ask = b"-ASK %d 127.0.0.1:7000\r\n" % key_slot("a")
+        self.seed.dataReceived(ask)
+        for _ in range(5):
+            # ASKING's own answer, then the command's.
+            self.seed.dataReceived(b"+OK\r\n" + ask)
+        self.failureResultOf(result, RedisError)
