@@ -90,10 +90,15 @@ class IStateStore(Interface):
 
     name = Attribute("The store's name in the configuration, for logs.")
 
-    def consume(counters, amount, now):
+    def consume(counters, amount, now, once=None):
         """
         Add C{amount} to every counter if, and only if, no counter's limit
         would be passed; otherwise change nothing.
+
+        With C{once}, a message's mark: when the store holds it (live), the
+        message was counted already and nothing is added (the result is
+        C{repeated}); else the mark is set in the same atomic step as the
+        addition, and only when the addition is made.
 
         @param counters: the counters to check and add to.
         @type counters: sequence of L{pfxpold.state.Counter}
@@ -101,17 +106,23 @@ class IStateStore(Interface):
         @type amount: L{int}
         @param now: the current time.
         @type now: L{float}
+        @param once: the message's mark, or L{None} to count without one.
+        @type once: L{pfxpold.state.Once}
 
         @return: a Deferred that fires with a L{pfxpold.state.Consumption}:
             whether the amount was added, and each counter's total (after
             the addition when it was made, before it otherwise).
         """
 
-    def release(counters, amount, now):
+    def release(counters, amount, now, once=None):
         """
         Take back C{amount} from the counters of an earlier successful
         L{consume} (the mail was finally refused by another check). A
         counter never goes below zero.
+
+        With C{once}, the count is taken back only when the store still
+        holds that mark, and the mark is removed in the same atomic step:
+        two releases of one message take it back once.
 
         @return: a Deferred that fires with L{None}.
         """

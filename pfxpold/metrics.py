@@ -489,11 +489,15 @@ class TimedStore:
 
         return result.addBoth(done)
 
-    def consume(self, counters: Any, amount: int, now: float) -> Deferred[Any]:
-        return self._timed("consume", self.store.consume(counters, amount, now))
+    def consume(self, counters: Any, amount: int, now: float, once: Any = None) -> Deferred[Any]:
+        if once is None:
+            return self._timed("consume", self.store.consume(counters, amount, now))
+        return self._timed("consume", self.store.consume(counters, amount, now, once))
 
-    def release(self, counters: Any, amount: int, now: float) -> Deferred[Any]:
-        return self._timed("release", self.store.release(counters, amount, now))
+    def release(self, counters: Any, amount: int, now: float, once: Any = None) -> Deferred[Any]:
+        if once is None:
+            return self._timed("release", self.store.release(counters, amount, now))
+        return self._timed("release", self.store.release(counters, amount, now, once))
 
     def greylist(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         return self._timed("greylist", self.store.greylist(*args, **kwargs))

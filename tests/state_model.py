@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from pfxpold.state import Counter, Triplet
+from pfxpold.state import Counter, Once, Triplet
 
 #: Window length of the generated counters.
 WINDOW = 600
@@ -45,7 +45,9 @@ def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tupl
     """
     C{count} random operations on a few keys, so that they collide:
     C{("advance", seconds)}, C{("consume", ((name, limit), ...), amount)},
-    C{("release", name, amount)}, C{("greylist", triplet, client,
+    C{("release", name, amount)}, C{("counted", name, limit, amount,
+    mark)} and C{("uncount", name, amount, mark)} (a message counted once
+    by its mark, and taken back by it), C{("greylist", triplet, client,
     whitelist_after)}, C{("expire",)}, and what pfxpold-admin does:
     C{("reset", name)}, C{("forget", triplet)}, C{("entries", sender)},
     C{("read", name)}.
@@ -61,6 +63,11 @@ def operations(seed: int, count: int, steps: tuple[float, ...]) -> Iterator[tupl
             yield ("consume", limits, rng.randint(1, 3))
         elif roll < 0.7:
             yield ("release", rng.choice("abc"), rng.randint(1, 3))
+        elif roll < 0.78:
+            mark = f"m{rng.randint(1, 4)}"
+            yield ("counted", rng.choice("abc"), rng.randint(0, 6), rng.randint(1, 3), mark)
+        elif roll < 0.82:
+            yield ("uncount", rng.choice("abc"), rng.randint(1, 3), f"m{rng.randint(1, 4)}")
         elif roll < 0.95:
             yield (
                 "greylist",
@@ -97,6 +104,15 @@ def apply(
         return d.addCallback(lambda result: (result.allowed, tuple(result.totals)))
     if kind == "release":
         return store.release([counter(operation[1], 0, now, slack, own_key)], operation[2], now)
+    if kind == "counted":
+        _, name, limit, amount, mark = operation
+        once = Once(f"{{model}}:once:{mark}", now + WINDOW / 2 + slack)
+        d = store.consume([counter(name, limit, now, slack, own_key)], amount, now, once)
+        return d.addCallback(lambda result: (result.allowed, tuple(result.totals), result.repeated))
+    if kind == "uncount":
+        _, name, amount, mark = operation
+        once = Once(f"{{model}}:once:{mark}", now + WINDOW / 2 + slack)
+        return store.release([counter(name, 0, now, slack, own_key)], amount, now, once)
     if kind == "greylist":
         _, triplet, client, after = operation
         # The clear triplet of t1 and t2 share a sender, t3 has none kept.

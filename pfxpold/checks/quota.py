@@ -4,7 +4,10 @@ pfxpold that shares the store.
 
 A message is counted once, at the configured stage (DATA or
 END-OF-MESSAGE; RCPT counts recipients one by one), using Postfix's
-C{instance} attribute. The count is reserved atomically in the store when
+C{instance} attribute: the store keeps a mark of each counted message
+(L{pfxpold.state.Once}) in the same atomic step as its count, so the same
+message through two daemons, two workers or two hosts sharing the store is
+counted once. The count is reserved atomically in the store when
 the check runs (so concurrent messages can never pass a limit together)
 and taken back when the chain's final answer refuses the message (another
 check rejected it), through L{pfxpold.interfaces.IDecisionListener}.
@@ -34,7 +37,7 @@ from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, IStateStore
 from pfxpold.request import PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
-from pfxpold.state import Consumption, Counter, store_for
+from pfxpold.state import Consumption, Counter, Once, store_for
 from pfxpold.whitelist import exemption_file, map_attributes
 
 KEY_PARTS = (
@@ -55,9 +58,13 @@ DEFAULT_ACTION = "DEFER 4.7.1 Sending quota exceeded ({limit}: {max} {unit})"
 #: taken back. DEFER_IF_REJECT is not among them (the mail usually passes).
 REFUSING_VERBS = frozenset({"REJECT", "DEFER", "DEFER_IF_PERMIT", "DISCARD"})
 
-#: Messages remembered as counted, so that a repeated request for the same
-#: message is not counted again.
+#: Messages whose count is in flight, remembered per process, so that a
+#: repeated request for the same message waits for no store.
 REMEMBERED = 65536
+#: Seconds the store keeps a counted message's mark: far longer than
+#: Postfix takes to ask again about one message (its retry comes within
+#: seconds; an SMTP transaction's commands time out after 300 s).
+COUNTED_FOR = 3600.0
 
 # Keys may not exceed this; longer identities are hashed.
 _MAX_IDENTITY = 200
@@ -329,6 +336,7 @@ class _Reservation:
 
     counters: tuple[Counter, ...]
     amount: int
+    once: Optional[Once] = None
     consumed: Optional[bool] = None
     decided: bool = False
     action: Optional[Action] = field(default=None)
@@ -404,7 +412,6 @@ class QuotaCheck(MultiService):
         self.rules_only = options.boolean("rules_only", False)
         self.store: IStateStore = store_for(options)
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
-        self._counted: OrderedDict[tuple[str, ...], None] = OrderedDict()
         # The counters built in the current minute, by identity and room:
         # an identity sending several mails a minute builds them once.
         # Only for fixed windows, which change at most once a minute (see
@@ -528,6 +535,17 @@ class QuotaCheck(MultiService):
             return (instance, request.client_address, request.recipient)
         return (instance, request.client_address)
 
+    def once(self, identity: str, token: tuple[str, ...], now: float) -> Once:
+        """
+        The mark of the message C{token} (its C{instance}, ...) counted for
+        C{identity}: its key carries the identity's hash tag, so that it
+        shares a Redis Cluster slot with the identity's counters, and no
+        counter key starts like it.
+        """
+        digest = hashlib.sha256("\0".join(token).encode("utf-8", "replace")).hexdigest()[:32]
+        tagged = self.key_prefix(identity)[len("quota") :]
+        return Once(f"counted{tagged}:{digest}", now + COUNTED_FOR)
+
     def _text(
         self, window: Window, count: int, identity: str, maximum: Optional[int] = None
     ) -> str:
@@ -631,10 +649,11 @@ class QuotaCheck(MultiService):
             if self.refuse_early and state == "RCPT":
                 return self._check_early(request)
             return DUNNO
-        # A message already counted (Postfix asking again) answers before
-        # its identity and counters are built.
+        # A message being counted here (Postfix asking again) answers
+        # before its identity and counters are built; one counted earlier,
+        # here or elsewhere, is known by its mark in the store.
         token = self._token(request)
-        if token is not None and (token in self._counted or token in self._reservations):
+        if token is not None and token in self._reservations:
             return DUNNO
         identity = self.identity(request)
         if identity is None:
@@ -646,7 +665,8 @@ class QuotaCheck(MultiService):
         counters = self.counters_for(identity, now)
         if not counters:
             return DUNNO
-        reservation = _Reservation(counters, amount)
+        once = self.once(identity, token, now) if token is not None else None
+        reservation = _Reservation(counters, amount, once)
         if token is not None:
             self._reservations[token] = reservation
             if len(self._reservations) > REMEMBERED:
@@ -657,17 +677,24 @@ class QuotaCheck(MultiService):
                 reservation.consumed = False
                 self._settle(token, reservation)
                 return result
+            if result.repeated:
+                # Counted before, by this process or another: not ours to
+                # take back.
+                reservation.consumed = False
+                self._settle(token, reservation)
+                self._log.debug(
+                    "quota {check}: {key}: message already counted",
+                    check=self.name,
+                    key=escape(identity),
+                )
+                return DUNNO
             reservation.consumed = result.allowed
-            if result.allowed and token is not None:
-                self._counted[token] = None
-                if len(self._counted) > REMEMBERED:
-                    self._counted.popitem(last=False)
             self._settle(token, reservation)
             if result.allowed:
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, amount)
 
-        return answer_of(self.store.consume(counters, amount, now), consumed)
+        return answer_of(self.store.consume(counters, amount, now, once), consumed)
 
     def _check_early(self, request: PolicyRequest) -> Any:
         """
@@ -716,13 +743,15 @@ class QuotaCheck(MultiService):
             return
         self._reservations.pop(token, None)
         if reservation.consumed and refuses(reservation.action):
-            self._counted.pop(token, None)
             self._log.info(
                 "quota {check}: message refused ({action}); its count is taken back",
                 check=self.name,
                 action=str(reservation.action),
             )
-            self.store.release(reservation.counters, reservation.amount, self.now()).addErrback(
+            released = self.store.release(
+                reservation.counters, reservation.amount, self.now(), reservation.once
+            )
+            released.addErrback(
                 lambda failure: self._log.failure(
                     "quota {check}: taking a count back failed", failure, check=self.name
                 )

@@ -73,11 +73,33 @@ class Consumption:
     What L{IStateStore.consume} did.
 
     @ivar allowed: whether the amount was added to every counter.
-    @ivar totals: each counter's total, in the order given.
+    @ivar totals: each counter's total, in the order given (empty when
+        C{repeated}).
+    @ivar repeated: the message's L{Once} mark was already held: it was
+        counted before (by this process or another sharing the store), and
+        nothing was added now.
     """
 
     allowed: bool
     totals: tuple[int, ...]
+    repeated: bool = False
+
+
+@dataclass(frozen=True)
+class Once:
+    """
+    The mark of one counted message (its Postfix C{instance}), kept in the
+    store atomically with its count, so that the same message is counted
+    once by every process that shares the store.
+
+    @ivar key: the mark's key; it carries the hash tag of the counters it
+        goes with (see L{pfxpold.checks.quota.QuotaCheck.once}), so one
+        Redis Cluster slot holds both.
+    @ivar expires_at: when the mark may be forgotten.
+    """
+
+    key: str
+    expires_at: float
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pfxpold.state import (
     CounterValue,
     GreylistEntry,
     GreylistState,
+    Once,
     Triplet,
     WhitelistEntry,
 )
@@ -94,6 +95,8 @@ class MemoryStore(ExpiringStore):
         self.clients: dict[str, list[float]] = {}
         #: message key -> {mark: expires_at}, for the rules check
         self.marks_by_key: dict[str, dict[str, float]] = {}
+        #: counted-once mark -> expires_at
+        self.counted: dict[str, float] = {}
 
     def _count(self, key: str, now: float) -> int:
         entry = self.counts.get(key)
@@ -102,8 +105,18 @@ class MemoryStore(ExpiringStore):
         return int(entry[0])
 
     def consume(
-        self, counters: Sequence[Counter], amount: int, now: float
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
     ) -> Deferred[Consumption]:
+        if once is None:
+            return succeed(self._consume(counters, amount, now))
+        if self.counted.get(once.key, 0.0) > now:
+            return succeed(Consumption(True, (), repeated=True))
+        result = self._consume(counters, amount, now)
+        if result.allowed:
+            self.counted[once.key] = once.expires_at
+        return succeed(result)
+
+    def _consume(self, counters: Sequence[Counter], amount: int, now: float) -> Consumption:
         if len(counters) == 1 and len(counters[0].read_keys) == 1:
             # One fixed window, the common case: without the general sums,
             # which cost more than the rest of the quota check.
@@ -111,18 +124,18 @@ class MemoryStore(ExpiringStore):
             entry = self.counts.get(c.key)
             if entry is None or entry[1] <= now:
                 if amount > c.limit:
-                    return succeed(Consumption(False, (0,)))
+                    return Consumption(False, (0,))
                 self.counts[c.key] = [amount, c.expires_at]
-                return succeed(Consumption(True, (amount,)))
+                return Consumption(True, (amount,))
             total = int(entry[0])
             if total + amount > c.limit:
-                return succeed(Consumption(False, (total,)))
+                return Consumption(False, (total,))
             entry[0] += amount
             entry[1] = max(entry[1], c.expires_at)
-            return succeed(Consumption(True, (total + amount,)))
+            return Consumption(True, (total + amount,))
         totals = [sum(self._count(key, now) for key in c.read_keys) for c in counters]
         if any(total + amount > c.limit for total, c in zip(totals, counters, strict=True)):
-            return succeed(Consumption(False, tuple(totals)))
+            return Consumption(False, tuple(totals))
         for c in counters:
             entry = self.counts.get(c.key)
             if entry is None or entry[1] <= now:
@@ -130,9 +143,14 @@ class MemoryStore(ExpiringStore):
             else:
                 entry[0] += amount
                 entry[1] = max(entry[1], c.expires_at)
-        return succeed(Consumption(True, tuple(total + amount for total in totals)))
+        return Consumption(True, tuple(total + amount for total in totals))
 
-    def release(self, counters: Sequence[Counter], amount: int, now: float) -> Deferred[None]:
+    def release(
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
+    ) -> Deferred[None]:
+        if once is not None and self.counted.pop(once.key, 0.0) <= now:
+            # Not counted (or released already, here or by another process).
+            return succeed(None)
         for c in counters:
             entry = self.counts.get(c.key)
             if entry is not None:
@@ -188,7 +206,10 @@ class MemoryStore(ExpiringStore):
                 if table is self.triplets:
                     self.clear.pop(key, None)
             removed += len(expired)
-        return succeed(removed + self._expire_marks(now))
+        expired = [key for key, expires in self.counted.items() if expires <= now]
+        for key in expired:
+            del self.counted[key]
+        return succeed(removed + len(expired) + self._expire_marks(now))
 
     def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
         found = {}

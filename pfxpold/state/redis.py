@@ -34,6 +34,7 @@ from pfxpold.state import (
     CounterValue,
     GreylistEntry,
     GreylistState,
+    Once,
     Triplet,
     WhitelistEntry,
 )
@@ -41,9 +42,17 @@ from pfxpold.state.memory import matches
 from pfxpold.state.redisconfig import Address, RedisSettings, describe, read_settings
 from pfxpold.state.resp import RedisClient, RedisError
 
+# With one more argument than the counters take, the last key is the
+# message's counted-once mark and that argument its expiry (ms): a live
+# mark answers 2 (counted before) and changes nothing; an addition sets it.
 CONSUME = """
 local amount = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
+local mark = false
+if #ARGV > 2 + 3 * n then
+  mark = KEYS[#KEYS]
+  if redis.call('EXISTS', mark) == 1 then return {2} end
+end
 local a, k = 3, 1
 local totals, writes, allowed = {}, {}, 1
 for i = 1, n do
@@ -64,13 +73,24 @@ if allowed == 1 then
     redis.call('PEXPIREAT', writes[i][1], writes[i][2])
     totals[i] = totals[i] + amount
   end
+  if mark then
+    redis.call('SET', mark, 1)
+    redis.call('PEXPIREAT', mark, ARGV[#ARGV])
+  end
 end
 table.insert(totals, 1, allowed)
 return totals
 """
 
+# ARGV[2] = '1': the last key is the message's mark; the count is taken
+# back only if the mark was still there, and the mark goes with it.
 RELEASE = """
-for i = 1, #KEYS do
+local last = #KEYS
+if ARGV[2] == '1' then
+  if redis.call('DEL', KEYS[last]) == 0 then return 0 end
+  last = last - 1
+end
+for i = 1, last do
   if redis.call('EXISTS', KEYS[i]) == 1 then
     if redis.call('DECRBY', KEYS[i], ARGV[1]) < 0 then
       redis.call('SET', KEYS[i], 0, 'KEEPTTL')
@@ -178,6 +198,12 @@ _COUNTERS = Script(COUNTERS)
 _SET_MARK = Script(SET_MARK)
 
 
+def _consumption(reply: list[int]) -> Consumption:
+    if reply[0] == 2:
+        return Consumption(True, (), repeated=True)
+    return Consumption(bool(reply[0]), tuple(reply[1:]))
+
+
 def _milliseconds(timestamp: float) -> int:
     return int(timestamp * 1000)
 
@@ -283,7 +309,7 @@ class RedisStore(MultiService):
             companion.setServiceParent(self)
 
     def consume(
-        self, counters: Sequence[Counter], amount: int, now: float
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
     ) -> Deferred[Consumption]:
         keys: list[str] = []
         arguments: list[Any] = [amount, len(counters)]
@@ -292,11 +318,19 @@ class RedisStore(MultiService):
             arguments.extend(
                 [counter.limit, _milliseconds(counter.expires_at), len(counter.read_keys)]
             )
+        if once is not None:
+            keys.append(self.prefix + once.key)
+            arguments.append(_milliseconds(once.expires_at))
         d = _CONSUME.run(self.client, keys, arguments)
-        return d.addCallback(lambda reply: Consumption(bool(reply[0]), tuple(reply[1:])))
+        return d.addCallback(_consumption)
 
-    def release(self, counters: Sequence[Counter], amount: int, now: float) -> Deferred[None]:
-        d = _RELEASE.run(self.client, [self.prefix + c.key for c in counters], [amount])
+    def release(
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
+    ) -> Deferred[None]:
+        keys = [self.prefix + c.key for c in counters]
+        if once is not None:
+            keys.append(self.prefix + once.key)
+        d = _RELEASE.run(self.client, keys, [amount, 1 if once is not None else 0])
         return d.addCallback(lambda reply: None)
 
     def greylist(

@@ -37,6 +37,7 @@ its commit.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ from pfxpold.state import (
     CounterValue,
     GreylistEntry,
     GreylistState,
+    Once,
     StoreError,
     Triplet,
     WhitelistEntry,
@@ -90,6 +92,9 @@ CREATE TABLE IF NOT EXISTS marks (
     key TEXT NOT NULL, mark TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, mark)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS marks_expires ON marks (expires);
+CREATE TABLE IF NOT EXISTS counted (
+    key BLOB PRIMARY KEY, expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 #: Columns added to the triplets table after its first release: the
@@ -121,6 +126,29 @@ ON CONFLICT (key) DO UPDATE SET count = count + excluded.count
 WHERE expires > :now AND count + excluded.count <= :limit
 RETURNING count, expires
 """
+
+# The common case of _CONSUME_ONE first: a live row with room. An UPDATE
+# by primary key, positional parameters: cheaper than the upsert, which is
+# run only when this finds no row (a new window, an expired row, or no
+# room, the last two then going on to the general path).
+_ADD_ONE = """
+UPDATE counters SET count = count + ?1
+WHERE key = ?2 AND expires > ?3 AND count + ?1 <= ?4
+RETURNING count, expires
+"""
+
+# A counted-once mark, set unless a live one is there: no row changed
+# means the message was counted before. Marks are keyed by a 16-byte digest
+# of their key (L{_mark_key}) and have no index on their expiry (the sweep
+# scans them): a mark is a new row per message, at a random place of the
+# tree, and what it costs is the pages each commit writes; short keys and
+# one tree halve them.
+_MARK = """
+INSERT INTO counted (key, expires) VALUES (?1, ?2)
+ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE expires <= ?3
+"""
+_UNMARK = "DELETE FROM counted WHERE key = ?1 AND expires > ?2"
+_FORGET_MARK = "DELETE FROM counted WHERE key = ?1"
 
 _EXTEND = "UPDATE counters SET expires = :expires WHERE key = :key AND expires < :expires"
 
@@ -196,6 +224,7 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     # WAL lets readers in other processes go on while this one writes.
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA temp_store=MEMORY")
     connection.executescript(_SCHEMA)
     columns = {row[1] for row in connection.execute("PRAGMA table_info(triplets)")}
     for column in _CLEAR_COLUMNS:
@@ -204,22 +233,45 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
+def _mark_key(once: Once) -> bytes:
+    return hashlib.blake2b(once.key.encode("utf-8"), digest_size=16).digest()
+
+
 def consume_in(
+    connection: sqlite3.Connection,
+    counters: Sequence[Counter],
+    amount: int,
+    now: float,
+    once: Optional[Once] = None,
+) -> Consumption:
+    if once is None:
+        return _consume_in(connection, counters, amount, now)
+    if not connection.execute(_MARK, (_mark_key(once), once.expires_at, now)).rowcount:
+        return Consumption(True, (), repeated=True)
+    result = _consume_in(connection, counters, amount, now)
+    if not result.allowed:
+        connection.execute(_FORGET_MARK, (_mark_key(once),))
+    return result
+
+
+def _consume_in(
     connection: sqlite3.Connection, counters: Sequence[Counter], amount: int, now: float
 ) -> Consumption:
     if len(counters) == 1:
         counter = counters[0]
         if counter.read_keys == (counter.key,):
-            row = connection.execute(
-                _CONSUME_ONE,
-                {
-                    "key": counter.key,
-                    "amount": amount,
-                    "expires": counter.expires_at,
-                    "limit": counter.limit,
-                    "now": now,
-                },
-            ).fetchone()
+            row = connection.execute(_ADD_ONE, (amount, counter.key, now, counter.limit)).fetchone()
+            if row is None:
+                row = connection.execute(
+                    _CONSUME_ONE,
+                    {
+                        "key": counter.key,
+                        "amount": amount,
+                        "expires": counter.expires_at,
+                        "limit": counter.limit,
+                        "now": now,
+                    },
+                ).fetchone()
             if row is not None:
                 if row[1] < counter.expires_at:
                     connection.execute(_EXTEND, {"key": counter.key, "expires": counter.expires_at})
@@ -241,8 +293,15 @@ def consume_in(
 
 
 def release_in(
-    connection: sqlite3.Connection, counters: Sequence[Counter], amount: int, now: float
+    connection: sqlite3.Connection,
+    counters: Sequence[Counter],
+    amount: int,
+    now: float,
+    once: Optional[Once] = None,
 ) -> None:
+    if once is not None and not connection.execute(_UNMARK, (_mark_key(once), now)).rowcount:
+        # Not counted, or taken back already (by this process or another).
+        return
     connection.executemany(_RELEASE, [{"key": c.key, "amount": amount} for c in counters])
 
 
@@ -347,7 +406,7 @@ def whitelist_list_in(connection: sqlite3.Connection) -> list[WhitelistEntry]:
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:
     removed = 0
-    for table in ("counters", "triplets", "clients", "marks"):
+    for table in ("counters", "triplets", "clients", "marks", "counted"):
         removed += connection.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,)).rowcount
     return removed
 
@@ -675,12 +734,14 @@ class SQLiteStore(ExpiringStore):
             connection.close()
 
     def consume(
-        self, counters: Sequence[Counter], amount: int, now: float
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
     ) -> Deferred[Consumption]:
-        return self._call(consume_in, counters, amount, now)
+        return self._call(consume_in, counters, amount, now, once)
 
-    def release(self, counters: Sequence[Counter], amount: int, now: float) -> Deferred[None]:
-        return self._call(release_in, counters, amount, now)
+    def release(
+        self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
+    ) -> Deferred[None]:
+        return self._call(release_in, counters, amount, now, once)
 
     def greylist(
         self,

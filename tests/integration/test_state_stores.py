@@ -96,7 +96,11 @@ def blast(port: int, user: str, connections: int, per_connection: int) -> list[O
     def one_connection(number: int) -> list[Optional[str]]:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             requests = b"".join(
-                encode_request(dict(EOM, sasl_username=user, instance=f"{user}.{number}.{index}"))
+                # The port in it: the messages sent to another daemon are
+                # other messages (the same instance would be counted once).
+                encode_request(
+                    dict(EOM, sasl_username=user, instance=f"{user}.{port}.{number}.{index}")
+                )
                 for index in range(per_connection)
             )
             sock.sendall(requests)
@@ -158,6 +162,30 @@ def test_two_daemons_share_one_limit(kind: str, redis: RedisServer, tmp_path: os
         assert "database is locked" not in first.log() + second.log()
     assert len(answers) == 400
     assert answers.count("OK") == 150, answers
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_same_message_through_two_daemons_counted_once(
+    kind: str, redis: RedisServer, tmp_path: os.PathLike
+) -> None:
+    """
+    Two daemons on one store (Redis, or one SQLite file) each asked about
+    the same messages (the same C{instance}): each message is counted once,
+    so both answer OK for the 3 messages of a limit of 3, and a 4th is
+    refused by either.
+    """
+    config = quota_config(store_table(kind, redis, os.fspath(tmp_path)), 3)
+    user = unique("once")
+    with ExitStack() as stack:
+        first = stack.enter_context(running_daemon(tmp_path, config))
+        second = stack.enter_context(running_daemon(tmp_path, config))
+        for number in range(3):
+            request = dict(EOM, sasl_username=user, instance=f"{user}.{number}")
+            for daemon in (first, second, first):
+                with daemon.client() as client:
+                    assert client.ask(request) == "OK", (number, daemon)
+        assert ask(second, user) == "REJECT 5.7.1 quota day of 3 reached"
+        assert ask(first, user) == "REJECT 5.7.1 quota day of 3 reached"
 
 
 @pytest.mark.parametrize("kind", ["redis", "sqlite"])

@@ -171,6 +171,62 @@ class QuotaTests(CheckTestCase):
         self.assertEqual(self.send(check, request).verb, "DUNNO")
         self.assertEqual(self.verbs(check, 1), ["DEFER"])
 
+    def sharing(self, **table: Any) -> tuple[QuotaCheck, QuotaCheck]:
+        """
+        Two quota checks (two daemons) sharing one store.
+        """
+        table.setdefault("key", ["sasl_username"])
+        shared: dict[Any, Any] = {}
+        first, second = (
+            QuotaCheck(
+                CheckOptions(
+                    dict(table),
+                    name="quota",
+                    reactor=self.clock,
+                    document={"stores": {"default": {"type": "memory"}}},
+                    shared=shared,
+                )
+            )
+            for _ in range(2)
+        )
+        self.assertIs(second.store, first.store)
+        return first, second
+
+    def test_counted_once_across_daemons(self) -> None:
+        """
+        The same message (same instance) through two daemons sharing a
+        store is counted once; the daemon that did not count it has
+        nothing to take back when its chain refuses the message.
+        """
+        first, second = self.sharing(limits=[{"period": "hour", "max": 2}])
+        request = self.message()
+        self.assertEqual(self.send(first, request).verb, "DUNNO")
+        self.assertEqual(self.send(second, request, chain_answer="REJECT no").verb, "DUNNO")
+        self.assertEqual(self.verbs(second, 2), ["DUNNO", "DEFER"])
+
+    def test_release_across_daemons(self) -> None:
+        """
+        A message counted by one daemon and refused there is taken back
+        once; then the other daemon, asked about it again, counts it.
+        """
+        first, second = self.sharing(limits=[{"period": "hour", "max": 1}])
+        request = self.message()
+        self.assertEqual(self.send(first, request, chain_answer="REJECT no").verb, "DUNNO")
+        self.assertEqual(self.send(second, request).verb, "DUNNO")
+        self.assertEqual(self.verbs(first, 1), ["DEFER"])
+
+    def test_mark_shares_the_hash_tag(self) -> None:
+        """
+        A message's mark carries the hash tag of its identity's counters
+        (one Redis Cluster slot), and no counter key starts like it.
+        """
+        check = self.make()
+        once = check.once("alice", ("instance", "192.0.2.1"), START)
+        tag = check.key_prefix("alice")[len("quota") :]
+        self.assertTrue(once.key.startswith("counted" + tag + ":"))
+        self.assertFalse(once.key.startswith(check.key_prefix()))
+        self.assertEqual(once.expires_at, START + 3600)
+
     def test_recipients_unit(self) -> None:
         """
         Counting recipients, an 11-recipient message counts 11.
@@ -509,10 +565,12 @@ class FakeStore:
         self.result = result
         self.released: list[Any] = []
 
-    def consume(self, counters: Any, amount: int, now: float) -> Deferred[Consumption]:
+    def consume(
+        self, counters: Any, amount: int, now: float, once: Any = None
+    ) -> Deferred[Consumption]:
         return self.result
 
-    def release(self, counters: Any, amount: int, now: float) -> Deferred[None]:
+    def release(self, counters: Any, amount: int, now: float, once: Any = None) -> Deferred[None]:
         self.released.append((counters, amount))
         return succeed(None)
 

@@ -1010,16 +1010,14 @@ action = "DEFER 4.7.1 too much news"
         """
         configuration = self.configure(self.CONFIG.replace("{rules_only}", "true"))
         check, quota = (entry.check for entry in configuration.chain.entries)
-        for _ in range(2):
+        for number in range(2):
+            # A new message each time.
             self.assertEqual(
-                self.answer(check, fixture="eod", sender="a@news.example", instance="x"),
+                self.answer(check, fixture="eod", sender="a@news.example", instance=f"x{number}"),
                 "OK within",
             )
-            # A new message each time.
-            quota._counted.clear()
-            quota._reservations.clear()
         self.assertEqual(
-            self.answer(check, fixture="eod", sender="a@news.example", instance="x"),
+            self.answer(check, fixture="eod", sender="a@news.example", instance="x2"),
             "DEFER 4.7.1 too much news",
         )
         self.assertEqual(self.answer(check, fixture="eod", sender="a@other.example"), "DUNNO")

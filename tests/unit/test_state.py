@@ -27,6 +27,7 @@ from pfxpold.state import (
     Counter,
     CounterValue,
     GreylistEntry,
+    Once,
     StoreError,
     Triplet,
     WhitelistEntry,
@@ -150,6 +151,60 @@ class StoreTestsMixin:
         self.assertEqual(self.consume([counter("a", 3)], 2), (True, (3,)))
         self.successResultOf(self.store.release([counter("a", 3)], 10, self.clock.seconds()))
         self.assertEqual(self.consume([counter("a", 3)], 3), (True, (3,)))
+
+    def consume_once(self, counters: list[Counter], mark: str, amount: int = 1) -> Any:
+        once = Once(mark, self.clock.seconds() + 600)
+        result = self.successResultOf(
+            self.store.consume(counters, amount, self.clock.seconds(), once)
+        )
+        return (result.allowed, result.totals, result.repeated)
+
+    def release_once(self, counters: list[Counter], mark: str, amount: int = 1) -> None:
+        once = Once(mark, self.clock.seconds() + 600)
+        self.successResultOf(self.store.release(counters, amount, self.clock.seconds(), once))
+
+    def test_counted_once(self) -> None:
+        """
+        A message with a mark is counted once: a second consume with the
+        same live mark adds nothing and says it was counted before;
+        another mark counts.
+        """
+        self.assertEqual(self.consume_once([counter("{a}", 5)], "{a}:m1"), (True, (1,), False))
+        self.assertEqual(self.consume_once([counter("{a}", 5)], "{a}:m1"), (True, (), True))
+        self.assertEqual(self.consume_once([counter("{a}", 5)], "{a}:m2"), (True, (2,), False))
+        self.assertEqual(self.consume([counter("{a}", 5)], 0), (True, (2,)))
+
+    def test_counted_once_refused_leaves_no_mark(self) -> None:
+        """
+        A message refused for its limit is not marked: asked again once
+        there is room, it is counted.
+        """
+        self.consume([counter("{a}", 1)])
+        self.assertEqual(self.consume_once([counter("{a}", 1)], "{a}:m"), (False, (1,), False))
+        self.assertEqual(self.consume_once([counter("{a}", 2)], "{a}:m"), (True, (2,), False))
+
+    def test_counted_once_mark_expires(self) -> None:
+        """
+        A mark is forgotten at its expiry: the same mark counts again.
+        """
+        self.consume_once([counter("{a}", 5)], "{a}:m")
+        self.clock.advance(601)
+        self.assertEqual(self.consume_once([counter("{a}", 5)], "{a}:m"), (True, (2,), False))
+
+    def test_release_once(self) -> None:
+        """
+        Releasing with a mark takes the count back once, however many
+        times it is asked (two daemons refusing the same message), and
+        removes the mark, so the message counts again when it comes back.
+        A mark never set takes nothing back.
+        """
+        self.consume_once([counter("{a}", 5)], "{a}:m", 2)
+        self.consume([counter("{a}", 5)], 1)
+        self.release_once([counter("{a}", 5)], "{a}:m", 2)
+        self.release_once([counter("{a}", 5)], "{a}:m", 2)
+        self.release_once([counter("{a}", 5)], "{a}:never", 2)
+        self.assertEqual(self.consume([counter("{a}", 5)], 0), (True, (1,)))
+        self.assertEqual(self.consume_once([counter("{a}", 5)], "{a}:m", 2), (True, (3,), False))
 
     def test_release_unknown(self) -> None:
         """
@@ -480,8 +535,10 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
 
     def test_fixed_window_consume_is_one_statement(self) -> None:
         """
-        A counter reading only its own key is checked and added to in one
-        statement, new or live; only a refusal reads the total again.
+        A counter reading only its own key, live and with room (the common
+        case), is checked and added to in one UPDATE; a new one is
+        inserted by a second statement; only a refusal reads the total
+        again.
         """
         self.consume("first")
         groups = []
@@ -489,9 +546,10 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
             del self.statements[:]
             self.consume("a", 2)
             groups.append(self.statements[:])
-        self.assertEqual([len(group) for group in groups], [1, 1, 2])
-        self.assertIn("INSERT INTO counters", groups[0][0])
-        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][1])
+        self.assertEqual([len(group) for group in groups], [2, 1, 3])
+        self.assertIn("UPDATE counters", groups[1][0])
+        self.assertIn("INSERT INTO counters", groups[0][1])
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
 
     def test_order_and_exact_limits(self) -> None:
         """
@@ -647,6 +705,24 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
         self.assertEqual(self.logged, [])
         self.assertIsNone(self.committed("b"))
         self.assertFalse(real.in_transaction)
+
+    def test_two_stores_count_a_message_once(self) -> None:
+        """
+        Two stores on one file (two daemons, two workers) count a message
+        with the same mark once, and take it back once.
+        """
+        other = self.make_store()
+        once = Once("{a}:m", START + 600)
+        first = self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, once))
+        self.clock.advance(0)
+        second = self.successResultOf(other.consume([counter("{a}", 5)], 1, START, once))
+        self.clock.advance(0)
+        self.assertEqual((first.repeated, second.repeated), (False, True))
+        self.successResultOf(other.release([counter("{a}", 5)], 1, START, once))
+        self.clock.advance(0)
+        self.successResultOf(self.store.release([counter("{a}", 5)], 1, START, once))
+        self.clock.advance(0)
+        self.assertEqual(self.committed("{a}"), 0)
 
     def test_two_stores_share_a_file_exactly(self) -> None:
         """
