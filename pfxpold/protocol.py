@@ -120,6 +120,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         self._size = 0
         self._queue: deque[_Pending] = deque()
         self._timer_reason = ""
+        self._idle_since = 0.0
         self._closing = False
         self._eof = False
         self._violated = False
@@ -201,6 +202,8 @@ class PolicyProtocol(Protocol, TimeoutMixin):
 
     def _arm(self, seconds: float, reason: str) -> None:
         self._timer_reason = reason
+        if reason == "idle":
+            self._idle_since = self.factory.clock.seconds()
         self.setTimeout(seconds)
 
     def timeoutConnection(self) -> None:
@@ -209,6 +212,14 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         a closing connection's last answers did not leave in time.
         """
         if self._timer_reason == "idle":
+            # The idle timer is not moved for every request (that cost a
+            # reschedule per request): a request since it was set moved
+            # _idle_since, and the timer is set again for what is left.
+            limits = self.factory.limits
+            left = self._idle_since + limits.idle_timeout - self.factory.clock.seconds()
+            if left > 0:
+                self.setTimeout(left)
+                return
             self._log.info("closing idle connection from {peer}", peer=self.peer)
             self._close()
         elif self._timer_reason == "close":
@@ -434,8 +445,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         request = PolicyRequest.adopt(self._attributes)
         self._attributes = {}
         factory = self.factory
-        self._arm(factory.limits.idle_timeout, "idle")
         started = factory.clock.seconds()
+        if self._timer_reason == "idle":
+            # Idle from now: the timer, when it fires, sees this and waits
+            # for the rest (timeoutConnection).
+            self._idle_since = started
+        else:
+            self._arm(factory.limits.idle_timeout, "idle")
         result = factory.decider.decide(request)
         # type() first: Deferred is an abstract Awaitable, and isinstance
         # on it takes the slow ABC path.

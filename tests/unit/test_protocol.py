@@ -546,6 +546,25 @@ class TimeoutTests(ProtocolTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
+    def test_idle_timer_not_moved_per_request(self):
+        """
+        A request does not reschedule the idle timer; when it fires early it
+        waits for what is left, so the connection still closes exactly
+        idle_timeout after its last request.
+        """
+        [timer] = self.clock.getDelayedCalls()
+        due = timer.getTime()
+        self.clock.advance(500)
+        self.send(request_bytes(answer="OK"))
+        self.assertEqual(self.clock.getDelayedCalls(), [timer])
+        self.assertEqual(timer.getTime(), due)
+        self.clock.advance(700)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(499.9)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_idle_before_first_request(self):
         """A connection that never sends anything is closed after idle_timeout."""
         self.clock.advance(1200)
