@@ -47,12 +47,7 @@ def lookup_mariadb() -> Iterator:
     server = MariaDBServer()
     try:
         server.start()
-        server.execute("CREATE DATABASE pfxpold", None)
-        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), encoding="utf-8") as f:
-            script = "\n".join(line for line in f if not line.startswith("--"))
-        for statement in script.split(";"):
-            if statement.strip():
-                server.execute(statement)
+        server.load_relay_acl()
         yield server
     finally:
         server.cleanup()

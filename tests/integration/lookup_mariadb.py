@@ -31,7 +31,7 @@ from typing import Any, Optional
 import pymysql
 
 from tests.integration.certificates import make_certificates, split_certificate
-from tests.integration.support import free_port, require_program
+from tests.integration.support import REPOSITORY, free_port, require_program
 
 #: The account pfxpold logs in with.
 USER = "pfxpold"
@@ -167,6 +167,18 @@ class MariaDBServer:
                     cursor.execute("GRANT SELECT ON pfxpold.* TO %s@%s", (USER, host))
         finally:
             connection.close()
+
+    def load_relay_acl(self) -> None:
+        """
+        Make the C{pfxpold} database with the relay-ACL table of
+        examples/relay-acl.sql.
+        """
+        self.execute("CREATE DATABASE pfxpold", None)
+        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), encoding="utf-8") as f:
+            script = "\n".join(line for line in f if not line.startswith("--"))
+        for statement in script.split(";"):
+            if statement.strip():
+                self.execute(statement)
 
     def connect(self, database: Optional[str] = "pfxpold") -> Any:
         """
