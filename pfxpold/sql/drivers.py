@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 import socket
-import ssl
 
 # adbapi imports the driver module by name when the pool starts, which is
 # after twistd chroots: import it now, while the standard library is there.
 import sqlite3
+import ssl
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -285,26 +285,38 @@ def tls_context(keywords: dict[str, Any]) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=ca)
     except (OSError, ValueError) as e:
-        raise URLError(f"ssl_ca {ca}: {tls_file_error(e)}") from None
+        raise URLError(f"ssl_ca {ca}: {tls_file_error(e, 'holds no PEM certificate')}") from None
     context.check_hostname = check_hostname
     # As PyMySQL's own context: MySQL's self-made CA certificates lack
     # extensions that Python's strict X.509 checks want.
     context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
     if certificate is not None:
         try:
-            # Without ssl_key, the key is in the certificate's file.
-            context.load_cert_chain(certificate, key)
+            # Without ssl_key, the key is in the certificate's file. An
+            # encrypted key is refused rather than asked for on a terminal.
+            context.load_cert_chain(certificate, key, password=_no_key_password)
         except (OSError, ValueError) as e:
+            reason = tls_file_error(e, "not a PEM certificate and its unencrypted private key")
             raise URLError(
-                f"ssl_cert {certificate}, ssl_key {key or certificate}: {tls_file_error(e)}"
+                f"ssl_cert {certificate}, ssl_key {key or certificate}: {reason}"
             ) from None
     return context
 
 
-def tls_file_error(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror and not isinstance(error, ssl.SSLError):
+def _no_key_password() -> str:
+    raise ValueError("the private key is encrypted")
+
+
+def tls_file_error(error: Exception, unusable: str) -> str:
+    """
+    Why a TLS file cannot be used, in one line: the system's reason when
+    it cannot be read, else C{unusable} (OpenSSL's own words say little).
+    """
+    if isinstance(error, ssl.SSLError):
+        return unusable
+    if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return " ".join(str(error).split()) or "not a PEM file"
+    return " ".join(str(error).split()) or unusable
 
 
 class MySQLDriver:

@@ -30,11 +30,15 @@ from typing import Any, Optional
 
 import pymysql
 
-from tests.integration.certificates import make_certificates, split_certificate
+from tests.integration.certificates import make_client_certificates, split_certificate
 from tests.integration.support import REPOSITORY, free_port, require_program
 
 #: The account pfxpold logs in with.
 USER = "pfxpold"
+#: With TLS, an account that also needs the client certificate.
+CERTIFICATE_USER = "pfxpold-x509"
+#: That certificate's subject.
+CLIENT_SUBJECT = "/CN=pfxpold-client"
 
 #: Server options for both the bootstrap and the server: a small redo log
 #: (the default is 96 MB), no durability a throwaway server needs, and no
@@ -57,7 +61,10 @@ class MariaDBServer:
     @ivar password_file: a file holding it, for the sql check's
         C{password_file}.
     @ivar ca: with TLS, the PEM file of the CA that signed the server's
-        certificate (for C{127.0.0.1}); else L{None}.
+        certificate (for C{127.0.0.1}) and a client certificate; else
+        L{None}.
+    @ivar client_certificate: with TLS, that client certificate's file, for
+        the L{CERTIFICATE_USER} account; its key is in C{client_key}.
     """
 
     def __init__(self, tls: bool = False) -> None:
@@ -79,8 +86,12 @@ class MariaDBServer:
         self.process: Optional[subprocess.Popen] = None
         self.tls_options: list[str] = []
         self.ca: Optional[str] = None
+        self.client_certificate: Optional[str] = None
+        self.client_key: Optional[str] = None
         if tls:
-            self.ca, server = make_certificates(self.directory)
+            self.ca, server, self.client_certificate, self.client_key = make_client_certificates(
+                self.directory
+            )
             certificate, key = split_certificate(server, self.directory)
             self.tls_options = [
                 f"--ssl-ca={self.ca}",
@@ -113,13 +124,13 @@ class MariaDBServer:
         query = f"?{urllib.parse.urlencode(options)}" if options else ""
         return f"mysql://{user}@127.0.0.1:{port or self.port}/{database}{query}"
 
-    def settings(self, port: Optional[int] = None, **options: str) -> str:
+    def settings(self, port: Optional[int] = None, user: str = USER, **options: str) -> str:
         """
-        The sql check's TOML settings to reach this server as C{pfxpold}:
+        The sql check's TOML settings to reach this server as C{user}:
         driver, URL and password file.
         """
         return (
-            f'driver = "mysql"\nurl = "{self.url(port=port, **options)}"\n'
+            f'driver = "mysql"\nurl = "{self.url(port=port, user=user, **options)}"\n'
             f'password_file = "{self.password_file}"\n'
         )
 
@@ -155,16 +166,21 @@ class MariaDBServer:
         """
         The C{pfxpold} account, for TCP (C{127.0.0.1}: names are not
         resolved) and the socket (C{localhost}), allowed to read the
-        C{pfxpold} database (made by whoever fills it) and nothing else.
+        C{pfxpold} database (made by whoever fills it) and nothing else;
+        with TLS, L{CERTIFICATE_USER} too, for TCP only.
         """
+        accounts = [(USER, "127.0.0.1", ""), (USER, "localhost", "")]
+        if self.ca is not None:
+            accounts.append((CERTIFICATE_USER, "127.0.0.1", " REQUIRE SUBJECT %s"))
         connection = self.connect(None)
         try:
             with connection.cursor() as cursor:
-                for host in ("127.0.0.1", "localhost"):
+                for user, host, require in accounts:
                     cursor.execute(
-                        "CREATE USER %s@%s IDENTIFIED BY %s", (USER, host, self.password)
+                        f"CREATE USER %s@%s IDENTIFIED BY %s{require}",
+                        (user, host, self.password) + ((CLIENT_SUBJECT,) if require else ()),
                     )
-                    cursor.execute("GRANT SELECT ON pfxpold.* TO %s@%s", (USER, host))
+                    cursor.execute("GRANT SELECT ON pfxpold.* TO %s@%s", (user, host))
         finally:
             connection.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import pymysql
@@ -140,6 +141,33 @@ def test_tls(tmp_path, tls_mariadb):
         assert client.ask(ALLOWED) == "OK"
         assert client.ask(UNKNOWN) == REJECT
         assert "Traceback" not in daemon.log()
+
+
+def test_tls_client_certificate(tmp_path, tls_mariadb):
+    """
+    An account that requires a client certificate (REQUIRE SUBJECT) is
+    reached with ssl_cert and ssl_key; without them the server refuses the
+    login, and the check answers on_error.
+    """
+    from tests.integration.lookup_mariadb import CERTIFICATE_USER
+
+    user = urllib.parse.quote(CERTIFICATE_USER)
+    config = mariadb_config(
+        tls_mariadb,
+        user=user,
+        ssl_ca=tls_mariadb.ca,
+        ssl_cert=tls_mariadb.client_certificate,
+        ssl_key=tls_mariadb.client_key,
+    )
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK"
+        assert client.ask(UNKNOWN) == REJECT
+    config = mariadb_config(tls_mariadb, user=user, ssl_ca=tls_mariadb.ca)
+    with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == DEFER
+        log = daemon.log()
+    [line] = check_lines(log)
+    assert f"Access denied for user '{CERTIFICATE_USER}'@'127.0.0.1'" in line
 
 
 def test_tls_wrong_ca(tmp_path, tls_mariadb, other_ca):

@@ -430,17 +430,17 @@ not_found = "DUNNO"
         assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"
 
 
-def mariadb_config(server, port: int = 0, **options: str) -> str:
+def mariadb_config(server, port: int = 0, user: str = "pfxpold", **options: str) -> str:
     """
     examples/relay-acl-postgresql.toml pointed at the MariaDB test server
-    (as its read-only C{pfxpold} account, the password from a file), with
-    the URL's query C{options}, without its cache.
+    (as its read-only C{user} account, the password from a file), with the
+    URL's query C{options}, without its cache.
     """
     return replaced(
         example("relay-acl-postgresql.toml"),
         (
             'driver = "postgresql"\n',
-            server.settings(port=port or None, **options),
+            server.settings(port=port or None, user=user, **options),
         ),
         ('conninfo = "host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold"\n', ""),
         ('# password_file = "/etc/pfxpold/postgresql.password"\n', ""),
