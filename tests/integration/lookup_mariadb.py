@@ -42,7 +42,7 @@ CLIENT_SUBJECT = "/CN=pfxpold-client"
 
 #: Server options for both the bootstrap and the server: a small redo log
 #: (the default is 96 MB), no durability a throwaway server needs, and no
-#: resolver (Debian's install-db would resolve the host name otherwise).
+#: resolver.
 COMMON_OPTIONS = [
     "--skip-name-resolve",
     "--innodb-log-file-size=4M",
@@ -101,8 +101,9 @@ class MariaDBServer:
             ]
         self._provisioned = False
         subprocess.run(
+            # --force: no check that this host's name resolves.
             [self.install, "--no-defaults", "--auth-root-authentication-method=socket"]
-            + [f"--datadir={self.data}", f"--user={self.admin}", "--skip-test-db"]
+            + [f"--datadir={self.data}", f"--user={self.admin}", "--skip-test-db", "--force"]
             + COMMON_OPTIONS,
             check=True,
             stdout=subprocess.DEVNULL,
