@@ -232,3 +232,18 @@ def test_tls_required_by_client(tmp_path, lookup_mariadb, other_ca):
     assert len(lines) == 1, log
     assert "SSL is required but the server doesn't support it" in lines[0]
     assert "Traceback" not in log
+
+
+def test_tls_file_missing(tmp_path, lookup_mariadb):
+    """
+    An ssl_ca that cannot be read stops the daemon from starting, with one
+    line naming the file, the check and the key, rather than answering
+    on_error to every request.
+    """
+    missing = os.path.join(tmp_path, "missing-ca.pem")
+    with pytest.raises(RuntimeError) as failed:
+        with running_daemon(tmp_path, mariadb_config(lookup_mariadb, ssl_ca=missing)):
+            pass
+    message = str(failed.value)
+    assert f"check 'relay-acl': key 'url': ssl_ca {missing}: No such file or directory" in message
+    assert "Traceback" not in message
