@@ -39,8 +39,9 @@ def lookup_postgresql() -> Iterator:
 def lookup_mariadb() -> Iterator:
     """
     A private MariaDB server with a C{pfxpold} database holding the
-    relay-ACL table of examples/relay-acl.sql; stopped at the end of the
-    session.
+    relay-ACL table of examples/relay-acl.sql, read by the C{pfxpold}
+    account with the password of C{server.password_file} (C{server.settings()}
+    gives the sql check's keys); stopped at the end of the session.
     """
     from tests.integration.lookup_mariadb import MariaDBServer
 
