@@ -2,7 +2,9 @@
 The C{sql} check's MySQL connection settings as a mail admin uses them,
 against real MariaDB servers with grant tables: the password from
 C{password_file}, a wrong one, the server's unix socket, and TLS (the CA
-and the host name verified) to a server that refuses TCP without it.
+and the host name verified) to a server that refuses TCP without it: a
+wrong CA, a client certificate an account requires, an unreadable CA file,
+and a server that offers no TLS refused rather than used in clear text.
 """
 
 from __future__ import annotations
