@@ -112,7 +112,12 @@ async def bench_mysql(reactor, arguments) -> None:
         with connection.cursor() as cursor:
             cursor.executemany("INSERT INTO relay_acl VALUES (%s, %s)", rows())
         connection.close()
-        settings = {"driver": "mysql", "url": server.url(), "pool_size": 4}
+        settings = {
+            "driver": "mysql",
+            "url": server.url(),
+            "password_file": server.password_file,
+            "pool_size": 4,
+        }
         await bench(reactor, "MySQL", settings, arguments)
     finally:
         server.cleanup()

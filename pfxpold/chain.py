@@ -139,6 +139,15 @@ class ChainEntry:
     mode: str = ENFORCE
 
 
+class CheckUnavailable(Exception):
+    """
+    A check cannot reach or use its backend for a reason its message states
+    in full (a refused login, a certificate that does not verify, nothing
+    listening): logged in one line even the first time, since a traceback
+    would only show the backend library's insides.
+    """
+
+
 class DeadlinePassed(TimeoutError):
     """
     A check had not answered when the request's deadline passed (with
@@ -854,10 +863,10 @@ class CheckChain:
                 outcome=str(policy),
             )
             verdict = "error"
-        elif not is_clean(failure.getErrorMessage()):
-            # A message quoting a backend's or a client's text with control
-            # characters in it: escaped, in one line, since a traceback
-            # would carry it raw.
+        elif failure.check(CheckUnavailable) or not is_clean(failure.getErrorMessage()):
+            # A backend's refusal says all in its message; a message quoting
+            # a backend's or a client's text with control characters in it
+            # is escaped, in one line, since a traceback would carry it raw.
             self._failing[entry.name] = failure.type
             self._log.warn(
                 "check {check} failed: {error}; on_error={outcome}",

@@ -15,6 +15,7 @@ import socket
 # adbapi imports the driver module by name when the pool starts, which is
 # after twistd chroots: import it now, while the standard library is there.
 import sqlite3
+import ssl
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -245,11 +246,77 @@ def parse_mysql_url(url: str) -> dict[str, Any]:
         keywords[name] = value
     if ("ssl_cert" in keywords or "ssl_key" in keywords) and "ssl_ca" not in keywords:
         raise URLError("gives a client certificate without ssl_ca")
+    if "ssl_key" in keywords and "ssl_cert" not in keywords:
+        raise URLError("gives ssl_key without ssl_cert")
     if "ssl_ca" in keywords:
         # Verified like any TLS client should: the chain and the name.
         keywords["ssl_verify_cert"] = True
         keywords["ssl_verify_identity"] = "unix_socket" not in keywords
     return keywords
+
+
+#: The first PyMySQL that refuses a server not offering TLS when TLS is
+#: configured; older ones silently go on in clear text.
+PYMYSQL_TLS_REQUIRED = (1, 2)
+
+
+def tls_context(keywords: dict[str, Any]) -> ssl.SSLContext:
+    """
+    Take the C{ssl_*} keywords of L{parse_mysql_url} out of C{keywords} and
+    make the TLS context they describe, now: the files are read while the
+    configuration is (before twistd chroots or drops privileges, so a key
+    only root can read works), and a file that cannot be used is a
+    configuration error rather than a failure of every lookup.
+
+    @raise URLError: when a file cannot be used, or when PyMySQL is too old
+        to insist on TLS.
+    """
+    if pymysql is not None and tuple(pymysql.VERSION[:2]) < PYMYSQL_TLS_REQUIRED:
+        raise URLError(
+            "gives ssl_ca, which needs PyMySQL 1.2 or later (this is "
+            f"{'.'.join(map(str, pymysql.VERSION[:3]))}; older ones fall back to clear text"
+            " when the server does not offer TLS)"
+        )
+    ca = keywords.pop("ssl_ca")
+    certificate = keywords.pop("ssl_cert", None)
+    key = keywords.pop("ssl_key", None)
+    keywords.pop("ssl_verify_cert", None)
+    check_hostname = keywords.pop("ssl_verify_identity", True)
+    try:
+        context = ssl.create_default_context(cafile=ca)
+    except (OSError, ValueError) as e:
+        raise URLError(f"ssl_ca {ca}: {tls_file_error(e, 'holds no PEM certificate')}") from None
+    context.check_hostname = check_hostname
+    # As PyMySQL's own context: MySQL's self-made CA certificates lack
+    # extensions that Python's strict X.509 checks want.
+    context.verify_flags &= ~getattr(ssl, "VERIFY_X509_STRICT", 0)
+    if certificate is not None:
+        try:
+            # Without ssl_key, the key is in the certificate's file. An
+            # encrypted key is refused rather than asked for on a terminal.
+            context.load_cert_chain(certificate, key, password=_no_key_password)
+        except (OSError, ValueError) as e:
+            reason = tls_file_error(e, "not a PEM certificate and its unencrypted private key")
+            raise URLError(
+                f"ssl_cert {certificate}, ssl_key {key or certificate}: {reason}"
+            ) from None
+    return context
+
+
+def _no_key_password() -> str:
+    raise ValueError("the private key is encrypted")
+
+
+def tls_file_error(error: Exception, unusable: str) -> str:
+    """
+    Why a TLS file cannot be used, in one line: the system's reason when
+    it cannot be read, else C{unusable} (OpenSSL's own words say little).
+    """
+    if isinstance(error, ssl.SSLError):
+        return unusable
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return " ".join(str(error).split()) or unusable
 
 
 class MySQLDriver:
@@ -300,11 +367,23 @@ class MySQLDriver:
         )
         if password is not None:
             keywords["password"] = password
+        if "ssl_ca" in keywords:
+            keywords["ssl"] = tls_context(keywords)
         self.connect_args = ()
         self.connect_keywords = keywords
 
     def describe(self) -> str:
         return f"MySQL {self.location}"
+
+    def error_text(self, error: Exception) -> str:
+        """
+        What a PyMySQL exception says: its C{(code, message)} arguments
+        read as the message and the client's or server's error number.
+        """
+        arguments = error.args
+        if len(arguments) == 2 and isinstance(arguments[0], int):
+            return f"{arguments[1]} (error {arguments[0]})"
+        return f"{type(error).__name__}: {error}"
 
     def on_connect(self, connection: Any) -> None:
         """

@@ -18,12 +18,21 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pfxpold.chain import CheckUnavailable
 from pfxpold.escape import escape
 
 
 class DatabaseBusy(RuntimeError):
     """
     Too many lookups are waiting for the database already.
+    """
+
+
+class DatabaseUnavailable(CheckUnavailable):
+    """
+    No connection to the database could be made (the server is down, or
+    refused the login or the TLS handshake); the message says why, in one
+    line.
     """
 
 
@@ -138,7 +147,12 @@ class Database:
         while True:
             if lookup.cancelled:
                 raise CancelledError()
-            connection = pool.connect()
+            try:
+                connection = pool.connect()
+            except Exception as e:
+                raise DatabaseUnavailable(
+                    f"cannot connect to {driver.describe()}: {self._error_text(e)}"
+                ) from e
             with lookup.lock:
                 if lookup.cancelled:
                     raise CancelledError()
@@ -159,6 +173,15 @@ class Database:
             finally:
                 with lookup.lock:
                     lookup.connection = None
+
+    def _error_text(self, error: Exception) -> str:
+        """
+        What a driver's exception says, in one line.
+        """
+        explain = getattr(self.driver, "error_text", None)
+        text = explain(error) if explain is not None else f"{type(error).__name__}: {error}"
+        # libpq's messages span lines; the log line should not.
+        return " ".join(text.split())
 
     def _interrupt(self, lookup: _Lookup) -> None:
         with lookup.lock:

@@ -39,20 +39,16 @@ def lookup_postgresql() -> Iterator:
 def lookup_mariadb() -> Iterator:
     """
     A private MariaDB server with a C{pfxpold} database holding the
-    relay-ACL table of examples/relay-acl.sql; stopped at the end of the
-    session.
+    relay-ACL table of examples/relay-acl.sql, read by the C{pfxpold}
+    account with the password of C{server.password_file} (C{server.settings()}
+    gives the sql check's keys); stopped at the end of the session.
     """
     from tests.integration.lookup_mariadb import MariaDBServer
 
     server = MariaDBServer()
     try:
         server.start()
-        server.execute("CREATE DATABASE pfxpold", None)
-        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), encoding="utf-8") as f:
-            script = "\n".join(line for line in f if not line.startswith("--"))
-        for statement in script.split(";"):
-            if statement.strip():
-                server.execute(statement)
+        server.load_relay_acl()
         yield server
     finally:
         server.cleanup()

@@ -430,18 +430,20 @@ not_found = "DUNNO"
         assert client.ask({**sender, "client_address": "unknown"}) == "DUNNO"
 
 
-def mariadb_config(server, port: int = 0) -> str:
+def mariadb_config(server, port: int = 0, user: str = "pfxpold", **options: str) -> str:
     """
-    examples/relay-acl-postgresql.toml pointed at the MariaDB test server,
-    without its cache.
+    examples/relay-acl-postgresql.toml pointed at the MariaDB test server
+    (as its read-only C{user} account, the password from a file), with the
+    URL's query C{options}, without its cache.
     """
     return replaced(
         example("relay-acl-postgresql.toml"),
-        ('driver = "postgresql"', 'driver = "mysql"'),
         (
-            'conninfo = "host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold"',
-            f'url = "{server.url(port=port)}"',
+            'driver = "postgresql"\n',
+            server.settings(port=port or None, user=user, **options),
         ),
+        ('conninfo = "host=127.0.0.1 port=5432 dbname=pfxpold user=pfxpold"\n', ""),
+        ('# password_file = "/etc/pfxpold/postgresql.password"\n', ""),
         ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
         ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
     )
@@ -520,7 +522,7 @@ def test_key_lists(tmp_path, request, database):
         server.execute(create)
         for row in KEY_LIST_ROWS:
             server.execute("INSERT INTO client_access VALUES (%s, %s)", params=row)
-        where = f'driver = "mysql"\nurl = "{server.url()}"'
+        where = server.settings()
     config = f'[[check]]\nname = "access"\ntype = "sql"\n{where}\nquery = """{KEY_LIST_QUERY}"""\n'
     with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
         other = {"sender": "a@other.example.org"}

@@ -871,6 +871,42 @@ class RepeatedFailureLoggingTests(SynchronousTestCase):
         [text] = [formatEvent(event) for event in events if "deadline" in formatEvent(event)]
         self.assertIn("192.0.2.1\\x0d\\x85", text)
 
+    def test_unavailable_is_one_line(self):
+        """
+        A L{CheckUnavailable} (a backend's refusal, its reason in the
+        message) is logged in one escaped line naming the check and the
+        on_error outcome, the first time too: no traceback.
+        """
+        from pfxpold.chain import CheckUnavailable
+
+        @implementer(ICheck)
+        class Refused:
+            def check(self, request):
+                raise CheckUnavailable("cannot connect: Access denied for 'x'\r\nFORGED")
+
+        chain = CheckChain(
+            [ChainEntry("refused", Refused(), 1.0, ErrorPolicy.parse("DEFER try later"))],
+            default_action=None,
+            deadline=5.0,
+            deadline_policy=ErrorPolicy.parse("noreply"),
+            clock=Clock(),
+        )
+        with capturedLogs() as events:
+            for _ in range(2):
+                decision = chain.decide(make_request())
+                if isinstance(decision, Deferred):
+                    decision = self.successResultOf(decision)
+                self.assertEqual(str(decision.action), "DEFER try later")
+        texts = [formatEvent(event) for event in events]
+        self.assertFalse([event for event in events if "log_failure" in event])
+        self.assertEqual(len(texts), 2, texts)
+        self.assertIn("check refused failed: CheckUnavailable: cannot connect:", texts[0])
+        self.assertIn("check refused failed again:", texts[1])
+        for text in texts:
+            self.assertIn("Access denied for 'x'\\x0d\\x0aFORGED", text)
+            self.assertIn("on_error=DEFER try later", text)
+            self.assertTrue(text.isprintable(), text)
+
     def test_repeats_are_one_line_until_recovery(self):
         """Three identical failures give one traceback and two one-line
         warnings; an answer logs recovery; a later failure has a traceback

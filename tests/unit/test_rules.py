@@ -263,10 +263,13 @@ class ReadmeTests(RulesTestCase):
             self.assertEqual(tomllib.loads(blocks[0]), tomllib.load(f))
         marks = self.rules(blocks[1], prefix='[stores.default]\ntype = "memory"\n')
         self.assertEqual(len(list(marks.program.rules())), 2)
-        configuration = self.configure(
-            '[[check]]\nname = "policy"\ntype = "rules"\n' + blocks[2]
+        # The quota sample is a whole configuration, as an admin pastes it.
+        configuration = self.configure(blocks[2])
+        self.assertEqual(
+            [entry.name for entry in configuration.chain.entries], ["policy", "newsletter-quota"]
         )
-        self.assertEqual(len(configuration.chain.entries), 2)
+        [rule] = configuration.chain.entries[0].check.program.rules()
+        self.assertEqual(rule.name, "newsletters")
 
 
 class OperatorTests(RulesTestCase):

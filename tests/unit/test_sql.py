@@ -20,7 +20,7 @@ from pfxpold.config import ConfigError, load_configuration
 from pfxpold.interfaces import ICheck
 from pfxpold.sql.drivers import PostgreSQLDriver, SQLiteDriver
 from pfxpold.sql.params import QueryError, translate_query
-from pfxpold.sql.pool import Database, DatabaseBusy
+from pfxpold.sql.pool import Database, DatabaseBusy, DatabaseUnavailable
 from pfxpold.testing import CheckTestCase, make_options, make_request, run_check
 from tests.unit.tempdir import examples_copy, sqlite_database, temporary_path
 
@@ -687,6 +687,39 @@ class DatabaseTests(CheckTestCase):
         self.pool.threadpool.run()
         self.failureResultOf(result, RuntimeError)
         self.assertEqual(len(self.driver.seen), 2)
+
+    def test_connect_failure_is_unavailable(self):
+        """
+        A connection that cannot be made (a refused login, a failed TLS
+        handshake, a server that is down) fails the lookup with
+        L{DatabaseUnavailable}: one line naming the database and the
+        driver's reason, in the driver's words when it has some.
+        """
+
+        def refused():
+            raise ConnectionRefusedError("connection refused\n\tis the server running?")
+
+        database = self.make([("never",)])
+        self.pool.connect = refused
+        result = database.lookup("SELECT", [])
+        self.pool.threadpool.run()
+        failure = self.failureResultOf(result, DatabaseUnavailable)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "cannot connect to fake: ConnectionRefusedError: connection refused"
+            " is the server running?",
+        )
+        self.assertEqual(self.driver.seen, [])
+        self.assertEqual(database._in_flight, set())
+
+        self.driver.error_text = lambda error: f"in other words: {error}"
+        result = database.lookup("SELECT", [])
+        self.pool.threadpool.run()
+        failure = self.failureResultOf(result, DatabaseUnavailable)
+        self.assertEqual(
+            failure.getErrorMessage(),
+            "cannot connect to fake: in other words: connection refused is the server running?",
+        )
 
     def test_no_retry_for_query_errors(self):
         """An error that leaves the connection usable is not retried."""

@@ -6,7 +6,10 @@ run on a real SQLite database, synchronously.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import ssl
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -134,3 +137,113 @@ class MySQLURLTests(SynchronousTestCase):
             "mysql://u@h:99999/d",
         ):
             self.assertRaises(URLError, parse_mysql_url, url)
+
+
+class MySQLTLSTests(SynchronousTestCase):
+    """
+    The TLS context of a MySQL URL's ssl_* options, made while the
+    configuration is read.
+    """
+
+    def setUp(self) -> None:
+        from tests.integration.certificates import make_client_certificates
+        from tests.unit.tempdir import temporary_directory
+
+        self.directory = temporary_directory(self)
+        self.ca, self.server, self.client, self.client_key = make_client_certificates(
+            self.directory
+        )
+
+    def driver(self, query: str) -> Any:
+        from pfxpold.sql.drivers import MySQLDriver
+
+        return MySQLDriver(f"mysql://u@127.0.0.1/d?{query}", "pw", 2.0, 1.0)
+
+    def test_context(self) -> None:
+        """
+        ssl_ca makes a context that verifies the chain and the host name
+        (not over a unix socket, where the host is only a name) and holds
+        the client certificate; PyMySQL gets the context, not the paths.
+        """
+        keywords = self.driver(
+            f"ssl_ca={self.ca}&ssl_cert={self.client}&ssl_key={self.client_key}"
+        ).connect_keywords
+        context = keywords["ssl"]
+        self.assertIsInstance(context, ssl.SSLContext)
+        self.assertEqual(context.verify_mode, ssl.CERT_REQUIRED)
+        self.assertTrue(context.check_hostname)
+        self.assertFalse([key for key in keywords if key.startswith("ssl_")])
+        socket_context = self.driver(f"ssl_ca={self.ca}&unix_socket=/run/m.sock").connect_keywords[
+            "ssl"
+        ]
+        self.assertFalse(socket_context.check_hostname)
+        self.assertEqual(socket_context.verify_mode, ssl.CERT_REQUIRED)
+        self.assertNotIn("ssl", self.driver("unix_socket=/run/m.sock").connect_keywords)
+
+    def test_unusable_files(self) -> None:
+        """
+        A CA, certificate or key that is missing or not PEM is a
+        configuration error naming the option and the file, and so is an
+        encrypted key (never asked for on a terminal) or a key without a
+        certificate.
+        """
+        from cryptography.hazmat.primitives import serialization
+
+        missing = os.path.join(self.directory, "missing.pem")
+        encrypted = os.path.join(self.directory, "encrypted.key")
+        with open(self.client_key, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+        with open(encrypted, "wb") as f:
+            f.write(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.TraditionalOpenSSL,
+                    serialization.BestAvailableEncryption(b"secret"),
+                )
+            )
+        for query, expected in (
+            (f"ssl_ca={missing}", f"ssl_ca {missing}: No such file or directory"),
+            (f"ssl_ca={self.client_key}", f"ssl_ca {self.client_key}: holds no PEM certificate"),
+            (
+                f"ssl_ca={self.ca}&ssl_cert={missing}",
+                f"ssl_cert {missing}, ssl_key {missing}: No such file or directory",
+            ),
+            (
+                f"ssl_ca={self.ca}&ssl_cert={self.client}&ssl_key={self.ca}",
+                f"ssl_cert {self.client}, ssl_key {self.ca}: not a PEM certificate and its"
+                " unencrypted private key",
+            ),
+            (
+                f"ssl_ca={self.ca}&ssl_cert={self.client}&ssl_key={encrypted}",
+                f"ssl_cert {self.client}, ssl_key {encrypted}: the private key is encrypted",
+            ),
+            (f"ssl_ca={self.ca}&ssl_key={self.client_key}", "gives ssl_key without ssl_cert"),
+        ):
+            with self.assertRaises(URLError) as raised:
+                self.driver(query)
+            self.assertIn(expected, str(raised.exception))
+            self.assertNotIn("\n", str(raised.exception))
+
+    def test_old_pymysql_refused(self) -> None:
+        """
+        A PyMySQL older than 1.2 would go on in clear text when the server
+        offers no TLS: ssl_ca with it is a configuration error.
+        """
+        import pymysql
+
+        self.patch(pymysql, "VERSION", (1, 1, 1, "final"))
+        with self.assertRaises(URLError) as raised:
+            self.driver(f"ssl_ca={self.ca}")
+        self.assertIn("needs PyMySQL 1.2 or later (this is 1.1.1;", str(raised.exception))
+        self.driver("unix_socket=/run/m.sock")
+
+    def test_error_text(self) -> None:
+        """PyMySQL's (code, message) errors read as the message and the number."""
+        import pymysql
+
+        driver = self.driver("unix_socket=/run/m.sock")
+        self.assertEqual(
+            driver.error_text(pymysql.err.OperationalError(1045, "Access denied for user 'u'")),
+            "Access denied for user 'u' (error 1045)",
+        )
+        self.assertEqual(driver.error_text(OSError("odd")), "OSError: odd")
