@@ -1,0 +1,169 @@
+"""
+Degraded mode with a real redis-server and a real daemon: Redis is stopped
+(by the PID we started) while a client keeps sending, the quota goes on
+enforcing this host's share of the limit on local counters, and after Redis
+is started again on the same port the local counts are added to Redis once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from typing import Optional
+
+import redis as redis_py
+
+from tests.integration.redis_server import running_redis
+from tests.integration.support import encode_request, free_port, read_reply, running_daemon
+from tests.integration.test_admin import admin, write_config
+from tests.integration.test_metrics import scrape, value
+from tests.integration.test_state_stores import EOM, poll
+
+LIMIT = 20
+HOSTS = 2
+SHARE = LIMIT // HOSTS
+
+
+def config(endpoint: str, metrics_port: int) -> str:
+    return f"""
+[server]
+default_action = "OK"
+log_requests = false
+
+[metrics]
+listen = "tcp:{metrics_port}:interface=127.0.0.1"
+
+[stores.main]
+type = "redis"
+endpoint = "{endpoint}"
+timeout = 1.0
+
+[[check]]
+name = "quota"
+type = "quota"
+store = "main"
+key = ["sasl_username"]
+limits = [{{ period = "day", max = {LIMIT} }}]
+action = "REJECT 5.7.1 quota {{limit}} of {{max}} reached"
+timeout = 3.0
+on_error = "451 4.3.0 quota store unavailable"
+on_store_down = "local"
+local_share = "divided"
+hosts = {HOSTS}
+probe_interval = 0.5
+"""
+
+
+class Load(threading.Thread):
+    """
+    A client sending END-OF-MESSAGE requests one after another on one
+    connection, each for a user of its own (so no limit is reached), until
+    stopped; it keeps every answer.
+    """
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.answers: list[Optional[str]] = []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            number = 0
+            while not self.stopping.is_set():
+                number += 1
+                user = f"load-{number}"
+                sock.sendall(encode_request(dict(EOM, sasl_username=user, instance=user)))
+                reply = read_reply(sock)
+                self.answers.append(None if reply is None else reply[len(b"action=") : -2].decode())
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(30)
+
+
+def ask(port: int, user: str, instance: str) -> Optional[str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(encode_request(dict(EOM, sasl_username=user, instance=instance)))
+        reply = read_reply(sock)
+    return None if reply is None else reply[len(b"action=") : -2].decode()
+
+
+def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
+    """
+    Under load, Redis stopped: the check enters degraded mode (no request
+    gets on_error), refuses alice at LIMIT / HOSTS on local counters, and
+    when Redis is back (same port, its data kept in its append-only file),
+    leaves degraded mode having added every local count: Redis then holds
+    exactly what was accepted, for alice and for every load user, and
+    pfxpold-admin quota show agrees. The metrics show the mode and the
+    amount reconciled.
+    """
+    directory = os.fspath(tmp_path)
+    metrics_port = free_port()
+    with running_redis(tmp_path, extra_args=("--appendonly", "yes")) as server:
+        text = config(server.endpoint, metrics_port)
+        path = write_config(directory, text)
+        with running_daemon(tmp_path, text) as daemon:
+            before = [ask(daemon.port, "alice", f"before.{n}") for n in range(4)]
+            assert before == ["OK"] * 4
+            load = Load(daemon.port)
+            load.start()
+            try:
+                assert poll(lambda: len(load.answers) >= 50)
+                stopped = time.monotonic()
+                server.stop()
+                assert poll(lambda: "degraded mode:" in daemon.log(), timeout=20)
+                to_degraded = time.monotonic() - stopped
+                answers = [ask(daemon.port, "alice", f"during.{n}") for n in range(SHARE + 2)]
+                assert answers[:SHARE] == ["OK"] * SHARE, answers
+                assert answers[SHARE:] == [f"REJECT 5.7.1 quota day of {SHARE} reached"] * 2
+                samples = scrape(metrics_port)
+                assert value(samples, "pfxpold_check_degraded", check="quota") == 1
+                server.start()
+                started = time.monotonic()
+                assert poll(lambda: "degraded mode left" in daemon.log(), timeout=30)
+                to_reconciled = time.monotonic() - started
+            finally:
+                load.stop()
+            # Counted in Redis again once out of degraded mode.
+            assert ask(daemon.port, "alice", "after.1") == "OK"
+            log = daemon.log()
+            samples = scrape(metrics_port)
+
+        # The daemon is stopped: Redis holds what it was left with.
+        assert set(load.answers) == {"OK"}, set(load.answers)
+        accepted_load = len(load.answers)
+        left = re.search(r"reconciled (\d+) messages from (\d+) local counts", log)
+        assert left is not None, log
+        reconciled = int(left.group(1))
+        # alice's share, and the load sent while Redis was down.
+        assert reconciled >= SHARE + 1
+        assert value(samples, "pfxpold_check_degraded", check="quota") == 0
+        assert value(samples, "pfxpold_check_reconciled_total", check="quota") == reconciled
+        assert log.count("degraded mode:") == 1
+        assert log.count("degraded mode left") == 1
+
+        client = redis_py.Redis(host="127.0.0.1", port=server.port)
+        try:
+            total = 0
+            for key in client.scan_iter(match="pfxpold:quota:{quota:load-*", count=1000):
+                total += int(client.get(key) or 0)
+            assert total == accepted_load, (total, accepted_load)
+            [alice] = list(client.scan_iter(match="pfxpold:quota:{quota:alice}:day:*"))
+            assert int(client.get(alice) or 0) == 4 + SHARE + 1
+        finally:
+            client.close()
+        shown = admin(path, "--json", "quota", "show", "--sasl-username", "alice")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["limits"][0]["count"] == 4 + SHARE + 1
+    print(
+        f"\nRedis stopped -> degraded: {to_degraded:.3f} s;"
+        f" Redis started -> reconciled: {to_reconciled:.3f} s;"
+        f" {reconciled} messages reconciled, {accepted_load} load messages"
+    )
+    print("\n".join(line for line in log.splitlines() if "degraded" in line))
