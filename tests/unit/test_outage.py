@@ -6,6 +6,7 @@ whose shared store is down, on a Clock, with a store that fails as told.
 from __future__ import annotations
 
 import datetime
+import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
@@ -17,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pfxpold.action import Action
 from pfxpold.checks.greylist import GreylistCheck
 from pfxpold.checks.quota import QuotaCheck
-from pfxpold.config import CheckOptions, ConfigError
+from pfxpold.config import CheckOptions, ConfigError, load_configuration
 from pfxpold.state import Counter, Once, StoreError
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.outage import Outage, OutageSettings, Pending, read_outage_settings
@@ -684,3 +685,24 @@ class ReplayTests(SynchronousTestCase):
         report, _ = harness.replay()
         self.assertEqual(report.requests, 2)
         self.assertEqual(report.changed, 0, report.samples)
+
+
+class ExampleTests(SynchronousTestCase):
+    """
+    examples/quota-redis-degraded.toml builds what it says.
+    """
+
+    def test_example(self) -> None:
+        """
+        Its greylist is degraded locally, its quota on half of each limit
+        (two hosts), both trying Redis every 5 s.
+        """
+        examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+        configuration = load_configuration(
+            os.path.join(examples, "quota-redis-degraded.toml"), Clock()
+        )
+        greylist, quota = (entry.check for entry in configuration.chain.entries)
+        self.assertEqual(greylist.outage.settings, OutageSettings("local", "full", 1, 5.0))
+        self.assertEqual(quota.outage.settings, OutageSettings("local", "divided", 2, 5.0))
+        [counter, _] = quota.counters_for("alice", 0.0)
+        self.assertEqual(quota._local_counters((counter,))[0].limit, 100)
