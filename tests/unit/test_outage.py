@@ -5,12 +5,14 @@ whose shared store is down, on a Clock, with a store that fails as told.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,12 +20,15 @@ from twisted.trial.unittest import SynchronousTestCase
 from pfxpold.action import Action
 from pfxpold.checks.greylist import GreylistCheck
 from pfxpold.checks.quota import QuotaCheck
-from pfxpold.config import CheckOptions, ConfigError, load_configuration
+from pfxpold.config import CheckOptions, ConfigError, load_configuration, load_document
+from pfxpold.reload import Reloader
+from pfxpold.service import PolicyService
 from pfxpold.state import Counter, Once, StoreError
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.outage import Outage, OutageSettings, Pending, read_outage_settings
 from pfxpold.testing import CheckTestCase, make_request, run_check
 from tests.unit.test_metrics import Served, make_chain, samples, value
+from tests.unit.test_reload import document
 from tests.unit.test_replay import GREYLIST_CONFIG, Harness
 
 # Tue 2027-01-05 10:00:00 UTC
@@ -706,3 +711,78 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(quota.outage.settings, OutageSettings("local", "divided", 2, 5.0))
         [counter, _] = quota.counters_for("alice", 0.0)
         self.assertEqual(quota._local_counters((counter,))[0].limit, 100)
+
+
+class ReloadTests(SynchronousTestCase):
+    """
+    A reload while a quota check is degraded (pfxpold.reload).
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(START)
+        self.next = self.document(4)
+        self.configuration = self.load(None)
+        self.service = PolicyService(self.configuration, self.reactor)
+        self.reloader = Reloader(self.service, self.load, self.reactor)
+        self.service.reloader = self.reloader
+        with capturedLogs():
+            self.service.privilegedStartService()
+            self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def document(self, limit: int) -> dict[str, Any]:
+        return document(
+            {
+                "name": "quota",
+                "type": "quota",
+                "limits": [{"period": "hour", "max": limit}],
+                "on_store_down": "local",
+            },
+            stores={"default": {"type": "memory"}},
+        )
+
+    def load(self, previous: Any) -> Any:
+        return load_document(copy.deepcopy(self.next), self.reactor, "/p.toml", previous)
+
+    def reload(self, limit: int) -> list[dict[str, Any]]:
+        self.next = self.document(limit)
+        with capturedLogs() as events:
+            self.assertTrue(self.successResultOf(self.reloader.reload()))
+        return events  # type: ignore[return-value]
+
+    def degrade(self) -> QuotaCheck:
+        [entry] = self.service.configuration.chain.entries
+        check: QuotaCheck = entry.check
+        flaky = Flaky(check.store, self.reactor)  # type: ignore[arg-type]
+        flaky.mode = "down"
+        check.store = flaky  # type: ignore[assignment]
+        for number in range(3):
+            request = make_request("eod", sasl_username="alice", instance=f"m{number}")
+            self.successResultOf(run_check(check, request))
+            check.decided(request, Action.parse("DUNNO"))
+        return check
+
+    def test_unchanged_check_stays_degraded(self) -> None:
+        """
+        A reload that leaves the check unchanged keeps it, its degraded mode
+        and its local counts.
+        """
+        check = self.degrade()
+        events = self.reload(4)
+        [entry] = self.service.configuration.chain.entries
+        self.assertIs(entry.check, check)
+        assert check.outage is not None
+        self.assertTrue(check.outage.active)
+        self.assertEqual(len(check.outage.journal), 3)
+        self.assertEqual([e for e in events if "dropped" in e.get("log_format", "")], [])
+
+    def test_replaced_check_logs_what_is_dropped(self) -> None:
+        """
+        A reload that replaces the degraded check says how much counted
+        locally is dropped, once the old check stops.
+        """
+        self.degrade()
+        events = self.reload(6)
+        [dropped] = [e for e in events if "are dropped" in e.get("log_format", "")]
+        self.assertEqual((dropped["check"], dropped["amount"], dropped["count"]), ("quota", 3, 3))
