@@ -11,6 +11,7 @@ import json
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
 from typing import Optional
@@ -167,3 +168,58 @@ def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
         f" {reconciled} messages reconciled, {accepted_load} load messages"
     )
     print("\n".join(line for line in log.splitlines() if "degraded" in line))
+
+
+def sqlite_config(path: str) -> str:
+    return f"""
+[server]
+default_action = "OK"
+log_requests = false
+
+[stores.main]
+type = "sqlite"
+path = "{path}"
+busy_timeout = 0.3
+
+[[check]]
+name = "quota"
+type = "quota"
+store = "main"
+key = ["sasl_username"]
+limits = [{{ period = "day", max = 5 }}]
+action = "REJECT 5.7.1 quota {{limit}} of {{max}} reached"
+timeout = 3.0
+on_error = "451 4.3.0 quota store unavailable"
+on_store_down = "local"
+probe_interval = 0.3
+"""
+
+
+def test_sqlite_locked_and_reconciled(tmp_path: os.PathLike) -> None:
+    """
+    An SQLite file another process keeps locked (a backup, a stuck admin
+    tool) is a down store: after busy_timeout the check enforces the full
+    limit locally (local_share = "full"), and once the lock is gone the
+    local counts are added to the file, as pfxpold-admin shows.
+    """
+    directory = os.fspath(tmp_path)
+    database = os.path.join(directory, "state.sqlite3")
+    text = sqlite_config(database)
+    path = write_config(directory, text)
+    with running_daemon(tmp_path, text) as daemon:
+        assert [ask(daemon.port, "bob", f"before.{n}") for n in range(2)] == ["OK"] * 2
+        holder = sqlite3.connect(database, timeout=0, isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            answers = [ask(daemon.port, "bob", f"during.{n}") for n in range(6)]
+            assert answers == ["OK"] * 5 + ["REJECT 5.7.1 quota day of 5 reached"], answers
+            assert "degraded mode:" in daemon.log()
+            assert "degraded mode left" not in daemon.log()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert poll(lambda: "degraded mode left" in daemon.log(), timeout=20)
+        assert "reconciled 5 messages from 5 local counts" in daemon.log()
+    shown = admin(path, "--json", "quota", "show", "--sasl-username", "bob")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["limits"][0]["count"] == 7
