@@ -346,6 +346,7 @@ class Outage(MultiService):
 
     async def _probe(self) -> bool:
         store = self._store()
+        started = self.reactor.seconds()
         try:
             if not self.journal:
                 await self._bounded(store.counters([f"probe:{{{self.check}}}"], self._now()))
@@ -373,7 +374,7 @@ class Outage(MultiService):
             self._schedule()
             return False
         self._probing = False
-        self._leave()
+        self._leave(self.reactor.seconds() - started)
         return True
 
     async def _reconcile(self, store: Any) -> None:
@@ -415,7 +416,7 @@ class Outage(MultiService):
         if self.observer is not None:
             self.observer.check_reconciled(self.check, pending.amount)
 
-    def _leave(self) -> None:
+    def _leave(self, took: float) -> None:
         if not self.active:
             return
         self.active = False
@@ -423,7 +424,7 @@ class Outage(MultiService):
         self._log.info(
             "{kind} {check}: store {store} answers again after {seconds}s; degraded mode"
             " left; reconciled {amount} {unit} from {counts} local counts ({already} counted"
-            " there already)",
+            " there already) in {took}s",
             kind=self.kind,
             check=self.check,
             store=getattr(self._store(), "name", "?"),
@@ -432,6 +433,7 @@ class Outage(MultiService):
             unit=self.unit or "units",
             counts=counts,
             already=already,
+            took=round(took, 3),
             degraded=False,
         )
         self._changed()
