@@ -253,14 +253,32 @@ class GreylistCheck(MultiService):
         self._runtime_until = 0.0
         # One read of the store's whitelist at a time, whoever waits for it.
         self._runtime_reads: Coalescer[str, RuntimeWhitelist] = Coalescer(cancel_abandoned=False)
-        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down.
+        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down:
+        #: kept by a successor with the same name, store and mode.
         self.outage: Optional[Outage] = None
-        settings = read_outage_settings(options, (ON_ERROR, PASS, LOCAL))
+        self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, PASS, LOCAL))
+        self._outage_binding: object = None
         if settings.mode != ON_ERROR:
-            self.outage = Outage(
-                "greylist", self.name, settings, self.reactor, lambda: self.store, self.now
+            store_name = options.string("store", "default")
+            self.outage = options.shared(
+                ("outage", "greylist", self.name, store_name, settings.mode),
+                lambda: Outage(
+                    "greylist", self.name, settings, self.reactor, lambda: self.store, self.now
+                ),
             )
-            self.outage.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.outage is not None:
+            self._outage_binding = self.outage.attach(
+                self.outage_settings, lambda: self.store, self.now
+            )
+
+    def stopService(self) -> Any:
+        if self.outage is not None and self._outage_binding is not None:
+            self.outage.detach(self._outage_binding)
+            self._outage_binding = None
+        return super().stopService()
 
     def now(self) -> float:
         """

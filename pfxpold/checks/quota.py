@@ -415,14 +415,24 @@ class QuotaCheck(MultiService):
         #: Counts only the mail a rules check's rule hands it (L{apply}).
         self.rules_only = options.boolean("rules_only", False)
         self.store: IStateStore = store_for(options)
-        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down.
+        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down:
+        #: kept by a successor with the same name, store and mode.
         self.outage: Optional[Outage] = None
-        settings = read_outage_settings(options, (ON_ERROR, LOCAL))
+        self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, LOCAL))
+        self._outage_binding: object = None
         if settings.mode != ON_ERROR:
-            self.outage = Outage(
-                "quota", self.name, settings, self.reactor, lambda: self.store, self.now, self.unit
+            self.outage = options.shared(
+                ("outage", "quota", self.name, options.string("store", "default"), settings.mode),
+                lambda: Outage(
+                    "quota",
+                    self.name,
+                    settings,
+                    self.reactor,
+                    lambda: self.store,
+                    self.now,
+                    self.unit,
+                ),
             )
-            self.outage.setServiceParent(self)
         # Marks of local counts of messages without an instance: unique to
         # this check object.
         self._local_tag = os.urandom(8).hex()
@@ -435,6 +445,19 @@ class QuotaCheck(MultiService):
         self._cacheable = all(window.period != "sliding" for window in self.windows)
         self._counters_minute = -1.0
         self._counters_cache: dict[tuple[str, int], tuple[Counter, ...]] = {}
+
+    def startService(self) -> None:
+        super().startService()
+        if self.outage is not None:
+            self._outage_binding = self.outage.attach(
+                self.outage_settings, lambda: self.store, self.now
+            )
+
+    def stopService(self) -> Any:
+        if self.outage is not None and self._outage_binding is not None:
+            self.outage.detach(self._outage_binding)
+            self._outage_binding = None
+        return super().stopService()
 
     def load_overrides(self) -> None:
         """
@@ -728,8 +751,7 @@ class QuotaCheck(MultiService):
         C{counters} with the limits this process enforces while degraded:
         its share of each, lowered by C{room}.
         """
-        assert self.outage is not None
-        share = self.outage.settings.local_limit
+        share = self.outage_settings.local_limit
         return tuple(
             Counter(c.key, c.read_keys, share(c.limit + room) - room, c.expires_at)
             for c in counters

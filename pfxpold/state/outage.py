@@ -27,7 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -167,10 +166,29 @@ class Pending:
         return live, Once(self.once.key, expires)
 
 
-class Outage(MultiService):
+@dataclass(frozen=True)
+class _Binding:
+    """
+    A check object using an L{Outage}: its settings, store and clock.
+    """
+
+    settings: OutageSettings
+    store: Callable[[], Any]
+    now: Callable[[], float]
+
+
+class Outage:
     """
     One check's degraded mode: whether it is on, the local store, the
     journal of local counts, and the probe that ends it.
+
+    It outlives the check object: a reload that replaces the check (with
+    the same name, store and C{on_store_down}) hands it to the successor
+    (see L{pfxpold.config.CheckOptions.shared}), so a degraded check stays
+    degraded and keeps its local counts. The running check objects
+    L{attach} to it; the last one attached is the one whose store is
+    tried. When the last one detaches, what was not reconciled is logged
+    as dropped.
 
     @ivar active: whether the check is degraded now.
     @ivar since: when it became degraded.
@@ -202,20 +220,17 @@ class Outage(MultiService):
         @param now: the check's time (its windows' clock).
         @param unit: what a count counts, for the log.
         """
-        super().__init__()
         self.kind = kind
         self.check = check
-        self.settings = settings
         self.reactor = reactor
-        self._store = store
-        self._now = now
+        self._first = _Binding(settings, store, now)
+        self._owners: list[_Binding] = []
         self.unit = unit
         self.active = False
         self.since = 0.0
         self.local: Optional[MemoryStore] = None
         if settings.mode == LOCAL:
             self.local = MemoryStore(CheckOptions({}, name=f"{check} (local)", reactor=reactor))
-            self.local.setServiceParent(self)
         self.journal: dict[str, Pending] = {}
         self.reconciled = 0
         self.observer: Any = None
@@ -226,6 +241,70 @@ class Outage(MultiService):
         self._sending: set[str] = set()
         # What this outage reconciled so far: amount, counts, already there.
         self._tally = [0, 0, 0]
+
+    # Who uses it
+
+    def _owner(self) -> _Binding:
+        return self._owners[-1] if self._owners else self._first
+
+    @property
+    def settings(self) -> OutageSettings:
+        """
+        The settings of the check object that uses it now.
+        """
+        return self._owner().settings
+
+    def _store(self) -> Any:
+        return self._owner().store()
+
+    def _now(self) -> float:
+        return self._owner().now()
+
+    def attach(
+        self, settings: OutageSettings, store: Callable[[], Any], now: Callable[[], float]
+    ) -> object:
+        """
+        A check object using this outage started: from now on its C{store}
+        is the one tried (while degraded, at once).
+
+        @return: what to L{detach} it with.
+        """
+        binding = _Binding(settings, store, now)
+        self._owners.append(binding)
+        self._stopped = False
+        if self.local is not None and not self.local.running:
+            self.local.startService()
+        if self.active:
+            self._schedule()
+        return binding
+
+    def detach(self, binding: object) -> None:
+        """
+        A check object using this outage stopped. Once none is left, the
+        probe stops, and what was not reconciled is logged as dropped.
+        """
+        self._owners = [owner for owner in self._owners if owner is not binding]
+        if self._owners:
+            return
+        self._stopped = True
+        if self._probe_call is not None:
+            if self._probe_call.active():
+                self._probe_call.cancel()
+            self._probe_call = None
+        if self.local is not None and self.local.running:
+            self.local.stopService()
+        if self.journal:
+            amount = sum(pending.amount for pending in self.journal.values())
+            self._log.warn(
+                "{kind} {check}: stopped while degraded: {amount} {unit} counted locally"
+                " ({count} counts) are dropped, never added to store {store}",
+                kind=self.kind,
+                check=self.check,
+                amount=amount,
+                unit=self.unit,
+                count=len(self.journal),
+                store=getattr(self._store(), "name", "?"),
+            )
 
     # Entering
 
@@ -300,26 +379,6 @@ class Outage(MultiService):
     def _schedule(self) -> None:
         if self._probe_call is None and not self._stopped:
             self._probe_call = self.reactor.callLater(self.settings.probe_interval, self.probe)
-
-    def stopService(self) -> Any:
-        self._stopped = True
-        if self._probe_call is not None:
-            if self._probe_call.active():
-                self._probe_call.cancel()
-            self._probe_call = None
-        if self.journal:
-            amount = sum(pending.amount for pending in self.journal.values())
-            self._log.warn(
-                "{kind} {check}: stopped while degraded: {amount} {unit} counted locally"
-                " ({count} counts) are dropped, never added to store {store}",
-                kind=self.kind,
-                check=self.check,
-                amount=amount,
-                unit=self.unit,
-                count=len(self.journal),
-                store=getattr(self._store(), "name", "?"),
-            )
-        return super().stopService()
 
     def probe(self) -> Deferred[bool]:
         """

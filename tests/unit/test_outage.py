@@ -652,7 +652,7 @@ class OutageUnitTests(SynchronousTestCase):
             lambda: store,
             clock.seconds,
         )
-        outage.startService()
+        binding = outage.attach(outage.settings, lambda: store, clock.seconds)
         outage.enter(Failure(StoreError("x")))
 
         pending = Pending((Counter("k", ("k",), 9, 100.0),), 1, Once("m", 100.0))
@@ -660,7 +660,7 @@ class OutageUnitTests(SynchronousTestCase):
         clock.advance(5)
         self.assertFalse(outage.forget(pending.once))
         self.assertEqual(outage.reconciled, 0)
-        outage.stopService()
+        outage.detach(binding)
 
 
 class ReplayTests(SynchronousTestCase):
@@ -731,13 +731,13 @@ class ReloadTests(SynchronousTestCase):
             self.service.startService()
         self.addCleanup(self.service.stopService)
 
-    def document(self, limit: int) -> dict[str, Any]:
+    def document(self, limit: int, on_store_down: str = "local") -> dict[str, Any]:
         return document(
             {
                 "name": "quota",
                 "type": "quota",
                 "limits": [{"period": "hour", "max": limit}],
-                "on_store_down": "local",
+                "on_store_down": on_store_down,
             },
             stores={"default": {"type": "memory"}},
         )
@@ -745,8 +745,8 @@ class ReloadTests(SynchronousTestCase):
     def load(self, previous: Any) -> Any:
         return load_document(copy.deepcopy(self.next), self.reactor, "/p.toml", previous)
 
-    def reload(self, limit: int) -> list[dict[str, Any]]:
-        self.next = self.document(limit)
+    def reload(self, limit: int, on_store_down: str = "local") -> list[dict[str, Any]]:
+        self.next = self.document(limit, on_store_down)
         with capturedLogs() as events:
             self.assertTrue(self.successResultOf(self.reloader.reload()))
         return events  # type: ignore[return-value]
@@ -777,12 +777,37 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(len(check.outage.journal), 3)
         self.assertEqual([e for e in events if "dropped" in e.get("log_format", "")], [])
 
-    def test_replaced_check_logs_what_is_dropped(self) -> None:
+    def test_replaced_check_hands_over(self) -> None:
         """
-        A reload that replaces the degraded check says how much counted
-        locally is dropped, once the old check stops.
+        A reload that replaces the degraded check (its limit changed) hands
+        its degraded mode and local counts to the successor, which counts
+        on under the new limit and reconciles them when the store answers:
+        nothing is dropped.
+        """
+        old = self.degrade()
+        events = self.reload(6)
+        [entry] = self.service.configuration.chain.entries
+        new: QuotaCheck = entry.check
+        self.assertIsNot(new, old)
+        self.assertFalse(old.running)
+        self.assertIs(new.outage, old.outage)
+        assert new.outage is not None
+        self.assertTrue(new.outage.active)
+        self.assertEqual([e for e in events if "are dropped" in e.get("log_format", "")], [])
+        # The successor's store (the shared memory store) answers.
+        with capturedLogs() as events:
+            self.reactor.advance(5)
+        self.assertFalse(new.outage.active)
+        [counter] = new.counters_for("alice", new.now())
+        values = self.successResultOf(new.store.counters([counter.key], new.now()))
+        self.assertEqual(values[counter.key].count, 3)
+
+    def test_replaced_without_degraded_mode_logs_what_is_dropped(self) -> None:
+        """
+        A reload that takes degraded mode away from a degraded check says
+        how much counted locally is dropped, once the old check stops.
         """
         self.degrade()
-        events = self.reload(6)
+        events = self.reload(4, on_store_down="on_error")
         [dropped] = [e for e in events if "are dropped" in e.get("log_format", "")]
         self.assertEqual((dropped["check"], dropped["amount"], dropped["count"]), ("quota", 3, 3))
