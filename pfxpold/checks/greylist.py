@@ -412,7 +412,8 @@ class GreylistCheck(MultiService):
         else fail (and the check's C{on_error} applies).
         """
         assert self.outage is not None
-        if not self.outage.failed(failure):
+        # The client key: a plain counter, in the triplet's slot.
+        if not self.outage.failed(failure, self.keys(triplet)[1]):
             return failure
         return self._degraded(request, address, triplet)
 

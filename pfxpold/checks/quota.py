@@ -722,7 +722,7 @@ class QuotaCheck(MultiService):
 
         def consumed(result: Any) -> Any:
             if isinstance(result, Failure):
-                if outage is not None and outage.failed(result):
+                if outage is not None and outage.failed(result, counters[0].key):
                     return self._count_locally(identity, token, reservation, now)
                 reservation.consumed = False
                 self._settle(token, reservation)
@@ -818,7 +818,7 @@ class QuotaCheck(MultiService):
 
         def answer(result: Any) -> Any:
             if isinstance(result, Failure):
-                if outage is not None and outage.failed(result):
+                if outage is not None and outage.failed(result, counters[0].key):
                     return early_locally()
                 return result
             if result.allowed:

@@ -237,6 +237,7 @@ class Outage:
         self._probe_call: Any = None
         self._probing = False
         self._stopped = False
+        self._probe_key = ""
         #: Mark keys of the counts on their way to the store.
         self._sending: set[str] = set()
         # What this outage reconciled so far: amount, counts, already there.
@@ -308,25 +309,30 @@ class Outage:
 
     # Entering
 
-    def failed(self, failure: Failure) -> bool:
+    def failed(self, failure: Failure, key: Optional[str] = None) -> bool:
         """
         A store call failed with C{failure}: enter degraded mode when it
         says the store is down and the check does not simply fail.
 
+        @param key: a counter key (a string or nothing) in the slot of the
+            operation that failed, read by the probes while nothing is left
+            to reconcile: on a Redis Cluster with one master down, the
+            probe asks that master.
         @return: whether the check answers without the store (degraded).
         """
         if self.settings.mode == ON_ERROR or not store_down(failure):
             return False
-        self.enter(failure)
+        self.enter(failure, key)
         return True
 
-    def enter(self, failure: Failure) -> None:
+    def enter(self, failure: Failure, key: Optional[str] = None) -> None:
         """
         Become degraded (if not already) because of C{failure}, and try the
         store again after C{probe_interval}.
         """
         if self.active:
             return
+        self._probe_key = key or f"probe:{{{self.check}}}"
         self.active = True
         self.since = self.reactor.seconds()
         self._tally = [0, 0, 0]
@@ -408,7 +414,7 @@ class Outage:
         started = self.reactor.seconds()
         try:
             if not self.journal:
-                await self._bounded(store.counters([f"probe:{{{self.check}}}"], self._now()))
+                await self._bounded(store.counters([self._probe_key], self._now()))
             while self.journal:
                 await self._reconcile(store)
         except Exception as e:

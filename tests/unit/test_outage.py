@@ -56,6 +56,7 @@ class Flaky:
         self.mode = "up"
         self.budget: Any = None
         self.calls: list[str] = []
+        self.read_keys: list[str] = []
 
     def _run(self, operation: str, *arguments: Any) -> Deferred[Any]:
         self.calls.append(operation)
@@ -85,8 +86,9 @@ class Flaky:
     def greylist(self, *arguments: Any) -> Deferred[Any]:
         return self._run("greylist", *arguments)
 
-    def counters(self, *arguments: Any) -> Deferred[Any]:
-        return self._run("counters", *arguments)
+    def counters(self, keys: Any, now: float) -> Deferred[Any]:
+        self.read_keys.extend(keys)
+        return self._run("counters", keys, now)
 
     def whitelist_list(self) -> Deferred[Any]:
         return self._run("whitelist_list")
@@ -260,6 +262,9 @@ class QuotaOutageTests(CheckTestCase):
         self.flaky.calls.clear()
         self.clock.advance(5)
         self.assertEqual(self.flaky.calls, ["counters"])
+        # The key of the operation that failed: on a cluster, its master.
+        [counter] = check.counters_for("alice", self.clock.seconds())
+        self.assertEqual(self.flaky.read_keys, [counter.key])
         assert check.outage is not None
         self.assertFalse(check.outage.active)
 
@@ -601,6 +606,7 @@ class GreylistOutageTests(CheckTestCase):
         self.flaky.mode = "up"
         self.clock.advance(10)
         self.assertEqual(self.flaky.calls[-1], "counters")
+        self.assertEqual(self.flaky.read_keys, ["greylist:{greylist:192.0.2.0/24}:client"])
         self.assertEqual(self.answer(check), "DEFER_IF_PERMIT")
 
     def test_local(self) -> None:
