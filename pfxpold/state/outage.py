@@ -486,10 +486,15 @@ class Outage:
             return
         self.active = False
         amount, counts, already = self._tally
+        reconciled = ""
+        if self.kind == "quota":
+            reconciled = (
+                "; reconciled {amount} {unit} from {counts} local counts ({already} counted"
+                " there already) in {took}s"
+            )
         self._log.info(
-            "{kind} {check}: store {store} answers again after {seconds}s; degraded mode"
-            " left; reconciled {amount} {unit} from {counts} local counts ({already} counted"
-            " there already) in {took}s",
+            "{kind} {check}: store {store} answers again after {seconds}s; degraded mode left"
+            + reconciled,
             kind=self.kind,
             check=self.check,
             store=getattr(self._store(), "name", "?"),

@@ -604,7 +604,10 @@ class GreylistOutageTests(CheckTestCase):
         [entered] = [e for e in events if e.get("degraded") is True]
         self.assertEqual(entered["doing"], "passing mail unchecked")
         self.flaky.mode = "up"
-        self.clock.advance(10)
+        with capturedLogs() as events:
+            self.clock.advance(10)
+        [left] = [e for e in events if e.get("degraded") is False]
+        self.assertTrue(left["log_format"].endswith("degraded mode left"), left["log_format"])
         self.assertEqual(self.flaky.calls[-1], "counters")
         self.assertEqual(self.flaky.read_keys, ["greylist:{greylist:192.0.2.0/24}:client"])
         self.assertEqual(self.answer(check), "DEFER_IF_PERMIT")
