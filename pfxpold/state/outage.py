@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Optional
 
 from twisted.internet.defer import (
@@ -448,7 +449,7 @@ class Outage:
         the journal when the store took it.
         """
         now = self._now()
-        batch = list(self.journal.values())[:RECONCILE_BATCH]
+        batch = list(islice(self.journal.values(), RECONCILE_BATCH))
         adding = []
         for pending in batch:
             work = pending.reconciling(now)
