@@ -20,7 +20,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from pfxpold.action import Action
 from pfxpold.checks.greylist import GreylistCheck
 from pfxpold.checks.quota import QuotaCheck
-from pfxpold.config import CheckOptions, ConfigError, load_configuration, load_document
+from pfxpold.config import (
+    CheckOptions,
+    ConfigError,
+    load_configuration,
+    load_document,
+    read_document,
+)
+from pfxpold.explain import explain, private_stores
 from pfxpold.reload import Reloader
 from pfxpold.service import PolicyService
 from pfxpold.state import Counter, Once, StoreError
@@ -820,3 +827,31 @@ class ReloadTests(SynchronousTestCase):
         events = self.reload(4, on_store_down="on_error")
         [dropped] = [e for e in events if "are dropped" in e.get("log_format", "")]
         self.assertEqual((dropped["check"], dropped["amount"], dropped["count"]), ("quota", 3, 3))
+
+
+class ExplainTests(SynchronousTestCase):
+    """
+    pfxpold-explain (private memory stores) with degraded-mode settings.
+    """
+
+    def test_explain(self) -> None:
+        """
+        The example with degraded mode on explains a request: the quota
+        counts it in its private store, without degraded mode.
+        """
+        examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+        clock = Clock()
+        clock.advance(START)
+        document = private_stores(
+            read_document(os.path.join(examples, "quota-redis-degraded.toml"))
+        )
+        configuration = load_document(document, clock, os.path.join(examples, "x.toml"))
+        request = make_request("eod", sasl_username="alice", instance="E1")
+        explanation = self.successResultOf(
+            Deferred.fromCoroutine(explain(configuration, request, clock))
+        )
+        self.assertEqual(str(explanation.answer), "DUNNO")
+        greylist, quota = (entry.check for entry in configuration.chain.entries)
+        self.assertFalse(quota.outage.active)
+        self.assertIsInstance(quota.store, MemoryStore)
+        self.assertEqual(len(quota.store.counted), 1)
