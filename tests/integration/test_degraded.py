@@ -223,3 +223,74 @@ def test_sqlite_locked_and_reconciled(tmp_path: os.PathLike) -> None:
     shown = admin(path, "--json", "quota", "show", "--sasl-username", "bob")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["limits"][0]["count"] == 7
+
+
+def greylist_config(endpoint: str, mode: str) -> str:
+    return f"""
+[server]
+default_action = "OK"
+log_requests = false
+
+[stores.main]
+type = "redis"
+endpoint = "{endpoint}"
+timeout = 1.0
+
+[[check]]
+name = "greylist"
+type = "greylist"
+store = "main"
+delay = 1
+whitelist_clients = []
+on_error = "451 4.3.0 greylist store unavailable"
+on_store_down = "{mode}"
+probe_interval = 0.3
+"""
+
+
+def rcpt(recipient: str) -> dict[str, str]:
+    return dict(
+        EOM,
+        protocol_state="RCPT",
+        recipient=recipient,
+        recipient_count="0",
+        sasl_username="",
+        instance="g.1",
+    )
+
+
+def ask_rcpt(port: int, recipient: str) -> Optional[str]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(encode_request(rcpt(recipient)))
+        reply = read_reply(sock)
+    return None if reply is None else reply[len(b"action=") : -2].decode()
+
+
+def test_greylist_local_and_pass(tmp_path: os.PathLike) -> None:
+    """
+    With Redis stopped, a greylist with on_store_down = "local" defers a
+    new triplet and lets its retry after the delay pass (in this process);
+    one with "pass" answers OK at once. Both leave degraded mode when Redis
+    is back, and greylist in Redis again.
+    """
+    with running_redis(tmp_path) as server:
+        with (
+            running_daemon(tmp_path, greylist_config(server.endpoint, "local")) as local,
+            running_daemon(tmp_path, greylist_config(server.endpoint, "pass")) as passing,
+        ):
+            assert ask_rcpt(local.port, "first@example.net").startswith("DEFER_IF_PERMIT")
+            server.stop()
+            assert ask_rcpt(local.port, "down@example.net").startswith("DEFER_IF_PERMIT")
+            assert poll(lambda: ask_rcpt(local.port, "down@example.net") == "OK")
+            assert ask_rcpt(passing.port, "down@example.net") == "OK"
+            assert ask_rcpt(passing.port, "other@example.net") == "OK"
+            for daemon in (local, passing):
+                assert "degraded mode: " in daemon.log()
+            assert "greylisting in this process" in local.log()
+            assert "passing mail unchecked" in passing.log()
+            server.start()
+            for daemon in (local, passing):
+                assert poll(lambda daemon=daemon: "degraded mode left" in daemon.log())
+            # Redis greylists again: the triplet passed locally is new there.
+            assert ask_rcpt(local.port, "down@example.net").startswith("DEFER_IF_PERMIT")
+            assert ask_rcpt(passing.port, "down@example.net").startswith("DEFER_IF_PERMIT")
