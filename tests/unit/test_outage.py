@@ -226,6 +226,32 @@ class QuotaOutageTests(CheckTestCase):
         self.assertEqual(self.send(check), "DUNNO")
         self.assertEqual(self.flaky.calls, ["consume"])
 
+    def test_chain_gave_up_first(self) -> None:
+        """
+        When the chain stops waiting (the check's timeout, shorter than the
+        store's) and answers on_error, the store's later failure still
+        enters degraded mode; the message is counted locally if the final
+        answer accepted it, and not if it refused it.
+        """
+        check = self.make()
+        self.flaky.mode = "slow"
+        accepted, refused = self.message(), self.message()
+        for request, final in ((accepted, "OK"), (refused, "451 4.3.0 store down")):
+            pending = run_check(check, request)
+            pending.cancel()
+            self.failureResultOf(pending)
+            check.decided(request, Action.parse(final))
+        self.clock.advance(2.0)
+        assert check.outage is not None
+        self.assertTrue(check.outage.active)
+        self.assertEqual(len(check.outage.journal), 1)
+        [counter] = check.counters_for("alice", START)
+        assert check.outage.local is not None
+        self.assertEqual(check.outage.local.counts[counter.key][0], 1)
+        self.flaky.mode = "up"
+        self.clock.advance(5)
+        self.assertEqual(self.shared_count(check), 1)
+
     def test_probe_interval(self) -> None:
         """
         While degraded, the store is tried every probe_interval seconds of
