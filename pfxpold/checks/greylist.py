@@ -38,6 +38,7 @@ from pfxpold.interfaces import ICheck, IPossibleActions, IStateStore
 from pfxpold.request import IPAddress, PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
 from pfxpold.state import (
+    DEFAULT_STORE,
     EARLY,
     NEW,
     PASSED,
@@ -194,8 +195,8 @@ class GreylistCheck(MultiService):
     Greylisting at RCPT, with whitelists, auto-whitelisting of clients that
     retried correctly, and an optional C{X-Greylist:} header.
 
-    It is a service for its degraded mode (C{on_store_down}): the timer
-    that tries a down store again.
+    It is a service so that, while it runs, it is the check object whose
+    store its degraded mode (C{on_store_down}) tries again.
     """
 
     #: It records what it sees: with C{[server] parallel}, started only once
@@ -259,7 +260,7 @@ class GreylistCheck(MultiService):
         self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, PASS, LOCAL))
         self._outage_binding: object = None
         if settings.mode != ON_ERROR:
-            store_name = options.string("store", "default")
+            store_name = options.string("store", DEFAULT_STORE)
             self.outage = options.shared(
                 ("outage", "greylist", self.name, store_name, settings.mode),
                 lambda: Outage(

@@ -38,7 +38,7 @@ from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, IStateStore
 from pfxpold.request import PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
-from pfxpold.state import Consumption, Counter, Once, store_for
+from pfxpold.state import DEFAULT_STORE, Consumption, Counter, Once, store_for
 from pfxpold.state.outage import LOCAL, ON_ERROR, Outage, Pending, read_outage_settings
 from pfxpold.whitelist import exemption_file, map_attributes
 
@@ -421,8 +421,9 @@ class QuotaCheck(MultiService):
         self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, LOCAL))
         self._outage_binding: object = None
         if settings.mode != ON_ERROR:
+            store_name = options.string("store", DEFAULT_STORE)
             self.outage = options.shared(
-                ("outage", "quota", self.name, options.string("store", "default"), settings.mode),
+                ("outage", "quota", self.name, store_name, settings.mode),
                 lambda: Outage(
                     "quota",
                     self.name,
