@@ -24,7 +24,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,7 +37,6 @@ from pfxpold.interfaces import ICheck, IPossibleActions, IStateStore
 from pfxpold.request import IPAddress, PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
 from pfxpold.state import (
-    DEFAULT_STORE,
     EARLY,
     NEW,
     PASSED,
@@ -49,7 +47,7 @@ from pfxpold.state import (
     WhitelistEntry,
     store_for,
 )
-from pfxpold.state.outage import LOCAL, ON_ERROR, PASS, Outage, read_outage_settings
+from pfxpold.state.outage import LOCAL, ON_ERROR, PASS, DegradableCheck
 from pfxpold.whitelist import exemption_file
 
 DEFAULT_ACTION = "DEFER_IF_PERMIT Greylisted, please try again in {seconds} seconds"
@@ -190,13 +188,13 @@ class RuntimeWhitelist:
 
 
 @implementer(ICheck, IPossibleActions)
-class GreylistCheck(MultiService):
+class GreylistCheck(DegradableCheck):
     """
     Greylisting at RCPT, with whitelists, auto-whitelisting of clients that
     retried correctly, and an optional C{X-Greylist:} header.
 
-    It is a service so that, while it runs, it is the check object whose
-    store its degraded mode (C{on_store_down}) tries again.
+    A service for its degraded mode (C{on_store_down}; see
+    L{DegradableCheck}).
     """
 
     #: It records what it sees: with C{[server] parallel}, started only once
@@ -254,32 +252,7 @@ class GreylistCheck(MultiService):
         self._runtime_until = 0.0
         # One read of the store's whitelist at a time, whoever waits for it.
         self._runtime_reads: Coalescer[str, RuntimeWhitelist] = Coalescer(cancel_abandoned=False)
-        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down:
-        #: kept by a successor with the same name, store and mode.
-        self.outage: Optional[Outage] = None
-        self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, PASS, LOCAL))
-        self._outage_binding: object = None
-        if settings.mode != ON_ERROR:
-            store_name = options.string("store", DEFAULT_STORE)
-            self.outage = options.shared(
-                ("outage", "greylist", self.name, store_name, settings.mode),
-                lambda: Outage(
-                    "greylist", self.name, settings, self.reactor, lambda: self.store, self.now
-                ),
-            )
-
-    def startService(self) -> None:
-        super().startService()
-        if self.outage is not None:
-            self._outage_binding = self.outage.attach(
-                self.outage_settings, lambda: self.store, self.now
-            )
-
-    def stopService(self) -> Any:
-        if self.outage is not None and self._outage_binding is not None:
-            self.outage.detach(self._outage_binding)
-            self._outage_binding = None
-        return super().stopService()
+        self.read_outage(options, "greylist", (ON_ERROR, PASS, LOCAL))
 
     def now(self) -> float:
         """

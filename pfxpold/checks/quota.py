@@ -26,7 +26,6 @@ from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,8 +37,8 @@ from pfxpold.escape import escape
 from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, IStateStore
 from pfxpold.request import PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
-from pfxpold.state import DEFAULT_STORE, Consumption, Counter, Once, store_for
-from pfxpold.state.outage import LOCAL, ON_ERROR, Outage, Pending, read_outage_settings
+from pfxpold.state import Consumption, Counter, Once, store_for
+from pfxpold.state.outage import LOCAL, ON_ERROR, DegradableCheck, Pending
 from pfxpold.whitelist import exemption_file, map_attributes
 
 KEY_PARTS = (
@@ -347,7 +346,7 @@ class _Reservation:
 
 
 @implementer(ICheck, IDecisionListener, IPossibleActions)
-class QuotaCheck(MultiService):
+class QuotaCheck(DegradableCheck):
     """
     Counts messages, recipients or bytes per identity in one or more
     windows, and answers the over-limit action when one is full.
@@ -415,25 +414,7 @@ class QuotaCheck(MultiService):
         #: Counts only the mail a rules check's rule hands it (L{apply}).
         self.rules_only = options.boolean("rules_only", False)
         self.store: IStateStore = store_for(options)
-        #: Degraded mode (see L{pfxpold.state.outage}), with on_store_down:
-        #: kept by a successor with the same name, store and mode.
-        self.outage: Optional[Outage] = None
-        self.outage_settings = settings = read_outage_settings(options, (ON_ERROR, LOCAL))
-        self._outage_binding: object = None
-        if settings.mode != ON_ERROR:
-            store_name = options.string("store", DEFAULT_STORE)
-            self.outage = options.shared(
-                ("outage", "quota", self.name, store_name, settings.mode),
-                lambda: Outage(
-                    "quota",
-                    self.name,
-                    settings,
-                    self.reactor,
-                    lambda: self.store,
-                    self.now,
-                    self.unit,
-                ),
-            )
+        self.read_outage(options, "quota", (ON_ERROR, LOCAL))
         # Marks of local counts of messages without an instance: unique to
         # this check object.
         self._local_tag = os.urandom(8).hex()
@@ -446,19 +427,6 @@ class QuotaCheck(MultiService):
         self._cacheable = all(window.period != "sliding" for window in self.windows)
         self._counters_minute = -1.0
         self._counters_cache: dict[tuple[str, int], tuple[Counter, ...]] = {}
-
-    def startService(self) -> None:
-        super().startService()
-        if self.outage is not None:
-            self._outage_binding = self.outage.attach(
-                self.outage_settings, lambda: self.store, self.now
-            )
-
-    def stopService(self) -> Any:
-        if self.outage is not None and self._outage_binding is not None:
-            self.outage.detach(self._outage_binding)
-            self._outage_binding = None
-        return super().stopService()
 
     def load_overrides(self) -> None:
         """

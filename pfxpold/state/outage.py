@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Optional
 
+from twisted.application.service import MultiService
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -40,7 +41,7 @@ from twisted.python.failure import Failure
 
 from pfxpold.config import CheckOptions
 from pfxpold.escape import escape
-from pfxpold.state import Consumption, Counter, Once, StoreError
+from pfxpold.state import DEFAULT_STORE, Consumption, Counter, Once, StoreError
 from pfxpold.state.memory import MemoryStore
 
 #: The default of C{on_store_down}: the store's failure fails the check, and
@@ -519,3 +520,59 @@ def _first_error(failure: Failure) -> Failure:
     if failure.check(FirstError):
         return failure.value.subFailure  # type: ignore[no-any-return]
     return failure
+
+
+class DegradableCheck(MultiService):
+    """
+    A check service with a degraded mode (C{on_store_down}): while it runs,
+    it is the check object whose store the mode tries (see
+    L{Outage.attach}).
+
+    @ivar outage: the degraded mode, or L{None} with C{on_store_down =
+        "on_error"}.
+    @ivar outage_settings: this check object's C{on_store_down} settings.
+    """
+
+    outage: Optional[Outage] = None
+    _outage_binding: object = None
+
+    def read_outage(self, options: CheckOptions, kind: str, modes: tuple[str, ...]) -> None:
+        """
+        Read the check's C{on_store_down} settings (one of C{modes}) and
+        find its degraded mode: the one a predecessor with the same name,
+        store and mode had (a reload), or a new one. Call it once its
+        C{name}, C{reactor}, C{store} (and a quota's C{unit}) are set.
+        """
+        self.outage_settings = settings = read_outage_settings(options, modes)
+        if settings.mode == ON_ERROR:
+            return
+        name = self.name
+        assert name is not None
+        store_name = options.string("store", DEFAULT_STORE)
+        self.outage = options.shared(
+            ("outage", kind, name, store_name, settings.mode),
+            lambda: Outage(
+                kind,
+                name,
+                settings,
+                options.reactor,
+                lambda: self.store,  # type: ignore[attr-defined]
+                self.now,  # type: ignore[attr-defined]
+                getattr(self, "unit", ""),
+            ),
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        if self.outage is not None:
+            self._outage_binding = self.outage.attach(
+                self.outage_settings,
+                lambda: self.store,  # type: ignore[attr-defined]
+                self.now,  # type: ignore[attr-defined]
+            )
+
+    def stopService(self) -> Any:
+        if self.outage is not None and self._outage_binding is not None:
+            self.outage.detach(self._outage_binding)
+            self._outage_binding = None
+        return super().stopService()
