@@ -96,11 +96,12 @@ def ask(port: int, user: str, instance: str) -> Optional[str]:
 
 def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
     """
-    Under load, Redis stopped: the check enters degraded mode (no request
-    gets on_error), refuses alice at LIMIT / HOSTS on local counters, and
-    when Redis is back (same port, its data kept in its append-only file),
-    leaves degraded mode having added every local count: Redis then holds
-    exactly what was accepted, for alice and for every load user, and
+    Two daemons (the two hosts), one under load; Redis stopped: each enters
+    degraded mode (no request gets on_error) and refuses alice at LIMIT /
+    HOSTS on its local counters. When Redis is back (same port, its data
+    kept in its append-only file), both leave degraded mode having added
+    every local count: Redis then holds exactly what was accepted, for
+    alice and for every load user, alice is over her limit there, and
     pfxpold-admin quota show agrees. The metrics show the mode and the
     amount reconciled.
     """
@@ -109,7 +110,10 @@ def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
     with running_redis(tmp_path, extra_args=("--appendonly", "yes")) as server:
         text = config(server.endpoint, metrics_port)
         path = write_config(directory, text)
-        with running_daemon(tmp_path, text) as daemon:
+        with (
+            running_daemon(tmp_path, text) as daemon,
+            running_daemon(tmp_path, config(server.endpoint, free_port())) as other,
+        ):
             before = [ask(daemon.port, "alice", f"before.{n}") for n in range(4)]
             assert before == ["OK"] * 4
             load = Load(daemon.port)
@@ -120,19 +124,26 @@ def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
                 server.stop()
                 assert poll(lambda: "degraded mode:" in daemon.log(), timeout=20)
                 to_degraded = time.monotonic() - stopped
+                refused = f"REJECT 5.7.1 quota day of {SHARE} reached"
                 answers = [ask(daemon.port, "alice", f"during.{n}") for n in range(SHARE + 2)]
-                assert answers[:SHARE] == ["OK"] * SHARE, answers
-                assert answers[SHARE:] == [f"REJECT 5.7.1 quota day of {SHARE} reached"] * 2
+                assert answers == ["OK"] * SHARE + [refused] * 2, answers
+                answers = [ask(other.port, "alice", f"other.{n}") for n in range(SHARE + 1)]
+                assert answers == ["OK"] * SHARE + [refused], answers
                 samples = scrape(metrics_port)
                 assert value(samples, "pfxpold_check_degraded", check="quota") == 1
                 server.start()
                 started = time.monotonic()
                 assert poll(lambda: "degraded mode left" in daemon.log(), timeout=30)
                 to_reconciled = time.monotonic() - started
+                assert poll(lambda: "degraded mode left" in other.log(), timeout=30)
             finally:
                 load.stop()
-            # Counted in Redis again once out of degraded mode.
-            assert ask(daemon.port, "alice", "after.1") == "OK"
+            # Redis decides again, with what both hosts sent in its window:
+            # 4 before, 2 * SHARE during the outage.
+            over = f"REJECT 5.7.1 quota day of {LIMIT} reached"
+            assert ask(daemon.port, "alice", "after.1") == over
+            assert ask(other.port, "alice", "after.2") == over
+            assert "reconciled 10 messages from 10 local counts" in other.log()
             log = daemon.log()
             samples = scrape(metrics_port)
 
@@ -156,12 +167,12 @@ def test_redis_stopped_and_reconciled(tmp_path: os.PathLike) -> None:
                 total += int(client.get(key) or 0)
             assert total == accepted_load, (total, accepted_load)
             [alice] = list(client.scan_iter(match="pfxpold:quota:{quota:alice}:day:*"))
-            assert int(client.get(alice) or 0) == 4 + SHARE + 1
+            assert int(client.get(alice) or 0) == 4 + 2 * SHARE
         finally:
             client.close()
         shown = admin(path, "--json", "quota", "show", "--sasl-username", "alice")
         assert shown.returncode == 0, shown.stderr
-        assert json.loads(shown.stdout)["limits"][0]["count"] == 4 + SHARE + 1
+        assert json.loads(shown.stdout)["limits"][0]["count"] == 4 + 2 * SHARE
     print(
         f"\nRedis stopped -> degraded: {to_degraded:.3f} s;"
         f" Redis started -> reconciled: {to_reconciled:.3f} s;"
