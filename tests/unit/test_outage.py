@@ -410,6 +410,27 @@ class QuotaOutageTests(CheckTestCase):
         self.assertEqual(self.send(check, self.message(instance="ABC123")), "DUNNO")
         self.assertEqual(self.shared_count(check), 1)
 
+    def test_recipient_counted_at_rcpt_not_again_after_recovery(self) -> None:
+        """
+        At stage RCPT, a recipient counted during the outage and asked about
+        again for the same message after the store is back is not counted
+        twice; another recipient of the message is counted.
+        """
+        check = self.make(stage="RCPT", unit="recipients")
+        self.flaky.mode = "down"
+
+        def rcpt(recipient: str) -> Any:
+            return make_request("rcpt", sasl_username="alice", instance="R1", recipient=recipient)
+
+        self.send(check, rcpt("bob@example.net"))
+        self.flaky.mode = "up"
+        self.clock.advance(5)
+        self.assertEqual(self.shared_count(check), 1)
+        self.assertEqual(self.send(check, rcpt("bob@example.net")), "DUNNO")
+        self.assertEqual(self.shared_count(check), 1)
+        self.send(check, rcpt("carol@example.net"))
+        self.assertEqual(self.shared_count(check), 2)
+
     def test_message_counted_before_outage_not_again(self) -> None:
         """
         A message counted in the shared store before the outage and asked
