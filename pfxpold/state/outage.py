@@ -274,6 +274,9 @@ class Outage:
         """
         binding = _Binding(settings, store, now)
         self._owners.append(binding)
+        # The fallback once none is attached: the latest, not the first,
+        # so that replaced check objects are not kept alive.
+        self._first = binding
         self._stopped = False
         if self.local is not None and not self.local.running:
             self.local.startService()
