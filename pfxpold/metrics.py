@@ -158,6 +158,19 @@ FAMILIES = {
         ("backend",),
         merge="min",
     ),
+    "pfxpold_check_degraded": _Family(
+        "gauge",
+        "1 while a quota or greylist check answers without its down store"
+        " (on_store_down; in any process, with --workers).",
+        ("check",),
+        merge="max",
+    ),
+    "pfxpold_check_reconciled": _Family(
+        "counter",
+        "What a quota check counted locally while its store was down and then"
+        " added to the store (in the check's unit).",
+        ("check",),
+    ),
     "pfxpold_circuit_breaker_open": _Family(
         "gauge",
         "1 while a failing DNS list is skipped (in any process, with --workers).",
@@ -251,6 +264,7 @@ class Metrics:
         self.store_duration: dict[tuple[str, str], _Histogram] = {}
         self.store_errors: dict[tuple[str, str, str], int] = {}
         self.shadow_verdicts: dict[tuple[str, str, str], int] = {}
+        self.reconciled: dict[str, int] = {}
         self.factory: Any = None
         self.workers: Optional[WorkerSnapshots] = None
         self.reloads: Any = None
@@ -274,6 +288,9 @@ class Metrics:
         chain.observer = self
         timed: dict[int, TimedStore] = {}
         for entry in getattr(chain, "entries", ()):
+            outage = getattr(entry.check, "outage", None)
+            if outage is not None:
+                outage.observer = self
             store = getattr(entry.check, "store", None)
             if store is None or isinstance(store, TimedStore):
                 continue
@@ -352,6 +369,18 @@ class Metrics:
         self._check_figures(name).observe(self._seconds() - started)
         _bump(self.check_errors, (name, "deadline"))
 
+    def check_degraded(self, name: str, degraded: bool) -> None:
+        """
+        Check C{name} entered or left degraded mode (its gauge is read from
+        the check when scraped).
+        """
+
+    def check_reconciled(self, name: str, amount: int) -> None:
+        """
+        Check C{name} added C{amount} counted locally to its store.
+        """
+        self.reconciled[name] = self.reconciled.get(name, 0) + amount
+
     def _check_figures(self, name: str) -> _CheckFigures:
         figures = self.checks.get(name)
         if figures is None:
@@ -396,6 +425,10 @@ class Metrics:
             ("pfxpold_check_on_error", self.check_on_error),
             ("pfxpold_store_errors", self.store_errors),
             ("pfxpold_shadow_verdicts", self.shadow_verdicts),
+            (
+                "pfxpold_check_reconciled",
+                {(name,): n for name, n in self.reconciled.copy().items()},
+            ),
         ):
             for labels, count in table.copy().items():
                 counters.append((family, labels, count))
@@ -438,6 +471,9 @@ class Metrics:
         seen: set[str] = set()
         for entry in getattr(chain, "entries", ()):
             check = entry.check
+            degraded = getattr(getattr(check, "outage", None), "active", None)
+            if isinstance(degraded, bool):
+                yield ("pfxpold_check_degraded", (entry.name,), int(degraded))
             connected = getattr(check, "connected", None)
             if isinstance(connected, bool):
                 yield ("pfxpold_backend_connected", (entry.name,), int(connected))

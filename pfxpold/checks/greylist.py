@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pfxpold.action import DUNNO, Action
@@ -46,6 +47,7 @@ from pfxpold.state import (
     WhitelistEntry,
     store_for,
 )
+from pfxpold.state.outage import LOCAL, ON_ERROR, PASS, DegradableCheck
 from pfxpold.whitelist import exemption_file
 
 DEFAULT_ACTION = "DEFER_IF_PERMIT Greylisted, please try again in {seconds} seconds"
@@ -186,10 +188,13 @@ class RuntimeWhitelist:
 
 
 @implementer(ICheck, IPossibleActions)
-class GreylistCheck:
+class GreylistCheck(DegradableCheck):
     """
     Greylisting at RCPT, with whitelists, auto-whitelisting of clients that
     retried correctly, and an optional C{X-Greylist:} header.
+
+    A service for its degraded mode (C{on_store_down}; see
+    L{DegradableCheck}).
     """
 
     #: It records what it sees: with C{[server] parallel}, started only once
@@ -199,7 +204,8 @@ class GreylistCheck:
     _log = Logger()
 
     def __init__(self, options: CheckOptions) -> None:
-        self.name = options.name
+        super().__init__()
+        self.name: str = options.name  # type: ignore[assignment]
         self.reactor = options.reactor
         self.delay = options.number("delay", 300.0)
         if self.delay < 0:
@@ -246,6 +252,7 @@ class GreylistCheck:
         self._runtime_until = 0.0
         # One read of the store's whitelist at a time, whoever waits for it.
         self._runtime_reads: Coalescer[str, RuntimeWhitelist] = Coalescer(cancel_abandoned=False)
+        self.read_outage(options, "greylist", (ON_ERROR, PASS, LOCAL))
 
     def now(self) -> float:
         """
@@ -357,12 +364,45 @@ class GreylistCheck:
         if address is None or self.whitelisted(request):
             return DUNNO
         triplet = self.triplet(self.client_network(address), request.sender, request.recipient)
+        outage = self.outage
+        if outage is not None and outage.active:
+            return self._degraded(request, address, triplet)
         runtime = self.runtime_whitelist()
         if isinstance(runtime, Deferred):
-            return runtime.addCallback(
+            answer: Any = runtime.addCallback(
                 lambda runtime: self._greylist(request, address, triplet, runtime)
             )
-        return self._greylist(request, address, triplet, runtime)
+        else:
+            answer = self._greylist(request, address, triplet, runtime)
+        if outage is not None and isinstance(answer, Deferred):
+            answer.addErrback(self._store_failed, request, address, triplet)
+        return answer
+
+    def _store_failed(
+        self, failure: Failure, request: PolicyRequest, address: IPAddress, triplet: Triplet
+    ) -> Any:
+        """
+        The store failed: answer as degraded mode does when it is down,
+        else fail (and the check's C{on_error} applies).
+        """
+        assert self.outage is not None
+        # The client key: a plain counter, in the triplet's slot.
+        if not self.outage.failed(failure, self.keys(triplet)[1]):
+            return failure
+        return self._degraded(request, address, triplet)
+
+    def _degraded(self, request: PolicyRequest, address: IPAddress, triplet: Triplet) -> Any:
+        """
+        The answer while the store is down: DUNNO (C{"pass"}), or the
+        local greylist's (C{"local"}), with the run-time whitelist last
+        read from the store.
+        """
+        assert self.outage is not None
+        local = self.outage.local
+        if local is None:
+            return DUNNO
+        runtime = self._runtime or RuntimeWhitelist()
+        return self._greylist(request, address, triplet, runtime, local)
 
     def _greylist(
         self,
@@ -370,12 +410,13 @@ class GreylistCheck:
         address: IPAddress,
         triplet: Triplet,
         runtime: RuntimeWhitelist,
+        store: Optional[IStateStore] = None,
     ) -> Any:
         if runtime.covers(address, triplet.sender):
             return DUNNO
         triplet_key, client_key = self.keys(triplet)
         now = self.now()
-        d: Deferred[GreylistState] = self.store.greylist(
+        d: Deferred[GreylistState] = (store or self.store).greylist(
             triplet_key,
             client_key,
             now,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -25,7 +26,6 @@ from typing import Any, Optional
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +38,7 @@ from pfxpold.interfaces import ICheck, IDecisionListener, IPossibleActions, ISta
 from pfxpold.request import PolicyRequest, client_network
 from pfxpold.stages import Possible, possible
 from pfxpold.state import Consumption, Counter, Once, store_for
+from pfxpold.state.outage import LOCAL, ON_ERROR, DegradableCheck, Pending
 from pfxpold.whitelist import exemption_file, map_attributes
 
 KEY_PARTS = (
@@ -340,10 +341,12 @@ class _Reservation:
     consumed: Optional[bool] = None
     decided: bool = False
     action: Optional[Action] = field(default=None)
+    #: Counted in the local store (degraded mode), not the shared one.
+    local: bool = False
 
 
 @implementer(ICheck, IDecisionListener, IPossibleActions)
-class QuotaCheck(MultiService):
+class QuotaCheck(DegradableCheck):
     """
     Counts messages, recipients or bytes per identity in one or more
     windows, and answers the over-limit action when one is full.
@@ -411,6 +414,11 @@ class QuotaCheck(MultiService):
         #: Counts only the mail a rules check's rule hands it (L{apply}).
         self.rules_only = options.boolean("rules_only", False)
         self.store: IStateStore = store_for(options)
+        self.read_outage(options, "quota", (ON_ERROR, LOCAL))
+        # Marks of local counts of messages without an instance: unique to
+        # this check object.
+        self._local_tag = os.urandom(8).hex()
+        self._local_sequence = itertools.count()
         self._reservations: OrderedDict[tuple[str, ...], _Reservation] = OrderedDict()
         # The counters built in the current minute, by identity and room:
         # an identity sending several mails a minute builds them once.
@@ -590,7 +598,12 @@ class QuotaCheck(MultiService):
         return counters
 
     def _over_limit(
-        self, identity: str, counters: tuple[Counter, ...], totals: tuple[int, ...], amount: int
+        self,
+        identity: str,
+        counters: tuple[Counter, ...],
+        totals: tuple[int, ...],
+        amount: int,
+        degraded: bool = False,
     ) -> Action:
         """
         The over-limit answer naming the first full window, logged.
@@ -604,9 +617,10 @@ class QuotaCheck(MultiService):
         maximum = counter.limit + (1 if amount == 0 else 0)
         action = Action(self.action.verb, self._text(window, total, identity, maximum))
         self._log.warn(
-            "quota {check}: {key} is over its {limit} limit: {count} + {amount} > {max}"
+            "quota {check}: {key} is over its {limit} limit{local}: {count} + {amount} > {max}"
             " {unit}; answering {action}",
             check=self.name,
+            local=" (local share: the store is down)" if degraded else "",
             key=escape(identity),
             limit=window.name,
             count=total,
@@ -671,9 +685,14 @@ class QuotaCheck(MultiService):
             self._reservations[token] = reservation
             if len(self._reservations) > REMEMBERED:
                 self._reservations.popitem(last=False)
+        outage = self.outage
+        if outage is not None and outage.active:
+            return self._count_locally(identity, token, reservation, now)
 
         def consumed(result: Any) -> Any:
             if isinstance(result, Failure):
+                if outage is not None and outage.failed(result, counters[0].key):
+                    return self._count_locally(identity, token, reservation, now)
                 reservation.consumed = False
                 self._settle(token, reservation)
                 return result
@@ -696,6 +715,49 @@ class QuotaCheck(MultiService):
 
         return answer_of(self.store.consume(counters, amount, now, once), consumed)
 
+    def _local_counters(self, counters: tuple[Counter, ...], room: int = 0) -> tuple[Counter, ...]:
+        """
+        C{counters} with the limits this process enforces while degraded:
+        its share of each, lowered by C{room}.
+        """
+        share = self.outage_settings.local_limit
+        return tuple(
+            Counter(c.key, c.read_keys, share(c.limit + room) - room, c.expires_at)
+            for c in counters
+        )
+
+    def _count_locally(
+        self,
+        identity: str,
+        token: Optional[tuple[str, ...]],
+        reservation: _Reservation,
+        now: float,
+    ) -> Action:
+        """
+        Count a message in the local store (degraded mode) against this
+        process's share of the limits, and journal the count for the
+        shared store.
+        """
+        outage = self.outage
+        assert outage is not None and outage.local is not None
+        counters, amount, once = reservation.counters, reservation.amount, reservation.once
+        local = self._local_counters(counters)
+        result = _now(outage.local.consume(local, amount, now, once))
+        reservation.local = True
+        if result.repeated:
+            reservation.consumed = False
+            self._settle(token, reservation)
+            return DUNNO
+        reservation.consumed = result.allowed
+        if result.allowed:
+            if once is None:
+                once = self.once(identity, (self._local_tag, str(next(self._local_sequence))), now)
+            outage.record(Pending(counters, amount, once))
+        self._settle(token, reservation)
+        if result.allowed:
+            return DUNNO
+        return self._over_limit(identity, local, result.totals, amount, degraded=True)
+
     def _check_early(self, request: PolicyRequest) -> Any:
         """
         At RCPT, before the message is counted: refuse at once when a
@@ -706,18 +768,33 @@ class QuotaCheck(MultiService):
         identity = self.identity(request)
         if identity is None:
             return DUNNO
-        counters = self.counters_for(identity, self.now(), room=1)
+        now = self.now()
+        counters = self.counters_for(identity, now, room=1)
         if not counters:
             return DUNNO
+        outage = self.outage
+
+        def early_locally() -> Any:
+            assert outage is not None and outage.local is not None
+            local = self._local_counters(counters, room=1)
+            result = _now(outage.local.consume(local, 0, now))
+            if result.allowed:
+                return DUNNO
+            return self._over_limit(identity, local, result.totals, 0, degraded=True)
+
+        if outage is not None and outage.active:
+            return early_locally()
 
         def answer(result: Any) -> Any:
             if isinstance(result, Failure):
+                if outage is not None and outage.failed(result, counters[0].key):
+                    return early_locally()
                 return result
             if result.allowed:
                 return DUNNO
             return self._over_limit(identity, counters, result.totals, 0)
 
-        return answer_of(self.store.consume(counters, 0, self.now()), answer)
+        return answer_of(self.store.consume(counters, 0, now), answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
         if request.protocol_state != self.stage:
@@ -748,6 +825,15 @@ class QuotaCheck(MultiService):
                 check=self.name,
                 action=str(reservation.action),
             )
+            if reservation.local:
+                outage = self.outage
+                assert outage is not None and outage.local is not None
+                outage.local.release(
+                    reservation.counters, reservation.amount, self.now(), reservation.once
+                )
+                if reservation.once is None or outage.forget(reservation.once):
+                    # Never left this process.
+                    return
             released = self.store.release(
                 reservation.counters, reservation.amount, self.now(), reservation.once
             )
@@ -756,3 +842,15 @@ class QuotaCheck(MultiService):
                     "quota {check}: taking a count back failed", failure, check=self.name
                 )
             )
+
+
+def _now(d: Deferred[Consumption]) -> Consumption:
+    """
+    The result of a Deferred that has one already (the memory store's).
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    outcome = results[0]
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    return outcome  # type: ignore[no-any-return]

@@ -92,7 +92,7 @@ class StateExampleTests(SynchronousTestCase):
         start = readme.index("### State stores")
         end = readme.index("\n## ", start)
         blocks = re.findall(r"```toml\n(.*?)```", readme[start:end], re.DOTALL)
-        self.assertEqual(len(blocks), 5)
+        self.assertEqual(len(blocks), 6)
         examples = {}
         for name in (
             "quota.toml",
@@ -100,6 +100,7 @@ class StateExampleTests(SynchronousTestCase):
             "greylist.toml",
             "quota-redis-sentinel.toml",
             "quota-redis-cluster.toml",
+            "quota-redis-degraded.toml",
         ):
             with open(os.path.join(EXAMPLES, name), encoding="utf-8") as f:
                 examples[name] = f.read()
