@@ -60,6 +60,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from itertools import chain
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Optional
 
@@ -109,9 +110,9 @@ _encode_list = (
     else lambda value, level: [_encode(value)]
 )
 
-#: The characters JSON takes in a string as they are: printable ASCII
-#: (and DEL) but the quote and the backslash.
-_PLAIN = bytes(range(0x20, 0x80)).replace(b'"', b"").replace(b"\\", b"")
+#: The characters written in a string as they are: printable ASCII but the
+#: quote and the backslash (DEL is escaped, as the C encoder does).
+_PLAIN = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
 #: A line's end after its values: the decision (C{_decision_text}).
 _DECIDED = '"],"answer":%s,"by":%s,"verdicts":%s}\n'
@@ -285,7 +286,8 @@ class CaptureWriter(Service):
     size.
 
     @ivar path: the file.
-    @ivar dropped: requests lost to failed writes since the daemon started.
+    @ivar dropped: requests lost to failed writes (or that could not be
+        encoded) since the daemon started.
     @ivar rotated: the rotated files written since the daemon started.
     """
 
@@ -331,9 +333,14 @@ class CaptureWriter(Service):
         self._flush_interval = flush_interval
         self._max_buffered = max_buffered
         self._batch = max(1, min(batch, max_buffered))
-        #: Answered requests not encoded yet: (time, request, decision).
-        self._raw: list[tuple[float, PolicyRequest, Any]] = []
-        #: How many requests L{_raw} holds when they are encoded.
+        #: The requests kept, not encoded yet: their times, their values'
+        #: text (empty for one written whole), the ends of their lines (or
+        #: their whole lines; empty when lost), and which are written whole.
+        self._times: list[float] = []
+        self._texts: list[str] = []
+        self._decided: list[str] = []
+        self._whole: list[int] = []
+        #: How many requests are kept when they are encoded.
         self._encode_at = self._batch
         self._size = 0
         #: Encoded lines waiting to be written, and how many requests they hold.
@@ -341,9 +348,13 @@ class CaptureWriter(Service):
         self._pending_count = 0
         self._unencodable = 0
         #: The attribute names, in order, of the first request: the header
-        #: declares them, and requests with the same names are written as
-        #: their values alone.
+        #: declares them, and requests with the same names (L{_usual}, their
+        #: hash; none when the first had no attributes) are written as their
+        #: values alone.
         self._names: Optional[tuple[str, ...]] = None
+        self._usual: Optional[int] = None
+        #: The quotes of the separators of the values' text (C{_PLAIN}).
+        self._quotes = b""
         self._described: Any = _NOTHING
         self._timer: Optional[IDelayedCall] = None
 
@@ -353,7 +364,7 @@ class CaptureWriter(Service):
 
     @property
     def dropped(self) -> int:
-        """Requests lost to failed writes since the daemon started."""
+        """Requests lost to failed writes (or that could not be encoded) since the daemon started."""
         return self.output.dropped
 
     # Service life
@@ -391,17 +402,88 @@ class CaptureWriter(Service):
         Keep an answered request for the next write. The protocol calls
         this after the answer is written to the connection.
 
-        Only kept here, as it is: its line is encoded with its batch's
-        (L{_encode_batch}), where joining, checking and escaping the values
-        of many requests costs little more than those of one.
+        Only strings are kept, nothing the garbage collector visits, and the
+        request is read once, while its memory is still in the cache: its
+        values joined with C{","} (checked in two passes in C: clean ASCII
+        without quotes, backslashes or control characters, nearly every
+        request, is JSON as it is; any other is escaped value by value),
+        and the end of its line, its decision, encoded once per distinct
+        decision. Lines are made for a batch of requests at once
+        (L{_encode_batch}).
 
         @param decision: the L{pfxpold.chain.Decision} answered.
         @param started: when the request was complete.
         """
-        raw = self._raw
-        raw.append((started, request, decision))
-        if len(raw) >= self._encode_at:
+        try:
+            attributes: Mapping[str, str] = self._redact(request) if self._redacting else request
+            # The names checked by their hash (a tuple's, from its strings'
+            # cached hashes): comparing 29 strings costs three times as
+            # much, and a collision of 64-bit keyed hashes is no risk.
+            if hash(tuple(attributes.keys())) == self._usual:
+                text = '","'.join(attributes.values())
+                if (
+                    not text.isascii()
+                    or text.encode("ascii").translate(None, _PLAIN) != self._quotes
+                ):
+                    text = _values_text(attributes.values(), len(attributes))[1:-1]
+                action = decision.action
+                key = (
+                    None if action is None else action.line,
+                    decision.decided_by,
+                    tuple(decision.verdicts),
+                )
+                decided = self._decisions.get(key)
+                if decided is None:
+                    decided = self._decision_text(decision, key)
+            else:
+                text, decided = self._unusual(attributes, decision, started)
+        except Exception:
+            # Never a request the protocol parsed: capturing must not
+            # break the connection that answered it.
+            self._unencodable_request()
+            return
+        self._texts.append(text)
+        self._decided.append(decided)
+        times = self._times
+        times.append(started)
+        if len(times) >= self._encode_at:
             self._batch_full()
+
+    def _unusual(
+        self, attributes: Mapping[str, str], decision: Any, started: float
+    ) -> tuple[str, str]:
+        """
+        A request that does not have the header's attribute names in their
+        order: the first request (whose names the header then declares), or
+        one written whole, names and values.
+
+        @return: its values' text and the end of its line, or C{""} and its
+            whole line (C{""} and C{""} when it cannot be encoded).
+        """
+        try:
+            if self._names is None:
+                names = self._names = tuple(attributes.keys())
+                if names:
+                    # A request without attributes has no values to join:
+                    # such requests are written whole.
+                    self._usual = hash(names)
+                    self._quotes = b'"' * (2 * (len(names) - 1))
+                    action = decision.action
+                    key = (
+                        None if action is None else action.line,
+                        decision.decided_by,
+                        tuple(decision.verdicts),
+                    )
+                    return (
+                        _values_text(attributes.values(), len(names))[1:-1],
+                        self._decision_text(decision, key),
+                    )
+            line = self._whole_line(attributes, decision, started)
+        except Exception:
+            self._unencodable_request()
+            line = ""
+        self._whole.append(len(self._texts))
+        return "", line
 
     def _batch_full(self) -> None:
         self._encode_batch()
@@ -411,100 +493,30 @@ class CaptureWriter(Service):
 
     def _encode_batch(self) -> None:
         """
-        Encode the requests kept as they came into lines for the next write.
-
-        A request with the header's attribute names, in their order (the
-        usual one), becomes its values joined with C{","} between its time
-        and its decision, each part a string kept for one join. The values
-        of the whole batch are then checked at once: clean ASCII without
-        quotes, backslashes or control characters (nearly every request)
-        is JSON as it is; otherwise each request's values are checked
-        again, and those that need it escaped (L{_values_text}).
+        Make the lines of the requests kept: each is its time, its values
+        and its decision, three strings joined with all the others at once.
         """
-        raw, self._raw = self._raw, []
-        if not raw:
+        times, texts, decided, whole = self._times, self._texts, self._decided, self._whole
+        if not times:
             return
-        redacting = self._redacting
-        redact = self._redact
-        names = self._names
-        if names is None:
-            first = raw[0][1]
-            names = self._names = tuple(redact(first) if redacting else first)
-        count = len(names)
-        # A request without attributes has no values to join: written whole.
-        usual = names if count else None
-        join = '","'.join
-        decisions = self._decisions
-        parts: list[str] = []
-        add = parts.extend
-        whole: list[int] = []
+        self._times, self._texts, self._decided, self._whole = [], [], [], []
+        heads = []
+        add = heads.append
         last_ms = -1
         head = ""
-        lost = 0
-        for started, request, decision in raw:
-            try:
-                attributes: Mapping[str, str] = redact(request) if redacting else request
-                if tuple(attributes) == usual:
-                    # Requests of one millisecond share their time's text.
-                    ms = int(started * 1000.0 + 0.5)
-                    if ms != last_ms:
-                        last_ms = ms
-                        head = '{"t":%.3f,"values":["' % started
-                    action = decision.action
-                    key = (
-                        None if action is None else action.line,
-                        decision.decided_by,
-                        tuple(decision.verdicts),
-                    )
-                    decided = decisions.get(key)
-                    if decided is None:
-                        decided = self._decision_text(decision, key)
-                    add((head, join(attributes.values()), decided))
-                else:
-                    whole.append(len(parts))
-                    add(("", "", self._whole_line(attributes, decision, started)))
-            except Exception:
-                # Three empty parts keep the others in step with raw.
-                whole.append(len(parts))
-                add(("", "", ""))
-                lost += 1
-                self._unencodable_request()
-        values = parts[1::3]
-        # Each request's separators, a line feed between requests: any
-        # other quote, line feed, backslash or control character, or
-        # non-ASCII text, and some request needs escaping.
-        separators = b'"' * (2 * (count - 1))
-        expected = [separators] * len(values)
+        for started in times:
+            # Requests of one millisecond share their time's text.
+            ms = int(started * 1000.0 + 0.5)
+            if ms != last_ms:
+                last_ms = ms
+                head = '{"t":%.3f,"values":["' % started
+            add(head)
         for index in whole:
-            expected[index // 3] = b""
-        if _unplain("\n".join(values)) != b"\n".join(expected):
-            self._escape(parts, whole, raw, count)
-        if len(values) > lost:
-            self._pending.append("".join(parts))
-            self._pending_count += len(values) - lost
-
-    def _escape(
-        self,
-        parts: list[str],
-        skip: list[int],
-        raw: list[tuple[float, PolicyRequest, Any]],
-        count: int,
-    ) -> None:
-        """
-        The batch in C{parts} (three parts per request of C{raw}) is not
-        clean: escape the values of the requests that need it.
-
-        @param skip: the parts' indexes of requests written whole or lost.
-        """
-        skipped = set(skip)
-        separators = b'"' * (2 * (count - 1))
-        for number in range(len(raw)):
-            index = 3 * number
-            if index in skipped or _unplain(parts[index + 1]) == separators:
-                continue
-            request = raw[number][1]
-            attributes = self._redact(request) if self._redacting else request
-            parts[index + 1] = _values_text(attributes.values(), count)[1:-1]
+            heads[index] = ""
+        lost = decided.count("")
+        if lost < len(texts):
+            self._pending.append("".join(chain.from_iterable(zip(heads, texts, decided))))
+            self._pending_count += len(texts) - lost
 
     def _whole_line(self, attributes: Mapping[str, str], decision: Any, started: float) -> str:
         """
@@ -576,7 +588,7 @@ class CaptureWriter(Service):
         Encode and write what is buffered, in one write, rotating the file
         first when it would grow past C{max_bytes}.
         """
-        if self._raw:
+        if self._times:
             self._encode_batch()
             self._encode_at = self._batch
         if not self._pending:
