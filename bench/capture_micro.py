@@ -229,7 +229,9 @@ def main() -> None:
     loaded = configuration(directory, clock)
     for measure, settings in (("record", {}), ("redacted", {"hash_local_parts": True})):
         if measure in args.measures:
-            figures = measure_record(loaded, directory, clock, args.requests, args.rounds, **settings)
+            figures = measure_record(
+                loaded, directory, clock, args.requests, args.rounds, **settings
+            )
             print(
                 f"{measure:9s} record {figures['record']:5.2f} us/request, encode"
                 f" {figures['encode']:5.2f}, write {figures['write']:5.2f};"

@@ -114,6 +114,9 @@ _encode_list = (
 #: quote and the backslash (DEL is escaped, as the C encoder does).
 _PLAIN = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
+#: A line's start, before its values: its time.
+_HEAD = '{"t":%.3f,"values":["'
+
 #: A line's end after its values: the decision (C{_decision_text}).
 _DECIDED = '"],"answer":%s,"by":%s,"verdicts":%s}\n'
 
@@ -500,7 +503,7 @@ class CaptureWriter(Service):
         if not times:
             return
         self._times, self._texts, self._decided, self._whole = [], [], [], []
-        heads = []
+        heads: list[str] = []
         add = heads.append
         last_ms = -1
         head = ""
@@ -509,13 +512,15 @@ class CaptureWriter(Service):
             ms = int(started * 1000.0 + 0.5)
             if ms != last_ms:
                 last_ms = ms
-                head = '{"t":%.3f,"values":["' % started
+                head = _HEAD % started
             add(head)
         for index in whole:
             heads[index] = ""
         lost = decided.count("")
         if lost < len(texts):
-            self._pending.append("".join(chain.from_iterable(zip(heads, texts, decided))))
+            self._pending.append(
+                "".join(chain.from_iterable(zip(heads, texts, decided, strict=True)))
+            )
             self._pending_count += len(texts) - lost
 
     def _whole_line(self, attributes: Mapping[str, str], decision: Any, started: float) -> str:

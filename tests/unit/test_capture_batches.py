@@ -55,12 +55,11 @@ def expected_line(request, decision, started):
     """
     compact = {"separators": (",", ":")}
     action = decision.action
-    return '{"t":%.3f,"values":%s,"answer":%s,"by":%s,"verdicts":%s}' % (
-        started,
-        json.dumps(list(request.values()), **compact),
-        json.dumps(None if action is None else str(action)),
-        json.dumps(decision.decided_by),
-        json.dumps(decision.verdicts, **compact),
+    return (
+        f'{{"t":{started:.3f},"values":{json.dumps(list(request.values()), **compact)},'
+        f'"answer":{json.dumps(None if action is None else str(action))},'
+        f'"by":{json.dumps(decision.decided_by)},'
+        f'"verdicts":{json.dumps(decision.verdicts, **compact)}}}'
     )
 
 
@@ -114,9 +113,7 @@ class BatchTests(SynchronousTestCase):
         writer.stopService()
         lines = self.lines()
         self.assertEqual(lines[-1], "")
-        self.assertEqual(
-            lines[1:-1], [expected_line(*each) for each in requests]
-        )
+        self.assertEqual(lines[1:-1], [expected_line(*each) for each in requests])
 
     def test_read_back_by_replay(self):
         """
@@ -275,7 +272,11 @@ class OldCaptureTests(SynchronousTestCase):
         self.assertEqual(reading.unreadable, 0)
         self.assertEqual(
             first.attributes,
-            {"request": "smtpd_access_policy", "sender": 'q"u\\o\u00e9', "recipient": "bob@example.org"},
+            {
+                "request": "smtpd_access_policy",
+                "sender": 'q"u\\o\u00e9',
+                "recipient": "bob@example.org",
+            },
         )
         self.assertEqual(first.answer, "REJECT go away")
         self.assertEqual(first.fingerprints, {"senders": "0123456789abcdef"})
@@ -296,9 +297,15 @@ class OldCaptureTests(SynchronousTestCase):
         writer = CaptureWriter(CaptureSettings(path), clock)
         writer.startService()
         request = PolicyRequest(
-            {"request": "smtpd_access_policy", "sender": 'q"u\\o\u00e9', "recipient": "bob@example.org"}
+            {
+                "request": "smtpd_access_policy",
+                "sender": 'q"u\\o\u00e9',
+                "recipient": "bob@example.org",
+            }
         )
-        decision = Decision(Action.parse("REJECT go away"), "senders", [("senders", "REJECT go away")])
+        decision = Decision(
+            Action.parse("REJECT go away"), "senders", [("senders", "REJECT go away")]
+        )
         writer.record(request, decision, NOW - 0.5)
         writer.stopService()
         with open(path, encoding="ascii") as f:
