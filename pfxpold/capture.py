@@ -22,18 +22,16 @@ fingerprint of its settings, and a new header follows a reload that
 changed the checks: replay reuses a recorded lookup verdict only for a
 check whose fingerprint is unchanged.
 
-The design is the request log's (L{pfxpold.requestlog}), with the work
-moved off the answer's path: answering only appends the request, its
-decision and its time to a list (L{CaptureWriter.record}). Every C{BATCH}
-requests (and at each write) they are encoded together: their values are
-joined and checked in a few C calls for the whole batch (clean ASCII
-needs no escaping, and only a request that fails the check is escaped
-value by value); the decision's part of a line is encoded once per
-distinct decision, and the time once per millisecond. Lines are written
-once a second, whenever C{MAX_BUFFERED} requests wait, and when the
-daemon stops. A write that fails (disk full) is counted and logged once
-per outage. A file moved away by someone else is followed by a new one at
-the path.
+The design is the request log's (L{pfxpold.requestlog}), its work done
+after the answer is written and kept small: L{CaptureWriter.record} keeps
+strings only (the request's values joined with C{","} and checked in two
+C passes: clean ASCII, nearly every request, needs no escaping; the
+answer, deciding check and verdicts encoded once per distinct decision),
+lines are made C{BATCH} requests at a time (the time's text once per
+millisecond, one join for the batch) and written once a second, whenever
+C{MAX_BUFFERED} requests wait, and when the daemon stops. A write that
+fails (disk full) is counted and logged once per outage. A file moved
+away by someone else is followed by a new one at the path.
 
 The capture is bounded: when the file reaches C{capture_max_bytes} it is
 renamed with a UTC time stamp (C{capture.jsonl.20261204T174500Z}),
@@ -232,7 +230,9 @@ class Redactor:
         """
         if not self.hash_local_parts and not self.drop:
             return attributes
-        redacted = dict(attributes)
+        # items(): dict() of a mapping that is not a dictionary reads each
+        # value through __getitem__, in Python.
+        redacted = dict(attributes.items())
         for name in self.drop:
             redacted.pop(name, None)
         if self.hash_local_parts:
@@ -367,7 +367,7 @@ class CaptureWriter(Service):
 
     @property
     def dropped(self) -> int:
-        """Requests lost to failed writes (or that could not be encoded) since the daemon started."""
+        """Requests lost to failed writes, or not encoded, since the daemon started."""
         return self.output.dropped
 
     # Service life
