@@ -113,7 +113,7 @@ _encode_list = (
 _PLAIN = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"")
 
 #: A line's start, before its values: its time.
-_HEAD = '{"t":%.3f,"values":["'
+_HEAD = b'{"t":%.3f,"values":["'
 
 #: A line's end after its values: the decision (C{_decision_text}).
 _DECIDED = '"],"answer":%s,"by":%s,"verdicts":%s}\n'
@@ -321,7 +321,9 @@ class CaptureWriter(Service):
             are encoded together (at most C{max_buffered}).
         """
         self.settings = settings
-        self.output = AppendedFile(path or settings.path, "capture", "requests", encoding="ascii")
+        # Written as bytes: the values' check encodes them anyway, and a text
+        # file would encode every line again.
+        self.output = AppendedFile(path or settings.path, "capture", "requests", encoding=None)
         self.rotated: list[str] = []
         self._clock = clock
         self._checks = checks
@@ -331,7 +333,7 @@ class CaptureWriter(Service):
         self._redacting = settings.hash_local_parts or bool(settings.drop)
         # Most requests go through the chain alike: the end of their
         # lines (answer, deciding check, verdicts), encoded, by decision.
-        self._decisions: dict[tuple[Optional[bytes], str, tuple[tuple[str, str], ...]], str] = {}
+        self._decisions: dict[tuple[Optional[bytes], str, tuple[tuple[str, str], ...]], bytes] = {}
         self._in_thread = in_thread or _in_thread(clock)
         self._flush_interval = flush_interval
         self._max_buffered = max_buffered
@@ -340,14 +342,14 @@ class CaptureWriter(Service):
         #: text (empty for one written whole), the ends of their lines (or
         #: their whole lines; empty when lost), and which are written whole.
         self._times: list[float] = []
-        self._texts: list[str] = []
-        self._decided: list[str] = []
+        self._texts: list[bytes] = []
+        self._decided: list[bytes] = []
         self._whole: list[int] = []
         #: How many requests are kept when they are encoded.
         self._encode_at = self._batch
         self._size = 0
         #: Encoded lines waiting to be written, and how many requests they hold.
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._pending_count = 0
         self._unencodable = 0
         #: The attribute names, in order, of the first request: the header
@@ -423,12 +425,11 @@ class CaptureWriter(Service):
             # cached hashes): comparing 29 strings costs three times as
             # much, and a collision of 64-bit keyed hashes is no risk.
             if hash(tuple(attributes.keys())) == self._usual:
-                text = '","'.join(attributes.values())
-                if (
-                    not text.isascii()
-                    or text.encode("ascii").translate(None, _PLAIN) != self._quotes
-                ):
-                    text = _values_text(attributes.values(), len(attributes))[1:-1]
+                joined = '","'.join(attributes.values())
+                text = joined.encode("ascii") if joined.isascii() else None
+                if text is None or text.translate(None, _PLAIN) != self._quotes:
+                    escaped = _values_text(attributes.values(), len(attributes))
+                    text = escaped[1:-1].encode("ascii")
                 action = decision.action
                 key = (
                     None if action is None else action.line,
@@ -454,14 +455,14 @@ class CaptureWriter(Service):
 
     def _unusual(
         self, attributes: Mapping[str, str], decision: Any, started: float
-    ) -> tuple[str, str]:
+    ) -> tuple[bytes, bytes]:
         """
         A request that does not have the header's attribute names in their
         order: the first request (whose names the header then declares), or
         one written whole, names and values.
 
-        @return: its values' text and the end of its line, or C{""} and its
-            whole line (C{""} and C{""} when it cannot be encoded).
+        @return: its values' text and the end of its line, or C{b""} and its
+            whole line (C{b""} and C{b""} when it cannot be encoded).
         """
         try:
             if self._names is None:
@@ -478,15 +479,15 @@ class CaptureWriter(Service):
                         tuple(decision.verdicts),
                     )
                     return (
-                        _values_text(attributes.values(), len(names))[1:-1],
+                        _values_text(attributes.values(), len(names))[1:-1].encode("ascii"),
                         self._decision_text(decision, key),
                     )
-            line = self._whole_line(attributes, decision, started)
+            line = self._whole_line(attributes, decision, started).encode("ascii")
         except Exception:
             self._unencodable_request()
-            line = ""
+            line = b""
         self._whole.append(len(self._texts))
-        return "", line
+        return b"", line
 
     def _batch_full(self) -> None:
         self._encode_batch()
@@ -503,10 +504,10 @@ class CaptureWriter(Service):
         if not times:
             return
         self._times, self._texts, self._decided, self._whole = [], [], [], []
-        heads: list[str] = []
+        heads: list[bytes] = []
         add = heads.append
         last_ms = -1
-        head = ""
+        head = b""
         for started in times:
             # Requests of one millisecond share their time's text.
             ms = int(started * 1000.0 + 0.5)
@@ -515,11 +516,11 @@ class CaptureWriter(Service):
                 head = _HEAD % started
             add(head)
         for index in whole:
-            heads[index] = ""
-        lost = decided.count("")
+            heads[index] = b""
+        lost = decided.count(b"")
         if lost < len(texts):
             self._pending.append(
-                "".join(chain.from_iterable(zip(heads, texts, decided, strict=True)))
+                b"".join(chain.from_iterable(zip(heads, texts, decided, strict=True)))
             )
             self._pending_count += len(texts) - lost
 
@@ -542,18 +543,21 @@ class CaptureWriter(Service):
             + "\n"
         )
 
-    def _decision_text(self, decision: Any, key: Any) -> str:
+    def _decision_text(self, decision: Any, key: Any) -> bytes:
         """
         The end of a request's line, after its values: its answer, its
         deciding check and its verdicts, encoded once per distinct decision
         (C{key}).
         """
         action = decision.action
-        text = _DECIDED % (
-            "null" if action is None else _string(str(action)),
-            _string(decision.decided_by),
-            "".join(_encode_list(decision.verdicts, 0)),
-        )
+        text = (
+            _DECIDED
+            % (
+                "null" if action is None else _string(str(action)),
+                _string(decision.decided_by),
+                "".join(_encode_list(decision.verdicts, 0)),
+            )
+        ).encode("ascii")
         if len(self._decisions) < 4096:
             self._decisions[key] = text
         return text
@@ -600,7 +604,7 @@ class CaptureWriter(Service):
             return
         pending, self._pending = self._pending, []
         count, self._pending_count = self._pending_count, 0
-        text = "".join(pending)
+        text = b"".join(pending)
         if (
             self.output.stream is not None
             and self._size
@@ -608,7 +612,7 @@ class CaptureWriter(Service):
         ):
             self._rotate()
         if self.output.stream is not None and self._checks() is not self._described:
-            text = self._header() + text
+            text = self._header().encode("ascii") + text
         if self.output.write(text, count):
             self._size += len(text)
 
