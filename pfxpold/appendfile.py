@@ -69,10 +69,11 @@ class AppendedFile:
             self.stream.close()
             self.stream = None
 
-    def write(self, text: Union[str, bytes], count: int) -> bool:
+    def write(self, text: Union[str, bytes, list[bytes]], count: int) -> bool:
         """
         Write C{text} (C{count} units) in one write, and flush it: bytes
-        for a file opened without an encoding.
+        for a file opened without an encoding, or a list of them, written
+        one after the other rather than joined first.
 
         @return: whether it was written; when not, the loss is counted and
             logged (once per outage).
@@ -81,7 +82,10 @@ class AppendedFile:
             self.lost(count, f"the {self.what} is not open")
             return False
         try:
-            self.stream.write(text)
+            if type(text) is list:
+                self.stream.writelines(text)
+            else:
+                self.stream.write(text)
             self.stream.flush()
         except OSError as e:
             self.lost(count, e.strerror or str(e))
