@@ -2,7 +2,7 @@
 What C{[server] capture} costs per request, in process: CPU time (not wall
 time), the best of several rounds, so that it holds on a busy machine.
 
-Two measures:
+The measures:
 
  - C{record}: L{CaptureWriter.record} over bench/run.py's requests (the
    real Postfix 3.7 fixtures, 29 attributes) and the decisions of a real
@@ -12,8 +12,10 @@ Two measures:
    request; C{redacted}: the same with C{capture_hash_local_parts};
  - C{protocol}: whole requests fed to the protocol in memory
    (StringTransport, 128 connections, the request log off, the map-100k
-   chain), with and without a capture writer: the difference is what the
-   capture costs on the answer's path, flushes included.
+   chain), with and without a capture writer, rounds interleaved: the
+   difference is what the capture costs, flushes included; C{logged}: the
+   same with the request log written to a file, as bench/run.py's
+   map-100k scenarios have it.
 
     PYTHONPATH=. python3 bench/capture_micro.py
     PYTHONPATH=/tmp/old python3 bench/capture_micro.py   # another checkout
@@ -42,6 +44,7 @@ from pfxpold.capture import CaptureWriter  # noqa: E402
 from pfxpold.config import CaptureSettings, Configuration, load_configuration  # noqa: E402
 from pfxpold.protocol import Limits, PolicyFactory  # noqa: E402
 from pfxpold.request import PolicyRequest  # noqa: E402
+from pfxpold.requestlog import FileRequestLog  # noqa: E402
 
 CONNECTIONS = 128
 
@@ -140,14 +143,21 @@ def measure_record(
 
 
 def protocol_rounds(
-    loaded: Configuration, directory: str, clock: Clock, capture: bool
+    loaded: Configuration, directory: str, clock: Clock, capture: bool, request_log: bool = False
 ) -> tuple[Any, int, Any]:
     """
+    @param request_log: whether requests are logged to a file too, as in
+        bench/run.py's map-100k scenarios.
     @return: one round of requests through the protocol, how many requests
         it sends, and what stops it all.
     """
     chain = loaded.chain
-    factory = PolicyFactory(chain, clock, Limits(), log_requests=False)
+    factory = PolicyFactory(chain, clock, Limits(), log_requests=request_log)
+    log = None
+    if request_log:
+        log = FileRequestLog(os.path.join(directory, f"requests-{capture}.log"), clock)
+        log.startService()
+        factory.request_log = log
     writer = None
     if capture:
         writer = CaptureWriter(
@@ -187,10 +197,15 @@ def protocol_rounds(
         if writer is not None:
             writer.flush()
             writer.output.stream.truncate(0)  # type: ignore[union-attr]
+        if log is not None:
+            log.flush()
+            log.output.stream.truncate(0)  # type: ignore[union-attr]
 
     def stop() -> None:
         if writer is not None:
             writer.stopService()
+        if log is not None:
+            log.stopService()
         for protocol, _ in connections:
             protocol.connectionLost(None)
 
@@ -198,14 +213,14 @@ def protocol_rounds(
 
 
 def measure_protocol(
-    loaded: Configuration, directory: str, clock: Clock, rounds: int
+    loaded: Configuration, directory: str, clock: Clock, rounds: int, request_log: bool = False
 ) -> tuple[float, float]:
     """
     @return: microseconds of CPU per request through the protocol without
         and with a capture, rounds of each interleaved.
     """
-    without, count, stop_without = protocol_rounds(loaded, directory, clock, False)
-    with_capture, _, stop_with = protocol_rounds(loaded, directory, clock, True)
+    without, count, stop_without = protocol_rounds(loaded, directory, clock, False, request_log)
+    with_capture, _, stop_with = protocol_rounds(loaded, directory, clock, True, request_log)
     without()
     with_capture()
     best = [float("inf"), float("inf")]
@@ -221,7 +236,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--measures", nargs="+", default=["record", "redacted", "protocol"])
+    parser.add_argument(
+        "--measures", nargs="+", default=["record", "redacted", "protocol", "logged"]
+    )
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="pfxpold-capture-micro-")
     clock = Clock()
@@ -237,12 +254,15 @@ def main() -> None:
                 f" {figures['encode']:5.2f}, write {figures['write']:5.2f};"
                 f" with the defaults, all told {figures['total']:5.2f}"
             )
-    if "protocol" in args.measures:
-        without, with_capture = measure_protocol(loaded, directory, clock, 3 * args.rounds)
-        print(
-            f"protocol  {without:6.2f} us/request without capture, {with_capture:6.2f} with:"
-            f" capture costs {with_capture - without:5.2f}"
-        )
+    for measure, request_log in (("protocol", False), ("logged", True)):
+        if measure in args.measures:
+            without, with_capture = measure_protocol(
+                loaded, directory, clock, 3 * args.rounds, request_log
+            )
+            print(
+                f"{measure:9s} {without:6.2f} us/request without capture, {with_capture:6.2f}"
+                f" with: capture costs {with_capture - without:5.2f}"
+            )
 
 
 if __name__ == "__main__":
