@@ -11,7 +11,7 @@ per outage, and the daemon goes on answering.
 from __future__ import annotations
 
 import os
-from typing import IO, Optional
+from typing import IO, Any, Optional, Union
 
 from twisted.logger import Logger
 
@@ -30,12 +30,16 @@ class AppendedFile:
 
     _log = Logger()
 
-    def __init__(self, path: str, what: str, unit: str, encoding: str = "utf-8") -> None:
+    def __init__(self, path: str, what: str, unit: str, encoding: Optional[str] = "utf-8") -> None:
+        """
+        @param encoding: the text's encoding; L{None} for a file written
+            bytes (the caller encodes).
+        """
         self.path = path
         self.what = what
         self.unit = unit
         self.dropped = 0
-        self.stream: Optional[IO[str]] = None
+        self.stream: Optional[IO[Any]] = None
         self._encoding = encoding
         self._identity: Optional[tuple[int, int]] = None
         self._failing = False
@@ -55,7 +59,9 @@ class AppendedFile:
         self._identity = (stat.st_dev, stat.st_ino)
         return stat.st_size
 
-    def _opened(self) -> IO[str]:
+    def _opened(self) -> IO[Any]:
+        if self._encoding is None:
+            return open(self.path, "ab")
         return open(self.path, "a", encoding=self._encoding, errors="replace")
 
     def close(self) -> None:
@@ -63,9 +69,11 @@ class AppendedFile:
             self.stream.close()
             self.stream = None
 
-    def write(self, text: str, count: int) -> bool:
+    def write(self, text: Union[str, bytes, list[bytes]], count: int) -> bool:
         """
-        Write C{text} (C{count} units) in one write, and flush it.
+        Write C{text} (C{count} units) in one write, and flush it: bytes
+        for a file opened without an encoding, or a list of them, written
+        one after the other rather than joined first.
 
         @return: whether it was written; when not, the loss is counted and
             logged (once per outage).
@@ -74,7 +82,10 @@ class AppendedFile:
             self.lost(count, f"the {self.what} is not open")
             return False
         try:
-            self.stream.write(text)
+            if type(text) is list:
+                self.stream.writelines(text)
+            else:
+                self.stream.write(text)
             self.stream.flush()
         except OSError as e:
             self.lost(count, e.strerror or str(e))

@@ -60,6 +60,9 @@ class BrokenFile:
     def write(self, text):
         raise OSError(28, "No space left on device")
 
+    def writelines(self, texts):
+        raise OSError(28, "No space left on device")
+
     def flush(self):
         pass
 
