@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -47,6 +47,7 @@ from pfxpold.rules.conditions import (
     Condition,
     Equals,
     Facts,
+    InDomain,
     InNetworks,
     Matches,
     NetworkTable,
@@ -64,7 +65,7 @@ _FEW_VALUES = frozenset(
 )
 
 #: Values whose candidates are remembered, per attribute and rule set.
-REMEMBERED = 4096
+REMEMBERED = 8192
 
 #: The name of the list a check's C{[[check.rule]]} tables make.
 MAIN = "main"
@@ -202,27 +203,44 @@ class RuleSet:
         self._exact: dict[str, tuple[Attribute, dict[str, int]]] = {}
         self._networks: dict[str, tuple[Attribute, NetworkTable]] = {}
         self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]]]] = {}
+        self._domains: dict[str, tuple[Attribute, dict[str, int]]] = {}
         for rule in rules:
             if not self._file(rule):
                 self.always |= 1 << rule.position
-        self._exact_list = tuple(
-            (attribute.name, attribute.get_folded, table) for attribute, table in self._exact.values()
-        )
-        #: What the networks and the patterns give for a value, by
-        #: attribute: clients come back (every recipient of a message is
-        #: a request), and a dict access costs less than either.
-        self._network_list: tuple[tuple[Any, NetworkTable, dict[str, int]], ...] = tuple(
-            (attribute.get, networks, {}) for attribute, networks in self._networks.values()
-        )
-        self._pattern_list: tuple[tuple[Any, Any, tuple[int, ...], dict[str, int]], ...] = tuple(
-            (attribute.get, matcher, bits, {}) for attribute, matcher, bits in self._pattern_sets()
+        lookups: dict[str, list[Callable[[PolicyRequest], int]]] = {}
+        for attribute, table in self._exact.values():
+            lookups.setdefault(attribute.source, []).append(_exact_lookup(attribute, table))
+        for attribute, networks in self._networks.values():
+            lookups.setdefault(attribute.source, []).append(_network_lookup(attribute, networks))
+        for attribute, matcher, bits in self._pattern_sets():
+            lookups.setdefault(attribute.source, []).append(
+                _pattern_lookup(attribute, matcher, bits)
+            )
+        for attribute, domains in self._domains.values():
+            lookups.setdefault(attribute.source, []).append(_domain_lookup(attribute, domains))
+        #: Per request attribute the index reads: its name, and what the
+        #: indexes reading it give for a value (see L{_Remembered}). Every
+        #: index gives a pure function of one attribute's value, so one
+        #: dict access per attribute finds what they all give.
+        self._sources: tuple[tuple[str, _Remembered], ...] = tuple(
+            (source, _Remembered(source, tuple(found))) for source, found in lookups.items()
         )
         self.indexed = len(rules) - bin(self.always).count("1")
+        #: By position, the answer of a rule that only answers, always the
+        #: same, and that the index alone decides: being its request's
+        #: first candidate is answering it. L{None} for the others.
+        self.answers: tuple[Optional[Action], ...] = tuple(
+            rule.action.action
+            if rule.simple and rule.action is not None and (rule.condition is None or rule.filed_alone)
+            else None
+            for rule in rules
+        )
 
     def _file(self, rule: Rule) -> bool:
         """
         File C{rule} in the index under its first equality or network
-        condition; C{False} when it has none.
+        condition (else a domain, else a regular expression); C{False}
+        when it has none.
         """
         if rule.condition is None:
             return False
@@ -239,24 +257,33 @@ class RuleSet:
             )
         )
         for part in conjuncts:
-            if part is rule.condition and isinstance(part, (Equals, InNetworks)):
-                # Filed under its whole condition: being a candidate is
-                # matching.
-                rule.filed_alone = True
             if isinstance(part, Equals):
                 _, table = self._exact.setdefault(part.attribute.name, (part.attribute, {}))
                 for value in part.values:
                     table[value] = table.get(value, 0) | bit
-                return True
-            if isinstance(part, InNetworks):
+            elif isinstance(part, InNetworks):
                 _, networks = self._networks.setdefault(
                     part.attribute.name, (part.attribute, NetworkTable())
                 )
                 for network in part.networks:
                     networks.add(network, bit, int.__or__)
+            else:
+                continue
+            # Filed under its whole condition: being a candidate is
+            # matching.
+            rule.filed_alone = part is rule.condition
+            return True
+        for part in conjuncts:
+            if isinstance(part, InDomain):
+                _, domains = self._domains.setdefault(part.attribute.name, (part.attribute, {}))
+                for domain in part.domains:
+                    domains[domain] = domains.get(domain, 0) | bit
+                rule.filed_alone = part is rule.condition
                 return True
         for part in conjuncts:
             if isinstance(part, Matches):
+                # Not filed alone: the patterns go back to every request's
+                # candidates when RE2 cannot build their set.
                 _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
                 patterns.extend((pattern, bit) for pattern in part.patterns)
                 return True
@@ -276,43 +303,118 @@ class RuleSet:
                 continue
             yield attribute, matcher, tuple(bit for _, bit in patterns)
 
+    def candidates_of(self, request: PolicyRequest) -> int:
+        """
+        @return: the rules C{request} may match, as bits by position.
+        """
+        mask = self.always
+        # The request's own dict: PolicyRequest.get is a Python call, and
+        # this loop is most of the check's cost.
+        get = request._attributes.get
+        for source, remembered in self._sources:
+            value = get(source, "")
+            found = remembered.recent.get(value)
+            if found is None:
+                found = remembered.find(value)
+            mask |= found
+        return mask
+
     def candidates(self, facts: Facts) -> int:
         """
         @return: the rules C{facts} may match, as bits by position.
         """
-        mask = self.always
-        request = facts.request
-        values = facts.values
-        # Facts.folded, inlined: this loop is most of a request's cost.
-        for name, get_folded, table in self._exact_list:
-            value = values.get(name)
-            if value is None:
-                value = values[name] = get_folded(request)
-            found = table.get(value)
-            if found:
-                mask |= found
-        for get, networks, seen in self._network_list:
-            value = get(request)
-            found = seen.get(value)
-            if found is None:
-                ip = parse_ip(value)
-                found = 0 if ip is None else networks.mask(ip)
-                if len(seen) >= REMEMBERED:
-                    seen.clear()
-                seen[value] = found
-            mask |= found
-        for get, matcher, bits, seen in self._pattern_list:
-            value = get(request)
-            found = seen.get(value)
-            if found is None:
-                found = 0
-                for index in matcher.Match(value) or ():
-                    found |= bits[index]
-                if len(seen) >= REMEMBERED:
-                    seen.clear()
-                seen[value] = found
-            mask |= found
-        return mask
+        return self.candidates_of(facts.request)
+
+
+class _Remembered:
+    """
+    What the indexes reading one request attribute give for its values:
+    the bits of the rules filed under what each value makes (its folded
+    form, its domain, the networks holding it, the patterns it matches).
+
+    The senders, clients and recipients of a relay come back, and a dict
+    access costs less than folding, parsing or matching: the last values
+    are remembered in two generations, C{recent} and C{older}; when
+    C{recent} holds L{REMEMBERED} values it becomes C{older}, and a value
+    found in C{older} moves back to C{recent}, so values in steady use stay
+    however many others pass.
+    """
+
+    __slots__ = ("source", "lookups", "recent", "older")
+
+    def __init__(self, source: str, lookups: tuple[Callable[[PolicyRequest], int], ...]) -> None:
+        self.source = source
+        self.lookups = lookups
+        self.recent: dict[str, int] = {}
+        self.older: dict[str, int] = {}
+
+    def find(self, value: str) -> int:
+        found = self.older.get(value)
+        if found is None:
+            # The indexes read the attribute from a request, derived values
+            # (a sender's domain, a client's network) with it: they see
+            # exactly what a request with this value makes them see.
+            request = PolicyRequest.adopt({self.source: value})
+            found = 0
+            for lookup in self.lookups:
+                found |= lookup(request)
+        if len(self.recent) >= REMEMBERED:
+            self.older = self.recent
+            self.recent = {}
+        self.recent[value] = found
+        return found
+
+
+def _exact_lookup(attribute: Attribute, table: dict[str, int]) -> Callable[[PolicyRequest], int]:
+    get_folded = attribute.get_folded
+    return lambda request: table.get(get_folded(request), 0)
+
+
+def _network_lookup(attribute: Attribute, networks: NetworkTable) -> Callable[[PolicyRequest], int]:
+    get = attribute.get
+
+    def lookup(request: PolicyRequest) -> int:
+        ip = parse_ip(get(request))
+        return 0 if ip is None else networks.mask(ip)
+
+    return lookup
+
+
+def _pattern_lookup(
+    attribute: Attribute, matcher: Any, bits: tuple[int, ...]
+) -> Callable[[PolicyRequest], int]:
+    get = attribute.get
+
+    def lookup(request: PolicyRequest) -> int:
+        found = 0
+        for index in matcher.Match(get(request)) or ():
+            found |= bits[index]
+        return found
+
+    return lookup
+
+
+def _domain_lookup(attribute: Attribute, domains: dict[str, int]) -> Callable[[PolicyRequest], int]:
+    """
+    The rules filed under the value's domain and under each domain above
+    it, one dict access per label: C{a.b.example} looks up C{a.b.example},
+    C{b.example} and C{example}, as L{InDomain} tests.
+    """
+    get = attribute.get
+    domain_of = attribute.domain
+
+    def lookup(request: PolicyRequest) -> int:
+        name = domain_of(get(request))
+        found = 0
+        while name:
+            found |= domains.get(name, 0)
+            dot = name.find(".")
+            if dot < 0:
+                break
+            name = name[dot + 1 :]
+        return found
+
+    return lookup
 
 
 def pattern_set(patterns: list[str]) -> Any:
@@ -357,9 +459,10 @@ class Program:
     sets: dict[str, RuleSet]
     files: list[str] = field(default_factory=list)
 
-    @property
-    def main(self) -> RuleSet:
-        return self.sets[MAIN]
+    def __post_init__(self) -> None:
+        #: The main list (read on every request: an attribute, not a
+        #: property).
+        self.main: RuleSet = self.sets[MAIN]
 
     @property
     def needs_marks(self) -> bool:
