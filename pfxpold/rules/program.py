@@ -34,6 +34,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Optional
 
 import re2
@@ -67,6 +68,9 @@ _FEW_VALUES = frozenset(
 #: Values whose candidates are remembered, per attribute and rule set.
 REMEMBERED = 8192
 
+#: Actions remembered per template, with the values they were made from.
+FILLED = 1024
+
 #: The name of the list a check's C{[[check.rule]]} tables make.
 MAIN = "main"
 
@@ -85,7 +89,7 @@ class Template:
     @ivar names: the attributes the text names.
     """
 
-    __slots__ = ("verb", "text", "names", "_attributes", "action")
+    __slots__ = ("verb", "text", "names", "_attributes", "action", "_filled", "_older")
 
     def __init__(self, value: str, restriction_classes: tuple[str, ...]) -> None:
         """
@@ -111,6 +115,11 @@ class Template:
         self.text = value.split(None, 1)[1] if len(parts) > 1 else ""
         #: The action itself when the text names nothing.
         self.action: Optional[Action] = None if self.names else empty
+        #: The actions made for the last values (as L{_Remembered}): an
+        #: action is made and checked in a few microseconds, and the same
+        #: recipient or client comes back.
+        self._filled: dict[tuple[str, ...], Action] = {}
+        self._older: dict[tuple[str, ...], Action] = {}
 
     def fill(self, request: PolicyRequest) -> Action:
         """
@@ -120,8 +129,20 @@ class Template:
         if self.action is not None:
             return self.action
         attributes = self._attributes
-        text = _PLACEHOLDER.sub(lambda match: attributes[match.group(1)].get(request), self.text)
-        return Action(self.verb, text)
+        values = tuple(attribute.get(request) for attribute in attributes.values())
+        action = self._filled.get(values)
+        if action is not None:
+            return action
+        action = self._older.get(values)
+        if action is None:
+            filled = dict(zip(attributes, values, strict=True))
+            text = _PLACEHOLDER.sub(lambda match: filled[match.group(1)], self.text)
+            action = Action(self.verb, text)
+        if len(self._filled) >= FILLED:
+            self._older = self._filled
+            self._filled = {}
+        self._filled[values] = action
+        return action
 
 
 @dataclass
@@ -202,7 +223,7 @@ class RuleSet:
         self.always = 0
         self._exact: dict[str, tuple[Attribute, dict[str, int]]] = {}
         self._networks: dict[str, tuple[Attribute, NetworkTable]] = {}
-        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]]]] = {}
+        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]], list[Rule]]] = {}
         self._domains: dict[str, tuple[Attribute, dict[str, int]]] = {}
         for rule in rules:
             if not self._file(rule):
@@ -218,12 +239,13 @@ class RuleSet:
             )
         for attribute, domains in self._domains.values():
             lookups.setdefault(attribute.source, []).append(_domain_lookup(attribute, domains))
-        #: Per request attribute the index reads: its name, and what the
-        #: indexes reading it give for a value (see L{_Remembered}). Every
-        #: index gives a pure function of one attribute's value, so one
-        #: dict access per attribute finds what they all give.
-        self._sources: tuple[tuple[str, _Remembered], ...] = tuple(
-            (source, _Remembered(source, tuple(found))) for source, found in lookups.items()
+        #: What the indexes give for each request attribute (or group of
+        #: attributes) they read (see L{_Remembered}). Every index gives a
+        #: pure function of one attribute's value, so one dict access per
+        #: attribute, or per group, finds what they all give.
+        self._sources: tuple[_Remembered, ...] = tuple(
+            _Remembered(names, tuple(found for name in names for found in lookups[name]))
+            for names in _grouped(lookups)
         )
         self.indexed = len(rules) - bin(self.always).count("1")
         #: By position, the answer of a rule that only answers, always the
@@ -282,10 +304,14 @@ class RuleSet:
                 return True
         for part in conjuncts:
             if isinstance(part, Matches):
-                # Not filed alone: the patterns go back to every request's
-                # candidates when RE2 cannot build their set.
-                _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
+                # Filed alone only once RE2 built the set (L{_pattern_sets}):
+                # without it, the patterns are in every request's candidates.
+                _, patterns, alone = self._patterns.setdefault(
+                    part.attribute.name, (part.attribute, [], [])
+                )
                 patterns.extend((pattern, bit) for pattern in part.patterns)
+                if part is rule.condition:
+                    alone.append(rule)
                 return True
         return False
 
@@ -295,12 +321,17 @@ class RuleSet:
         over the value finds every pattern that matches, where testing
         the rules one by one would run each pattern.
         """
-        for attribute, patterns in self._patterns.values():
+        for attribute, patterns, alone in self._patterns.values():
             matcher = pattern_set([pattern for pattern, _ in patterns])
             if matcher is None:
                 for _, bit in patterns:
                     self.always |= bit
                 continue
+            # The set finds the patterns that search finds: a rule whose
+            # whole condition is these patterns is a candidate when it
+            # matches.
+            for rule in alone:
+                rule.filed_alone = True
             yield attribute, matcher, tuple(bit for _, bit in patterns)
 
     def candidates_of(self, request: PolicyRequest) -> int:
@@ -310,12 +341,15 @@ class RuleSet:
         mask = self.always
         # The request's own dict: PolicyRequest.get is a Python call, and
         # this loop is most of the check's cost.
-        get = request._attributes.get
-        for source, remembered in self._sources:
-            value = get(source, "")
-            found = remembered.recent.get(value)
+        attributes = request._attributes
+        for remembered in self._sources:
+            try:
+                key = remembered.key(attributes)
+            except KeyError:
+                key = remembered.key_of(attributes)
+            found = remembered.recent.get(key)
             if found is None:
-                found = remembered.find(value)
+                found = remembered.find(key)
             mask |= found
         return mask
 
@@ -326,11 +360,30 @@ class RuleSet:
         return self.candidates_of(facts.request)
 
 
+#: Request attributes that are the same for every request of an SMTP
+#: session, and mostly for every session of a client: the index reads them
+#: together, as one key, when it reads more than one of them.
+SESSION = ("client_address", "client_name", "reverse_client_name", "helo_name")
+
+
+def _grouped(lookups: Mapping[str, object]) -> list[tuple[str, ...]]:
+    """
+    The attributes in C{lookups}, the session's together when more than
+    one of them is there, each other alone.
+    """
+    session = tuple(name for name in SESSION if name in lookups)
+    groups = [(name,) for name in lookups if name not in session or len(session) == 1]
+    if len(session) > 1:
+        groups.insert(0, session)
+    return groups
+
+
 class _Remembered:
     """
-    What the indexes reading one request attribute give for its values:
-    the bits of the rules filed under what each value makes (its folded
-    form, its domain, the networks holding it, the patterns it matches).
+    What the indexes reading one request attribute, or a group of them,
+    give for their values: the bits of the rules filed under what each
+    value makes (its folded form, its domain, the networks holding it, the
+    patterns it matches).
 
     The senders, clients and recipients of a relay come back, and a dict
     access costs less than folding, parsing or matching: the last values
@@ -338,30 +391,45 @@ class _Remembered:
     C{recent} holds L{REMEMBERED} values it becomes C{older}, and a value
     found in C{older} moves back to C{recent}, so values in steady use stay
     however many others pass.
+
+    @ivar key: the key of a request's attributes (a dict): the value, or
+        the tuple of a group's values; L{KeyError} when one is missing
+        (then L{key_of}).
     """
 
-    __slots__ = ("source", "lookups", "recent", "older")
+    __slots__ = ("names", "lookups", "key", "recent", "older")
 
-    def __init__(self, source: str, lookups: tuple[Callable[[PolicyRequest], int], ...]) -> None:
-        self.source = source
+    def __init__(
+        self, names: tuple[str, ...], lookups: tuple[Callable[[PolicyRequest], int], ...]
+    ) -> None:
+        self.names = names
         self.lookups = lookups
-        self.recent: dict[str, int] = {}
-        self.older: dict[str, int] = {}
+        self.key = itemgetter(*names)
+        self.recent: dict[Any, int] = {}
+        self.older: dict[Any, int] = {}
 
-    def find(self, value: str) -> int:
-        found = self.older.get(value)
+    def key_of(self, attributes: Mapping[str, str]) -> Any:
+        """The key when an attribute is missing: Postfix's empty value."""
+        if len(self.names) == 1:
+            return attributes.get(self.names[0], "")
+        return tuple(attributes.get(name, "") for name in self.names)
+
+    def find(self, key: Any) -> int:
+        found = self.older.get(key)
         if found is None:
-            # The indexes read the attribute from a request, derived values
-            # (a sender's domain, a client's network) with it: they see
-            # exactly what a request with this value makes them see.
-            request = PolicyRequest.adopt({self.source: value})
+            # The indexes read the attributes from a request, derived
+            # values (a sender's domain, a client's network) with them:
+            # they see exactly what a request with these values makes them
+            # see.
+            values = (key,) if len(self.names) == 1 else key
+            request = PolicyRequest.adopt(dict(zip(self.names, values, strict=True)))
             found = 0
             for lookup in self.lookups:
                 found |= lookup(request)
         if len(self.recent) >= REMEMBERED:
             self.older = self.recent
             self.recent = {}
-        self.recent[value] = found
+        self.recent[key] = found
         return found
 
 
