@@ -372,7 +372,7 @@ def _grouped(lookups: Mapping[str, object]) -> list[tuple[str, ...]]:
     one of them is there, each other alone.
     """
     session = tuple(name for name in SESSION if name in lookups)
-    groups = [(name,) for name in lookups if name not in session or len(session) == 1]
+    groups: list[tuple[str, ...]] = [(name,) for name in lookups if name not in session or len(session) == 1]
     if len(session) > 1:
         groups.insert(0, session)
     return groups
