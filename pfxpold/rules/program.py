@@ -247,6 +247,7 @@ class RuleSet:
             _Remembered(names, tuple(found for name in names for found in lookups[name]))
             for names in _grouped(lookups)
         )
+        self._keys = tuple((remembered.key, remembered) for remembered in self._sources)
         self.indexed = len(rules) - bin(self.always).count("1")
         #: By position, the answer of a rule that only answers, always the
         #: same, and that the index alone decides: being its request's
@@ -342,15 +343,14 @@ class RuleSet:
         # The request's own dict: PolicyRequest.get is a Python call, and
         # this loop is most of the check's cost.
         attributes = request._attributes
-        for remembered in self._sources:
-            try:
-                key = remembered.key(attributes)
-            except KeyError:
-                key = remembered.key_of(attributes)
-            found = remembered.recent.get(key)
-            if found is None:
-                found = remembered.find(key)
-            mask |= found
+        try:
+            for key, remembered in self._keys:
+                mask |= remembered[key(attributes)]
+        except KeyError:
+            # An attribute is missing: Postfix's empty value.
+            mask = self.always
+            for remembered in self._sources:
+                mask |= remembered[remembered.key_of(attributes)]
         return mask
 
     def candidates(self, facts: Facts) -> int:
@@ -378,7 +378,7 @@ def _grouped(lookups: Mapping[str, object]) -> list[tuple[str, ...]]:
     return groups
 
 
-class _Remembered:
+class _Remembered(dict[Any, int]):
     """
     What the indexes reading one request attribute, or a group of them,
     give for their values: the bits of the rules filed under what each
@@ -390,22 +390,24 @@ class _Remembered:
     are remembered in two generations, C{recent} and C{older}; when
     C{recent} holds L{REMEMBERED} values it becomes C{older}, and a value
     found in C{older} moves back to C{recent}, so values in steady use stay
-    however many others pass.
+    however many others pass. It is itself C{recent}: a dict whose misses
+    (C{__missing__}) look in C{older}, then ask the indexes, so that a
+    value remembered costs one subscript.
 
     @ivar key: the key of a request's attributes (a dict): the value, or
         the tuple of a group's values; L{KeyError} when one is missing
         (then L{key_of}).
     """
 
-    __slots__ = ("names", "lookups", "key", "recent", "older")
+    __slots__ = ("names", "lookups", "key", "older")
 
     def __init__(
         self, names: tuple[str, ...], lookups: tuple[Callable[[PolicyRequest], int], ...]
     ) -> None:
+        super().__init__()
         self.names = names
         self.lookups = lookups
         self.key = itemgetter(*names)
-        self.recent: dict[Any, int] = {}
         self.older: dict[Any, int] = {}
 
     def key_of(self, attributes: Mapping[str, str]) -> Any:
@@ -414,7 +416,7 @@ class _Remembered:
             return attributes.get(self.names[0], "")
         return tuple(attributes.get(name, "") for name in self.names)
 
-    def find(self, key: Any) -> int:
+    def __missing__(self, key: Any) -> int:
         found = self.older.get(key)
         if found is None:
             # The indexes read the attributes from a request, derived
@@ -426,10 +428,10 @@ class _Remembered:
             found = 0
             for lookup in self.lookups:
                 found |= lookup(request)
-        if len(self.recent) >= REMEMBERED:
-            self.older = self.recent
-            self.recent = {}
-        self.recent[key] = found
+        if len(self) >= REMEMBERED:
+            self.older = dict(self)
+            self.clear()
+        self[key] = found
         return found
 
 
