@@ -21,11 +21,16 @@ L{pfxpold.rules.conditions}) and what it does when the condition holds:
       rules go on.
 
 The index: a rule whose condition needs some attribute to equal a value
-(C{sender_domain = "example.com"}) or an address to be in a network
-(C{client_address = "192.0.2.0/24"}) is filed under that value or network;
+(C{sender_domain = "example.com"}), an address to be in a network
+(C{client_address = "192.0.2.0/24"}), a name to be in a domain or a
+pattern to match, is filed under that value, network, domain or pattern;
 the candidates for a request are the rules filed under its values, plus
 the rules that could not be filed, in their order. Candidates are kept as
-the bits of an integer, so that finding them is a few dict lookups and ORs.
+the bits of an integer. What the indexes give is a pure function of one
+request attribute's value (a derived value's source: C{sender} for
+C{sender_domain}), so it is remembered per value: finding the candidates
+of a request whose values were seen is one dict subscript per attribute
+(the client's attributes together, as one key).
 """
 
 from __future__ import annotations
