@@ -70,8 +70,13 @@ _FEW_VALUES = frozenset(
     {"protocol_state", "protocol_name", "request", "stress", "encryption_protocol"}
 )
 
-#: Values whose candidates are remembered, per attribute and rule set.
+#: Values whose candidates are remembered, per attribute and rule set, in
+#: each of two generations.
 REMEMBERED = 8192
+
+#: Values longer than this (on average, for a group of attributes) are not
+#: remembered: a domain name has at most 253 characters, an address 254.
+REMEMBERED_LENGTH = 256
 
 #: Actions remembered per template, with the values they were made from.
 FILLED = 1024
@@ -143,6 +148,8 @@ class Template:
             filled = dict(zip(attributes, values, strict=True))
             text = _PLACEHOLDER.sub(lambda match: filled[match.group(1)], self.text)
             action = Action(self.verb, text)
+            if sum(map(len, values)) > REMEMBERED_LENGTH * len(values):
+                return action
         if len(self._filled) >= FILLED:
             self._older = self._filled
             self._filled = {}
@@ -433,6 +440,10 @@ class _Remembered(dict[Any, int]):
             found = 0
             for lookup in self.lookups:
                 found |= lookup(request)
+            if sum(map(len, values)) > REMEMBERED_LENGTH * len(values):
+                # Longer than any name or address: whoever connects chose
+                # it, and it would only fill the memory.
+                return found
         if len(self) >= REMEMBERED:
             self.older = dict(self)
             self.clear()

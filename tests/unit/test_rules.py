@@ -817,6 +817,25 @@ class IndexStructureTests(RulesTestCase):
                 self.assertLessEqual(len(remembered), 4)
                 self.assertLessEqual(len(remembered.older), 4)
 
+    def test_long_values_not_remembered(self) -> None:
+        """
+        A value longer than any name or address (a hostile HELO name) is
+        answered but not remembered, by the index nor by a template.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "h"\nif = { helo_name = { regex = "^x" } }\n'
+            'action = "REJECT {helo_name}"\n'
+        )
+        (remembered,) = check.program.main._sources
+        long_name = "x" * 300
+        # The action's text is cut to 256 characters, as any action's.
+        self.assertEqual(self.answer(check, helo_name=long_name), "REJECT " + "x" * 256)
+        self.assertEqual(len(remembered), 0)
+        self.assertEqual(len(check.program.main.rules[0].action._filled), 0)
+        self.assertEqual(self.answer(check, helo_name="x.example"), "REJECT x.example")
+        self.assertEqual(list(remembered), ["x.example"])
+        self.assertEqual(len(check.program.main.rules[0].action._filled), 1)
+
     def test_filled_templates_remembered(self) -> None:
         """
         A template's action for the same values is made once; other values
