@@ -384,7 +384,10 @@ def _grouped(lookups: Mapping[str, object]) -> list[tuple[str, ...]]:
     one of them is there, each other alone.
     """
     session = tuple(name for name in SESSION if name in lookups)
-    groups: list[tuple[str, ...]] = [(name,) for name in lookups if name not in session or len(session) == 1]
+    alone = () if len(session) > 1 else session
+    groups: list[tuple[str, ...]] = [
+        (name,) for name in lookups if name not in session or name in alone
+    ]
     if len(session) > 1:
         groups.insert(0, session)
     return groups
