@@ -259,7 +259,9 @@ class RuleSet:
             _Remembered(names, tuple(found for name in names for found in lookups[name]))
             for names in _grouped(lookups)
         )
-        self._keys = tuple((remembered.key, remembered) for remembered in self._sources)
+        #: Each key and what is remembered for it (as L{candidates_of} reads
+        #: them; the check inlines it).
+        self.keys = tuple((remembered.key, remembered) for remembered in self._sources)
         self.indexed = len(rules) - bin(self.always).count("1")
         #: By position, the answer of a rule that only answers, always the
         #: same, and that the index alone decides: being its request's
@@ -356,7 +358,7 @@ class RuleSet:
         # this loop is most of the check's cost.
         attributes = request._attributes
         try:
-            for key, remembered in self._keys:
+            for key, remembered in self.keys:
                 mask |= remembered[key(attributes)]
         except KeyError:
             # An attribute is missing: Postfix's empty value.
