@@ -292,23 +292,49 @@ class RulesCheck(MultiService):
         The action of the first rule that matches, or DUNNO.
         """
         program = self.program
-        facts = Facts(request)
         main = program.main
-        rules = main.rules
-        mask = main.candidates(facts)
-        # The common case, inlined: rules that only answer. The first other
-        # rule hands over to the general loop.
+        # RuleSet.candidates_of, inlined: finding the candidates is most of
+        # the check's cost, and a call is a good part of that.
+        mask = main.always
+        attributes = request._attributes
+        try:
+            for key, remembered in main.keys:
+                mask |= remembered[key(attributes)]
+        except KeyError:
+            mask = main.candidates_of(request)
+        if not mask:
+            return DUNNO
+        # The common case first: the first candidate only answers, always
+        # the same, and the index alone decides it.
+        answer = main.answers[(mask & -mask).bit_length() - 1]
+        if answer is not None:
+            return answer
+        return self._first(program, request, mask)
+
+    def _first(self, program: Program, request: PolicyRequest, mask: int) -> Any:
+        """
+        The rules of the main list that only answer, in order, until one
+        answers; the first other rule hands over to the general loop.
+        """
+        rules = program.main.rules
+        facts: Optional[Facts] = None
         while mask:
             low = mask & -mask
             rule = rules[low.bit_length() - 1]
             if not rule.simple:
-                run = _Run(program, facts)
+                run = _Run(program, facts or Facts(request))
                 run.stack[0][1] = mask
                 return self._go(run)
             mask ^= low
             condition = rule.condition
-            if condition is None or rule.filed_alone or condition.test(facts):
-                return rule.action.fill(request)  # type: ignore[union-attr]
+            if condition is not None and not rule.filed_alone:
+                # The facts are built only for a condition the index does
+                # not decide.
+                if facts is None:
+                    facts = Facts(request)
+                if not condition.test(facts):
+                    continue
+            return rule.action.fill(request)  # type: ignore[union-attr]
         return DUNNO
 
     def _go(self, run: _Run) -> Any:

@@ -75,6 +75,19 @@ _DOMAINS = frozenset(
         "tls_sni",
     }
 )
+#: The request attribute each derived value is made from: a derived value
+#: is a function of that one attribute's value (which the index relies on).
+SOURCES = {
+    "sender_domain": "sender",
+    "sender_local_part": "sender",
+    "sender_at_domain": "sender",
+    "recipient_domain": "recipient",
+    "recipient_local_part": "recipient",
+    "recipient_at_domain": "recipient",
+    "client_ip": "client_address",
+    "client_network": "client_address",
+    "sasl_domain": "sasl_username",
+}
 #: Attributes holding an IP address: C{is} and C{in} take networks.
 IP_ATTRIBUTES = frozenset({"client_address", "server_address", "client_ip"})
 
@@ -112,14 +125,18 @@ class Attribute:
     @ivar name: the attribute's name.
     @ivar is_ip: whether it holds an IP address.
     @ivar known: whether Postfix sends it or pfxpold derives it.
+    @ivar source: the request attribute its value is made from: its own
+        name, or the one a derived value is made from (C{sender} for
+        C{sender_domain}).
     """
 
-    __slots__ = ("name", "is_ip", "known", "get", "get_folded", "_strip_dot", "_address")
+    __slots__ = ("name", "is_ip", "known", "source", "get", "get_folded", "_strip_dot", "_address")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.is_ip = name in IP_ATTRIBUTES
         self.known = name in KNOWN_ATTRIBUTES
+        self.source = SOURCES.get(name, name)
         self._strip_dot = name in _DOMAINS
         self._address = name in _ADDRESSES
         self.get = self._getter(name)

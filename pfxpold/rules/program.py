@@ -21,19 +21,25 @@ L{pfxpold.rules.conditions}) and what it does when the condition holds:
       rules go on.
 
 The index: a rule whose condition needs some attribute to equal a value
-(C{sender_domain = "example.com"}) or an address to be in a network
-(C{client_address = "192.0.2.0/24"}) is filed under that value or network;
+(C{sender_domain = "example.com"}), an address to be in a network
+(C{client_address = "192.0.2.0/24"}), a name to be in a domain or a
+pattern to match, is filed under that value, network, domain or pattern;
 the candidates for a request are the rules filed under its values, plus
 the rules that could not be filed, in their order. Candidates are kept as
-the bits of an integer, so that finding them is a few dict lookups and ORs.
+the bits of an integer. What the indexes give is a pure function of one
+request attribute's value (a derived value's source: C{sender} for
+C{sender_domain}), so it is remembered per value: finding the candidates
+of a request whose values were seen is one dict subscript per attribute
+(the client's attributes together, as one key).
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Optional
 
 import re2
@@ -47,6 +53,7 @@ from pfxpold.rules.conditions import (
     Condition,
     Equals,
     Facts,
+    InDomain,
     InNetworks,
     Matches,
     NetworkTable,
@@ -63,8 +70,16 @@ _FEW_VALUES = frozenset(
     {"protocol_state", "protocol_name", "request", "stress", "encryption_protocol"}
 )
 
-#: Values whose candidates are remembered, per attribute and rule set.
-REMEMBERED = 4096
+#: Values whose candidates are remembered, per attribute and rule set, in
+#: each of two generations.
+REMEMBERED = 8192
+
+#: Values longer than this (on average, for a group of attributes) are not
+#: remembered: a domain name has at most 253 characters, an address 254.
+REMEMBERED_LENGTH = 256
+
+#: Actions remembered per template, with the values they were made from.
+FILLED = 1024
 
 #: The name of the list a check's C{[[check.rule]]} tables make.
 MAIN = "main"
@@ -84,7 +99,7 @@ class Template:
     @ivar names: the attributes the text names.
     """
 
-    __slots__ = ("verb", "text", "names", "_attributes", "action")
+    __slots__ = ("verb", "text", "names", "_attributes", "action", "_filled", "_older")
 
     def __init__(self, value: str, restriction_classes: tuple[str, ...]) -> None:
         """
@@ -110,6 +125,11 @@ class Template:
         self.text = value.split(None, 1)[1] if len(parts) > 1 else ""
         #: The action itself when the text names nothing.
         self.action: Optional[Action] = None if self.names else empty
+        #: The actions made for the last values (as L{_Remembered}): an
+        #: action is made and checked in a few microseconds, and the same
+        #: recipient or client comes back.
+        self._filled: dict[tuple[str, ...], Action] = {}
+        self._older: dict[tuple[str, ...], Action] = {}
 
     def fill(self, request: PolicyRequest) -> Action:
         """
@@ -119,8 +139,22 @@ class Template:
         if self.action is not None:
             return self.action
         attributes = self._attributes
-        text = _PLACEHOLDER.sub(lambda match: attributes[match.group(1)].get(request), self.text)
-        return Action(self.verb, text)
+        values = tuple(attribute.get(request) for attribute in attributes.values())
+        action = self._filled.get(values)
+        if action is not None:
+            return action
+        action = self._older.get(values)
+        if action is None:
+            filled = dict(zip(attributes, values, strict=True))
+            text = _PLACEHOLDER.sub(lambda match: filled[match.group(1)], self.text)
+            action = Action(self.verb, text)
+            if sum(map(len, values)) > REMEMBERED_LENGTH * len(values):
+                return action
+        if len(self._filled) >= FILLED:
+            self._older = self._filled
+            self._filled = {}
+        self._filled[values] = action
+        return action
 
 
 @dataclass
@@ -201,28 +235,49 @@ class RuleSet:
         self.always = 0
         self._exact: dict[str, tuple[Attribute, dict[str, int]]] = {}
         self._networks: dict[str, tuple[Attribute, NetworkTable]] = {}
-        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]]]] = {}
+        self._patterns: dict[str, tuple[Attribute, list[tuple[str, int]], list[Rule]]] = {}
+        self._domains: dict[str, tuple[Attribute, dict[str, int]]] = {}
         for rule in rules:
             if not self._file(rule):
                 self.always |= 1 << rule.position
-        self._exact_list = tuple(
-            (attribute.name, attribute.get_folded, table) for attribute, table in self._exact.values()
+        lookups: dict[str, list[Callable[[PolicyRequest], int]]] = {}
+        for attribute, table in self._exact.values():
+            lookups.setdefault(attribute.source, []).append(_exact_lookup(attribute, table))
+        for attribute, networks in self._networks.values():
+            lookups.setdefault(attribute.source, []).append(_network_lookup(attribute, networks))
+        for attribute, matcher, bits in self._pattern_sets():
+            lookups.setdefault(attribute.source, []).append(
+                _pattern_lookup(attribute, matcher, bits)
+            )
+        for attribute, domains in self._domains.values():
+            lookups.setdefault(attribute.source, []).append(_domain_lookup(attribute, domains))
+        #: What the indexes give for each request attribute (or group of
+        #: attributes) they read (see L{_Remembered}). Every index gives a
+        #: pure function of one attribute's value, so one dict access per
+        #: attribute, or per group, finds what they all give.
+        self._sources: tuple[_Remembered, ...] = tuple(
+            _Remembered(names, tuple(found for name in names for found in lookups[name]))
+            for names in _grouped(lookups)
         )
-        #: What the networks and the patterns give for a value, by
-        #: attribute: clients come back (every recipient of a message is
-        #: a request), and a dict access costs less than either.
-        self._network_list: tuple[tuple[Any, NetworkTable, dict[str, int]], ...] = tuple(
-            (attribute.get, networks, {}) for attribute, networks in self._networks.values()
-        )
-        self._pattern_list: tuple[tuple[Any, Any, tuple[int, ...], dict[str, int]], ...] = tuple(
-            (attribute.get, matcher, bits, {}) for attribute, matcher, bits in self._pattern_sets()
-        )
+        #: Each key and what is remembered for it (as L{candidates_of} reads
+        #: them; the check inlines it).
+        self.keys = tuple((remembered.key, remembered) for remembered in self._sources)
         self.indexed = len(rules) - bin(self.always).count("1")
+        #: By position, the answer of a rule that only answers, always the
+        #: same, and that the index alone decides: being its request's
+        #: first candidate is answering it. L{None} for the others.
+        self.answers: tuple[Optional[Action], ...] = tuple(
+            rule.action.action
+            if rule.simple and rule.action is not None and (rule.condition is None or rule.filed_alone)
+            else None
+            for rule in rules
+        )
 
     def _file(self, rule: Rule) -> bool:
         """
         File C{rule} in the index under its first equality or network
-        condition; C{False} when it has none.
+        condition (else a domain, else a regular expression); C{False}
+        when it has none.
         """
         if rule.condition is None:
             return False
@@ -239,26 +294,39 @@ class RuleSet:
             )
         )
         for part in conjuncts:
-            if part is rule.condition and isinstance(part, (Equals, InNetworks)):
-                # Filed under its whole condition: being a candidate is
-                # matching.
-                rule.filed_alone = True
             if isinstance(part, Equals):
                 _, table = self._exact.setdefault(part.attribute.name, (part.attribute, {}))
                 for value in part.values:
                     table[value] = table.get(value, 0) | bit
-                return True
-            if isinstance(part, InNetworks):
+            elif isinstance(part, InNetworks):
                 _, networks = self._networks.setdefault(
                     part.attribute.name, (part.attribute, NetworkTable())
                 )
                 for network in part.networks:
                     networks.add(network, bit, int.__or__)
+            else:
+                continue
+            # Filed under its whole condition: being a candidate is
+            # matching.
+            rule.filed_alone = part is rule.condition
+            return True
+        for part in conjuncts:
+            if isinstance(part, InDomain):
+                _, domains = self._domains.setdefault(part.attribute.name, (part.attribute, {}))
+                for domain in part.domains:
+                    domains[domain] = domains.get(domain, 0) | bit
+                rule.filed_alone = part is rule.condition
                 return True
         for part in conjuncts:
             if isinstance(part, Matches):
-                _, patterns = self._patterns.setdefault(part.attribute.name, (part.attribute, []))
+                # Filed alone only once RE2 built the set (L{_pattern_sets}):
+                # without it, the patterns are in every request's candidates.
+                _, patterns, alone = self._patterns.setdefault(
+                    part.attribute.name, (part.attribute, [], [])
+                )
                 patterns.extend((pattern, bit) for pattern in part.patterns)
+                if part is rule.condition:
+                    alone.append(rule)
                 return True
         return False
 
@@ -268,51 +336,176 @@ class RuleSet:
         over the value finds every pattern that matches, where testing
         the rules one by one would run each pattern.
         """
-        for attribute, patterns in self._patterns.values():
+        for attribute, patterns, alone in self._patterns.values():
             matcher = pattern_set([pattern for pattern, _ in patterns])
             if matcher is None:
                 for _, bit in patterns:
                     self.always |= bit
                 continue
+            # The set finds the patterns that search finds: a rule whose
+            # whole condition is these patterns is a candidate when it
+            # matches.
+            for rule in alone:
+                rule.filed_alone = True
             yield attribute, matcher, tuple(bit for _, bit in patterns)
+
+    def candidates_of(self, request: PolicyRequest) -> int:
+        """
+        @return: the rules C{request} may match, as bits by position.
+        """
+        mask = self.always
+        # The request's own dict: PolicyRequest.get is a Python call, and
+        # this loop is most of the check's cost.
+        attributes = request._attributes
+        try:
+            for key, remembered in self.keys:
+                mask |= remembered[key(attributes)]
+        except KeyError:
+            # An attribute is missing: Postfix's empty value.
+            mask = self.always
+            for remembered in self._sources:
+                mask |= remembered[remembered.key_of(attributes)]
+        return mask
 
     def candidates(self, facts: Facts) -> int:
         """
         @return: the rules C{facts} may match, as bits by position.
         """
-        mask = self.always
-        request = facts.request
-        values = facts.values
-        # Facts.folded, inlined: this loop is most of a request's cost.
-        for name, get_folded, table in self._exact_list:
-            value = values.get(name)
-            if value is None:
-                value = values[name] = get_folded(request)
-            found = table.get(value)
-            if found:
-                mask |= found
-        for get, networks, seen in self._network_list:
-            value = get(request)
-            found = seen.get(value)
-            if found is None:
-                ip = parse_ip(value)
-                found = 0 if ip is None else networks.mask(ip)
-                if len(seen) >= REMEMBERED:
-                    seen.clear()
-                seen[value] = found
-            mask |= found
-        for get, matcher, bits, seen in self._pattern_list:
-            value = get(request)
-            found = seen.get(value)
-            if found is None:
-                found = 0
-                for index in matcher.Match(value) or ():
-                    found |= bits[index]
-                if len(seen) >= REMEMBERED:
-                    seen.clear()
-                seen[value] = found
-            mask |= found
-        return mask
+        return self.candidates_of(facts.request)
+
+
+#: Request attributes that are the same for every request of an SMTP
+#: session, and mostly for every session of a client: the index reads them
+#: together, as one key, when it reads more than one of them.
+SESSION = ("client_address", "client_name", "reverse_client_name", "helo_name")
+
+
+def _grouped(lookups: Mapping[str, object]) -> list[tuple[str, ...]]:
+    """
+    The attributes in C{lookups}, the session's together when more than
+    one of them is there, each other alone.
+    """
+    session = tuple(name for name in SESSION if name in lookups)
+    alone = () if len(session) > 1 else session
+    groups: list[tuple[str, ...]] = [
+        (name,) for name in lookups if name not in session or name in alone
+    ]
+    if len(session) > 1:
+        groups.insert(0, session)
+    return groups
+
+
+class _Remembered(dict[Any, int]):
+    """
+    What the indexes reading one request attribute, or a group of them,
+    give for their values: the bits of the rules filed under what each
+    value makes (its folded form, its domain, the networks holding it, the
+    patterns it matches).
+
+    The senders, clients and recipients of a relay come back, and a dict
+    access costs less than folding, parsing or matching: the last values
+    are remembered in two generations, C{recent} and C{older}; when
+    C{recent} holds L{REMEMBERED} values it becomes C{older}, and a value
+    found in C{older} moves back to C{recent}, so values in steady use stay
+    however many others pass. It is itself C{recent}: a dict whose misses
+    (C{__missing__}) look in C{older}, then ask the indexes, so that a
+    value remembered costs one subscript.
+
+    @ivar key: the key of a request's attributes (a dict): the value, or
+        the tuple of a group's values; L{KeyError} when one is missing
+        (then L{key_of}).
+    """
+
+    __slots__ = ("names", "lookups", "key", "older")
+
+    def __init__(
+        self, names: tuple[str, ...], lookups: tuple[Callable[[PolicyRequest], int], ...]
+    ) -> None:
+        super().__init__()
+        self.names = names
+        self.lookups = lookups
+        self.key = itemgetter(*names)
+        self.older: dict[Any, int] = {}
+
+    def key_of(self, attributes: Mapping[str, str]) -> Any:
+        """The key when an attribute is missing: Postfix's empty value."""
+        if len(self.names) == 1:
+            return attributes.get(self.names[0], "")
+        return tuple(attributes.get(name, "") for name in self.names)
+
+    def __missing__(self, key: Any) -> int:
+        found = self.older.get(key)
+        if found is None:
+            # The indexes read the attributes from a request, derived
+            # values (a sender's domain, a client's network) with them:
+            # they see exactly what a request with these values makes them
+            # see.
+            values = (key,) if len(self.names) == 1 else key
+            request = PolicyRequest.adopt(dict(zip(self.names, values, strict=True)))
+            found = 0
+            for lookup in self.lookups:
+                found |= lookup(request)
+            if sum(map(len, values)) > REMEMBERED_LENGTH * len(values):
+                # Longer than any name or address: whoever connects chose
+                # it, and it would only fill the memory.
+                return found
+        if len(self) >= REMEMBERED:
+            self.older = dict(self)
+            self.clear()
+        self[key] = found
+        return found
+
+
+def _exact_lookup(attribute: Attribute, table: dict[str, int]) -> Callable[[PolicyRequest], int]:
+    get_folded = attribute.get_folded
+    return lambda request: table.get(get_folded(request), 0)
+
+
+def _network_lookup(attribute: Attribute, networks: NetworkTable) -> Callable[[PolicyRequest], int]:
+    get = attribute.get
+
+    def lookup(request: PolicyRequest) -> int:
+        ip = parse_ip(get(request))
+        return 0 if ip is None else networks.mask(ip)
+
+    return lookup
+
+
+def _pattern_lookup(
+    attribute: Attribute, matcher: Any, bits: tuple[int, ...]
+) -> Callable[[PolicyRequest], int]:
+    get = attribute.get
+
+    def lookup(request: PolicyRequest) -> int:
+        found = 0
+        for index in matcher.Match(get(request)) or ():
+            found |= bits[index]
+        return found
+
+    return lookup
+
+
+def _domain_lookup(attribute: Attribute, domains: dict[str, int]) -> Callable[[PolicyRequest], int]:
+    """
+    The rules filed under the value's domain and under each domain above
+    it, one dict access per label: C{a.b.example} looks up C{a.b.example},
+    C{b.example} and C{example}, as L{InDomain} tests.
+    """
+    get = attribute.get
+    domain_of = attribute.domain
+
+    def lookup(request: PolicyRequest) -> int:
+        name = domain_of(get(request))
+        found = 0
+        while name:
+            found |= domains.get(name, 0)
+            dot = name.find(".")
+            if dot < 0:
+                break
+            name = name[dot + 1 :]
+        return found
+
+    return lookup
 
 
 def pattern_set(patterns: list[str]) -> Any:
@@ -357,9 +550,10 @@ class Program:
     sets: dict[str, RuleSet]
     files: list[str] = field(default_factory=list)
 
-    @property
-    def main(self) -> RuleSet:
-        return self.sets[MAIN]
+    def __post_init__(self) -> None:
+        #: The main list (read on every request: an attribute, not a
+        #: property).
+        self.main: RuleSet = self.sets[MAIN]
 
     @property
     def needs_marks(self) -> bool:

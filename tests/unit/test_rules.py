@@ -652,6 +652,267 @@ class IndexTests(RulesTestCase):
         self.assertEqual(answers, {"OK", "REJECT", "DEFER_IF_PERMIT", "DUNNO"})
 
 
+class IndexStructureTests(RulesTestCase):
+    """
+    The index's structures: domains by label, networks of every length,
+    several indexes at once, the attributes read as one key, what is
+    remembered, and the answers the index alone decides.
+    """
+
+    def candidates(self, check: RulesCheck, **attributes: str) -> list[int]:
+        from pfxpold.rules.program import positions
+
+        return list(positions(check.program.main.candidates_of(make_request(**attributes))))
+
+    def test_domains_by_label(self) -> None:
+        """
+        A domain condition is filed under its domains, and a value finds
+        the rules of its domain and of every domain above it, with or
+        without case and trailing dot, and never a sibling's.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "a"\nif = { sender = { domain = "a.example" } }\naction = "REJECT a"\n'
+            '[[check.rule]]\nname = "top"\nif = { helo_name = { domain = "example" } }\naction = "REJECT top"\n'
+            '[[check.rule]]\nname = "b"\nif = { sender_domain = { domain = ["b.example", "c.test"] } }\n'
+            'action = "REJECT b"\n'
+        )
+        self.assertEqual(check.program.main.indexed, 3)
+        self.assertTrue(all(rule.filed_alone for rule in check.program.main.rules))
+        self.assertEqual(self.candidates(check, sender="u@x.Y.A.example.", helo_name="h.test"), [0])
+        self.assertEqual(self.candidates(check, sender="u@a.example", helo_name="mx.EXAMPLE"), [0, 1])
+        self.assertEqual(self.candidates(check, sender="u@ba.example", helo_name="example.net"), [])
+        self.assertEqual(self.candidates(check, sender="u@deep.c.test", helo_name=""), [2])
+        self.assertEqual(self.answer(check, sender="u@sub.b.example", helo_name="x"), "REJECT b")
+        self.assertEqual(self.answer(check, sender="u@sub.b.example", helo_name="x.example"), "REJECT top")
+        self.assertEqual(self.answer(check, sender="u@ab.example", helo_name="x.test"), "DUNNO")
+
+    def test_networks_of_every_length(self) -> None:
+        """
+        Every network holding the address is found, the most specific and
+        the widest alike; the first of their rules in file order answers.
+        """
+        rules = [
+            ("wide", "10.0.0.0/8"),
+            ("narrow", "10.1.2.0/24"),
+            ("host", "10.1.2.3"),
+            ("v6", "2001:db8::/32"),
+        ]
+        text = "".join(
+            f'[[check.rule]]\nname = "{name}"\nif = {{ client_address = "{network}" }}\n'
+            f'action = "REJECT {name}"\n'
+            for name, network in rules
+        )
+        check = self.rules(text)
+        self.assertEqual(self.candidates(check, client_address="10.1.2.3"), [0, 1, 2])
+        self.assertEqual(self.candidates(check, client_address="10.1.2.4"), [0, 1])
+        self.assertEqual(self.candidates(check, client_address="::ffff:10.9.9.9"), [0])
+        self.assertEqual(self.candidates(check, client_address="2001:db8:1::1"), [3])
+        self.assertEqual(self.candidates(check, client_address="not an address"), [])
+        self.assertEqual(self.answer(check, client_address="10.1.2.3"), "REJECT wide")
+        reversed_text = "".join(
+            f'[[check.rule]]\nname = "{name}"\nif = {{ client_address = "{network}" }}\n'
+            f'action = "REJECT {name}"\n'
+            for name, network in reversed(rules)
+        )
+        check = self.rules(reversed_text)
+        self.assertEqual(self.answer(check, client_address="10.1.2.3"), "REJECT host")
+        self.assertEqual(self.answer(check, client_address="10.1.2.9"), "REJECT narrow")
+        self.assertEqual(self.answer(check, client_address="10.200.0.1"), "REJECT wide")
+
+    def test_several_indexes_first_in_file_order(self) -> None:
+        """
+        A request that several indexes find rules for is answered by the
+        first of them in file order, whichever index found it, and a rule
+        the index cannot decide is tested in its place.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "re"\nif = { client_name = { regex = "^dyn" } }\naction = "REJECT re"\n'
+            '[[check.rule]]\nname = "big"\nif = { sender = "a@b.example", size = { gt = 10 } }\n'
+            'action = "REJECT big"\n'
+            '[[check.rule]]\nname = "net"\nif = { client_address = "192.0.2.0/24" }\naction = "REJECT net"\n'
+            '[[check.rule]]\nname = "dom"\nif = { recipient = { domain = "example" } }\naction = "REJECT dom"\n'
+            '[[check.rule]]\nname = "helo"\nif = { helo_name = "h.example" }\naction = "REJECT helo"\n'
+        )
+        every = dict(
+            client_name="dyn1.example", sender="a@b.example", client_address="192.0.2.9",
+            recipient="r@x.example", helo_name="h.example", size="11",
+        )
+        self.assertEqual(self.candidates(check, **every), [0, 1, 2, 3, 4])
+        self.assertEqual(self.answer(check, **every), "REJECT re")
+        self.assertEqual(self.answer(check, **dict(every, client_name="mx")), "REJECT big")
+        self.assertEqual(self.answer(check, **dict(every, client_name="mx", size="5")), "REJECT net")
+        self.assertEqual(
+            self.answer(check, **dict(every, client_name="mx", size="5", client_address="::1")),
+            "REJECT dom",
+        )
+        self.assertEqual(
+            self.answer(
+                check,
+                **dict(every, client_name="mx", size="5", client_address="::1", recipient="r@x.test"),
+            ),
+            "REJECT helo",
+        )
+
+    def test_session_attributes_one_key(self) -> None:
+        """
+        The client's attributes the index reads are one key; the others
+        one each; the answers follow every attribute of the key.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "net"\nif = { client_address = "192.0.2.0/24" }\naction = "REJECT net"\n'
+            '[[check.rule]]\nname = "helo"\nif = { helo_name = "h.example" }\naction = "REJECT helo"\n'
+            '[[check.rule]]\nname = "re"\nif = { client_name = { regex = "^dyn" } }\naction = "REJECT re"\n'
+            '[[check.rule]]\nname = "s"\nif = { sender_domain = "b.example" }\naction = "REJECT s"\n'
+            '[[check.rule]]\nname = "l"\nif = { sender_local_part = "x" }\naction = "REJECT l"\n'
+        )
+        groups = [remembered.names for remembered in check.program.main._sources]
+        self.assertEqual(
+            sorted(groups), [("client_address", "client_name", "helo_name"), ("sender",)]
+        )
+        client = dict(client_address="192.0.2.1", client_name="mx", helo_name="x")
+        self.assertEqual(self.answer(check, **client), "REJECT net")
+        self.assertEqual(self.answer(check, **dict(client, client_address="::1")), "DUNNO")
+        self.assertEqual(
+            self.answer(check, **dict(client, client_address="::1", helo_name="H.example")),
+            "REJECT helo",
+        )
+        self.assertEqual(
+            self.answer(check, **dict(client, client_address="::1", client_name="dyn")), "REJECT re"
+        )
+        self.assertEqual(self.answer(check, sender="x@a.example"), "REJECT l")
+        self.assertEqual(self.answer(check, sender="y@B.example"), "REJECT s")
+
+    def test_missing_attributes_read_empty(self) -> None:
+        """
+        A request without the attributes the index reads (an older
+        Postfix, a hand-made request) is answered as with them empty.
+        """
+        from pfxpold.request import PolicyRequest
+
+        check = self.rules(
+            '[[check.rule]]\nname = "empty helo"\nif = { helo_name = "", client_address = "192.0.2.1" }\n'
+            'action = "REJECT empty"\n'
+            '[[check.rule]]\nname = "null sender"\nif = { sender = "" }\naction = "REJECT null"\n'
+        )
+        bare = PolicyRequest({"request": "smtpd_access_policy", "client_address": "192.0.2.1"})
+        self.assertEqual(str(self.successResultOf(run_check(check, bare))), "REJECT empty")
+        bare = PolicyRequest({"request": "smtpd_access_policy"})
+        self.assertEqual(str(self.successResultOf(run_check(check, bare))), "REJECT null")
+
+    def test_remembered_values_bounded(self) -> None:
+        """
+        The values remembered per key are at most twice
+        L{pfxpold.rules.program.REMEMBERED}, and answers stay right while
+        values come and go.
+        """
+        from pfxpold.rules import program
+
+        self.patch(program, "REMEMBERED", 4)
+        check = self.rules(
+            '[[check.rule]]\nname = "s"\nif = { sender_domain = ["d3.example", "d7.example"] }\n'
+            'action = "REJECT s"\n'
+        )
+        (remembered,) = check.program.main._sources
+        for _ in range(3):
+            for number in range(10):
+                answer = self.answer(check, sender=f"u@d{number}.example")
+                self.assertEqual(answer, "REJECT s" if number in (3, 7) else "DUNNO")
+                self.assertLessEqual(len(remembered), 4)
+                self.assertLessEqual(len(remembered.older), 4)
+
+    def test_long_values_not_remembered(self) -> None:
+        """
+        A value longer than any name or address (a hostile HELO name) is
+        answered but not remembered, by the index nor by a template.
+        """
+        check = self.rules(
+            '[[check.rule]]\nname = "h"\nif = { helo_name = { regex = "^x" } }\n'
+            'action = "REJECT {helo_name}"\n'
+        )
+        (remembered,) = check.program.main._sources
+        long_name = "x" * 300
+        # The action's text is cut to 256 characters, as any action's.
+        self.assertEqual(self.answer(check, helo_name=long_name), "REJECT " + "x" * 256)
+        self.assertEqual(len(remembered), 0)
+        self.assertEqual(len(check.program.main.rules[0].action._filled), 0)
+        self.assertEqual(self.answer(check, helo_name="x.example"), "REJECT x.example")
+        self.assertEqual(list(remembered), ["x.example"])
+        self.assertEqual(len(check.program.main.rules[0].action._filled), 1)
+
+    def test_filled_templates_remembered(self) -> None:
+        """
+        A template's action for the same values is made once; other values
+        make other actions; at most L{pfxpold.rules.program.FILLED} are kept
+        per generation.
+        """
+        from pfxpold.rules import program
+
+        self.patch(program, "FILLED", 2)
+        check = self.rules(
+            '[[check.rule]]\nname = "r"\nif = { recipient_domain = "a.example" }\n'
+            'action = "REJECT 5.1.1 <{recipient}>: unknown user"\n'
+        )
+        request = make_request(recipient="x@a.example")
+        first = self.successResultOf(run_check(check, request))
+        self.assertIs(self.successResultOf(run_check(check, make_request(recipient="x@a.example"))), first)
+        for name in "abcdef":
+            answer = self.answer(check, recipient=f"{name}@a.example")
+            self.assertEqual(answer, f"REJECT 5.1.1 <{name}@a.example>: unknown user")
+        template = check.program.main.rules[0].action
+        self.assertLessEqual(len(template._filled), 2)
+
+    def test_regex_alone_decided_by_set(self) -> None:
+        """
+        A rule whose whole condition is a regex is decided by the RE2 set;
+        when the set cannot be built, its rules are tested on every request
+        and still answer right.
+        """
+        from pfxpold.rules import program
+
+        text = (
+            '[[check.rule]]\nname = "re"\nif = { client_name = { regex = ["^dyn", "\\\\.pool\\\\."] } }\n'
+            'action = "REJECT re"\n'
+            '[[check.rule]]\nname = "re2"\nif = { client_name = { regex = "^mx" }, size = { gt = 5 } }\n'
+            'action = "REJECT re2"\n'
+        )
+        check = self.rules(text)
+        self.assertEqual([r.filed_alone for r in check.program.main.rules], [True, False])
+        self.assertEqual(check.program.main.answers[0].line, b"action=REJECT re\n\n")
+        self.assertEqual(self.answer(check, client_name="a.POOL.example"), "REJECT re")
+        self.assertEqual(self.answer(check, client_name="mx1", size="6"), "REJECT re2")
+        self.assertEqual(self.answer(check, client_name="mx1", size="5"), "DUNNO")
+        self.patch(program, "pattern_set", lambda patterns: None)
+        check = self.rules(text)
+        self.assertEqual([r.filed_alone for r in check.program.main.rules], [False, False])
+        self.assertEqual(check.program.main.always, 0b11)
+        self.assertEqual(self.answer(check, client_name="a.POOL.example"), "REJECT re")
+        self.assertEqual(self.answer(check, client_name="dyn.example"), "REJECT re")
+        self.assertEqual(self.answer(check, client_name="mx1", size="6"), "REJECT re2")
+        self.assertEqual(self.answer(check, client_name="other"), "DUNNO")
+
+    def test_derived_values_from_their_source(self) -> None:
+        """
+        Every derived value is made from the attribute L{Attribute.source}
+        names alone: a request holding only that attribute gives it the
+        same value, which is what lets the index remember it per value.
+        """
+        from pfxpold.accessmap import DERIVED_ATTRIBUTES
+        from pfxpold.request import PolicyRequest
+        from pfxpold.rules.conditions import RULE_DERIVED, SOURCES, Attribute
+
+        self.assertEqual(set(SOURCES), set(DERIVED_ATTRIBUTES | RULE_DERIVED))
+        request = make_request(
+            sender="Alice@Sub.Example.", recipient="bob@x.example", client_address="::ffff:192.0.2.7",
+            sasl_username="carol@Corp.example",
+        )
+        for name in sorted(DERIVED_ATTRIBUTES | RULE_DERIVED):
+            attribute = Attribute(name)
+            alone = PolicyRequest({attribute.source: request.get(attribute.source, "")})
+            self.assertEqual(attribute.get(alone), attribute.get(request), name)
+            self.assertEqual(attribute.get_folded(alone), attribute.get_folded(request), name)
+            self.assertTrue(attribute.get(request), name)
+
+
 class IndexPropertyTests(RulesTestCase):
     """
     For random rule sets and requests, the indexed check answers as the
@@ -678,20 +939,34 @@ class IndexPropertyTests(RulesTestCase):
                 '{ sender_domain = "a.example", size = { le = 100 } }',
                 '{ any = [{ recipient_domain = "b.example" }, { helo_name = "x.example" }] }',
                 '{ not = { sender_domain = "c.example" } }',
+                '{ sender_domain = { domain = "a.example" } }',
+                '{ helo_name = { domain = "example" } }',
+                '{ recipient = { domain = ["b.example", "x.c.example"] } }',
+                '{ client_name = { regex = ["^x", "ample$"] } }',
+                '{ client_address = "192.0.2.0/24", helo_name = { domain = "x.example" } }',
+                '{ client_address = "192.0.2.1" }',
                 "",
             ]
         )
-        rule_sets = st.lists(st.tuples(conditions, st.sampled_from(["action", "jump", "return"])),
-                             min_size=1, max_size=8)
+        rule_sets = st.lists(
+            st.tuples(conditions, st.sampled_from(["action", "template", "jump", "return"])),
+            min_size=1,
+            max_size=8,
+        )
         requests = st.lists(
             st.fixed_dictionaries(
                 {
-                    "sender": st.sampled_from(domains).map(lambda d: "u@" + d),
-                    "recipient": st.sampled_from(domains).map(lambda d: "r@" + d),
-                    "client_address": st.sampled_from(
-                        ["192.0.2.1", "192.0.2.200", "2001:db8::5", "203.0.113.1"]
+                    "sender": st.sampled_from(domains + ["sub.A.example"]).map(lambda d: "u@" + d),
+                    "recipient": st.sampled_from(domains + ["x.c.example."]).map(
+                        lambda d: "r@" + d
                     ),
-                    "helo_name": st.sampled_from(["mx1.example", "x.example", "MX.example"]),
+                    "client_address": st.sampled_from(
+                        ["192.0.2.1", "192.0.2.200", "2001:db8::5", "203.0.113.1", "bad"]
+                    ),
+                    "client_name": st.sampled_from(["x.example", "mx.EXAMPLE", "unknown"]),
+                    "helo_name": st.sampled_from(
+                        ["mx1.example", "x.example", "MX.example", "sub.X.example.", ""]
+                    ),
                     "size": st.sampled_from(["0", "100", "101"]),
                 }
             ),
@@ -709,6 +984,7 @@ class IndexPropertyTests(RulesTestCase):
                     text += f"if = {condition}\n"
                 text += {
                     "action": f'action = "REJECT m{number}"\n',
+                    "template": f'action = "REJECT m{number} {{helo_name}} {{sender}}"\n',
                     "jump": 'jump = "other"\n',
                     "return": "return = true\n",
                 }[kind]
