@@ -181,6 +181,8 @@ class Scenario:
     @ivar setup: writes the configuration and data files in a directory and
         returns the command line to run (C{PORT} is replaced) and the
         function giving a request's expected actions.
+    @ivar python: whether the server is a Python process (py-spy can
+        profile it: C{--profile}).
     """
 
     name: str
@@ -190,6 +192,7 @@ class Scenario:
     workers: int = 1
     optional: bool = False
     runs_pfxpold: bool = True
+    python: bool = True
     repository: str = REPOSITORY
 
 
@@ -199,7 +202,15 @@ class Scenario:
 WITHOUT_TLS = "import sys; sys.modules['OpenSSL'] = None; "
 
 
-def pfxpold_command(config: str, tls: bool = True, destination: str = "file") -> list[str]:
+#: Installs uvloop's event loop policy before twistd runs, so that Twisted's
+#: asyncio reactor (C{--reactor=asyncio}), which makes its loop with
+#: C{asyncio.new_event_loop()}, runs on uvloop's loop.
+WITH_UVLOOP = "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+
+
+def pfxpold_command(
+    config: str, tls: bool = True, destination: str = "file", reactor: str = ""
+) -> list[str]:
     """
     twistd running pfxpold in the foreground, as in production, with its
     log in a file (C{--logfile}), on standard output (C{-n} under a
@@ -209,6 +220,9 @@ def pfxpold_command(config: str, tls: bool = True, destination: str = "file") ->
 
     @param tls: whether pyOpenSSL may be imported (see L{WITHOUT_TLS}).
     @param destination: C{"file"}, C{"stdout"} or C{"syslog"}.
+    @param reactor: C{""} for Twisted's default reactor (epoll),
+        C{"asyncio"} for its asyncio reactor on asyncio's own event loop,
+        C{"uvloop"} for the asyncio reactor on uvloop's (L{WITH_UVLOOP}).
     """
     directory = os.path.dirname(config)
     if destination == "file":
@@ -220,9 +234,12 @@ def pfxpold_command(config: str, tls: bool = True, destination: str = "file") ->
     command = [
         sys.executable,
         "-c",
-        ("" if tls else WITHOUT_TLS) + "from twisted.scripts.twistd import run; run()",
+        ("" if tls else WITHOUT_TLS)
+        + (WITH_UVLOOP if reactor == "uvloop" else "")
+        + "from twisted.scripts.twistd import run; run()",
         "--nodaemon",
         "--pidfile=",
+        *(["--reactor=asyncio"] if reactor else []),
         *log,
         "pfxpold",
         "--config",
@@ -288,9 +305,25 @@ def setup_trivial(directory: str, requests: list[dict]):
     return [build("trivial_server"), "PORT"], lambda request: ["DUNNO"]
 
 
-def setup_reference(directory: str, requests: list[dict]):
+def setup_reference(
+    directory: str, requests: list[dict], reactor: str = "", counting: bool = False
+):
+    """
+    @param reactor: C{""} (Twisted's default, epoll), C{"asyncio"} or
+        C{"uvloop"} (its asyncio reactor, on uvloop's loop for the latter).
+    @param counting: a bare Protocol finding the requests' ends with one
+        C{bytes.count} per read (as C{reference-asyncio}), not the
+        LineReceiver.
+    """
     command = [sys.executable, os.path.join(BENCH, "reference_server.py"), "PORT"]
+    command += [reactor] if reactor else []
+    command += ["--count"] if counting else []
     return command, lambda request: ["DUNNO"]
+
+
+def setup_reference_asyncio(directory: str, requests: list[dict], uvloop: bool = False):
+    command = [sys.executable, os.path.join(BENCH, "reference_asyncio.py"), "PORT"]
+    return command + (["--uvloop"] if uvloop else []), lambda request: ["DUNNO"]
 
 
 def _demo(log: str):
@@ -372,12 +405,14 @@ def setup_map(
     tls: bool = True,
     metrics: bool = False,
     capture: bool = False,
+    reactor: str = "",
 ):
     """
     @param metrics: with a C{[metrics]} table (counted, served on a free
         port, never scraped: the cost is the counting).
     @param capture: with C{[server] capture} on (every request captured
         for pfxpold-replay, rotated at the default size).
+    @param reactor: the reactor (L{pfxpold_command}).
     """
     table = write_access_map(os.path.join(directory, "senders.map"), Population())
     config = os.path.join(directory, "pfxpold.toml")
@@ -389,7 +424,7 @@ def setup_map(
         f.write(MAP_CHECK)
         if metrics:
             f.write(f'\n[metrics]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n')
-    command = pfxpold_command(config, tls, DESTINATIONS.get(log, "file"))
+    command = pfxpold_command(config, tls, DESTINATIONS.get(log, "file"), reactor)
     return command, map_expectation(table)
 
 
@@ -607,6 +642,7 @@ SCENARIOS = [
         "C epoll server answering DUNNO: the load generator's ceiling",
         setup_trivial,
         runs_pfxpold=False,
+        python=False,
     ),
     Scenario(
         "reference",
@@ -694,6 +730,62 @@ SCENARIOS = [
         "map-100k as installed without the http extra: no pyOpenSSL, so no TLS stack in Twisted",
         lambda directory, requests: setup_map(directory, requests, tls=False),
         needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-asyncio",
+        "map-100k-twistdlog on Twisted's asyncio reactor (twistd --reactor=asyncio)",
+        lambda directory, requests: setup_map(directory, requests, log="twistd", reactor="asyncio"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-uvloop",
+        "map-100k-twistdlog on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_map(directory, requests, log="twistd", reactor="uvloop"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-nolog-uvloop",
+        "map-100k-nolog on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_map(directory, requests, log="off", reactor="uvloop"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "reference-asyncio",
+        "bare asyncio server (asyncio.Protocol) answering DUNNO",
+        setup_reference_asyncio,
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-asyncio-uvloop",
+        "the same bare asyncio server on uvloop's event loop",
+        lambda directory, requests: setup_reference_asyncio(directory, requests, uvloop=True),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-protocol",
+        "bare Twisted Protocol answering DUNNO, parsing as reference-asyncio does",
+        lambda directory, requests: setup_reference(directory, requests, counting=True),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-twisted-asyncio",
+        "the bare LineReceiver on Twisted's asyncio reactor",
+        lambda directory, requests: setup_reference(directory, requests, reactor="asyncio"),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-twisted-uvloop",
+        "the bare LineReceiver on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_reference(directory, requests, reactor="uvloop"),
+        runs_pfxpold=False,
         optional=True,
     ),
     Scenario(
@@ -1311,7 +1403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--profile",
         type=float,
         metavar="SECONDS",
-        help="after measuring, sample each pfxpold at C=128 with py-spy for this long",
+        help="after measuring, sample each Python server at C=128 with py-spy for this long",
     )
     parser.add_argument(
         "--workers",
@@ -1369,7 +1461,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.profile:
                 os.makedirs(args.output, exist_ok=True)
                 for server in started:
-                    if server.scenario.runs_pfxpold:
+                    if server.scenario.python:
                         summary = profile(
                             loadgen,
                             server,
