@@ -305,19 +305,18 @@ def setup_trivial(directory: str, requests: list[dict]):
     return [build("trivial_server"), "PORT"], lambda request: ["DUNNO"]
 
 
-def setup_reference(
-    directory: str, requests: list[dict], reactor: str = "", counting: bool = False
-):
+def setup_reference(directory: str, requests: list[dict], reactor: str = "", served: str = ""):
     """
     @param reactor: C{""} (Twisted's default, epoll), C{"asyncio"} or
         C{"uvloop"} (its asyncio reactor, on uvloop's loop for the latter).
-    @param counting: a bare Protocol finding the requests' ends with one
-        C{bytes.count} per read (as C{reference-asyncio}), not the
-        LineReceiver.
+    @param served: C{"--count"}: a bare Protocol finding the requests'
+        ends with one C{bytes.count} per read (as C{reference-asyncio}),
+        not the LineReceiver; C{"--direct"}: the same, sending each answer
+        with the socket's C{send} at once (bench/reference_server.py).
     """
     command = [sys.executable, os.path.join(BENCH, "reference_server.py"), "PORT"]
     command += [reactor] if reactor else []
-    command += ["--count"] if counting else []
+    command += [served] if served else []
     return command, lambda request: ["DUNNO"]
 
 
@@ -770,7 +769,14 @@ SCENARIOS = [
     Scenario(
         "reference-protocol",
         "bare Twisted Protocol answering DUNNO, parsing as reference-asyncio does",
-        lambda directory, requests: setup_reference(directory, requests, counting=True),
+        lambda directory, requests: setup_reference(directory, requests, served="--count"),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-protocol-direct",
+        "reference-protocol sending each answer at once with the socket's send, as asyncio does",
+        lambda directory, requests: setup_reference(directory, requests, served="--direct"),
         runs_pfxpold=False,
         optional=True,
     ),
