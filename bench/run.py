@@ -1132,6 +1132,7 @@ PROFILE_GROUPS = (
     "pfxpold: SQLite",
     "pfxpold: request line (formatting, record)",
     "pfxpold: request lines (batch, write, flush)",
+    "kernel: every system call (made from C, unseen by py-spy)",
     "other",
 )
 
@@ -1267,6 +1268,9 @@ def profile_groups(path: str, cpu_us: float = 0.0, system_share: float = 0.0) ->
             shares[group] = system_share * count / kernel
         else:
             shares[group] = (1 - system_share) * count / (total - kernel)
+    if system_share and not kernel:
+        # The system calls are made from C (uvloop): py-spy sees none.
+        shares[PROFILE_GROUPS[-2]] = system_share
     lines = ["| where | share of CPU | µs/request |", "| --- | ---: | ---: |"]
     for group in PROFILE_GROUPS:
         if group in shares:
