@@ -181,6 +181,8 @@ class Scenario:
     @ivar setup: writes the configuration and data files in a directory and
         returns the command line to run (C{PORT} is replaced) and the
         function giving a request's expected actions.
+    @ivar python: whether the server is a Python process (py-spy can
+        profile it: C{--profile}).
     """
 
     name: str
@@ -190,6 +192,7 @@ class Scenario:
     workers: int = 1
     optional: bool = False
     runs_pfxpold: bool = True
+    python: bool = True
     repository: str = REPOSITORY
 
 
@@ -199,7 +202,15 @@ class Scenario:
 WITHOUT_TLS = "import sys; sys.modules['OpenSSL'] = None; "
 
 
-def pfxpold_command(config: str, tls: bool = True, destination: str = "file") -> list[str]:
+#: Installs uvloop's event loop policy before twistd runs, so that Twisted's
+#: asyncio reactor (C{--reactor=asyncio}), which makes its loop with
+#: C{asyncio.new_event_loop()}, runs on uvloop's loop.
+WITH_UVLOOP = "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+
+
+def pfxpold_command(
+    config: str, tls: bool = True, destination: str = "file", reactor: str = ""
+) -> list[str]:
     """
     twistd running pfxpold in the foreground, as in production, with its
     log in a file (C{--logfile}), on standard output (C{-n} under a
@@ -209,6 +220,9 @@ def pfxpold_command(config: str, tls: bool = True, destination: str = "file") ->
 
     @param tls: whether pyOpenSSL may be imported (see L{WITHOUT_TLS}).
     @param destination: C{"file"}, C{"stdout"} or C{"syslog"}.
+    @param reactor: C{""} for Twisted's default reactor (epoll),
+        C{"asyncio"} for its asyncio reactor on asyncio's own event loop,
+        C{"uvloop"} for the asyncio reactor on uvloop's (L{WITH_UVLOOP}).
     """
     directory = os.path.dirname(config)
     if destination == "file":
@@ -220,9 +234,12 @@ def pfxpold_command(config: str, tls: bool = True, destination: str = "file") ->
     command = [
         sys.executable,
         "-c",
-        ("" if tls else WITHOUT_TLS) + "from twisted.scripts.twistd import run; run()",
+        ("" if tls else WITHOUT_TLS)
+        + (WITH_UVLOOP if reactor == "uvloop" else "")
+        + "from twisted.scripts.twistd import run; run()",
         "--nodaemon",
         "--pidfile=",
+        *(["--reactor=asyncio"] if reactor else []),
         *log,
         "pfxpold",
         "--config",
@@ -288,9 +305,24 @@ def setup_trivial(directory: str, requests: list[dict]):
     return [build("trivial_server"), "PORT"], lambda request: ["DUNNO"]
 
 
-def setup_reference(directory: str, requests: list[dict]):
+def setup_reference(directory: str, requests: list[dict], reactor: str = "", served: str = ""):
+    """
+    @param reactor: C{""} (Twisted's default, epoll), C{"asyncio"} or
+        C{"uvloop"} (its asyncio reactor, on uvloop's loop for the latter).
+    @param served: C{"--count"}: a bare Protocol finding the requests'
+        ends with one C{bytes.count} per read (as C{reference-asyncio}),
+        not the LineReceiver; C{"--direct"}: the same, sending each answer
+        with the socket's C{send} at once (bench/reference_server.py).
+    """
     command = [sys.executable, os.path.join(BENCH, "reference_server.py"), "PORT"]
+    command += [reactor] if reactor else []
+    command += [served] if served else []
     return command, lambda request: ["DUNNO"]
+
+
+def setup_reference_asyncio(directory: str, requests: list[dict], uvloop: bool = False):
+    command = [sys.executable, os.path.join(BENCH, "reference_asyncio.py"), "PORT"]
+    return command + (["--uvloop"] if uvloop else []), lambda request: ["DUNNO"]
 
 
 def _demo(log: str):
@@ -372,12 +404,14 @@ def setup_map(
     tls: bool = True,
     metrics: bool = False,
     capture: bool = False,
+    reactor: str = "",
 ):
     """
     @param metrics: with a C{[metrics]} table (counted, served on a free
         port, never scraped: the cost is the counting).
     @param capture: with C{[server] capture} on (every request captured
         for pfxpold-replay, rotated at the default size).
+    @param reactor: the reactor (L{pfxpold_command}).
     """
     table = write_access_map(os.path.join(directory, "senders.map"), Population())
     config = os.path.join(directory, "pfxpold.toml")
@@ -389,7 +423,7 @@ def setup_map(
         f.write(MAP_CHECK)
         if metrics:
             f.write(f'\n[metrics]\nlisten = "tcp:{free_port()}:interface=127.0.0.1"\n')
-    command = pfxpold_command(config, tls, DESTINATIONS.get(log, "file"))
+    command = pfxpold_command(config, tls, DESTINATIONS.get(log, "file"), reactor)
     return command, map_expectation(table)
 
 
@@ -607,6 +641,7 @@ SCENARIOS = [
         "C epoll server answering DUNNO: the load generator's ceiling",
         setup_trivial,
         runs_pfxpold=False,
+        python=False,
     ),
     Scenario(
         "reference",
@@ -694,6 +729,69 @@ SCENARIOS = [
         "map-100k as installed without the http extra: no pyOpenSSL, so no TLS stack in Twisted",
         lambda directory, requests: setup_map(directory, requests, tls=False),
         needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-asyncio",
+        "map-100k-twistdlog on Twisted's asyncio reactor (twistd --reactor=asyncio)",
+        lambda directory, requests: setup_map(directory, requests, log="twistd", reactor="asyncio"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-uvloop",
+        "map-100k-twistdlog on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_map(directory, requests, log="twistd", reactor="uvloop"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "map-100k-nolog-uvloop",
+        "map-100k-nolog on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_map(directory, requests, log="off", reactor="uvloop"),
+        needs=("file",),
+        optional=True,
+    ),
+    Scenario(
+        "reference-asyncio",
+        "bare asyncio server (asyncio.Protocol) answering DUNNO",
+        setup_reference_asyncio,
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-asyncio-uvloop",
+        "the same bare asyncio server on uvloop's event loop",
+        lambda directory, requests: setup_reference_asyncio(directory, requests, uvloop=True),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-protocol",
+        "bare Twisted Protocol answering DUNNO, parsing as reference-asyncio does",
+        lambda directory, requests: setup_reference(directory, requests, served="--count"),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-protocol-direct",
+        "reference-protocol sending each answer at once with the socket's send, as asyncio does",
+        lambda directory, requests: setup_reference(directory, requests, served="--direct"),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-twisted-asyncio",
+        "the bare LineReceiver on Twisted's asyncio reactor",
+        lambda directory, requests: setup_reference(directory, requests, reactor="asyncio"),
+        runs_pfxpold=False,
+        optional=True,
+    ),
+    Scenario(
+        "reference-twisted-uvloop",
+        "the bare LineReceiver on Twisted's asyncio reactor over uvloop's event loop",
+        lambda directory, requests: setup_reference(directory, requests, reactor="uvloop"),
+        runs_pfxpold=False,
         optional=True,
     ),
     Scenario(
@@ -958,6 +1056,23 @@ def loadgen_command(
     ]
 
 
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """
+    The user and system CPU time of C{pids} so far, in clock ticks.
+    """
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
 def run_loadgen(
     loadgen: str,
     server: Server,
@@ -966,11 +1081,23 @@ def run_loadgen(
     warmup: float,
     threads: int,
 ) -> dict:
+    """
+    Run the load generator against C{server}.
+
+    @return: its figures (see bench/loadgen.c), and C{daemon_system_share}:
+        the share of the daemon's CPU time spent in the kernel (system
+        time) over the whole run, warm-up included.
+    """
     command = loadgen_command(loadgen, server, connections, duration, warmup, threads)
     for pid in server.pids:
         command += ["-P", str(pid)]
+    before = cpu_ticks(server.pids)
     result = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(result.stdout)
+    after = cpu_ticks(server.pids)
+    figures = json.loads(result.stdout)
+    user, system = after[0] - before[0], after[1] - before[1]
+    figures["daemon_system_share"] = system / (user + system) if user + system else 0.0
+    return figures
 
 
 # Profiling
@@ -986,6 +1113,175 @@ _TWISTED_FRAMES = (
     "formatTime",
     "Deferred._runCallbacks",
 )
+
+
+#: The groups of L{profile_groups}, in the order they are shown.
+PROFILE_GROUPS = (
+    "kernel: send (the answer, and loopback delivery to the client)",
+    "kernel: recv",
+    "kernel: epoll_ctl (Twisted starts and stops watching for writability)",
+    "kernel: epoll_wait",
+    "Twisted: reactor and transport (Python)",
+    "Twisted: LineReceiver (line splitting)",
+    "Twisted: Deferreds and timers",
+    "Twisted: logging (events, observers)",
+    "asyncio / uvloop event loop (Python)",
+    "server: protocol (parse, request, answer)",
+    "pfxpold: chain",
+    "pfxpold: checks (map lookup, caches, quota logic)",
+    "pfxpold: SQLite",
+    "pfxpold: request line (formatting, record)",
+    "pfxpold: request lines (batch, write, flush)",
+    "kernel: every system call (made from C, unseen by py-spy)",
+    "other",
+)
+
+#: pfxpold's modules, from a frame's path, and their group (the first
+#: prefix that matches).
+_PFXPOLD_GROUPS = (
+    ("pfxpold/requestlog.py:request_line", PROFILE_GROUPS[13]),
+    ("pfxpold/requestlog.py:RequestLines.record", PROFILE_GROUPS[13]),
+    ("pfxpold/request.py:PolicyRequest.summary", PROFILE_GROUPS[13]),
+    ("pfxpold/escape.py", PROFILE_GROUPS[13]),
+    ("pfxpold/requestlog.py", PROFILE_GROUPS[14]),
+    ("pfxpold/logger.py", PROFILE_GROUPS[14]),
+    ("pfxpold/appendfile.py", PROFILE_GROUPS[14]),
+    ("pfxpold/state/sqlite.py", PROFILE_GROUPS[12]),
+    ("pfxpold/checks/", PROFILE_GROUPS[11]),
+    ("pfxpold/state/", PROFILE_GROUPS[11]),
+    ("pfxpold/sql/", PROFILE_GROUPS[11]),
+    ("pfxpold/rules/", PROFILE_GROUPS[11]),
+    ("pfxpold/accessmap.py", PROFILE_GROUPS[11]),
+    ("pfxpold/cache.py", PROFILE_GROUPS[11]),
+    ("pfxpold/resolver.py", PROFILE_GROUPS[11]),
+    ("pfxpold/chain.py", PROFILE_GROUPS[10]),
+    ("pfxpold/stages.py", PROFILE_GROUPS[10]),
+    ("pfxpold/action.py", PROFILE_GROUPS[10]),
+    ("pfxpold/", PROFILE_GROUPS[9]),
+    ("reference_server.py", PROFILE_GROUPS[9]),
+    ("reference_asyncio.py", PROFILE_GROUPS[9]),
+    ("noop_check.py", PROFILE_GROUPS[11]),
+    ("twisted/protocols/basic.py", PROFILE_GROUPS[5]),
+    ("twisted/internet/defer.py", PROFILE_GROUPS[6]),
+    ("twisted/internet/base.py:DelayedCall", PROFILE_GROUPS[6]),
+    ("twisted/logger/", PROFILE_GROUPS[7]),
+    ("twisted/python/logfile.py", PROFILE_GROUPS[7]),
+    ("twisted/", PROFILE_GROUPS[4]),
+    ("asyncio/", PROFILE_GROUPS[8]),
+    ("uvloop/", PROFILE_GROUPS[8]),
+)
+
+
+def _source_line(path: str, number: int) -> str:
+    """
+    The text of line C{number} of a frame's file as py-spy names it
+    (C{twisted/internet/tcp.py}, relative to C{sys.path}), or C{""}.
+    """
+    import linecache
+
+    candidates = (
+        [path] if os.path.isabs(path) else [os.path.join(entry, path) for entry in sys.path]
+    )
+    candidates.append(os.path.join(BENCH, path))
+    for candidate in candidates:
+        text = linecache.getline(candidate, number)
+        if text:
+            return text
+    return ""
+
+
+def profile_group(frames: list[tuple[str, str, int]]) -> str:
+    """
+    The group of L{PROFILE_GROUPS} a sampled stack belongs to.
+
+    A stack whose innermost Python line makes a socket or epoll system
+    call is the kernel's (py-spy samples a thread in a system call as on
+    that line: C{recv}, C{send} through C{untilConcludes}, the poller's
+    C{poll} and C{modify}). Otherwise the innermost frame of a known module
+    decides: pfxpold's modules by what they do, a Deferred or a timer by
+    Twisted's, whoever called it.
+
+    @param frames: C{(function, path, line)} from the outermost to the
+        innermost.
+    """
+    function, path, line = frames[-1]
+    text = _source_line(path, line)
+    if function == "untilConcludes" and len(frames) > 1:
+        text = _source_line(frames[-2][1], frames[-2][2])
+    if ".recv(" in text or ".recv_into(" in text:
+        return PROFILE_GROUPS[1]
+    if ".send(" in text or ".send," in text or ".sendmsg" in text:
+        return PROFILE_GROUPS[0]
+    if "_poller.poll(" in text:
+        return PROFILE_GROUPS[3]
+    if "_poller.modify(" in text or "_poller.register(" in text or "_poller.unregister(" in text:
+        return PROFILE_GROUPS[2]
+    for function, path, _line in reversed(frames):
+        where = f"{path}:{function}"
+        for prefix, group in _PFXPOLD_GROUPS:
+            if where.startswith(prefix) or ("/" + prefix) in where:
+                return group
+    return PROFILE_GROUPS[-1]
+
+
+def _frame(text: str) -> tuple[str, str, int]:
+    function, _, where = text.partition(" (")
+    path, _, line = where.rstrip(")").rpartition(":")
+    return function, path, int(line) if line.isdigit() else 0
+
+
+def profile_groups(path: str, cpu_us: float = 0.0, system_share: float = 0.0) -> str:
+    """
+    A Markdown table of where a server's CPU time per request goes, from
+    the samples of a py-spy raw file grouped by L{profile_group}.
+
+    py-spy samples a thread whenever it may run, so a thread that waits
+    for a core (the machine's other work, or the client a C{send} on
+    loopback just woke) counts where it waits, mostly in its system calls.
+    So, with C{system_share} (the kernel's share of the daemon's CPU time,
+    from C{/proc}), the kernel's time is split between the system calls by
+    their samples, and the rest, the time in Python, between the other
+    groups by theirs; without it, by the samples alone.
+
+    @param cpu_us: the scenario's daemon CPU per request, to show each
+        group in microseconds per request.
+    """
+    counts: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = [_frame(frame) for frame in stack.split(";") if " (" in frame]
+            if frames:
+                group = profile_group(frames)
+                counts[group] = counts.get(group, 0) + int(count)
+    total = sum(counts.values())
+    if not total:
+        return "(no samples)"
+    kernel = sum(count for group, count in counts.items() if group.startswith("kernel"))
+    shares = {}
+    for group, count in counts.items():
+        if not system_share:
+            shares[group] = count / total
+        elif group.startswith("kernel"):
+            shares[group] = system_share * count / kernel
+        else:
+            shares[group] = (1 - system_share) * count / (total - kernel)
+    if system_share and not kernel:
+        # The system calls are made from C (uvloop): py-spy sees none.
+        shares[PROFILE_GROUPS[-2]] = system_share
+    lines = ["| where | share of CPU | µs/request |", "| --- | ---: | ---: |"]
+    for group in PROFILE_GROUPS:
+        if group in shares:
+            micro = f"{shares[group] * cpu_us:.1f}" if cpu_us else "-"
+            lines.append(f"| {group} | {100 * shares[group]:.1f} % | {micro} |")
+    if cpu_us:
+        lines.append(
+            f"| all (daemon CPU per request, median of the turns; kernel"
+            f" {100 * system_share:.0f} %) | 100 % | {cpu_us:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def summarize_profile(path: str, top: int = 30) -> str:
@@ -1033,7 +1329,14 @@ def summarize_profile(path: str, top: int = 30) -> str:
 
 
 def profile(
-    loadgen: str, server: Server, connections: int, seconds: float, output: str, threads: int
+    loadgen: str,
+    server: Server,
+    connections: int,
+    seconds: float,
+    output: str,
+    threads: int,
+    cpu_us: float = 0.0,
+    system_share: float = 0.0,
 ) -> Optional[str]:
     """
     Sample the server's parent process with py-spy while the load generator
@@ -1041,7 +1344,8 @@ def profile(
 
     @return: the Markdown summary, or L{None} without py-spy.
     """
-    py_spy = shutil.which("py-spy")
+    # In the virtualenv that runs the benchmark, even when not activated.
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
     if py_spy is None:
         print("py-spy is not installed (pip install py-spy): no profile")
         return None
@@ -1070,10 +1374,24 @@ def profile(
         )
     finally:
         driver.wait()
-    return summarize_profile(raw)
+    return profile_groups(raw, cpu_us, system_share) + "\n\n" + summarize_profile(raw)
 
 
 # Reporting
+
+
+def median_cpu(results: list[dict], scenario: str, connections: int) -> tuple[float, float]:
+    """
+    The median daemon CPU per request of a scenario's turns at
+    C{connections}, and the median share of it spent in the kernel
+    (C{(0.0, 0.0)} without a turn).
+    """
+    turns = [r for r in results if r["scenario"] == scenario and r["connections"] == connections]
+    if not turns:
+        return 0.0, 0.0
+    cpu = sorted(r["daemon_cpu_us_per_request"] for r in turns)
+    system = sorted(r.get("daemon_system_share", 0.0) for r in turns)
+    return cpu[len(cpu) // 2], system[len(system) // 2]
 
 
 def errors_of(result: dict) -> int:
@@ -1311,7 +1629,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--profile",
         type=float,
         metavar="SECONDS",
-        help="after measuring, sample each pfxpold at C=128 with py-spy for this long",
+        help="after measuring, sample each Python server at C=128 with py-spy for this long",
     )
     parser.add_argument(
         "--workers",
@@ -1369,7 +1687,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.profile:
                 os.makedirs(args.output, exist_ok=True)
                 for server in started:
-                    if server.scenario.runs_pfxpold:
+                    if server.scenario.python:
                         summary = profile(
                             loadgen,
                             server,
@@ -1377,6 +1695,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                             args.profile,
                             args.output,
                             args.loadgen_threads,
+                            *median_cpu(results, server.scenario.name, 128),
                         )
                         if summary is not None:
                             profiles[server.scenario.name] = summary

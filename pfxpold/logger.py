@@ -117,15 +117,21 @@ class TextLogObserver:
         write = self.output.write
         for second, lines in batch:
             prefix = _classic_prefix(event, second)
-            start = 0
-            while start < len(lines):
-                # As many lines as make WRITE_SIZE, at least one.
-                end, size = start, 0
-                while end < len(lines) and size < WRITE_SIZE:
-                    size += len(lines[end]) + len(prefix) + 1
-                    end += 1
-                write(prefix + ("\n" + prefix).join(lines[start:end]) + "\n")
-                start = end
+            separator = "\n" + prefix
+            # As many lines a write as make about WRITE_SIZE, from their
+            # average length: no Python step per line. A write that comes
+            # out much longer (a few very long lines among short ones) is
+            # written a line at a time instead.
+            characters = sum(map(len, lines)) + len(separator) * len(lines)
+            step = max(1, len(lines) * WRITE_SIZE // max(1, characters))
+            for start in range(0, len(lines), step):
+                chunk = lines[start : start + step]
+                text = prefix + separator.join(chunk) + "\n"
+                if len(text) <= 2 * WRITE_SIZE or len(chunk) == 1:
+                    write(text)
+                else:
+                    for line in chunk:
+                        write(prefix + line + "\n")
         self.output.flush()
 
 

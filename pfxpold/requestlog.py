@@ -72,6 +72,24 @@ REQUEST_NAMESPACE = "pfxpold.protocol.PolicyProtocol"
 Batch = list[tuple[int, list[str]]]
 
 
+def _raw_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> str:
+    """
+    L{request_line} before escaping.
+    """
+    action = decision.action
+    if action is None:
+        answer = "no reply"
+    else:
+        # Action.__str__, without a Python call per request.
+        text = action.text
+        answer = f"{action.verb} {text}" if text else action.verb
+    line = f"{request.summary()}: {answer} ({decision.decided_by}, {elapsed_ms:.1f} ms)"
+    shadows = decision.shadows
+    if shadows:
+        line += " shadow " + " ".join(f"{name}={verdict}" for name, verdict in shadows)
+    return line
+
+
 def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> str:
     """
     The one log line of an answered request, without a timestamp, every
@@ -86,19 +104,27 @@ def request_line(request: PolicyRequest, decision: Any, elapsed_ms: float) -> st
     @param elapsed_ms: milliseconds from the request's last line to its
         answer.
     """
-    action = decision.action
-    line = (
-        f"{request.summary()}: {'no reply' if action is None else action}"
-        f" ({decision.decided_by}, {elapsed_ms:.1f} ms)"
-    )
-    shadows = decision.shadows
-    if shadows:
-        line += " shadow " + " ".join(f"{name}={verdict}" for name, verdict in shadows)
+    line = _raw_line(request, decision, elapsed_ms)
     if is_clean(line):
         return line
     # A value with a CR, an escape sequence, U+2028...: the fixed parts of
     # the line need no escaping, so escaping the line escapes each value.
     return escape(line)
+
+
+def escaped_lines(lines: list[str]) -> list[str]:
+    """
+    The lines, each escaped as L{request_line} escapes one.
+
+    Nearly every line is clean, so all of them are tested at once (one
+    join and one L{is_clean}, a pass in C over the batch: about a third of
+    the cost of testing each) and the list is returned as it is when they
+    are; a line that is not (a CR in a value, U+2028...) is then found and
+    escaped alone.
+    """
+    if is_clean("".join(lines)):
+        return lines
+    return [line if is_clean(line) else escape(line) for line in lines]
 
 
 def render(batch: Batch, prefix: Callable[[int], str]) -> str:
@@ -161,7 +187,9 @@ class RequestLines(Service):
         @param peer: the connection's peer (not logged: the line is the
             same wherever it goes).
         """
-        line = request_line(request, decision, elapsed_ms)
+        # Escaped when its batch is written (escaped_lines): testing a
+        # batch's lines at once costs a third of testing each.
+        line = _raw_line(request, decision, elapsed_ms)
         second = int(self._clock.seconds())
         if second != self._second:
             self._second = second
@@ -185,7 +213,7 @@ class RequestLines(Service):
         batch, self._batch = self._batch, []
         self._second = -1
         self._size = 0
-        self.write(batch)
+        self.write([(second, escaped_lines(lines)) for second, lines in batch])
 
     def write(self, batch: Batch) -> None:
         """

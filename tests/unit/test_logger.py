@@ -399,6 +399,23 @@ class TextLogObserverTests(SynchronousTestCase):
         self.assertEqual([line.split("] ", 1)[1] for line in written], lines)
         self.assertEqual(self.output.flushes, 1)
 
+    def test_long_lines_among_short(self):
+        """
+        A few very long lines among many short ones do not make a write
+        far longer than the others: each piece stays near the write size,
+        and every line is written once, in order.
+        """
+        lines = [f"short {number}" for number in range(2000)]
+        for number in range(0, 2000, 200):
+            lines[number] = f"long {number} " + "y" * 8000
+        self.observer(request_event("", WHEN, **{BATCH_KEY: [(WHEN, lines)]}))
+        for text in self.output.writes:
+            self.assertTrue(text.endswith("\n"))
+            self.assertLess(len(text), 2 * WRITE_SIZE + 300)
+        written = "".join(self.output.writes).splitlines()
+        self.assertEqual([line.split("] ", 1)[1] for line in written], lines)
+        self.assertEqual(self.output.flushes, 1)
+
 
 class TwistdLogObserverTests(SynchronousTestCase):
     """

@@ -13,11 +13,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.action import Action
 from pfxpold.chain import Decision
+from pfxpold.escape import escape
 from pfxpold.requestlog import (
     BATCH_KEY,
     REQUEST_NAMESPACE,
     EventRequestLog,
     FileRequestLog,
+    escaped_lines,
     render,
     request_line,
 )
@@ -303,6 +305,74 @@ class RequestLineTests(SynchronousTestCase):
         line = request_line(request, Decision(Action.parse("DUNNO"), "c"), 1.0)
         self.assertIn("helo=<h\\x85> from=<a\\x0db\\x1b[31m\\u2028\\\\@x>", line)
         self.assertTrue(line.isprintable())
+
+
+class EscapedLinesTests(SynchronousTestCase):
+    """
+    L{escaped_lines} escapes a batch's lines as L{request_line} escapes one,
+    testing the whole batch at once.
+    """
+
+    def test_clean(self):
+        """A batch of clean lines is returned as it is."""
+        lines = ["RCPT a[192.0.2.1]: OK (c, 0.1 ms)", "RCPT b[192.0.2.2]: DUNNO (d, 0.2 ms)"]
+        self.assertIs(escaped_lines(lines), lines)
+
+    def test_one_hostile(self):
+        """
+        A line with a control character, a line separator, a backslash or
+        a newline is escaped; the clean lines around it are kept as they are.
+        """
+        hostile = ["a\rb", "c\u2028d", "e\\f", "g\nh", "i\x85j"]
+        for line in hostile:
+            self.assertEqual(
+                escaped_lines(["clean one", line, "clean two"]),
+                ["clean one", escape(line), "clean two"],
+            )
+        self.assertEqual(escaped_lines(["a\rb", "c\nd"]), ["a\\x0db", "c\\x0ad"])
+
+    def test_empty(self):
+        """No lines, nothing to escape."""
+        self.assertEqual(escaped_lines([]), [])
+
+
+class RecordedLineTests(SynchronousTestCase):
+    """
+    A line kept by L{EventRequestLog.record} and written in a batch is
+    L{request_line}'s line for the request, whatever it holds.
+    """
+
+    def test_same_as_request_line(self):
+        """Clean, hostile, shadowed, unanswered and texted decisions alike."""
+        shadowed = Decision(Action.parse("DUNNO"), "default")
+        shadowed.shadows = [("new-rbl", "REJECT listed\r\naction=OK"), ("quota", "pending")]
+        cases = [
+            (make_request(sender="a@example.org"), Decision(Action.parse("OK"), "relay")),
+            (
+                make_request(sender="a\rb\x1b[31m\u2028\\@x", helo_name="h\x85"),
+                Decision(Action.parse("DUNNO"), "c"),
+            ),
+            (make_request(), shadowed),
+            (make_request(), Decision(None, "deadline")),
+            (make_request(), Decision(Action.parse("REJECT 5.7.1 go away"), "senders")),
+            (
+                make_request(client_name="mx.\u00e9xample.net"),
+                Decision(Action.parse("OK"), "relay"),
+            ),
+        ]
+        clock = Clock()
+        clock.advance(NOW)
+        log = EventRequestLog(clock)
+        with capturedLogs() as events:
+            for request, decision in cases:
+                log.record(request, decision, 1.25, "peer")
+            log.flush()
+        [event] = [e for e in events if BATCH_KEY in e]
+        [(_, lines)] = event[BATCH_KEY]
+        self.assertEqual(
+            lines, [request_line(request, decision, 1.25) for request, decision in cases]
+        )
+        self.assertTrue(all(line.isprintable() for line in lines))
 
 
 class RenderTests(SynchronousTestCase):
