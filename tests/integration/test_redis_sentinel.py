@@ -138,10 +138,18 @@ def test_failover_under_traffic(how: str, tmp_path: os.PathLike) -> None:
             while group.master_port() == old:
                 assert time.monotonic() < deadline, "no failover"
                 time.sleep(0.05)
+            announced = time.monotonic()
             last_bad = wait_all_ok(traffic, triggered)
         new = group.master_port()
         answers = traffic.snapshot()
-        window = [a for a in answers if triggered <= a[0] <= last_bad + 0.001]
+        # The window: until the last on_error answer, or until the daemons
+        # left the old master, which they do on the sentinels' announcement
+        # (seen here at most 50 ms late; a second allowed for their
+        # reconnection). Counts the old master took after the replica's
+        # promotion are lost when it becomes a replica (asynchronous
+        # replication, see the README), even when every answer was OK.
+        end = max(last_bad, announced + 1.0)
+        window = [a for a in answers if triggered <= a[0] <= end]
         errors = [a for a in window if a[2] != "OK"]
         assert {a[2] for a in answers} <= {"OK", ON_ERROR}, {a[2] for a in answers}
         assert max(a[1] for a in answers) < CHECK_TIMEOUT + 0.5
