@@ -118,6 +118,15 @@ class PolicyRequest(Mapping[str, str]):
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("PolicyRequest is immutable")
 
+    @property
+    def attributes(self) -> dict[str, str]:
+        """
+        The request's own dictionary, for code that reads many attributes
+        per request (a dictionary's C{get} and subscript are C calls; this
+        mapping's are Python calls). Read it; never change it.
+        """
+        return self._attributes
+
     def __getitem__(self, name: str) -> str:
         return self._attributes[name]
 

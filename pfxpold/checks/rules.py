@@ -296,7 +296,7 @@ class RulesCheck(MultiService):
         # RuleSet.candidates_of, inlined: finding the candidates is most of
         # the check's cost, and a call is a good part of that.
         mask = main.always
-        attributes = request._attributes
+        attributes = request.attributes
         try:
             for key, remembered in main.keys:
                 mask |= remembered[key(attributes)]

@@ -356,7 +356,7 @@ class RuleSet:
         mask = self.always
         # The request's own dict: PolicyRequest.get is a Python call, and
         # this loop is most of the check's cost.
-        attributes = request._attributes
+        attributes = request.attributes
         try:
             for key, remembered in self.keys:
                 mask |= remembered[key(attributes)]

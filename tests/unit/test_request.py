@@ -85,6 +85,19 @@ class PolicyRequestTests(SynchronousTestCase):
     L{PolicyRequest} is an immutable mapping with typed helpers.
     """
 
+    def test_attributes(self):
+        """
+        C{attributes} is the request's own dictionary: an adopted one itself,
+        a copy for a request made from a mapping; it cannot be replaced.
+        """
+        adopted = {"sender": "a@example.com"}
+        self.assertIs(PolicyRequest.adopt(adopted).attributes, adopted)
+        copied = {"sender": "a@example.com"}
+        request = PolicyRequest(copied)
+        self.assertEqual(request.attributes, copied)
+        self.assertIsNot(request.attributes, copied)
+        self.assertRaises(AttributeError, setattr, request, "attributes", {})
+
     def test_adopt(self):
         """
         An adopted dictionary makes a request equal to a copied one, just
