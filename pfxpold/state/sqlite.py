@@ -95,6 +95,9 @@ CREATE INDEX IF NOT EXISTS marks_expires ON marks (expires);
 CREATE TABLE IF NOT EXISTS counted (
     key BLOB PRIMARY KEY, expires REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counted_by_arrival (
+    key BLOB PRIMARY KEY, expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 #: Columns added to the triplets table after its first release: the
@@ -138,17 +141,26 @@ RETURNING count, expires
 """
 
 # A counted-once mark, set unless a live one is there: no row changed
-# means the message was counted before. Marks are keyed by a 16-byte digest
-# of their key (L{_mark_key}) and have no index on their expiry (the sweep
-# scans them): a mark is a new row per message, at a random place of the
-# tree, and what it costs is the pages each commit writes; short keys and
-# one tree halve them.
+# means the message was counted before. A mark is a new row per message,
+# and what it costs is the pages each commit writes. Marks are keyed by the
+# message's arrival (Postfix's instance tells it: L{Once.arrival}), then a
+# 16-byte digest of their key (L{_mark_key}), so that the marks of a turn,
+# arriving together, land on the last page or two of the tree instead of
+# one page each at random places; and they have no index on their expiry
+# (the sweep scans them).
 _MARK = """
-INSERT INTO counted (key, expires) VALUES (?1, ?2)
+INSERT INTO counted_by_arrival (key, expires) VALUES (?1, ?2)
 ON CONFLICT (key) DO UPDATE SET expires = excluded.expires WHERE expires <= ?3
 """
-_UNMARK = "DELETE FROM counted WHERE key = ?1 AND expires > ?2"
-_FORGET_MARK = "DELETE FROM counted WHERE key = ?1"
+_UNMARK = "DELETE FROM counted_by_arrival WHERE key = ?1 AND expires > ?2"
+_FORGET_MARK = "DELETE FROM counted_by_arrival WHERE key = ?1"
+
+# The marks of a file written before marks were kept by arrival, in the
+# table C{counted}, keyed by the digest alone (L{_legacy_mark_key}): looked
+# up too while it holds any (at most an hour, L{COUNTED_FOR}, after the
+# upgrade), so that a message counted before it is not counted again.
+_LEGACY_MARKED = "SELECT 1 FROM counted WHERE key = ?1 AND expires > ?2"
+_LEGACY_MARKS = "SELECT EXISTS (SELECT 1 FROM counted)"
 
 _EXTEND = "UPDATE counters SET expires = :expires WHERE key = :key AND expires < :expires"
 
@@ -233,8 +245,19 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
-def _mark_key(once: Once) -> bytes:
+def _legacy_mark_key(once: Once) -> bytes:
     return hashlib.blake2b(once.key.encode("utf-8"), digest_size=16).digest()
+
+
+def _mark_key(once: Once) -> bytes:
+    return once.arrival.to_bytes(8, "big") + _legacy_mark_key(once)
+
+
+def has_legacy_marks(connection: sqlite3.Connection) -> bool:
+    """
+    Whether the file holds marks kept before marks were kept by arrival.
+    """
+    return bool(connection.execute(_LEGACY_MARKS).fetchone()[0])
 
 
 def consume_in(
@@ -243,14 +266,21 @@ def consume_in(
     amount: int,
     now: float,
     once: Optional[Once] = None,
+    legacy_marks: bool = False,
 ) -> Consumption:
     if once is None:
         return _consume_in(connection, counters, amount, now)
-    if not connection.execute(_MARK, (_mark_key(once), once.expires_at, now)).rowcount:
+    if (
+        legacy_marks
+        and connection.execute(_LEGACY_MARKED, (_legacy_mark_key(once), now)).fetchone()
+    ):
+        return Consumption(True, (), repeated=True)
+    key = _mark_key(once)
+    if not connection.execute(_MARK, (key, once.expires_at, now)).rowcount:
         return Consumption(True, (), repeated=True)
     result = _consume_in(connection, counters, amount, now)
     if not result.allowed:
-        connection.execute(_FORGET_MARK, (_mark_key(once),))
+        connection.execute(_FORGET_MARK, (key,))
     return result
 
 
@@ -406,7 +436,7 @@ def whitelist_list_in(connection: sqlite3.Connection) -> list[WhitelistEntry]:
 
 def expire_in(connection: sqlite3.Connection, now: float) -> int:
     removed = 0
-    for table in ("counters", "triplets", "clients", "marks", "counted"):
+    for table in ("counters", "triplets", "clients", "marks", "counted", "counted_by_arrival"):
         removed += connection.execute(f"DELETE FROM {table} WHERE expires <= ?", (now,)).rowcount
     return removed
 
@@ -480,6 +510,10 @@ class SQLiteStore(ExpiringStore):
         self._shared_until = 0.0
         self._retry_call: Optional[IDelayedCall] = None
         self._idle_waiters: list[Deferred[None]] = []
+        #: Whether the file still holds marks of the table C{counted}
+        #: (written before marks were kept by arrival): until the sweep
+        #: has removed them all, a consume looks them up too.
+        self._legacy_marks = False
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -487,6 +521,7 @@ class SQLiteStore(ExpiringStore):
             # Opening may wait for the lock (once); from now on a statement
             # never blocks the reactor: the wait is retries from a timer.
             connection.execute("PRAGMA busy_timeout = 0")
+            self._legacy_marks = has_legacy_marks(connection)
             self._connection = connection
         return self._connection
 
@@ -736,7 +771,19 @@ class SQLiteStore(ExpiringStore):
     def consume(
         self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
     ) -> Deferred[Consumption]:
-        return self._call(consume_in, counters, amount, now, once)
+        return self._call(self._consume_in, counters, amount, now, once)
+
+    def _consume_in(
+        self,
+        connection: sqlite3.Connection,
+        counters: Sequence[Counter],
+        amount: int,
+        now: float,
+        once: Optional[Once],
+    ) -> Consumption:
+        # The file is opened by the operation: only then is it known
+        # whether it holds marks of the older table.
+        return consume_in(connection, counters, amount, now, once, self._legacy_marks)
 
     def release(
         self, counters: Sequence[Counter], amount: int, now: float, once: Optional[Once] = None
@@ -769,7 +816,13 @@ class SQLiteStore(ExpiringStore):
         )
 
     def expire(self, now: float) -> Deferred[int]:
-        return self._call(expire_in, now)
+        return self._call(self._expire_in, now)
+
+    def _expire_in(self, connection: sqlite3.Connection, now: float) -> int:
+        removed = expire_in(connection, now)
+        if self._legacy_marks:
+            self._legacy_marks = has_legacy_marks(connection)
+        return removed
 
     def counters(self, keys: Sequence[str], now: float) -> Deferred[dict[str, CounterValue]]:
         return self._call(counters_in, tuple(keys), now)

@@ -6,6 +6,7 @@ expiry timer, and the configuration of stores.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from typing import Any
@@ -428,6 +429,61 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.clock.advance(0)
         again._connection.close()
         self.assertEqual((result.allowed, result.totals), (False, (2,)))
+
+    def test_marks_kept_by_arrival(self) -> None:
+        """
+        A mark's row is keyed by the message's arrival first, so a turn's
+        marks are written in order, together: marks of messages that
+        arrived in order are in the table in that order, whatever their
+        digests.
+        """
+        for arrival in (30, 10, 20):
+            once = Once(f"{{a}}:m{arrival}", START + 600, arrival)
+            self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, once))
+        connection = self.store._connect()
+        keys = [row[0] for row in connection.execute("SELECT key FROM counted_by_arrival")]
+        self.assertEqual([int.from_bytes(key[:8], "big") for key in keys], [10, 20, 30])
+        # The arrival is not the mark's identity: the same key and arrival
+        # is the same message.
+        again = Once("{a}:m10", START + 600, 10)
+        result = self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, again))
+        self.assertTrue(result.repeated)
+
+    def test_marks_of_an_older_file(self) -> None:
+        """
+        A file written before marks were kept by arrival keeps its marks in
+        the table C{counted}, keyed by a digest alone: a message marked
+        there is not counted again, until its mark expires; once the sweep
+        has removed them all, that table is no longer read.
+        """
+        path = self.store.path
+        old = sqlite3.connect(path)
+        old.executescript(
+            "CREATE TABLE counted (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
+        )
+        once = Once("{a}:m", START + 600, 1234)
+        old.execute(
+            "INSERT INTO counted VALUES (?, ?)",
+            (hashlib.blake2b(b"{a}:m", digest_size=16).digest(), START + 600),
+        )
+        old.commit()
+        old.close()
+        store = self.store
+        repeated = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, once))
+        self.assertEqual((repeated.allowed, repeated.repeated), (True, True))
+        other = Once("{a}:other", START + 600, 1234)
+        counted = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, other))
+        self.assertEqual((counted.totals, counted.repeated), ((1,), False))
+        self.assertTrue(store._legacy_marks)
+        self.clock.advance(0)
+        self.clock.advance(601)
+        self.successResultOf(store.expire(self.clock.seconds()))
+        self.assertFalse(store._legacy_marks)
+        fresh = Once("{a}:m", self.clock.seconds() + 600, 1234)
+        later = self.successResultOf(
+            store.consume([counter("{a}", 5)], 1, self.clock.seconds(), fresh)
+        )
+        self.assertFalse(later.repeated)
 
     def test_bad_path(self) -> None:
         """
