@@ -130,14 +130,17 @@ WHERE expires > :now AND count + excluded.count <= :limit
 RETURNING count, expires
 """
 
-# The common case of _CONSUME_ONE first: a live row with room. An UPDATE
-# by primary key, positional parameters: cheaper than the upsert, which is
-# run only when this finds no row (a new window, an expired row, or no
-# room, the last two then going on to the general path).
+# The common case of _CONSUME_ONE first: a live row with room, read
+# (_READ_ONE), then added to by an UPDATE by primary key that checks the
+# same conditions again, inside the turn's write transaction: cheaper than
+# the upsert, which is run only when there is no row (a new window; an
+# expired row, or one without room, goes to the general path), and than
+# the same UPDATE with RETURNING (SQLite runs RETURNING as a trigger into
+# a temporary table: 4.1 us against 1.6 + 1.8).
+_READ_ONE = "SELECT count, expires FROM counters WHERE key = ?1"
 _ADD_ONE = """
 UPDATE counters SET count = count + ?1
 WHERE key = ?2 AND expires > ?3 AND count + ?1 <= ?4
-RETURNING count, expires
 """
 
 # A counted-once mark, set unless a live one is there: no row changed
@@ -290,8 +293,21 @@ def _consume_in(
     if len(counters) == 1:
         counter = counters[0]
         if counter.read_keys == (counter.key,):
-            row = connection.execute(_ADD_ONE, (amount, counter.key, now, counter.limit)).fetchone()
-            if row is None:
+            key, limit = counter.key, counter.limit
+            row = connection.execute(_READ_ONE, (key,)).fetchone()
+            if row is not None:
+                # With room, add; else (expired, or no room) the general
+                # path. The write lock is held: nothing changed it since.
+                count, expires = row
+                if (
+                    expires > now
+                    and count + amount <= limit
+                    and connection.execute(_ADD_ONE, (amount, key, now, limit)).rowcount
+                ):
+                    row = (count + amount, expires)
+                else:
+                    row = None
+            else:
                 row = connection.execute(
                     _CONSUME_ONE,
                     {

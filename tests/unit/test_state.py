@@ -589,12 +589,12 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
         self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 2)
         self.assertEqual(self.committed("k0"), 2)
 
-    def test_fixed_window_consume_is_one_statement(self) -> None:
+    def test_fixed_window_consume_is_two_statements(self) -> None:
         """
-        A counter reading only its own key, live and with room (the common
-        case), is checked and added to in one UPDATE; a new one is
-        inserted by a second statement; only a refusal reads the total
-        again.
+        A counter reading only its own key is read by its key, then, live
+        and with room (the common case), added to by one UPDATE that
+        checks the limit again; a new one is inserted instead; a refusal
+        reads the total by the general query, and writes nothing.
         """
         self.consume("first")
         groups = []
@@ -602,10 +602,14 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
             del self.statements[:]
             self.consume("a", 2)
             groups.append(self.statements[:])
-        self.assertEqual([len(group) for group in groups], [2, 1, 3])
-        self.assertIn("UPDATE counters", groups[1][0])
+        self.assertEqual([len(group) for group in groups], [2, 2, 2])
+        self.assertTrue(all(group[0].startswith("SELECT count, expires") for group in groups))
         self.assertIn("INSERT INTO counters", groups[0][1])
-        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
+        self.assertIn("UPDATE counters", groups[1][1])
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][1])
+        self.assertEqual(self.committed("a"), None)
+        self.clock.advance(0)
+        self.assertEqual(self.committed("a"), 2)
 
     def test_order_and_exact_limits(self) -> None:
         """
