@@ -82,27 +82,6 @@ def refuses(action: Optional[Action]) -> bool:
     return verb in REFUSING_VERBS or (len(verb) == 3 and verb[0] in "45" and verb.isdigit())
 
 
-_HEX_DIGITS = "0123456789abcdefABCDEF"
-
-
-def arrival_of(instance: str) -> int:
-    """
-    When the message of Postfix's C{instance} arrived, in microseconds, or
-    0 when C{instance} is not Postfix's: smtpd makes it
-    C{pid.seconds.microseconds.sequence} in hexadecimal at MAIL FROM. Only
-    where a store keeps the message's mark depends on it (L{Once.arrival}).
-    """
-    fields = instance.split(".", 3)
-    if len(fields) < 3:
-        return 0
-    seconds, microseconds = fields[1], fields[2]
-    if not (0 < len(seconds) <= 12 and 0 < len(microseconds) <= 5):
-        return 0
-    if (seconds + microseconds).strip(_HEX_DIGITS):
-        return 0
-    return (int(seconds, 16) * 1_000_000 + int(microseconds, 16)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def answer_of(stored: Deferred[Consumption], decide: Callable[[Any], Any]) -> Any:
     """
     The check's answer from the store's Deferred: C{decide(outcome)} (the
@@ -573,7 +552,7 @@ class QuotaCheck(DegradableCheck):
         """
         digest = hashlib.sha256("\0".join(token).encode("utf-8", "replace")).hexdigest()[:32]
         tagged = self.key_prefix(identity)[len("quota") :]
-        return Once(f"counted{tagged}:{digest}", now + COUNTED_FOR, arrival_of(token[0]))
+        return Once(f"counted{tagged}:{digest}", now + COUNTED_FOR, token[0])
 
     def _text(
         self, window: Window, count: int, identity: str, maximum: Optional[int] = None
@@ -818,7 +797,10 @@ class QuotaCheck(DegradableCheck):
         return answer_of(self.store.consume(counters, 0, now), answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
-        if request.protocol_state != self.stage:
+        # Every request the chain answers comes here, most of them never
+        # counted (another check answered first, another stage): with no
+        # message in flight there is nothing to look up.
+        if not self._reservations or request.protocol_state != self.stage:
             return
         token = self._token(request)
         reservation = self._reservations.get(token) if token is not None else None

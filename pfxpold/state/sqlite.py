@@ -146,7 +146,7 @@ WHERE key = ?2 AND expires > ?3 AND count + ?1 <= ?4
 # A counted-once mark, set unless a live one is there: no row changed
 # means the message was counted before. A mark is a new row per message,
 # and what it costs is the pages each commit writes. Marks are keyed by the
-# message's arrival (Postfix's instance tells it: L{Once.arrival}), then a
+# message's arrival (Postfix's instance tells it: L{arrival_of}), then a
 # 16-byte digest of their key (L{_mark_key}), so that the marks of a turn,
 # arriving together, land on the last page or two of the tree instead of
 # one page each at random places; and they have no index on their expiry
@@ -248,12 +248,33 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
+_HEX_DIGITS = "0123456789abcdefABCDEF"
+
+
+def arrival_of(instance: str) -> int:
+    """
+    When the message of Postfix's C{instance} arrived, in microseconds, or
+    0 when C{instance} is not Postfix's: smtpd makes it
+    C{pid.seconds.microseconds.sequence} in hexadecimal at MAIL FROM. Only
+    where the message's mark is kept depends on it (L{_mark_key}).
+    """
+    fields = instance.split(".", 3)
+    if len(fields) < 3:
+        return 0
+    seconds, microseconds = fields[1], fields[2]
+    if not (0 < len(seconds) <= 12 and 0 < len(microseconds) <= 5):
+        return 0
+    if (seconds + microseconds).strip(_HEX_DIGITS):
+        return 0
+    return (int(seconds, 16) * 1_000_000 + int(microseconds, 16)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def _legacy_mark_key(once: Once) -> bytes:
     return hashlib.blake2b(once.key.encode("utf-8"), digest_size=16).digest()
 
 
 def _mark_key(once: Once) -> bytes:
-    return once.arrival.to_bytes(8, "big") + _legacy_mark_key(once)
+    return arrival_of(once.instance).to_bytes(8, "big") + _legacy_mark_key(once)
 
 
 def has_legacy_marks(connection: sqlite3.Connection) -> bool:

@@ -38,7 +38,7 @@ from pfxpold.state import (
 )
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
-from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore
+from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore, arrival_of
 from tests.unit.tempdir import temporary_path
 
 START = 1_800_000_000.0
@@ -430,6 +430,18 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         again._connection.close()
         self.assertEqual((result.allowed, result.totals), (False, (2,)))
 
+    def test_arrival_of(self) -> None:
+        """
+        A Postfix instance (pid.seconds.microseconds.sequence, hexadecimal)
+        tells when its message arrived, in microseconds; anything else
+        tells nothing (0), and never fails.
+        """
+        self.assertEqual(arrival_of("7ee1.6b05ccb5.7a08.0"), 0x6B05CCB5 * 1_000_000 + 0x7A08)
+        self.assertEqual(arrival_of("7ee1.6b05ccb5.f423f.0"), 0x6B05CCB5 * 1_000_000 + 999999)
+        for instance in ("", "abc", "1.2", "1.zz.3.4", "1..3.4", "1.2.123456.0", "1.2.-3.0"):
+            self.assertEqual(arrival_of(instance), 0, instance)
+        self.assertEqual(arrival_of("1." + "f" * 12 + ".f.0") >> 63, 0)
+
     def test_marks_kept_by_arrival(self) -> None:
         """
         A mark's row is keyed by the message's arrival first, so a turn's
@@ -437,15 +449,18 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         arrived in order are in the table in that order, whatever their
         digests.
         """
-        for arrival in (30, 10, 20):
-            once = Once(f"{{a}}:m{arrival}", START + 600, arrival)
+        for seconds in (30, 10, 20):
+            once = Once(f"{{a}}:m{seconds}", START + 600, f"7ee1.{seconds:x}.5.0")
             self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, once))
         connection = self.store._connect()
         keys = [row[0] for row in connection.execute("SELECT key FROM counted_by_arrival")]
-        self.assertEqual([int.from_bytes(key[:8], "big") for key in keys], [10, 20, 30])
-        # The arrival is not the mark's identity: the same key and arrival
-        # is the same message.
-        again = Once("{a}:m10", START + 600, 10)
+        self.assertEqual(
+            [int.from_bytes(key[:8], "big") for key in keys],
+            [seconds * 1_000_000 + 5 for seconds in (10, 20, 30)],
+        )
+        # The arrival is not the mark's identity: the same key and
+        # instance is the same message.
+        again = Once("{a}:m10", START + 600, "7ee1.a.5.0")
         result = self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, again))
         self.assertTrue(result.repeated)
 
@@ -461,7 +476,7 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         old.executescript(
             "CREATE TABLE counted (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
         )
-        once = Once("{a}:m", START + 600, 1234)
+        once = Once("{a}:m", START + 600, "7ee1.6b05ccb5.7a08.0")
         old.execute(
             "INSERT INTO counted VALUES (?, ?)",
             (hashlib.blake2b(b"{a}:m", digest_size=16).digest(), START + 600),
@@ -471,7 +486,7 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         store = self.store
         repeated = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, once))
         self.assertEqual((repeated.allowed, repeated.repeated), (True, True))
-        other = Once("{a}:other", START + 600, 1234)
+        other = Once("{a}:other", START + 600, "7ee1.6b05ccb5.7a08.0")
         counted = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, other))
         self.assertEqual((counted.totals, counted.repeated), ((1,), False))
         self.assertTrue(store._legacy_marks)
@@ -479,7 +494,7 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.clock.advance(601)
         self.successResultOf(store.expire(self.clock.seconds()))
         self.assertFalse(store._legacy_marks)
-        fresh = Once("{a}:m", self.clock.seconds() + 600, 1234)
+        fresh = Once("{a}:m", self.clock.seconds() + 600, "7ee1.6b05ccb5.7a08.0")
         later = self.successResultOf(
             store.consume([counter("{a}", 5)], 1, self.clock.seconds(), fresh)
         )
