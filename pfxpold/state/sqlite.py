@@ -248,25 +248,25 @@ def open_database(path: str, busy_timeout: float) -> sqlite3.Connection:
     return connection
 
 
-_HEX_DIGITS = "0123456789abcdefABCDEF"
-
-
 def arrival_of(instance: str) -> int:
     """
-    When the message of Postfix's C{instance} arrived, in microseconds, or
-    0 when C{instance} is not Postfix's: smtpd makes it
-    C{pid.seconds.microseconds.sequence} in hexadecimal at MAIL FROM. Only
-    where the message's mark is kept depends on it (L{_mark_key}).
+    When the message of Postfix's C{instance} arrived, in microseconds,
+    from 0 to 2 ** 63 - 1: smtpd makes it C{pid.seconds.microseconds.sequence}
+    in hexadecimal at MAIL FROM. Only where the message's mark is kept
+    depends on it (L{_mark_key}), never whether the message is counted: any
+    other C{instance} gives 0 (or, when it looks enough like one, some
+    other number).
     """
-    fields = instance.split(".", 3)
-    if len(fields) < 3:
-        return 0
-    seconds, microseconds = fields[1], fields[2]
-    if not (0 < len(seconds) <= 12 and 0 < len(microseconds) <= 5):
-        return 0
-    if (seconds + microseconds).strip(_HEX_DIGITS):
-        return 0
-    return (int(seconds, 16) * 1_000_000 + int(microseconds, 16)) & 0x7FFF_FFFF_FFFF_FFFF
+    try:
+        _, seconds, microseconds, _ = instance.split(".")
+        if len(seconds) <= 12 and len(microseconds) <= 5:
+            return (int(seconds, 16) * 1_000_000 + int(microseconds, 16)) & _ARRIVAL_MASK
+    except ValueError:
+        pass
+    return 0
+
+
+_ARRIVAL_MASK = 2**63 - 1
 
 
 def _legacy_mark_key(once: Once) -> bytes:
