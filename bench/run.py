@@ -145,8 +145,12 @@ def make_requests(count: int, seed: int = 6, population: Population = Population
             helo_name=name,
             sender=sender_of(rng.randrange(population.senders), population),
             recipient=recipient_of(rng.randrange(population.recipients), population),
-            # The load generator makes every request a new message.
-            instance=f"{number:x}.{rng.getrandbits(32):08x}.{rng.getrandbits(20):05x}.{STAMP}",
+            # The load generator makes every request a new message. The
+            # shape is Postfix's, pid.seconds.microseconds.sequence, its
+            # stamp standing for the arrival time: it grows from request to
+            # request, as Postfix's arrival times do (the SQLite store keeps
+            # quota marks in that order).
+            instance=f"{rng.getrandbits(16):x}.{STAMP}.{rng.randrange(1000000):x}.{number:x}",
         )
         if stage != "rcpt":
             attributes["queue_id"] = f"4Q{rng.getrandbits(40):010X}"

@@ -552,7 +552,7 @@ class QuotaCheck(DegradableCheck):
         """
         digest = hashlib.sha256("\0".join(token).encode("utf-8", "replace")).hexdigest()[:32]
         tagged = self.key_prefix(identity)[len("quota") :]
-        return Once(f"counted{tagged}:{digest}", now + COUNTED_FOR)
+        return Once(f"counted{tagged}:{digest}", now + COUNTED_FOR, token[0])
 
     def _text(
         self, window: Window, count: int, identity: str, maximum: Optional[int] = None
@@ -797,7 +797,10 @@ class QuotaCheck(DegradableCheck):
         return answer_of(self.store.consume(counters, 0, now), answer)
 
     def decided(self, request: PolicyRequest, action: Optional[Action]) -> None:
-        if request.protocol_state != self.stage:
+        # Every request the chain answers comes here, most of them never
+        # counted (another check answered first, another stage): with no
+        # message in flight there is nothing to look up.
+        if not self._reservations or request.protocol_state != self.stage:
             return
         token = self._token(request)
         reservation = self._reservations.get(token) if token is not None else None

@@ -96,10 +96,16 @@ class Once:
         goes with (see L{pfxpold.checks.quota.QuotaCheck.once}), so one
         Redis Cluster slot holds both.
     @ivar expires_at: when the mark may be forgotten.
+    @ivar instance: the message's Postfix C{instance}, when known: not
+        part of the mark's identity (the same message always carries the
+        same), only where a store keeps it. The SQLite store keeps marks in
+        the order of the arrival time it tells, so that a turn's new marks
+        land on one page rather than one each.
     """
 
     key: str
     expires_at: float
+    instance: str = ""
 
 
 @dataclass(frozen=True)

@@ -165,7 +165,7 @@ class Pending:
         if not live and self.once.expires_at <= now:
             return None
         expires = max([self.once.expires_at, now + MARK_GRACE] + [c.expires_at for c in live])
-        return live, Once(self.once.key, expires)
+        return live, Once(self.once.key, expires, self.once.instance)
 
 
 @dataclass(frozen=True)

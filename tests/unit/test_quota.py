@@ -305,6 +305,17 @@ class QuotaTests(CheckTestCase):
         for value in ("OK", "DUNNO", "HOLD", "PREPEND X-A: b", "DEFER_IF_REJECT x", "WARN x"):
             self.assertFalse(refuses(Action.parse(value)), value)
 
+    def test_mark_carries_instance(self) -> None:
+        """
+        The mark of a message carries its Postfix instance (where the
+        SQLite store keeps it), and the same message always the same mark.
+        """
+        check = self.make(key=["sender"], stage="RCPT", unit="recipients")
+        token = ("7ee1.6b05ccb5.7a08.0", "192.0.2.1", "bob@example.com")
+        first = check.once("alice@example.com", token, START)
+        self.assertEqual(first.instance, token[0])
+        self.assertEqual(first, check.once("alice@example.com", token, START))
+
     def test_key_parts(self) -> None:
         """
         The key can be any of the request parts or a combination; the

@@ -6,6 +6,7 @@ expiry timer, and the configuration of stores.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 from typing import Any
@@ -37,7 +38,7 @@ from pfxpold.state import (
 )
 from pfxpold.state.memory import MemoryStore
 from pfxpold.state.redis import RedisStore
-from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore
+from pfxpold.state.sqlite import LOCK_RETRY, SHARED_FOR, SQLiteStore, arrival_of
 from tests.unit.tempdir import temporary_path
 
 START = 1_800_000_000.0
@@ -429,6 +430,86 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         again._connection.close()
         self.assertEqual((result.allowed, result.totals), (False, (2,)))
 
+    def test_arrival_of(self) -> None:
+        """
+        A Postfix instance (pid.seconds.microseconds.sequence, hexadecimal)
+        tells when its message arrived, in microseconds; anything else
+        tells 0, or a number in the same range, and never fails.
+        """
+        self.assertEqual(arrival_of("7ee1.6b05ccb5.7a08.0"), 0x6B05CCB5 * 1_000_000 + 0x7A08)
+        self.assertEqual(arrival_of("7ee1.6b05ccb5.f423f.0"), 0x6B05CCB5 * 1_000_000 + 999999)
+        for instance in (
+            "",
+            "abc",
+            "1.2",
+            "1.2.3",
+            "1.zz.3.4",
+            "1..3.4",
+            "1.2.123456.0",
+            "1.2.3.4.5",
+        ):
+            self.assertEqual(arrival_of(instance), 0, instance)
+        for instance in ("1." + "f" * 12 + ".f.0", "1.-3.-4.0", "1.2_0.3.4"):
+            self.assertTrue(0 <= arrival_of(instance) < 2**63, instance)
+
+    def test_marks_kept_by_arrival(self) -> None:
+        """
+        A mark's row is keyed by the message's arrival first, so a turn's
+        marks are written in order, together: marks of messages that
+        arrived in order are in the table in that order, whatever their
+        digests.
+        """
+        for seconds in (30, 10, 20):
+            once = Once(f"{{a}}:m{seconds}", START + 600, f"7ee1.{seconds:x}.5.0")
+            self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, once))
+        connection = self.store._connect()
+        keys = [row[0] for row in connection.execute("SELECT key FROM counted_by_arrival")]
+        self.assertEqual(
+            [int.from_bytes(key[:8], "big") for key in keys],
+            [seconds * 1_000_000 + 5 for seconds in (10, 20, 30)],
+        )
+        # The arrival is not the mark's identity: the same key and
+        # instance is the same message.
+        again = Once("{a}:m10", START + 600, "7ee1.a.5.0")
+        result = self.successResultOf(self.store.consume([counter("{a}", 5)], 1, START, again))
+        self.assertTrue(result.repeated)
+
+    def test_marks_of_an_older_file(self) -> None:
+        """
+        A file written before marks were kept by arrival keeps its marks in
+        the table C{counted}, keyed by a digest alone: a message marked
+        there is not counted again, until its mark expires; once the sweep
+        has removed them all, that table is no longer read.
+        """
+        path = self.store.path
+        old = sqlite3.connect(path)
+        old.executescript(
+            "CREATE TABLE counted (key BLOB PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;"
+        )
+        once = Once("{a}:m", START + 600, "7ee1.6b05ccb5.7a08.0")
+        old.execute(
+            "INSERT INTO counted VALUES (?, ?)",
+            (hashlib.blake2b(b"{a}:m", digest_size=16).digest(), START + 600),
+        )
+        old.commit()
+        old.close()
+        store = self.store
+        repeated = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, once))
+        self.assertEqual((repeated.allowed, repeated.repeated), (True, True))
+        other = Once("{a}:other", START + 600, "7ee1.6b05ccb5.7a08.0")
+        counted = self.successResultOf(store.consume([counter("{a}", 5)], 1, START, other))
+        self.assertEqual((counted.totals, counted.repeated), ((1,), False))
+        self.assertTrue(store._legacy_marks)
+        self.clock.advance(0)
+        self.clock.advance(601)
+        self.successResultOf(store.expire(self.clock.seconds()))
+        self.assertFalse(store._legacy_marks)
+        fresh = Once("{a}:m", self.clock.seconds() + 600, "7ee1.6b05ccb5.7a08.0")
+        later = self.successResultOf(
+            store.consume([counter("{a}", 5)], 1, self.clock.seconds(), fresh)
+        )
+        self.assertFalse(later.repeated)
+
     def test_bad_path(self) -> None:
         """
         A database that cannot be opened fails the operation with a
@@ -533,12 +614,12 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
         self.assertEqual(self.statements.count("BEGIN IMMEDIATE"), 2)
         self.assertEqual(self.committed("k0"), 2)
 
-    def test_fixed_window_consume_is_one_statement(self) -> None:
+    def test_fixed_window_consume_is_two_statements(self) -> None:
         """
-        A counter reading only its own key, live and with room (the common
-        case), is checked and added to in one UPDATE; a new one is
-        inserted by a second statement; only a refusal reads the total
-        again.
+        A counter reading only its own key is read by its key, then, live
+        and with room (the common case), added to by one UPDATE that
+        checks the limit again; a new one is inserted instead; a refusal
+        reads the total by the general query, and writes nothing.
         """
         self.consume("first")
         groups = []
@@ -546,10 +627,14 @@ class SQLiteTurnCommitTests(SynchronousTestCase):
             del self.statements[:]
             self.consume("a", 2)
             groups.append(self.statements[:])
-        self.assertEqual([len(group) for group in groups], [2, 1, 3])
-        self.assertIn("UPDATE counters", groups[1][0])
+        self.assertEqual([len(group) for group in groups], [2, 2, 2])
+        self.assertTrue(all(group[0].startswith("SELECT count, expires") for group in groups))
         self.assertIn("INSERT INTO counters", groups[0][1])
-        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][2])
+        self.assertIn("UPDATE counters", groups[1][1])
+        self.assertIn("SELECT COALESCE(SUM(count)", groups[2][1])
+        self.assertEqual(self.committed("a"), None)
+        self.clock.advance(0)
+        self.assertEqual(self.committed("a"), 2)
 
     def test_order_and_exact_limits(self) -> None:
         """
