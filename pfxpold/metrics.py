@@ -369,12 +369,6 @@ class Metrics:
         self._check_figures(name).observe(self._seconds() - started)
         _bump(self.check_errors, (name, "deadline"))
 
-    def check_degraded(self, name: str, degraded: bool) -> None:
-        """
-        Check C{name} entered or left degraded mode (its gauge is read from
-        the check when scraped).
-        """
-
     def check_reconciled(self, name: str, amount: int) -> None:
         """
         Check C{name} added C{amount} counted locally to its store.

@@ -301,7 +301,7 @@ class RulesCheck(MultiService):
             for key, remembered in main.keys:
                 mask |= remembered[key(attributes)]
         except KeyError:
-            mask = main.candidates_of(request)
+            mask = main.candidates_without(attributes)
         if not mask:
             return DUNNO
         # The common case first: the first candidate only answers, always

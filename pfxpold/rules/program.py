@@ -361,10 +361,18 @@ class RuleSet:
             for key, remembered in self.keys:
                 mask |= remembered[key(attributes)]
         except KeyError:
-            # An attribute is missing: Postfix's empty value.
-            mask = self.always
-            for remembered in self._sources:
-                mask |= remembered[remembered.key_of(attributes)]
+            return self.candidates_without(attributes)
+        return mask
+
+    def candidates_without(self, attributes: dict[str, str]) -> int:
+        """
+        L{candidates_of} for a request that lacks an attribute the index
+        reads (its keys read it as Postfix's empty value): each source
+        read on its own.
+        """
+        mask = self.always
+        for remembered in self._sources:
+            mask |= remembered[remembered.key_of(attributes)]
         return mask
 
     def candidates(self, facts: Facts) -> int:

@@ -198,8 +198,9 @@ class Outage:
         L{LOCAL}), else L{None}.
     @ivar journal: local counts not yet in the shared store, by mark key.
     @ivar reconciled: the amount reconciled since the check was built.
-    @ivar observer: who is told of changes (L{pfxpold.metrics.Metrics}), or
-        L{None}.
+    @ivar observer: who is told what was reconciled
+        (L{pfxpold.metrics.Metrics}), or L{None}; whether the check is
+        degraded is read from L{active} when the metrics are scraped.
     """
 
     _log = Logger()
@@ -364,7 +365,6 @@ class Outage:
             interval=self.settings.probe_interval,
             degraded=True,
         )
-        self._changed()
         self._schedule()
 
     # While degraded
@@ -511,11 +511,6 @@ class Outage:
             took=round(took, 3),
             degraded=False,
         )
-        self._changed()
-
-    def _changed(self) -> None:
-        if self.observer is not None:
-            self.observer.check_degraded(self.check, self.active)
 
 
 def _first_error(failure: Failure) -> Failure:
