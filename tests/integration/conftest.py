@@ -43,15 +43,10 @@ def lookup_mariadb() -> Iterator:
     account with the password of C{server.password_file} (C{server.settings()}
     gives the sql check's keys); stopped at the end of the session.
     """
-    from tests.integration.lookup_mariadb import MariaDBServer
+    from tests.integration.lookup_mariadb import running_relay_acl
 
-    server = MariaDBServer()
-    try:
-        server.start()
-        server.load_relay_acl()
+    with running_relay_acl() as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import pymysql
@@ -255,3 +257,18 @@ class MariaDBServer:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextmanager
+def running_relay_acl(tls: bool = False) -> Iterator[MariaDBServer]:
+    """
+    A private MariaDB server (with TLS required, when C{tls}),
+    holding the relay-ACL table, stopped and removed at the end of the block.
+    """
+    server = MariaDBServer(tls)
+    try:
+        server.start()
+        server.load_relay_acl()
+        yield server
+    finally:
+        server.cleanup()

@@ -29,15 +29,10 @@ def tls_mariadb() -> Iterator:
     signed by its own CA and C{require_secure_transport=ON}, holding the
     relay-ACL table; stopped at the end of the module.
     """
-    from tests.integration.lookup_mariadb import MariaDBServer
+    from tests.integration.lookup_mariadb import running_relay_acl
 
-    server = MariaDBServer(tls=True)
-    try:
-        server.start()
-        server.load_relay_acl()
+    with running_relay_acl(tls=True) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(scope="module")

@@ -70,10 +70,10 @@ class BrokenFile:
         pass
 
 
-class CaptureWriterTests(SynchronousTestCase):
+class CaptureTestCase(SynchronousTestCase):
     """
-    L{CaptureWriter} keeps answered requests and writes them as JSON lines
-    on its timer, when enough wait, and when it stops.
+    A capture file's path in a directory of the test's own, a clock at
+    C{NOW}, and a decision with two checks' verdicts.
     """
 
     def setUp(self):
@@ -86,6 +86,13 @@ class CaptureWriterTests(SynchronousTestCase):
             "senders",
             [("clients", "DUNNO"), ("senders", "REJECT go away")],
         )
+
+
+class CaptureWriterTests(CaptureTestCase):
+    """
+    L{CaptureWriter} keeps answered requests and writes them as JSON lines
+    on its timer, when enough wait, and when it stops.
+    """
 
     def writer(self, **settings):
         writer = CaptureWriter(

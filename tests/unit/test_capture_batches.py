@@ -21,9 +21,9 @@ from pfxpold.request import PolicyRequest
 from pfxpold.testing import make_request
 
 from .tempdir import temporary_directory
+from .test_capture import NOW, CaptureTestCase
 
 #: 2026-11-24 21:00:00 UTC, well inside a second.
-NOW = 1795554000.25
 
 #: Values that JSON must escape, or that look like the separators a batch
 #: joins values with, or that are merely long.
@@ -63,22 +63,11 @@ def expected_line(request, decision, started):
     )
 
 
-class BatchTests(SynchronousTestCase):
+class BatchTests(CaptureTestCase):
     """
     L{CaptureWriter} keeps requests as strings and makes their lines a
     batch at a time.
     """
-
-    def setUp(self):
-        self.directory = temporary_directory(self)
-        self.path = os.path.join(self.directory, "capture.jsonl")
-        self.clock = Clock()
-        self.clock.advance(NOW)
-        self.decision = Decision(
-            Action.parse("REJECT go away"),
-            "senders",
-            [("clients", "DUNNO"), ("senders", "REJECT go away")],
-        )
 
     def writer(self, **arguments):
         writer = CaptureWriter(CaptureSettings(self.path), self.clock, **arguments)
