@@ -54,6 +54,22 @@ def check_lines(log: str, check: str = "relay-acl") -> list[str]:
     return [line for line in log.splitlines() if f"check {check}" in line]
 
 
+def assert_refused(log: str, count: int, reason: str, *secrets: str) -> None:
+    """
+    C{log} has C{count} failures of the check, each one line giving
+    C{reason} and the on_error answer, no traceback, and none of
+    C{secrets}.
+    """
+    lines = check_lines(log)
+    assert len(lines) == count, log
+    for line in lines:
+        assert reason in line
+        assert "on_error=DEFER" in line
+    assert "Traceback" not in log
+    for secret in secrets:
+        assert secret not in log
+
+
 def server_status(server) -> dict[str, int]:
     """The server's counters of refused logins and of connections that ended before one."""
     rows = server.execute(
@@ -110,16 +126,15 @@ def test_wrong_password(tmp_path, lookup_mariadb):
         for _ in range(3):
             assert client.ask(ALLOWED) == DEFER
         log = daemon.log()
-    lines = check_lines(log)
-    assert len(lines) == 3, log
-    for line in lines:
-        assert "Access denied for user 'pfxpold'@'127.0.0.1' (using password: YES)" in line
-        assert "on_error=DEFER" in line
+    assert_refused(
+        log,
+        3,
+        "Access denied for user 'pfxpold'@'127.0.0.1' (using password: YES)",
+        wrong,
+        lookup_mariadb.password,
+    )
     # Answered from the refusal, not after waiting for the check's timeout.
     assert "timed out" not in log
-    assert "Traceback" not in log
-    assert wrong not in log
-    assert lookup_mariadb.password not in log
 
 
 def test_unix_socket(tmp_path, lookup_mariadb):
@@ -202,13 +217,7 @@ def test_tls_wrong_ca(tmp_path, tls_mariadb, other_ca):
         for _ in range(2):
             assert client.ask(ALLOWED) == DEFER
         log = daemon.log()
-    lines = check_lines(log)
-    assert len(lines) == 2, log
-    for line in lines:
-        assert "certificate verify failed" in line
-        assert "on_error=DEFER" in line
-    assert "Traceback" not in log
-    assert tls_mariadb.password not in log
+    assert_refused(log, 2, "certificate verify failed", tls_mariadb.password)
     # Refused before the login was sent: the server counts connections
     # that ended before authentication, and no refused login.
     after = wait_for_status(tls_mariadb, "Aborted_connects_preauth", before)
