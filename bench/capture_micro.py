@@ -37,9 +37,8 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
 import run as bench  # noqa: E402
-from twisted.internet.address import IPv4Address  # noqa: E402
+from core_bench import CONNECTIONS, memory_connections  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
 
 from pfxpold.capture import CaptureWriter  # noqa: E402
 from pfxpold.config import CaptureSettings, Configuration, load_configuration  # noqa: E402
@@ -47,18 +46,9 @@ from pfxpold.protocol import Limits, PolicyFactory  # noqa: E402
 from pfxpold.request import PolicyRequest  # noqa: E402
 from pfxpold.requestlog import FileRequestLog  # noqa: E402
 
-CONNECTIONS = 128
-
 #: Distinct requests in the record measure.
 DISTINCT = 64
 
-MAP_CHECK = """
-[[check]]
-name = "senders"
-type = "file"
-map = "senders.map"
-lookup = ["sender"]
-"""
 
 
 def configuration(directory: str, clock: Clock) -> Configuration:
@@ -68,7 +58,7 @@ def configuration(directory: str, clock: Clock) -> Configuration:
     bench.write_access_map(os.path.join(directory, "senders.map"), bench.Population())
     path = os.path.join(directory, "pfxpold.toml")
     with open(path, "w") as f:
-        f.write(MAP_CHECK)
+        f.write(bench.MAP_CHECK)
     loaded = load_configuration(path, clock)
     for service in loaded.services:
         service.startService()
@@ -176,12 +166,7 @@ def protocol_rounds(
         writer.startService()
         factory.capture = writer
         factory.log_verdicts = False
-    connections = []
-    for number in range(CONNECTIONS):
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number))
-        protocol.makeConnection(transport)
-        connections.append((protocol, transport))
+    connections = memory_connections(factory)
     blocks = [
         b"".join(b"%s=%s\n" % (name.encode(), value.encode()) for name, value in request.items())
         + b"\n"

@@ -37,6 +37,20 @@ from pfxpold.testing import fixture_bytes
 CONNECTIONS = 128
 
 
+def memory_connections(factory: PolicyFactory, count: int = CONNECTIONS) -> list[Any]:
+    """
+    C{count} connections of C{factory}'s protocol, each over a
+    L{StringTransport} with a peer of its own: C{(protocol, transport)}.
+    """
+    connections = []
+    for number in range(count):
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number))
+        protocol.makeConnection(transport)
+        connections.append((protocol, transport))
+    return connections
+
+
 @implementer(ICheck)
 class Sync:
     def check(self, request: PolicyRequest) -> Action:
@@ -74,12 +88,7 @@ def rounds(mode: str) -> tuple[Callable[[], None], int]:
         reactor,
     )
     factory = PolicyFactory(chain, reactor, Limits(), log_requests=False)
-    connections = []
-    for number in range(CONNECTIONS):
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number))
-        protocol.makeConnection(transport)
-        connections.append((protocol, transport))
+    connections = memory_connections(factory)
     request = fixture_bytes("rcpt")
     requests = [request.replace(b"sender=", b"sender=u%d" % n, 1) for n in range(CONNECTIONS)]
     turns = 100

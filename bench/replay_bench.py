@@ -38,13 +38,6 @@ capture = "capture.jsonl"
 capture_max_bytes = 10000000000
 """
 
-MAP_CHECK = """
-[[check]]
-name = "senders"
-type = "file"
-map = "senders.map"
-lookup = ["sender"]
-"""
 
 STATEFUL = """
 [[check]]
@@ -71,7 +64,7 @@ def write_capture(directory: str, count: int, interval: float) -> str:
     bench.write_access_map(os.path.join(directory, "senders.map"), bench.Population())
     config = os.path.join(directory, "pfxpold.toml")
     with open(config, "w") as f:
-        f.write(CAPTURE + MAP_CHECK)
+        f.write(CAPTURE + bench.MAP_CHECK)
     clock = Clock()
     clock.advance(1_764_806_400)
     configuration = load_configuration(config, clock)
@@ -108,10 +101,10 @@ def main() -> None:
     )
     stateful = os.path.join(directory, "stateful.toml")
     with open(stateful, "w") as f:
-        f.write(MAP_CHECK + STATEFUL)
+        f.write(bench.MAP_CHECK + STATEFUL)
     same = os.path.join(directory, "same.toml")
     with open(same, "w") as f:
-        f.write(MAP_CHECK)
+        f.write(bench.MAP_CHECK)
     for name, config in (("same map", same), ("map + greylist + quota", stateful)):
         began = time.perf_counter()
         result = subprocess.run(
