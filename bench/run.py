@@ -912,6 +912,19 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+def descendants_of(pid: int) -> list[int]:
+    """
+    The PIDs of C{pid}'s children, their children, and so on.
+    """
+    found = []
+    waiting = [pid]
+    while waiting:
+        for child in children_of(waiting.pop()):
+            found.append(child)
+            waiting.append(child)
+    return found
+
+
 def memory_kb(pids: list[int], field_name: str) -> int:
     """
     The sum of one /proc/PID/status field (VmRSS, VmHWM) over C{pids}, in kB.
@@ -1029,6 +1042,9 @@ def start_server(scenario: Scenario, root: str, requests: list[dict]) -> Server:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{scenario.name}: workers did not start serving")
             time.sleep(0.1)
+    # Every process serving the scenario counts, the capture's writer
+    # processes too (each pfxpold process forks one).
+    pids = [process.pid] + descendants_of(process.pid)
     return Server(scenario, directory, port, records, process, pids)
 
 

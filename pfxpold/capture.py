@@ -307,6 +307,7 @@ class CaptureWriter(Service):
         flush_interval: float = FLUSH_INTERVAL,
         max_buffered: int = MAX_BUFFERED,
         batch: int = BATCH,
+        describe: Callable[[Any], dict[str, dict[str, str]]] = check_fingerprints,
     ) -> None:
         """
         @param checks: gives the configuration in force (read at each
@@ -319,6 +320,8 @@ class CaptureWriter(Service):
             pass a function that runs it at once.
         @param batch: how many requests are kept as they came before they
             are encoded together (at most C{max_buffered}).
+        @param describe: gives the header's C{checks} from what C{checks}
+            returned (the writer process is handed them ready made).
         """
         self.settings = settings
         # Written as bytes: the values' check encodes them anyway, and a text
@@ -327,6 +330,7 @@ class CaptureWriter(Service):
         self.rotated: list[str] = []
         self._clock = clock
         self._checks = checks
+        self._describe = describe
         if key is None and settings.hash_local_parts:
             key = redaction_key()
         self._redact = Redactor(key or b"", settings.hash_local_parts, settings.drop)
@@ -402,7 +406,9 @@ class CaptureWriter(Service):
 
     # Requests
 
-    def record(self, request: PolicyRequest, decision: Any, started: float) -> None:
+    def record(
+        self, request: PolicyRequest, decision: Any, started: float, block: bytes = b""
+    ) -> None:
         """
         Keep an answered request for the next write. The protocol calls
         this after the answer is written to the connection.
@@ -418,6 +424,8 @@ class CaptureWriter(Service):
 
         @param decision: the L{pfxpold.chain.Decision} answered.
         @param started: when the request was complete.
+        @param block: the request's lines as they came (not used here: the
+            writer process, L{pfxpold.captureprocess}, takes them).
         """
         try:
             attributes: Mapping[str, str] = self._redact(request) if self._redacting else request
@@ -583,7 +591,7 @@ class CaptureWriter(Service):
         header: dict[str, Any] = {
             "pfxpold_capture": FORMAT,
             "t": round(self._clock.seconds(), 3),
-            "checks": check_fingerprints(configuration) if configuration is not None else {},
+            "checks": self._describe(configuration) if configuration is not None else {},
             "names": list(self._names or ()),
             "redacted": {
                 "hash_local_parts": self.settings.hash_local_parts,

@@ -509,6 +509,8 @@ class CaptureSettings:
     @ivar hash_local_parts: whether the local parts of addresses are
         replaced by a keyed hash.
     @ivar drop: attributes left out of the capture.
+    @ivar process: whether a process of its own (forked at start) encodes
+        and writes the capture, off the daemon's answering core.
     """
 
     path: str
@@ -517,6 +519,7 @@ class CaptureSettings:
     compress: bool = False
     hash_local_parts: bool = False
     drop: tuple[str, ...] = ()
+    process: bool = True
 
 
 @dataclass
@@ -898,6 +901,7 @@ def _capture_settings(server: _Table, path: Optional[str]) -> Optional[CaptureSe
         "capture_compress",
         "capture_hash_local_parts",
         "capture_drop",
+        "capture_process",
     )
     capture = server.string("capture", None)
     if capture is None:
@@ -921,6 +925,7 @@ def _capture_settings(server: _Table, path: Optional[str]) -> Optional[CaptureSe
         compress=server.boolean("capture_compress", defaults.compress),
         hash_local_parts=server.boolean("capture_hash_local_parts", defaults.hash_local_parts),
         drop=drop,
+        process=server.boolean("capture_process", defaults.process),
     )
 
 

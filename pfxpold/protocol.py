@@ -89,11 +89,13 @@ class _Pending:
     A request waiting for its decision, kept in arrival order.
     """
 
-    __slots__ = ("request", "started", "decision")
+    __slots__ = ("request", "started", "decision", "block")
 
-    def __init__(self, request: PolicyRequest, started: float) -> None:
+    def __init__(self, request: PolicyRequest, started: float, block: bytes) -> None:
         self.request = request
         self.started = started
+        #: The request's lines as they came, when it was parsed whole.
+        self.block = block
         self.decision: Optional[Decision] = None
 
 
@@ -409,7 +411,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             return False
         self._size = len(block)
         self._attributes = attributes
-        self._request_complete()
+        self._request_complete(block)
         return True
 
     def _line_received(self, line: bytes) -> None:
@@ -421,7 +423,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             line = line[:-1]
         if not line:
             if self._attributes:
-                self._request_complete()
+                self._request_complete(b"")
             else:
                 self._violation("empty_line", "empty line where a request should start")
             return
@@ -447,7 +449,13 @@ class PolicyProtocol(Protocol, TimeoutMixin):
             return
         attributes[name] = value
 
-    def _request_complete(self) -> None:
+    def _request_complete(self, block: bytes) -> None:
+        """
+        Decide the request whose attributes are gathered.
+
+        @param block: its lines as they came when it was parsed whole (the
+            capture keeps them as they are), else C{b""}.
+        """
         # The dictionary is the request's from now on: no copy.
         request = PolicyRequest.adopt(self._attributes)
         self._attributes = {}
@@ -463,9 +471,9 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         # type() first: Deferred is an abstract Awaitable, and isinstance
         # on it takes the slow ABC path.
         if not self._queue and type(result) is Decision:
-            self._answer(request, result, started)
+            self._answer(request, result, started, block)
             return
-        pending = _Pending(request, started)
+        pending = _Pending(request, started, block)
         self._queue.append(pending)
         factory.in_flight += 1
         if len(self._queue) >= factory.limits.max_pipelined:
@@ -493,13 +501,15 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         while queue and queue[0].decision is not None and not self._closing:
             head = queue.popleft()
             factory.in_flight -= 1
-            self._answer(head.request, head.decision, head.started)
+            self._answer(head.request, head.decision, head.started, head.block)
         if len(queue) < factory.limits.max_pipelined:
             self._resume("too many requests in flight")
         self._finish_if_done()
         factory.check_drained()
 
-    def _answer(self, request: PolicyRequest, decision: Any, started: float) -> None:
+    def _answer(
+        self, request: PolicyRequest, decision: Any, started: float, block: bytes = b""
+    ) -> None:
         action = decision.action
         factory = self.factory
         if factory.metrics is not None:
@@ -525,7 +535,7 @@ class PolicyProtocol(Protocol, TimeoutMixin):
         capture = factory.capture
         if capture is not None:
             # After the answer: capturing is for later, not for Postfix.
-            capture.record(request, decision, started)
+            capture.record(request, decision, started, block)
 
     def _write(self, data: bytes) -> None:
         """

@@ -138,7 +138,12 @@ class PolicyService(OffersLogObserver, MultiService):
 
         assert configuration.capture is not None
         number = os.environ.get(capture.WORKER_VARIABLE) if worker else None
-        writer = capture.CaptureWriter(
+        kind: Any = capture.CaptureWriter
+        if configuration.capture.process:
+            from pfxpold.captureprocess import CaptureProcess
+
+            kind = CaptureProcess
+        writer = kind(
             configuration.capture,
             self.reactor,
             checks=lambda: self.configuration,

@@ -206,15 +206,15 @@ class CaptureWriterTests(CaptureTestCase):
         """
         configurations = [object()]
         writer = CaptureWriter(
-            CaptureSettings(self.path), self.clock, checks=lambda: configurations[0]
+            CaptureSettings(self.path),
+            self.clock,
+            checks=lambda: configurations[0],
+            describe=lambda configuration: {
+                "c": {"type": "t", "fingerprint": str(id(configuration))}
+            },
         )
         writer.startService()
         self.addCleanup(writer.stopService)
-        self.patch(
-            __import__("pfxpold.capture", fromlist=["x"]),
-            "check_fingerprints",
-            lambda configuration: {"c": {"type": "t", "fingerprint": str(id(configuration))}},
-        )
         writer.record(make_request(), self.decision, NOW)
         writer.flush()
         writer.record(make_request(), self.decision, NOW)
@@ -533,8 +533,8 @@ class ProtocolTests(SynchronousTestCase):
         captured = []
 
         class Capture:
-            def record(self, request, decision, started):
-                captured.append((request, decision, started))
+            def record(self, request, decision, started, block):
+                captured.append((request, decision, started, block))
 
         factory.capture = Capture()
         protocol = factory.buildProtocol(None)
@@ -546,8 +546,10 @@ class ProtocolTests(SynchronousTestCase):
         with capturedLogs() as events:
             protocol.dataReceived(request + b"\n")
         self.assertEqual(transport.value(), b"action=REJECT spam\n\n")
-        [(seen, decision, started)] = captured
+        [(seen, decision, started, block)] = captured
         self.assertEqual(seen["sender"], "spam@example.com")
+        # The lines as they came, for the writer process.
+        self.assertEqual(block, request)
         self.assertEqual(decision.verdicts, [("senders", "REJECT spam")])
         self.assertEqual(started, NOW)
         self.assertFalse([e for e in events if "verdicts" in e.get("log_format", "")])
