@@ -33,6 +33,10 @@ C{MAX_BUFFERED} requests wait, and when the daemon stops. A write that
 fails (disk full) is counted and logged once per outage. A file moved
 away by someone else is followed by a new one at the path.
 
+By default (C{capture_process = true}) this writer does not run in the
+daemon: L{pfxpold.captureprocess} forks a writer process at start, and
+the daemon only hands it each request's raw lines, time and decision.
+
 The capture is bounded: when the file reaches C{capture_max_bytes} it is
 renamed with a UTC time stamp (C{capture.jsonl.20261204T174500Z}),
 optionally compressed to C{.gz} in a thread, and only the newest
