@@ -99,6 +99,52 @@ class ManPageExampleTests(SynchronousTestCase):
         self.assertIn("not supported by RE2", error.reason)
         self.assertIn("(?!", str(error))
 
+    def test_pcre_friend_lookahead_is_a_load_error(self):
+        """
+        pcre_table(5)'s friend@ entry, /^(friend@(?!my\\.domain$).*)$/, needs
+        look-ahead too: refused with its line, after the lines before it
+        were read.
+        """
+        text = (
+            "# Bounce friend@whatever, except when whatever is our domain.\n"
+            "/^(friend@(?!my\\.domain$).*)$/  550 Stick this in your pipe $1\n"
+        )
+        error = self.assertRaises(MapError, table, text, PCRE)
+        self.assertEqual(error.line, 2)
+        self.assertIn("not supported by RE2", error.reason)
+
+    def test_header_filter_example(self):
+        """
+        The header filter map of both man pages: junk subjects and a
+        recipient, whatever their case; other headers pass.
+        """
+        text = (
+            "# These were once common in junk mail.\n"
+            "/^Subject: make money fast/     REJECT\n"
+            "/^To: friend@public\\.com/       REJECT\n"
+        )
+        for table_format in (REGEXP, PCRE):
+            self.assertEqual(answer(text, "Subject: Make Money Fast!!!", table_format), "REJECT")
+            self.assertEqual(answer(text, "To: Friend@Public.com", table_format), "REJECT")
+            self.assertIsNone(answer(text, "To: friend@publicXcom", table_format))
+            self.assertIsNone(answer(text, "X-Subject: make money fast", table_format))
+
+    def test_body_filter_example(self):
+        """
+        The body filter map of both man pages: a line of 60 or more
+        base64 characters is OK (and skipped); a shorter one is not.
+        """
+        text = (
+            "# First skip over base 64 encoded text to save CPU cycles.\n"
+            "~^[[:alnum:]+/]{60,}$~          OK\n"
+            "\n"
+            "# Put your own body patterns here.\n"
+        )
+        for table_format in (REGEXP, PCRE):
+            self.assertEqual(answer(text, "QUJD+/" * 10, table_format), "OK")
+            self.assertIsNone(answer(text, "QUJD+/" * 9, table_format))
+            self.assertIsNone(answer(text, "QUJD+/" * 10 + "=", table_format))
+
     def test_first_match_wins(self):
         """Rules are tried in order; the first that matches answers."""
         text = "/^a/ REJECT first\n/^ab/ REJECT second\n"
