@@ -511,7 +511,9 @@ class RulesCheck(MultiService):
                 )
             return self._trace(program, Facts(request, set(marks)), "")
 
-        reading = maybeDeferred(self.store.marks, mark_key(instance), self.reactor.seconds())
+        reading = maybeDeferred(
+            self.store.marks, mark_key(self.mark_prefix + instance), self.reactor.seconds()
+        )
         return reading.addBoth(traced)
 
     def _trace(self, program: Program, facts: Facts, note: str) -> list[tuple[str, bool, str]]:

@@ -1191,6 +1191,22 @@ action = "HOLD external mail without a login"
             ("external at end", False, "marked external: the message has no marks"),
         )
 
+    def test_explain_reads_shadow_marks(self) -> None:
+        """
+        A shadow rules check's explain reads the marks it keeps apart from
+        the enforcing checks', not theirs.
+        """
+        check = self.rules(
+            self.RULES, check="shadow = true\n", prefix='[stores.default]\ntype = "memory"\n'
+        )
+        self.assertEqual(check.mark_prefix, "shadow:")
+        self.answer(check, recipient="a@other.example", instance="m1")
+        self.assertEqual(list(check.store.marks_by_key), ["mark:shadow:m1"])
+        steps = self.successResultOf(check.explain(make_request("eod", instance="m1")))
+        self.assertEqual(
+            steps[1], ("external at end", True, "answers HOLD external mail without a login")
+        )
+
     def test_marks_expire(self) -> None:
         """
         A mark lives mark_lifetime seconds.
