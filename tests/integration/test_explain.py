@@ -126,3 +126,36 @@ def test_readme_example(examples):
         return [re.sub(r"instance=\S+", "instance=", line) for line in text.splitlines()]
 
     assert without_instance(result.stdout) == without_instance(output)
+
+
+def test_readme_rules_examples(examples):
+    """
+    The README's rules section shows pfxpold-explain on examples/rules.toml
+    as it prints: each rule, whether it matched, the first condition that
+    failed, and the answer.
+    """
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    start = readme.index("### `rules`")
+    section = readme[start : readme.index("\n### ", start + 1)]
+    blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
+    pairs = [
+        (command, output)
+        for (kind, command), (_, output) in zip(blocks, blocks[1:], strict=False)
+        if kind == "sh" and command.startswith("pfxpold-explain ")
+    ]
+    assert len(pairs) == 2
+    answers = []
+    for command, output in pairs:
+        argv = shlex.split(command.replace("\\\n", " "))
+        argv = [str(examples / "rules.toml") if a == "examples/rules.toml" else a for a in argv]
+        result = explain(*argv[1:])
+        assert result.returncode == 0, result.stderr
+        assert _without_instance(result.stdout) == _without_instance(output)
+        answers.append(result.stdout.splitlines()[-1])
+    assert answers[0].startswith("answer: DEFER_IF_PERMIT ")
+    assert answers[1] == "answer: DUNNO (decided by default)"
+
+
+def _without_instance(text: str) -> list[str]:
+    return [re.sub(r"instance=\S+", "instance=", line) for line in text.splitlines()]
