@@ -242,6 +242,68 @@ class SameConfigurationTests(SynchronousTestCase):
         self.assertEqual(report.requests, len(timeline))
         self.assertEqual(report.changed, 0, report.samples)
 
+    def test_redacted_capture(self):
+        """
+        With local parts hashed in the capture, greylisting and a quota
+        per sender, and a map by sender domain, are reproduced (the same
+        local part hashes alike); a map entry for a whole address is not,
+        as the README says.
+        """
+        config = GREYLIST_CONFIG.replace(
+            'default_action = "DUNNO"\n',
+            'default_action = "DUNNO"\ncapture_hash_local_parts = true\n',
+        ).replace(
+            '[[check]]\nname = "greylist"',
+            '[[check]]\nname = "domains"\ntype = "file"\nmap = "domains.map"\n'
+            'lookup = ["sender_domain"]\n\n[[check]]\nname = "greylist"',
+        )
+        maps = {"domains.map": "spam.example REJECT spam domain\n"}
+        harness = Harness(self, config, maps)
+        timeline = [
+            (0, "alice@example.com", "r1@example.net"),
+            (1, "alice@example.com", "r2@example.net"),
+            (2, "alice@example.com", "r3@example.net"),
+            (3, "alice@example.com", "r4@example.net"),
+            (4, "bob@example.com", "r1@example.net"),
+            (5, "x@spam.example", "r1@example.net"),
+            (400, "alice@example.com", "r1@example.net"),
+            (401, "alice@example.com", "r2@example.net"),
+            (402, "alice@example.com", "r3@example.net"),
+            (403, "alice@example.com", "r4@example.net"),
+            (404, "bob@example.com", "r1@example.net"),
+        ]
+        for at, sender, recipient in timeline:
+            harness.send(at, sender=sender, recipient=recipient, client_address="192.0.2.7")
+        verbs = [answer_key(a.removeprefix("action=").strip()) for a in harness.answers]
+        # Greylisted first; after the delay alice's fourth recipient is
+        # over her quota of 3, while bob's first is counted apart.
+        self.assertEqual(
+            verbs,
+            ["DEFER_IF_PERMIT"] * 5 + ["REJECT"] + ["DUNNO"] * 3 + ["DEFER", "DUNNO"],
+        )
+        path = harness.stop()
+        with open(path) as f:
+            text = f.read()
+        self.assertNotIn("alice", text)
+        self.assertNotIn("bob", text)
+        report, _ = harness.replay()
+        self.assertEqual(report.requests, len(timeline))
+        self.assertEqual(report.changed, 0, report.samples)
+
+        # A map entry for alice's whole address would refuse her mail
+        # live; her hashed address in the capture matches no entry.
+        harness.write("domains.map", "alice@example.com REJECT no alice\n")
+        whole = harness.write("whole.toml", config.replace('"sender_domain"', '"sender"'))
+        report, _ = harness.replay(whole)
+        live = load_configuration(whole, Clock()).chain.decide(
+            make_request(sender="alice@example.com")
+        )
+        self.assertEqual(str(live.action), "REJECT no alice")
+        self.assertEqual(report.requests, len(timeline))
+        # Only the spam domain's request changes (its entry is gone).
+        self.assertEqual(report.changed, 1)
+        self.assertEqual(report.pairs[("REJECT", "DEFER_IF_PERMIT")], 1)
+
     def test_greylist_timing_matters(self):
         """
         The captured times matter: replayed with a longer delay, the retry

@@ -343,6 +343,43 @@ lookup = ["helo_name"]
             ],
         )
 
+    def test_check_config_stage_warnings(self):
+        """
+        --check-config warns about an answer of a check's map that the
+        declared Postfix does not honour where the check runs, and still
+        exits 0.
+        """
+        table = os.path.join(self.directory, "late.map")
+        with open(table, "w", encoding="utf-8") as f:
+            f.write("a@example.com PREPEND X-Late: yes\nb@example.com REJECT no\n")
+        configuration = GOOD.replace("[server]\n", '[server]\npostfix_version = "3.7"\n') + f"""
+[[check]]
+name = "late"
+type = "file"
+map = "{table}"
+lookup = ["sender"]
+"""
+        output, errors = io.StringIO(), io.StringIO()
+        self.patch(sys, "stdout", output)
+        self.patch(sys, "stderr", errors)
+        error = self.assertRaises(
+            SystemExit, self.parse, "--check-config", "--config", self.write(configuration)
+        )
+        self.assertEqual(error.code, 0)
+        [line] = errors.getvalue().splitlines()
+        self.assertTrue(
+            line.startswith(f"warning: late: can answer PREPEND ({table}), which Postfix 3.7"),
+            line,
+        )
+        self.assertIn(
+            'at END-OF-MESSAGE: ignored ("action PREPEND must be used before'
+            ' smtpd_end_of_data_restrictions")',
+            line,
+        )
+        self.assertTrue(
+            line.endswith("(on_error = DEFER_IF_PERMIT Service temporarily unavailable)"), line
+        )
+
     def test_check_config_bad(self):
         """--check-config with a bad file is one line (exit status 1)."""
         path = self.write(BAD)
