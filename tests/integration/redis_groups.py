@@ -1,6 +1,7 @@
 """
 Groups of Redis servers for integration tests, on free loopback ports: a
-master with a replica watched by three sentinels, and a three-master Redis
+master with a replica watched by three sentinels (optionally behind
+passwords and ACL users, see L{GroupCredentials}), and a three-master Redis
 Cluster. Every process is ours, stopped by PID even when a test fails.
 """
 
@@ -12,29 +13,41 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Optional
 
 from tests.integration.redis_server import RedisServer
 from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
-MASTER_NAME = "pfxmaster"
+#: The name examples/quota-redis-sentinel.toml gives the master, so that
+#: the example runs against the group with only its addresses changed.
+MASTER_NAME = "pfxpold"
 #: Sentinel timings tuned low, so that a failover takes a second or two.
 DOWN_AFTER_MS = 500
 FAILOVER_TIMEOUT_MS = 2000
 
 
-def redis_cli(port: int, *arguments: str, check: bool = True) -> str:
+def redis_cli(
+    port: int, *arguments: str, check: bool = True, password: Optional[str] = None
+) -> str:
     """
-    Run C{redis-cli} against the server (or sentinel) on C{port}.
+    Run C{redis-cli} against the server (or sentinel) on C{port}, as the
+    C{default} user with C{password} if given.
 
     @return: its output, stripped.
     """
     cli = require_program("/usr/bin/redis-cli", "redis-tools")
+    environment = dict(os.environ)
+    environment.pop("REDISCLI_AUTH", None)
+    if password is not None:
+        # Not on the command line, where redis-cli warns about it.
+        environment["REDISCLI_AUTH"] = password
     result = subprocess.run(
         [cli, "-h", "127.0.0.1", "-p", str(port), *arguments],
         capture_output=True,
         text=True,
         timeout=30,
+        env=environment,
     )
     if check and result.returncode != 0:
         raise RuntimeError(f"redis-cli {' '.join(arguments)}: {result.stdout}{result.stderr}")
@@ -58,12 +71,74 @@ def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@dataclass(frozen=True)
+class GroupCredentials:
+    """
+    Passwords and ACL users for a sentinel group: the servers' and the
+    sentinels' C{default} user needs C{admin_password} (the sentinels, the
+    replica and the tests' redis-cli use it); pfxpold logs in to the
+    servers as C{user} and to the sentinels as C{sentinel_user}, each
+    allowed only what pfxpold sends.
+    """
+
+    admin_password: str = "admin-secret"
+    user: str = "pfx"
+    password: str = "pfx-secret"
+    #: The ACL rules of C{user} on the servers: its keys, and the commands
+    #: of pfxpold's scripts, its admin operations and its connection set-up
+    #: (ROLE: is this server still the master?).
+    rules: tuple[str, ...] = (
+        "~pfxpold:*",
+        "resetchannels",
+        "-@all",
+        "+@read",
+        "+@write",
+        "+@scripting",
+        "+@connection",
+        "+role",
+    )
+    sentinel_user: str = "pfx-sentinel"
+    sentinel_password: str = "pfx-sentinel-secret"
+    #: The ACL rules of C{sentinel_user} on the sentinels: ask for the
+    #: master, hear of failovers.
+    sentinel_rules: tuple[str, ...] = (
+        "&*",
+        "-@all",
+        "+@connection",
+        "+subscribe",
+        "+sentinel|get-master-addr-by-name",
+    )
+
+    def server_arguments(self) -> tuple[str, ...]:
+        """redis-server's arguments for the users and the replica's login."""
+        return (
+            "--requirepass", self.admin_password,
+            "--masterauth", self.admin_password,
+            "--user", self.user, "on", f">{self.password}", *self.rules,
+        )  # fmt: skip
+
+    def sentinel_lines(self) -> str:
+        """A sentinel's configuration for the passwords and users."""
+        rules = " ".join(self.sentinel_rules)
+        return (
+            f"requirepass {self.admin_password}\n"
+            f"sentinel sentinel-pass {self.admin_password}\n"
+            f"sentinel auth-pass {MASTER_NAME} {self.admin_password}\n"
+            f"user {self.sentinel_user} on >{self.sentinel_password} {rules}\n"
+        )
+
+
 class Sentinel:
     """
     One redis-sentinel process we started.
     """
 
-    def __init__(self, directory: str, master_port: int) -> None:
+    def __init__(
+        self,
+        directory: str,
+        master_port: int,
+        credentials: Optional[GroupCredentials] = None,
+    ) -> None:
         self.program = require_program("/usr/bin/redis-sentinel", "redis-sentinel")
         self.port = free_port()
         self.directory = directory
@@ -77,6 +152,7 @@ class Sentinel:
                 f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+                + (credentials.sentinel_lines() if credentials is not None else "")
             )
         self.process: Optional[subprocess.Popen] = None
 
@@ -99,12 +175,19 @@ class SentinelGroup:
     A master, a replica and three sentinels.
 
     @ivar servers: the two Redis servers (either may be the master).
+    @ivar credentials: the passwords and users, if the group has them.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, credentials: Optional[GroupCredentials] = None) -> None:
         self.directory = directory
+        self.credentials = credentials
         self.servers: list[RedisServer] = []
         self.sentinels: list[Sentinel] = []
+
+    def cli(self, port: int, *arguments: str) -> str:
+        """L{redis_cli} on a server or sentinel of the group, as its admin."""
+        password = self.credentials.admin_password if self.credentials is not None else None
+        return redis_cli(port, *arguments, password=password)
 
     @property
     def sentinel_addresses(self) -> list[str]:
@@ -115,7 +198,7 @@ class SentinelGroup:
         for sentinel in self.sentinels:
             if sentinel.process is None:
                 continue
-            reply = redis_cli(
+            reply = self.cli(
                 sentinel.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME
             ).split()
             if len(reply) == 2:
@@ -135,13 +218,13 @@ class SentinelGroup:
         def healthy() -> bool:
             ports = set()
             for sentinel in self.sentinels:
-                fields = redis_cli(sentinel.port, "SENTINEL", "MASTER", MASTER_NAME).split("\n")
+                fields = self.cli(sentinel.port, "SENTINEL", "MASTER", MASTER_NAME).split("\n")
                 master = dict(zip(fields[::2], fields[1::2], strict=False))
                 if master.get("num-other-sentinels") != "2" or master.get("num-slaves") != "1":
                     return False
                 if "s_down" in master.get("flags", "") or "o_down" in master.get("flags", ""):
                     return False
-                replica = redis_cli(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME)
+                replica = self.cli(sentinel.port, "SENTINEL", "REPLICAS", MASTER_NAME)
                 if (
                     "master_link_down" in replica
                     or "s_down" in replica
@@ -152,29 +235,35 @@ class SentinelGroup:
             if len(ports) != 1:
                 return False
             port = int(ports.pop())
-            info = redis_cli(port, "INFO", "replication")
+            info = self.cli(port, "INFO", "replication")
             return "role:master" in info and "state=online" in info
 
         wait_until(healthy, timeout, "a healthy sentinel group")
 
 
 @contextmanager
-def running_sentinel_group(directory: os.PathLike) -> Iterator[SentinelGroup]:
+def running_sentinel_group(
+    directory: os.PathLike, credentials: Optional[GroupCredentials] = None
+) -> Iterator[SentinelGroup]:
     """
-    A master, a replica and three sentinels for the block, then stopped.
+    A master, a replica and three sentinels for the block, then stopped;
+    with C{credentials}, every one of them wants a password.
     """
     path = os.fspath(directory)
-    group = SentinelGroup(path)
+    group = SentinelGroup(path, credentials)
+    secured = credentials.server_arguments() if credentials is not None else ()
     with ExitStack() as stack:
-        master = RedisServer(path)
+        master = RedisServer(path, extra_args=secured)
         stack.callback(master.stop)
         master.start()
-        replica = RedisServer(path, extra_args=("--replicaof", "127.0.0.1", str(master.port)))
+        replica = RedisServer(
+            path, extra_args=(*secured, "--replicaof", "127.0.0.1", str(master.port))
+        )
         stack.callback(replica.stop)
         replica.start()
         group.servers = [master, replica]
         for _ in range(3):
-            sentinel = Sentinel(path, master.port)
+            sentinel = Sentinel(path, master.port, credentials)
             stack.callback(sentinel.stop)
             sentinel.start()
             group.sentinels.append(sentinel)
