@@ -54,6 +54,17 @@ def redis_cli(
     return result.stdout.strip()
 
 
+def counted(port: int, user: str, password: Optional[str] = None) -> int:
+    """
+    What the Redis on C{port} has counted for C{user}'s daily quota (the
+    quota tests' C{key = ["sasl_username"]}), over its day windows.
+    """
+    keys = redis_cli(
+        port, "--scan", "--pattern", f"pfxpold:quota:{{quota:{user}}}:day:*", password=password
+    )
+    return sum(int(redis_cli(port, "GET", key, password=password) or 0) for key in keys.split())
+
+
 def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
     """
     Poll C{condition} (a callable) until it is true.

@@ -16,9 +16,9 @@ from contextlib import ExitStack
 import pytest
 
 from pfxpold.state.cluster import key_slot
-from tests.integration.redis_groups import Cluster, redis_cli, running_cluster
+from tests.integration.redis_groups import Cluster, counted, redis_cli, running_cluster
 from tests.integration.support import running_daemon
-from tests.integration.test_redis_sentinel import Traffic, counted
+from tests.integration.test_redis_sentinel import Traffic
 from tests.integration.test_state_stores import (
     EOM,
     blast,
@@ -71,6 +71,32 @@ def test_two_daemons_many_users(cluster: Cluster, tmp_path: os.PathLike) -> None
             for user, load in loads.items():
                 answers = [answer for part in load for answer in part.result()]
                 assert answers.count("OK") == 40, (user, answers)
+
+
+def test_same_message_through_two_daemons_counted_once(
+    cluster: Cluster, tmp_path: os.PathLike
+) -> None:
+    """
+    Two daemons on the cluster each asked about the same messages (the
+    same C{instance}): each is counted once (its counted-once mark is in
+    its counters' slot, written in the same script), so the 3 messages of
+    a limit of 3 pass at both, a 4th is refused by either, and the
+    counters' master holds 3.
+    """
+    config = quota_config(cluster_store(cluster), 3)
+    user = unique("once")
+    with ExitStack() as stack:
+        first, second = (stack.enter_context(running_daemon(tmp_path, config)) for _ in range(2))
+        for number in range(3):
+            request = dict(EOM, sasl_username=user, instance=f"{user}.{number}")
+            for daemon in (first, second, first):
+                with daemon.client() as client:
+                    assert client.ask(request) == "OK", (number, daemon)
+        for daemon in (second, first):
+            with daemon.client() as client:
+                request = dict(EOM, sasl_username=user, instance=unique(user))
+                assert client.ask(request) == "REJECT 5.7.1 quota day of 3 reached"
+    assert counted(cluster.slot_owner(key_slot(f"quota:{user}")), user) == 3
 
 
 def test_greylist_retry_on_another_daemon(cluster: Cluster, tmp_path: os.PathLike) -> None:

@@ -15,7 +15,12 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.integration.redis_groups import MASTER_NAME, redis_cli, running_sentinel_group
+from tests.integration.redis_groups import (
+    MASTER_NAME,
+    counted,
+    redis_cli,
+    running_sentinel_group,
+)
 from tests.integration.support import running_daemon
 from tests.integration.test_state_stores import EOM
 
@@ -90,11 +95,6 @@ class Traffic:
     def snapshot(self) -> list[tuple[float, float, str]]:
         with self._lock:
             return list(self.answers)
-
-
-def counted(port: int, user: str) -> int:
-    keys = redis_cli(port, "--scan", "--pattern", f"pfxpold:quota:{{quota:{user}}}:day:*")
-    return sum(int(redis_cli(port, "GET", key) or 0) for key in keys.split())
 
 
 def wait_all_ok(traffic: Traffic, since: float, timeout: float = 30.0) -> float:

@@ -21,6 +21,7 @@ import pytest
 
 from tests.integration.redis_server import RedisServer, running_redis
 from tests.integration.support import (
+    PolicyClient,
     encode_request,
     read_reply,
     require_program,
@@ -186,6 +187,61 @@ def test_same_message_through_two_daemons_counted_once(
                     assert client.ask(request) == "OK", (number, daemon)
         assert ask(second, user) == "REJECT 5.7.1 quota day of 3 reached"
         assert ask(first, user) == "REJECT 5.7.1 quota day of 3 reached"
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_same_message_through_two_workers_counted_once(
+    kind: str, redis: RedisServer, tmp_path: os.PathLike
+) -> None:
+    """
+    With C{--workers 2} on one store (Redis, or one SQLite file), the
+    parent and its worker are each asked about the same messages (the same
+    C{instance}), on connections each of them accepted: each message is
+    counted once, so all three of a limit of 3 pass at both, a 4th is
+    refused by either, and (Redis) 3 are counted.
+    """
+    from tests.integration.redis_groups import counted
+    from tests.integration.test_workers import CONFIG, PID_CHECK, children_of, read, wait_until
+
+    # The quota, then a check that answers with the serving process's PID.
+    (tmp_path / "pidcheck.py").write_text(PID_CHECK)  # type: ignore[operator]
+    config = quota_config(store_table(kind, redis, os.fspath(tmp_path)), 3) + CONFIG
+    user = unique("workers")
+    with running_daemon(
+        tmp_path, config, extra_args=("--workers", "2"), extra_path=os.fspath(tmp_path)
+    ) as daemon:
+        parent = daemon.process.pid
+        assert wait_until(lambda: len(children_of(parent)) == 1)
+        [worker] = children_of(parent)
+        worker_log = daemon.log_path.replace(".log", ".worker1.log")
+        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        by_process: dict[int, PolicyClient] = {}
+        clients = []
+        try:
+            # The kernel gives each new connection to whichever process
+            # accepts first: connect until both have one. A RCPT request is
+            # not counted (the quota counts at END-OF-MESSAGE).
+            probe = dict(EOM, protocol_state="RCPT", recipient="r@example.net", sasl_username=user)
+            for _ in range(300):
+                client = daemon.client()
+                clients.append(client)
+                answer = str(client.ask(probe))
+                by_process.setdefault(int(answer.split("pid=")[1]), client)
+                if len(by_process) == 2:
+                    break
+            assert set(by_process) == {parent, worker}
+            for number in range(3):
+                request = dict(EOM, sasl_username=user, instance=f"{user}.{number}")
+                for pid in (parent, worker, parent, worker):
+                    assert by_process[pid].ask(request) == f"OK pid={pid}", (number, pid)
+            for pid in (worker, parent):
+                request = dict(EOM, sasl_username=user, instance=unique(user))
+                assert by_process[pid].ask(request) == "REJECT 5.7.1 quota day of 3 reached"
+        finally:
+            for client in clients:
+                client.close()
+    if kind == "redis":
+        assert counted(redis.port, user) == 3
 
 
 @pytest.mark.parametrize("kind", ["redis", "sqlite"])
