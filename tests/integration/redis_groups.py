@@ -11,7 +11,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -316,6 +316,45 @@ class Cluster:
                 if int(first) <= slot <= int(last or first):
                     return port
         raise RuntimeError(f"nobody holds slot {slot}")
+
+    def migrate_slot(
+        self, slot: int, target: int, phase: Callable[[str], None] = lambda name: None
+    ) -> int:
+        """
+        Move C{slot} to the master on port C{target} as C{redis-cli
+        --cluster reshard} does, calling C{phase} at each step so that a
+        test lets its traffic meet it: C{"migrating"} (the source answers
+        C{ASK} for keys it no longer has, C{TRYAGAIN} for some of a
+        command's keys), C{"keys moved"} (every key is on the target, the
+        slot still the source's: C{ASK} for all), C{"moved"} (every master
+        says the target has it: C{MOVED}).
+
+        @return: how many keys were moved.
+        """
+        ids = self.node_ids()
+        source = self.slot_owner(slot)
+        assert source != target, (slot, source)
+        redis_cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
+        redis_cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        phase("migrating")
+        # Keys are written to the target (ASK) meanwhile: move in batches
+        # until none is left.
+        moved = 0
+        for _ in range(1000):
+            keys = redis_cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+            if not keys:
+                break
+            redis_cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+            moved += len(keys)
+        phase("keys moved")
+        # The target first, then the source, as Redis documents it: the
+        # other way round, for a moment the source says MOVED to the
+        # target and the target, still importing, MOVED back.
+        others = [server.port for server in self.servers if server.port not in (source, target)]
+        for port in (target, source, *others):
+            redis_cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+        phase("moved")
+        return moved
 
 
 def cluster_port() -> int:

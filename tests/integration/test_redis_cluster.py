@@ -2,13 +2,16 @@
 The Redis store on a three-master Redis Cluster, with real daemons: the
 quota and greylist behaviour of test_state_stores, and a slot resharded
 while traffic runs (ASK while its keys move, MOVED once it has moved),
-the count exact throughout.
+the count exact throughout, and greylisting while its entries' slot is
+resharded, nothing lost.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -135,34 +138,17 @@ def test_reshard_under_traffic(cluster: Cluster, tmp_path: os.PathLike) -> None:
     user = unique("reshard")
     slot = key_slot(f"quota:{user}")
     config = quota_config(cluster_store(cluster), 1_000_000)
-    ids = cluster.node_ids()
     with ExitStack() as stack:
         daemons = [stack.enter_context(running_daemon(tmp_path, config)) for _ in range(2)]
         with Traffic(daemons, user) as traffic:
             time.sleep(0.5)
             source = cluster.slot_owner(slot)
             target = next(s.port for s in cluster.servers if s.port != source)
-            redis_cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
-            redis_cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
-            time.sleep(0.3)
             # Every message leaves a counted-once mark in the slot too, so
-            # move keys in batches until none is left, as redis-cli's
-            # reshard does; new ones are made on the target (ASK) meanwhile.
-            moved = 0
-            for _ in range(1000):
-                keys = redis_cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
-                if not keys:
-                    break
-                redis_cli(
-                    source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys
-                )
-                moved += len(keys)
+            # there are keys to move while new ones are made on the target.
+            pauses = {"migrating": 0.3, "keys moved": 0.5, "moved": 0.5}
+            moved = cluster.migrate_slot(slot, target, lambda phase: time.sleep(pauses[phase]))
             assert moved
-            # The keys are on the target, the slot still on the source: ASK.
-            time.sleep(0.5)
-            for server in cluster.servers:
-                redis_cli(server.port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
-            time.sleep(0.5)
         answers = traffic.snapshot()
     assert len(answers) > 100
     logs = "".join(daemon.log() for daemon in daemons)
@@ -172,3 +158,199 @@ def test_reshard_under_traffic(cluster: Cluster, tmp_path: os.PathLike) -> None:
     logs = "".join(daemon.log() for daemon in daemons)
     assert f"slot {slot} is migrating to 127.0.0.1:{target}" in logs
     assert f"slot {slot} moved to 127.0.0.1:{target}" in logs
+
+
+GREYLIST_ON_ERROR = "451 4.3.0 greylist store unavailable"
+#: The greylist's delay, and how long after a first attempt its retry
+#: comes (the delay and a margin: a retry is never early).
+GREYLIST_DELAY = 1.0
+RETRY_AFTER = 1.5
+
+
+def greylist_cluster_config(cluster: Cluster) -> str:
+    # Auto-whitelisting that never comes: every pass still writes the
+    # client network's counter, so each script has two keys in the slot
+    # (TRYAGAIN while one has moved and the other not).
+    return f"""
+[server]
+default_action = "OK"
+log_requests = false
+
+{cluster_store(cluster)}
+[[check]]
+name = "greylist"
+type = "greylist"
+store = "main"
+delay = {GREYLIST_DELAY}
+auto_whitelist_after = 1000000
+header = true
+on_error = "{GREYLIST_ON_ERROR}"
+"""
+
+
+class GreylistTraffic:
+    """
+    Steady greylisting from one client network: a thread per daemon asks
+    about new triplets there and retries each, once its delay has passed,
+    at the other daemon.
+
+    @ivar answers: C{(kind, recipient, answer)}, C{kind} being C{"first"}
+        or C{"retry"}.
+    """
+
+    def __init__(self, daemons: list, client_address: str) -> None:
+        self.daemons = daemons
+        self.client_address = client_address
+        self.prefix = unique("grey")
+        self.answers: list[tuple[str, str, str]] = []
+        self.left: list[tuple[float, dict[str, str]]] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(number,)) for number in (0, 1)]
+
+    def _request(self, number: int, serial: int) -> dict[str, str]:
+        return dict(
+            EOM,
+            protocol_state="RCPT",
+            client_address=self.client_address,
+            recipient=f"{self.prefix}-{number}-{serial}@example.net",
+            recipient_count="0",
+            instance=f"{self.prefix}.{number}.{serial}",
+        )
+
+    def _record(self, kind: str, request: dict[str, str], answer: object) -> None:
+        with self._lock:
+            self.answers.append((kind, request["recipient"], str(answer)))
+
+    def _run(self, number: int) -> None:
+        first_at, retry_at = self.daemons[number], self.daemons[1 - number]
+        waiting: deque[tuple[float, dict[str, str]]] = deque()
+        with first_at.client() as first, retry_at.client() as retry:
+            serial = 0
+            while not self._stop.is_set():
+                serial += 1
+                request = self._request(number, serial)
+                self._record("first", request, first.ask(request))
+                waiting.append((time.monotonic(), request))
+                while waiting and time.monotonic() - waiting[0][0] >= RETRY_AFTER:
+                    _, old = waiting.popleft()
+                    self._record("retry", old, retry.ask(old))
+                time.sleep(0.005)
+        with self._lock:
+            self.left.extend(waiting)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def snapshot(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self.answers)
+
+    def passed(self) -> int:
+        with self._lock:
+            return sum(kind == "retry" for kind, _, _ in self.answers)
+
+    def __enter__(self) -> GreylistTraffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def retry_the_rest(self) -> None:
+        """
+        Once the traffic stopped: retry every triplet not retried yet, at
+        the first daemon, when its delay has passed.
+        """
+        for asked, request in sorted(self.left, key=lambda item: item[0]):
+            # Waiting out the greylist's delay, not timing anything.
+            time.sleep(max(0.0, asked + RETRY_AFTER - time.monotonic()))
+            with self.daemons[0].client() as client:
+                self._record("retry", request, client.ask(request))
+
+
+@pytest.mark.parametrize("pace", ["reshard", "held"])
+def test_greylist_reshard_under_traffic(pace: str, cluster: Cluster, tmp_path: os.PathLike) -> None:
+    """
+    The slot of a client network's greylist entries moves to another
+    master while two daemons greylist new triplets from it and pass their
+    retries, through TRYAGAIN and ASK while the keys move and MOVED once
+    the slot has. No entry is lost: every triplet greylisted passes its
+    retry after the delay.
+
+    At C{redis-cli --cluster reshard}'s pace (C{"reshard"}) nothing is
+    answered on_error. With the slot C{"held"} after its keys moved and
+    before it is handed over (longer than the store's timeout), a new
+    triplet cannot be written anywhere meanwhile (TRYAGAIN: the network's
+    counter has moved, the triplet's key is not there yet), so first
+    attempts are answered on_error after the timeout, as the README says;
+    retries of greylisted triplets still pass, and a triplet answered
+    on_error is new at its retry (nothing half-written).
+    """
+    network = "198.51.100.0/24"
+    slot = key_slot(f"greylist:{network}")
+    config = greylist_cluster_config(cluster)
+    with ExitStack() as stack:
+        daemons = [stack.enter_context(running_daemon(tmp_path, config)) for _ in range(2)]
+
+        def logged(text: str) -> bool:
+            return any(text in daemon.log() for daemon in daemons)
+
+        with GreylistTraffic(daemons, "198.51.100.7") as traffic:
+            # Entries on the source, some of them passed already.
+            assert poll(lambda: traffic.passed() >= 20, 30)
+            source = cluster.slot_owner(slot)
+            assert int(redis_cli(source, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 20
+            target = next(s.port for s in cluster.servers if s.port != source)
+
+            def errors() -> int:
+                return sum(answer == GREYLIST_ON_ERROR for _, _, answer in traffic.snapshot())
+
+            def meet(phase: str) -> None:
+                if phase == "moved":
+                    seen = traffic.count()
+                    assert poll(lambda: logged(f"slot {slot} moved to 127.0.0.1:{target}"), 30)
+                    assert poll(lambda: traffic.count() >= seen + 20, 30)
+                elif phase == "keys moved" and pace == "held":
+                    assert poll(lambda: errors() >= 2, 30)
+                else:
+                    # Traffic meets the migration (TRYAGAIN retried every
+                    # 50 ms meanwhile): a pause well within the store's
+                    # timeout.
+                    time.sleep(0.3)
+
+            assert cluster.migrate_slot(slot, target, meet) > 20
+        traffic.retry_the_rest()
+        logs = "".join(daemon.log() for daemon in daemons)
+    assert f"slot {slot} is migrating to 127.0.0.1:{target}" in logs
+    answers = traffic.snapshot()
+    firsts = {recipient: answer for kind, recipient, answer in answers if kind == "first"}
+    retries = {recipient: answer for kind, recipient, answer in answers if kind == "retry"}
+    assert len(firsts) > 100
+    assert sorted(recipient for kind, recipient, _ in answers if kind == "retry") == sorted(firsts)
+    failed = {recipient for recipient, answer in firsts.items() if answer == GREYLIST_ON_ERROR}
+    wrong = [
+        (recipient, answer, retries[recipient])
+        for recipient, answer in firsts.items()
+        if recipient not in failed
+        and not (
+            answer.startswith("DEFER_IF_PERMIT Greylisted")
+            and retries[recipient].startswith("PREPEND X-Greylist: delayed ")
+        )
+    ] + [
+        (recipient, GREYLIST_ON_ERROR, retries[recipient])
+        for recipient in failed
+        if not retries[recipient].startswith("DEFER_IF_PERMIT Greylisted")
+    ]
+    assert not wrong, (wrong[:10], logs[-3000:])
+    if pace == "reshard":
+        assert not failed, logs[-3000:]
+    else:
+        assert failed
+        assert "TRYAGAIN" in logs
+    assert redis_cli(source, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == "0"
+    assert int(redis_cli(target, "CLUSTER", "COUNTKEYSINSLOT", str(slot))) > 20
