@@ -10,10 +10,13 @@ import os
 from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from pfxpold.config import CheckOptions, ConfigError
 from pfxpold.state.cluster import (
+    REFRESH_INTERVAL,
+    TRYAGAIN_DELAY,
     ClusterClient,
     command_key,
     crc16,
@@ -23,7 +26,7 @@ from pfxpold.state.cluster import (
 )
 from pfxpold.state.redis import RedisStore
 from pfxpold.state.redisconfig import Address, parse_address, read_settings
-from pfxpold.state.resp import RedisClient, RedisError
+from pfxpold.state.resp import RedisClient, RedisError, RedisUnavailable, encode_command
 from pfxpold.state.sentinel import (
     SentinelEndpoint,
     parse_master_address,
@@ -358,3 +361,260 @@ class ClusterClientTests(SynchronousTestCase):
             # ASKING's own answer, then the command's.
             self.seed.dataReceived(b"+OK\r\n" + ask)
         self.failureResultOf(result, RedisError)
+
+
+def resp(value: Any) -> bytes:
+    """
+    C{value} as a Redis reply: bytes as a bulk string, an int as an
+    integer, a list as an array.
+    """
+    if isinstance(value, bytes):
+        return b"$%d\r\n%s\r\n" % (len(value), value)
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    return b"*%d\r\n" % len(value) + b"".join(resp(item) for item in value)
+
+
+class SentinelDiscoveryTests(SynchronousTestCase):
+    """
+    The master found through the sentinels when they cannot say, and the
+    C{ROLE} check of the server they name.
+    """
+
+    def test_no_sentinel_knows(self) -> None:
+        """
+        When every sentinel fails (one refuses the login, one does not know
+        the master), the connection attempt fails with RedisUnavailable
+        naming each reason, logged once for the outage, not per attempt;
+        the sentinels are asked with the configured credentials.
+        """
+        reactor = MemoryReactorClock()
+        fake = FakeRedis(reactor)
+        settings = read_settings(
+            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
+        )
+        endpoint = SentinelEndpoint(
+            reactor,
+            settings.sentinels,
+            "m",
+            settings.connector(reactor),
+            1.0,
+            ("pfx", "secret"),
+            "stores.main",
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        with capturedLogs() as events:
+            for _ in range(2):
+                connecting = endpoint.connect(Factory.forProtocol(Protocol))
+                _, protocol, transport = fake.accept()
+                self.assertTrue(
+                    transport.value().startswith(encode_command(("AUTH", "pfx", "secret")))
+                )
+                protocol.dataReceived(b"-WRONGPASS invalid username-password pair\r\n")
+                _, protocol, transport = fake.accept()
+                protocol.dataReceived(b"+OK\r\n*-1\r\n")
+                failure = self.failureResultOf(connecting, RedisUnavailable)
+                self.assertIn("127.0.0.1:1: WRONGPASS", str(failure.value))
+                self.assertIn("127.0.0.1:2: does not know master m", str(failure.value))
+        logged = [event for event in events if "no sentinel named the master" in formatEvent(event)]
+        self.assertEqual(len(logged), 1)
+        self.assertIn("stores.main: ", formatEvent(logged[0]))
+
+    def test_silent_sentinel_times_out(self) -> None:
+        """
+        A sentinel that does not answer is given up on after the timeout,
+        and the next one is asked.
+        """
+        reactor = MemoryReactorClock()
+        fake = FakeRedis(reactor)
+        settings = read_settings(
+            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
+        )
+        endpoint = SentinelEndpoint(
+            reactor, settings.sentinels, "m", settings.connector(reactor), 1.0
+        )
+        from twisted.internet.protocol import Factory, Protocol
+
+        connecting = endpoint.connect(Factory.forProtocol(Protocol))
+        fake.accept()
+        self.assertNoResult(connecting)
+        reactor.advance(1.0)
+        address, protocol, _ = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 2))
+        protocol.dataReceived(resp([b"127.0.0.1", b"6390"]))
+        address, _, _ = fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 6390))
+        self.assertIsNotNone(self.successResultOf(connecting))
+
+    def test_master_accepted(self) -> None:
+        """
+        A server whose ROLE says master is used: the client is connected
+        and commands go to it, after the ROLE question.
+        """
+        reactor = MemoryReactorClock()
+        fake = FakeRedis(reactor)
+        from twisted.internet.endpoints import TCP4ClientEndpoint
+
+        client = RedisClient(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", 6379), reactor, timeout=1.0, role="master"
+        )
+        client.startService()
+        self.addCleanup(client.stopService)
+        _, protocol, transport = fake.accept()
+        self.assertEqual(transport.value(), encode_command(("ROLE",)))
+        self.assertFalse(client.connected)
+        protocol.dataReceived(resp([b"master", 0, []]))
+        self.assertTrue(client.connected)
+        transport.clear()
+        result = client.execute("GET", "k")
+        self.assertEqual(transport.value(), encode_command(("GET", "k")))
+        protocol.dataReceived(b"$1\r\n9\r\n")
+        self.assertEqual(self.successResultOf(result), b"9")
+
+
+class ClusterSlotMapTests(SynchronousTestCase):
+    """
+    The slot map a cluster client learns with CLUSTER SLOTS, and TRYAGAIN.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.fake = FakeRedis(self.reactor)
+        settings = read_settings(options({"cluster_nodes": ["127.0.0.1:7000"]}))
+        connect = settings.connector(self.reactor)
+        self.cluster = ClusterClient(
+            self.reactor,
+            settings.cluster_nodes,
+            lambda address: RedisClient(connect(address), self.reactor, timeout=1.0),
+        )
+        self.cluster.startService()
+        self.addCleanup(self.cluster.stopService)
+        _, self.seed, self.seed_transport = self.fake.accept()
+        self.assertEqual(self.seed_transport.value(), encode_command(("CLUSTER", "SLOTS")))
+        self.slot = key_slot("a")
+        # This node serves every slot but "a"'s, which 7001 serves.
+        self.seed.dataReceived(
+            resp(
+                [
+                    [0, self.slot - 1, [b"", 7000, b"id0"]],
+                    [self.slot, self.slot, [b"127.0.0.1", 7001, b"id1"], [b"127.0.0.1", 7004]],
+                    [self.slot + 1, 16383, [b"127.0.0.1", 7000, b"id0"]],
+                ]
+            )
+        )
+        self.seed_transport.clear()
+        # A client for each master in the map, connected at once.
+        address, self.node, self.node_transport = self.fake.accept()
+        self.assertEqual(address, ("127.0.0.1", 7001))
+
+    def test_map_routes_commands(self) -> None:
+        """
+        A command goes straight to the master of its key's slot (not to a
+        replica, not to the seed), and a key of another slot to the seed.
+        """
+        self.assertEqual(self.cluster.where(self.slot), Address("127.0.0.1", 7001))
+        self.assertEqual(self.cluster.where(self.slot + 1), Address("127.0.0.1", 7000))
+        result = self.cluster.execute("EVALSHA", "abc", 2, "{a}:1", "{a}:2", "x")
+        self.assertEqual(self.seed_transport.value(), b"")
+        self.assertIn(b"EVALSHA", self.node_transport.value())
+        self.node.dataReceived(b":1\r\n")
+        self.assertEqual(self.successResultOf(result), 1)
+        other = self.cluster.execute("GET", "{b}")
+        self.assertEqual(self.seed_transport.value(), encode_command(("GET", "{b}")))
+        self.seed.dataReceived(b"$-1\r\n")
+        self.assertIsNone(self.successResultOf(other))
+        self.assertEqual(
+            self.cluster.masters(),
+            [self.cluster.node(Address("127.0.0.1", port)) for port in (7000, 7001)],
+        )
+
+    def test_moved_refreshes_the_map(self) -> None:
+        """
+        MOVED sends the command on at once and has the slot map read again
+        (not more than once in REFRESH_INTERVAL).
+        """
+        self.reactor.advance(REFRESH_INTERVAL)
+        result = self.cluster.execute("GET", "{b}")
+        self.seed.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % key_slot("b"))
+        self.assertEqual(self.cluster.where(key_slot("b")), Address("127.0.0.1", 7001))
+        self.assertIn(b"GET", self.node_transport.value())
+        self.node.dataReceived(b"$1\r\n1\r\n")
+        self.assertEqual(self.successResultOf(result), b"1")
+        self.assertTrue(self.seed_transport.value().endswith(encode_command(("CLUSTER", "SLOTS"))))
+        # The new map agrees: "b"'s slot is 7001's now.
+        moved = key_slot("b")
+        self.seed.dataReceived(
+            resp(
+                [
+                    [0, moved - 1, [b"127.0.0.1", 7000, b"id0"]],
+                    [moved, moved, [b"127.0.0.1", 7001, b"id1"]],
+                    [moved + 1, 16383, [b"127.0.0.1", 7000, b"id0"]],
+                ]
+            )
+        )
+        self.assertEqual(self.cluster.where(moved), Address("127.0.0.1", 7001))
+        self.assertEqual(self.cluster.where(self.slot), Address("127.0.0.1", 7000))
+        self.seed_transport.clear()
+        self.node_transport.clear()
+        # Moved back at once: followed, but the map is not read again
+        # within REFRESH_INTERVAL of the last time.
+        again = self.cluster.execute("GET", "{b}")
+        self.node.dataReceived(b"-MOVED %d 127.0.0.1:7000\r\n" % moved)
+        self.assertEqual(self.seed_transport.value(), encode_command(("GET", "{b}")))
+        self.seed.dataReceived(b"$1\r\n2\r\n")
+        self.assertEqual(self.successResultOf(again), b"2")
+        self.assertNotIn(b"SLOTS", self.seed_transport.value() + self.node_transport.value())
+
+    def test_tryagain(self) -> None:
+        """
+        A command answered TRYAGAIN (its keys half-way through a migration)
+        is sent again 50 ms later to the same node, and its reply is the
+        command's.
+        """
+        result = self.cluster.execute("EVALSHA", "abc", 2, "{b}:1", "{b}:2")
+        self.seed.dataReceived(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n")
+        self.seed_transport.clear()
+        self.assertNoResult(result)
+        self.reactor.advance(TRYAGAIN_DELAY)
+        self.assertIn(b"EVALSHA", self.seed_transport.value())
+        self.seed.dataReceived(b":1\r\n")
+        self.assertEqual(self.successResultOf(result), 1)
+
+    def test_tryagain_after_ask(self) -> None:
+        """
+        TRYAGAIN from the node an ASK sent the command to: sent again there,
+        after ASKING again (the slot is still the other node's).
+        """
+        result = self.cluster.execute("EVALSHA", "abc", 2, "{b}:1", "{b}:2")
+        self.seed.dataReceived(b"-ASK %d 127.0.0.1:7002\r\n" % key_slot("b"))
+        _, node, transport = self.fake.accept()
+        node.dataReceived(b"+OK\r\n-TRYAGAIN Multiple keys request during rehashing of slot\r\n")
+        transport.clear()
+        self.reactor.advance(TRYAGAIN_DELAY)
+        commands = transport.value()
+        self.assertTrue(commands.startswith(encode_command(("ASKING",))), commands)
+        self.assertIn(b"EVALSHA", commands)
+        node.dataReceived(b"+OK\r\n:1\r\n")
+        self.assertEqual(self.successResultOf(result), 1)
+        self.assertEqual(self.cluster.where(key_slot("b")), Address("127.0.0.1", 7000))
+
+    def test_tryagain_bounded(self) -> None:
+        """
+        A command answered TRYAGAIN again and again fails with it once the
+        node's timeout has passed since it was first sent: never longer,
+        and it was tried no more than every 50 ms meanwhile.
+        """
+        result = self.cluster.execute("EVALSHA", "abc", 1, "{b}:1")
+        tries = 0
+        while not result.called:
+            self.assertLessEqual(self.reactor.seconds(), 1.0)
+            self.assertIn(b"EVALSHA", self.seed_transport.value())
+            self.seed_transport.clear()
+            tries += 1
+            self.seed.dataReceived(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n")
+            self.reactor.advance(TRYAGAIN_DELAY)
+        failure = self.failureResultOf(result, RedisError)
+        self.assertIn("TRYAGAIN", str(failure.value))
+        self.assertLessEqual(tries, 1.0 / TRYAGAIN_DELAY)
+        self.assertGreater(tries, 1)
