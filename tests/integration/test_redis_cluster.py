@@ -9,7 +9,6 @@ resharded, nothing lost.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -188,7 +187,7 @@ on_error = "{GREYLIST_ON_ERROR}"
 """
 
 
-class GreylistTraffic:
+class GreylistTraffic(Traffic):
     """
     Steady greylisting from one client network: a thread per daemon asks
     about new triplets there and retries each, once its delay has passed,
@@ -199,33 +198,29 @@ class GreylistTraffic:
     """
 
     def __init__(self, daemons: list, client_address: str) -> None:
+        super().__init__(daemons, unique("grey"))
         self.daemons = daemons
         self.client_address = client_address
-        self.prefix = unique("grey")
-        self.answers: list[tuple[str, str, str]] = []
         self.left: list[tuple[float, dict[str, str]]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(number,)) for number in (0, 1)]
 
     def _request(self, number: int, serial: int) -> dict[str, str]:
         return dict(
             EOM,
             protocol_state="RCPT",
             client_address=self.client_address,
-            recipient=f"{self.prefix}-{number}-{serial}@example.net",
+            recipient=f"{self.user}-{number}-{serial}@example.net",
             recipient_count="0",
-            instance=f"{self.prefix}.{number}.{serial}",
+            instance=f"{self.user}.{number}.{serial}",
         )
 
     def _record(self, kind: str, request: dict[str, str], answer: object) -> None:
         with self._lock:
             self.answers.append((kind, request["recipient"], str(answer)))
 
-    def _run(self, number: int) -> None:
-        first_at, retry_at = self.daemons[number], self.daemons[1 - number]
+    def _run(self, daemon, number: int) -> None:
+        retry_at = self.daemons[1 - number]
         waiting: deque[tuple[float, dict[str, str]]] = deque()
-        with first_at.client() as first, retry_at.client() as retry:
+        with daemon.client() as first, retry_at.client() as retry:
             serial = 0
             while not self._stop.is_set():
                 serial += 1
@@ -243,23 +238,9 @@ class GreylistTraffic:
         with self._lock:
             return len(self.answers)
 
-    def snapshot(self) -> list[tuple[str, str, str]]:
-        with self._lock:
-            return list(self.answers)
-
     def passed(self) -> int:
         with self._lock:
             return sum(kind == "retry" for kind, _, _ in self.answers)
-
-    def __enter__(self) -> GreylistTraffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
     def retry_the_rest(self) -> None:
         """

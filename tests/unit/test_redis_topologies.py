@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -239,6 +241,30 @@ class FakeRedis:
         return (host, port), protocol, transport
 
 
+def sentinel_endpoint(
+    credentials: tuple[str, ...] = (),
+) -> tuple[MemoryReactorClock, FakeRedis, SentinelEndpoint]:
+    """
+    A L{SentinelEndpoint} for master C{m} of the sentinels 127.0.0.1:1 and
+    127.0.0.1:2 (timeout 1 s), on a MemoryReactorClock whose connections
+    the L{FakeRedis} answers.
+    """
+    reactor = MemoryReactorClock()
+    settings = read_settings(
+        options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
+    )
+    endpoint = SentinelEndpoint(
+        reactor,
+        settings.sentinels,
+        "m",
+        settings.connector(reactor),
+        1.0,
+        credentials,
+        "stores.main",
+    )
+    return reactor, FakeRedis(reactor), endpoint
+
+
 class SentinelEndpointTests(SynchronousTestCase):
     """
     The master found through the sentinels.
@@ -249,16 +275,7 @@ class SentinelEndpointTests(SynchronousTestCase):
         A sentinel that does not know the master is passed over; the next
         one's answer is where the connection goes; a hint goes first.
         """
-        reactor = MemoryReactorClock()
-        fake = FakeRedis(reactor)
-        settings = read_settings(
-            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
-        )
-        endpoint = SentinelEndpoint(
-            reactor, settings.sentinels, "m", settings.connector(reactor), 1.0
-        )
-        from twisted.internet.protocol import Factory, Protocol
-
+        reactor, fake, endpoint = sentinel_endpoint()
         connected = endpoint.connect(Factory.forProtocol(Protocol))
         address, protocol, transport = fake.accept()
         self.assertEqual(address, ("127.0.0.1", 1))
@@ -278,25 +295,66 @@ class SentinelEndpointTests(SynchronousTestCase):
         address, _, _ = fake.accept()
         self.assertEqual(address, ("127.0.0.1", 6391))
 
-    def test_replica_refused(self) -> None:
+    def master_client(self) -> tuple[RedisClient, Any, StringTransport]:
         """
-        A server that says it is a replica is not used: the connection
-        fails and is dropped, and the reason is logged.
+        A started client that wants a master, its connection and the
+        connection's transport, before the server said what it is.
         """
         reactor = MemoryReactorClock()
         fake = FakeRedis(reactor)
-        from twisted.internet.endpoints import TCP4ClientEndpoint
-
         client = RedisClient(
             TCP4ClientEndpoint(reactor, "127.0.0.1", 6379), reactor, timeout=1.0, role="master"
         )
         client.startService()
         self.addCleanup(client.stopService)
         _, protocol, transport = fake.accept()
-        self.assertIn(b"ROLE", transport.value())
+        self.assertEqual(transport.value(), encode_command(("ROLE",)))
+        return client, protocol, transport
+
+    def test_replica_refused(self) -> None:
+        """
+        A server that says it is a replica is not used: the connection
+        fails and is dropped, and the reason is logged.
+        """
+        client, protocol, transport = self.master_client()
         protocol.dataReceived(b"*1\r\n$5\r\nslave\r\n")
         self.assertFalse(client.connected)
         self.assertTrue(transport.disconnecting)
+
+    def test_master_accepted(self) -> None:
+        """
+        A server whose ROLE says master is used: the client is connected
+        and commands go to it, after the ROLE question.
+        """
+        client, protocol, transport = self.master_client()
+        self.assertFalse(client.connected)
+        protocol.dataReceived(resp([b"master", 0, []]))
+        self.assertTrue(client.connected)
+        transport.clear()
+        result = client.execute("GET", "k")
+        self.assertEqual(transport.value(), encode_command(("GET", "k")))
+        protocol.dataReceived(b"$1\r\n9\r\n")
+        self.assertEqual(self.successResultOf(result), b"9")
+
+
+def start_cluster(case: Any) -> None:
+    """
+    Start a cluster client of one seed node (127.0.0.1:7000) for C{case},
+    on a MemoryReactorClock: C{case.reactor}, C{case.fake}, C{case.cluster},
+    and the seed's connection, C{case.seed} and C{case.seed_transport}.
+    """
+    case.reactor = MemoryReactorClock()
+    case.fake = FakeRedis(case.reactor)
+    settings = read_settings(options({"cluster_nodes": ["127.0.0.1:7000"]}))
+    connect = settings.connector(case.reactor)
+    case.cluster = ClusterClient(
+        case.reactor,
+        settings.cluster_nodes,
+        lambda address: RedisClient(connect(address), case.reactor, timeout=1.0),
+    )
+    case.cluster.startService()
+    case.addCleanup(case.cluster.stopService)
+    _, case.seed, case.seed_transport = case.fake.accept()
 
 
 class ClusterClientTests(SynchronousTestCase):
@@ -305,18 +363,7 @@ class ClusterClientTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.fake = FakeRedis(self.reactor)
-        settings = read_settings(options({"cluster_nodes": ["127.0.0.1:7000"]}))
-        connect = settings.connector(self.reactor)
-        self.cluster = ClusterClient(
-            self.reactor,
-            settings.cluster_nodes,
-            lambda address: RedisClient(connect(address), self.reactor, timeout=1.0),
-        )
-        self.cluster.startService()
-        self.addCleanup(self.cluster.stopService)
-        _, self.seed, self.seed_transport = self.fake.accept()
+        start_cluster(self)
         # The slot map is asked for at start; this cluster says nothing yet.
         self.assertIn(b"SLOTS", self.seed_transport.value())
         self.seed.dataReceived(b"*0\r\n")
@@ -377,8 +424,7 @@ def resp(value: Any) -> bytes:
 
 class SentinelDiscoveryTests(SynchronousTestCase):
     """
-    The master found through the sentinels when they cannot say, and the
-    C{ROLE} check of the server they name.
+    The master asked of sentinels that cannot say, or do not answer.
     """
 
     def test_no_sentinel_knows(self) -> None:
@@ -388,22 +434,7 @@ class SentinelDiscoveryTests(SynchronousTestCase):
         naming each reason, logged once for the outage, not per attempt;
         the sentinels are asked with the configured credentials.
         """
-        reactor = MemoryReactorClock()
-        fake = FakeRedis(reactor)
-        settings = read_settings(
-            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
-        )
-        endpoint = SentinelEndpoint(
-            reactor,
-            settings.sentinels,
-            "m",
-            settings.connector(reactor),
-            1.0,
-            ("pfx", "secret"),
-            "stores.main",
-        )
-        from twisted.internet.protocol import Factory, Protocol
-
+        _, fake, endpoint = sentinel_endpoint(("pfx", "secret"))
         with capturedLogs() as events:
             for _ in range(2):
                 connecting = endpoint.connect(Factory.forProtocol(Protocol))
@@ -426,16 +457,7 @@ class SentinelDiscoveryTests(SynchronousTestCase):
         A sentinel that does not answer is given up on after the timeout,
         and the next one is asked.
         """
-        reactor = MemoryReactorClock()
-        fake = FakeRedis(reactor)
-        settings = read_settings(
-            options({"sentinels": ["127.0.0.1:1", "127.0.0.1:2"], "master_name": "m"})
-        )
-        endpoint = SentinelEndpoint(
-            reactor, settings.sentinels, "m", settings.connector(reactor), 1.0
-        )
-        from twisted.internet.protocol import Factory, Protocol
-
+        reactor, fake, endpoint = sentinel_endpoint()
         connecting = endpoint.connect(Factory.forProtocol(Protocol))
         fake.accept()
         self.assertNoResult(connecting)
@@ -447,31 +469,6 @@ class SentinelDiscoveryTests(SynchronousTestCase):
         self.assertEqual(address, ("127.0.0.1", 6390))
         self.assertIsNotNone(self.successResultOf(connecting))
 
-    def test_master_accepted(self) -> None:
-        """
-        A server whose ROLE says master is used: the client is connected
-        and commands go to it, after the ROLE question.
-        """
-        reactor = MemoryReactorClock()
-        fake = FakeRedis(reactor)
-        from twisted.internet.endpoints import TCP4ClientEndpoint
-
-        client = RedisClient(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", 6379), reactor, timeout=1.0, role="master"
-        )
-        client.startService()
-        self.addCleanup(client.stopService)
-        _, protocol, transport = fake.accept()
-        self.assertEqual(transport.value(), encode_command(("ROLE",)))
-        self.assertFalse(client.connected)
-        protocol.dataReceived(resp([b"master", 0, []]))
-        self.assertTrue(client.connected)
-        transport.clear()
-        result = client.execute("GET", "k")
-        self.assertEqual(transport.value(), encode_command(("GET", "k")))
-        protocol.dataReceived(b"$1\r\n9\r\n")
-        self.assertEqual(self.successResultOf(result), b"9")
-
 
 class ClusterSlotMapTests(SynchronousTestCase):
     """
@@ -479,18 +476,7 @@ class ClusterSlotMapTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.fake = FakeRedis(self.reactor)
-        settings = read_settings(options({"cluster_nodes": ["127.0.0.1:7000"]}))
-        connect = settings.connector(self.reactor)
-        self.cluster = ClusterClient(
-            self.reactor,
-            settings.cluster_nodes,
-            lambda address: RedisClient(connect(address), self.reactor, timeout=1.0),
-        )
-        self.cluster.startService()
-        self.addCleanup(self.cluster.stopService)
-        _, self.seed, self.seed_transport = self.fake.accept()
+        start_cluster(self)
         self.assertEqual(self.seed_transport.value(), encode_command(("CLUSTER", "SLOTS")))
         self.slot = key_slot("a")
         # This node serves every slot but "a"'s, which 7001 serves.
