@@ -43,6 +43,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pfxpold.escape import escape
 from pfxpold.state import StoreError
 
 #: The longest bulk reply or array we accept; pfxpold's replies are tiny.
@@ -231,7 +232,7 @@ class RedisProtocol(Protocol):
                 else:
                     d.callback(reply)
         except ProtocolError as e:
-            self._log.error("Redis sent garbage ({reason}); reconnecting", reason=str(e))
+            self._log.error("Redis sent garbage ({reason}); reconnecting", reason=escape(str(e)))
             self._buffer = b""
             self.transport.abortConnection()
             return
