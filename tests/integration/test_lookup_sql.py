@@ -8,6 +8,7 @@ answer at all.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import socket
@@ -537,60 +538,80 @@ def test_mariadb_hostile_senders(tmp_path, lookup_mariadb):
     assert lookup_mariadb.execute("SELECT count(*) FROM relay_acl") == [(4,)]
 
 
+#: A small table of networks and parent domains. Each more specific row
+#: sorts after a less specific one that also matches (in the primary key's
+#: order too), so that only the query's ORDER BY finds the right one.
 KEY_LIST_ROWS = [
     ("192.0.2.0/24", "REJECT network"),
     ("192.0.2.10", "OK host"),
+    ("192.0.2.128/25", "DEFER_IF_PERMIT upper half"),
     ("2001:db8::/32", "DEFER_IF_PERMIT v6"),
+    ("2001:db8:1::/48", "REJECT v6 site"),
     ("example.com", "REJECT domain"),
+    ("mail.example.com", "OK mail domain"),
 ]
-KEY_LIST_QUERY = """
-    SELECT action FROM client_access
-     WHERE origin IN (:client_address_keys) OR origin IN (:sender_domain_keys)
-     ORDER BY :client_address_keys_rank(origin), :sender_domain_keys_rank(origin)
-     LIMIT 1
-"""
+
+
+def readme_client_access() -> str:
+    """
+    The README's key-list example (the TOML block after its
+    C{client-access} comment), as printed.
+    """
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    found = re.search(r"<!-- client-access[: ].*?-->\n```toml\n(.*?)```\n", text, re.S)
+    assert found is not None, "README.md has no TOML block after <!-- client-access -->"
+    return found.group(1)
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql", "mysql"])
 def test_key_lists(tmp_path, request, database):
     """
-    One query matches network rows and parent-domain rows, most specific
-    first, on SQLite, PostgreSQL and MariaDB alike.
+    The README's key-list query, as printed (only the database it names
+    changed for PostgreSQL and MariaDB), matches network rows and
+    parent-domain rows of one table, the most specific first, on SQLite,
+    PostgreSQL and MariaDB alike.
     """
-    create = "CREATE TABLE client_access (origin VARCHAR(255), action VARCHAR(255))"
+    create = (
+        "CREATE TABLE client_access (origin VARCHAR(255) PRIMARY KEY, action VARCHAR(255) NOT NULL)"
+    )
+    config = readme_client_access()
     if database == "sqlite":
         connection = sqlite3.connect(os.path.join(tmp_path, "client-access.sqlite"))
         connection.execute(create)
         connection.executemany("INSERT INTO client_access VALUES (?, ?)", KEY_LIST_ROWS)
         connection.commit()
         connection.close()
-        where = 'database = "client-access.sqlite"'
-    elif database == "postgresql":
-        server = request.getfixturevalue("lookup_postgresql")
-        server.execute("DROP TABLE IF EXISTS client_access")
-        server.execute(create)
-        for row in KEY_LIST_ROWS:
-            server.execute("INSERT INTO client_access VALUES (%s, %s)", params=row)
-        where = f'driver = "postgresql"\nconninfo = "{server.conninfo()}"'
     else:
-        server = request.getfixturevalue("lookup_mariadb")
+        server = request.getfixturevalue(f"lookup_{'mariadb' if database == 'mysql' else database}")
         server.execute("DROP TABLE IF EXISTS client_access")
         server.execute(create)
         for row in KEY_LIST_ROWS:
             server.execute("INSERT INTO client_access VALUES (%s, %s)", params=row)
-        where = server.settings()
-    config = f'[[check]]\nname = "access"\ntype = "sql"\n{where}\nquery = """{KEY_LIST_QUERY}"""\n'
+        if database == "postgresql":
+            where = f'driver = "postgresql"\nconninfo = "{server.conninfo()}"\n'
+        else:
+            where = server.settings()
+        config = replaced(config, ('database = "client-access.sqlite"\n', where))
     with running_daemon(tmp_path, config) as daemon, daemon.client() as client:
         other = {"sender": "a@other.example.org"}
         assert client.ask({**other, "client_address": "192.0.2.10"}) == "OK host"
         assert client.ask({**other, "client_address": "::ffff:192.0.2.11"}) == "REJECT network"
-        assert client.ask({**other, "client_address": "2001:db8::5"}) == "DEFER_IF_PERMIT v6"
         assert (
-            client.ask({"client_address": "10.0.0.1", "sender": "x@mail.Example.com"})
-            == "REJECT domain"
+            client.ask({**other, "client_address": "192.0.2.200"}) == "DEFER_IF_PERMIT upper half"
         )
+        assert client.ask({**other, "client_address": "2001:db8:2::5"}) == "DEFER_IF_PERMIT v6"
+        assert client.ask({**other, "client_address": "2001:DB8:1::5"}) == "REJECT v6 site"
+        elsewhere = {"client_address": "10.0.0.1"}
+        assert client.ask({**elsewhere, "sender": "x@Example.com"}) == "REJECT domain"
+        assert client.ask({**elsewhere, "sender": "x@www.example.com"}) == "REJECT domain"
+        assert client.ask({**elsewhere, "sender": "x@a.mail.example.com"}) == "OK mail domain"
+        assert client.ask({**elsewhere, "sender": "x@mail.example.com"}) == "OK mail domain"
+        # A client row wins over a domain row.
+        assert client.ask({"client_address": "192.0.2.10", "sender": "x@example.com"}) == "OK host"
         assert client.ask({**other, "client_address": "10.0.0.1"}) == "DUNNO"
         assert client.ask({**other, "client_address": "unknown"}) == "DUNNO"
+        assert client.ask({"client_address": "10.0.0.1", "sender": ""}) == "DUNNO"
 
 
 def test_mariadb_unreachable(tmp_path, lookup_mariadb, silent_listener):
