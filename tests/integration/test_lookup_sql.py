@@ -53,6 +53,11 @@ HOSTILE_SENDERS = [
     "ünï©ødé@exämple.com",
     "scanner@example.com\x00",
     "\x00'; DROP TABLE relay_acl; --",
+    # Allowed by every row if a backslash were taken to escape the quote
+    # where the server does not (MySQL's NO_BACKSLASH_ESCAPES).
+    "\\')) OR 1=1 -- @example.com",
+    "\\'/**/OR/**/'1'='1@example.com",
+    "scanner@example.com\\' # comment",
 ]
 
 
@@ -536,6 +541,78 @@ def test_mariadb_hostile_senders(tmp_path, lookup_mariadb):
             assert client.ask({**ALLOWED, "sender": sender}) == REJECT, sender
         assert client.ask(ALLOWED) == "OK"
     assert lookup_mariadb.execute("SELECT count(*) FROM relay_acl") == [(4,)]
+
+
+@pytest.fixture
+def no_backslash_escapes(lookup_mariadb) -> Iterator[None]:
+    """
+    The MariaDB test server in C{sql_mode} C{NO_BACKSLASH_ESCAPES} (a
+    backslash is an ordinary character in quoted text) for new sessions,
+    restored afterwards.
+    """
+    [(mode,)] = lookup_mariadb.execute("SELECT @@GLOBAL.sql_mode")
+    lookup_mariadb.execute(
+        "SET GLOBAL sql_mode = %s", params=(",".join([mode, "NO_BACKSLASH_ESCAPES"]).strip(","),)
+    )
+    try:
+        yield
+    finally:
+        lookup_mariadb.execute("SET GLOBAL sql_mode = %s", params=(mode,))
+
+
+MODE_CHECK = """
+[[check]]
+name = "mode"
+type = "sql"
+{settings}
+query = "SELECT 'OK backslashes are plain' FROM DUAL WHERE @@SESSION.sql_mode LIKE '%NO_BACKSLASH_ESCAPES%'"
+not_found = "REJECT backslashes escape"
+"""
+
+
+#: The relay ACL as a key-list query: hostile values in lists and ranks.
+KEY_LIST_CHECK = """
+[[check]]
+name = "keys"
+type = "sql"
+{settings}
+query = '''
+    SELECT concat('OK ', address) FROM relay_acl
+     WHERE origin IN (:client_address_keys) AND address IN (:sender_keys, :sender_at_domain_keys)
+     ORDER BY :sender_keys_rank(address), :sender_at_domain_keys_rank(address)
+     LIMIT 1
+'''
+"""
+
+
+def test_mariadb_hostile_senders_no_backslash_escapes(
+    tmp_path, lookup_mariadb, no_backslash_escapes
+):
+    """
+    With sql_mode NO_BACKSLASH_ESCAPES (which pfxpold's sessions do get),
+    the hostile senders are still values, never SQL: none is allowed,
+    neither by the relay ACL nor by a key-list query (values in lists and
+    in ranks), and the table is unchanged.
+    """
+    rows = lookup_mariadb.execute("SELECT origin, address FROM relay_acl ORDER BY 1, 2")
+    mode = MODE_CHECK.format(settings=lookup_mariadb.settings())
+    with running_daemon(tmp_path, mode) as daemon, daemon.client() as client:
+        assert client.ask(ALLOWED) == "OK backslashes are plain"
+    with (
+        running_daemon(tmp_path, mariadb_config(lookup_mariadb)) as daemon,
+        daemon.client() as client,
+    ):
+        for sender in HOSTILE_SENDERS:
+            assert client.ask({**ALLOWED, "sender": sender}) == REJECT, sender
+            assert client.ask({**UNKNOWN, "sender": sender}) == REJECT, sender
+        assert client.ask(ALLOWED) == "OK"
+    keys = KEY_LIST_CHECK.format(settings=lookup_mariadb.settings())
+    with running_daemon(tmp_path, keys) as daemon, daemon.client() as client:
+        for sender in HOSTILE_SENDERS:
+            assert client.ask({**ALLOWED, "sender": sender}) == "DUNNO", sender
+        assert client.ask(ALLOWED) == "OK scanner@example.com"
+    assert lookup_mariadb.execute("SELECT origin, address FROM relay_acl ORDER BY 1, 2") == rows
+    assert len(rows) == 4
 
 
 #: A small table of networks and parent domains. Each more specific row
