@@ -14,10 +14,7 @@ prepended, the reject, defer or header names it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -26,7 +23,8 @@ import yaml
 
 from pfxpold.checks.spf import SPFCheck
 from pfxpold.testing import make_options, make_request, run_check
-from tests.integration.support import free_port, running_daemon
+from tests.integration.dns_ports import DNSServerProcess, running_dns_server
+from tests.integration.support import running_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "spf", "rfc7208-tests.yml")
@@ -54,47 +52,27 @@ CASES = load_suite()
 SCENARIOS = 1 + max(index for index, _, _ in CASES)
 
 
-class SuiteServer:
-    def __init__(self, process: subprocess.Popen, ports: list[int]) -> None:
-        self.process = process
-        self.ports = ports
-
-
 @contextlib.contextmanager
-def serving(directory, suite: str, scenarios: int) -> Iterator[SuiteServer]:
+def serving(directory, suite: str) -> Iterator[DNSServerProcess]:
     """
-    spf_dns_server.py serving C{suite}'s scenarios, each on its own port,
-    for the duration of the block.
+    spf_dns_server.py serving C{suite}'s scenarios, each on its own port
+    (free for UDP and TCP, picked by the server), for the duration of the
+    block.
     """
-    ports: list[int] = []
-    while len(ports) < scenarios:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    path = directory / "suite.json"
-    path.write_text(json.dumps({"suite": suite, "ports": ports}))
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "spf_dns_server.py"), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        line = process.stdout.readline()
-        if line.strip() != b"READY":
-            process.kill()
-            raise RuntimeError(f"spf_dns_server.py did not start: {process.stderr.read()!r}")
-        yield SuiteServer(process, ports)
-    finally:
-        process.terminate()
-        process.wait(10)
+    with running_dns_server(
+        "spf_dns_server.py", {"suite": suite}, str(directory / "suite.json")
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def suite_server(tmp_path_factory) -> Iterator[SuiteServer]:
+def suite_server(tmp_path_factory) -> Iterator[DNSServerProcess]:
     """
-    The DNS server serving every scenario's zone data, on its own port.
+    The DNS server serving every scenario's zone data, each on its own
+    port.
     """
-    with serving(tmp_path_factory.mktemp("spf-dns"), SUITE, SCENARIOS) as server:
+    with serving(tmp_path_factory.mktemp("spf-dns"), SUITE) as server:
+        assert len(server.ports) == SCENARIOS
         yield server
 
 
@@ -222,7 +200,7 @@ def test_spf_in_daemon(tmp_path) -> None:
     """
     suite = tmp_path / "zone.yml"
     suite.write_text(yaml.safe_dump(DAEMON_ZONE))
-    with serving(tmp_path, str(suite), 1) as server:
+    with serving(tmp_path, str(suite)) as server:
         text = f"""
 [[check]]
 name = "spf"
