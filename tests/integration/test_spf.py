@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -22,9 +24,11 @@ import pytest_twisted
 import yaml
 
 from pfxpold.checks.spf import SPFCheck
+from pfxpold.query import make_parser, query, request_attributes
 from pfxpold.testing import make_options, make_request, run_check
+from tests.integration.deployment import readme_block
 from tests.integration.dns_ports import DNSServerProcess, running_dns_server
-from tests.integration.support import running_daemon
+from tests.integration.support import REPOSITORY, running_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "spf", "rfc7208-tests.yml")
@@ -247,3 +251,46 @@ query_timeout = 0.5
             assert hostile.startswith("PREPEND Received-SPF: softfail "), hostile
             assert 'envelope-from="a\\"b\\\\c;(x)@soft.example";' in hostile, hostile
             assert 'helo="h;x=\\"y";' in hostile, hostile
+
+
+#: The zone the README's spf answers assume.
+README_ZONE = {
+    "tests": {},
+    "zonedata": {"example.org": [{"TXT": "v=spf1 ip4:198.51.100.0/24 -all"}]},
+}
+#: The receiver in the README's answers: this host's name.
+README_RECEIVER = "mx.example.com"
+
+
+def test_spf_example_as_shipped(tmp_path) -> None:
+    """
+    examples/spf.toml, only its resolver set to the tests' DNS server,
+    answers the README's requests as the README shows: a pass prepends the
+    Received-SPF header, a fail gets the README's reject, an authenticated
+    client is not checked.
+    """
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        assert "`v=spf1 ip4:198.51.100.0/24 -all`" in f.read()
+    with open(os.path.join(REPOSITORY, "examples", "spf.toml"), encoding="utf-8") as f:
+        shipped = f.read()
+    suite = tmp_path / "zone.yml"
+    suite.write_text(yaml.safe_dump(README_ZONE))
+    with serving(tmp_path, str(suite)) as server:
+        resolver = '# resolvers = ["127.0.0.1:53"]'
+        assert resolver in shipped
+        text = shipped.replace(resolver, f'resolvers = ["127.0.0.1:{server.ports[0]}"]')
+        lines = readme_block("spf-answers").splitlines()
+        assert len(lines) == 6, lines
+        with running_daemon(tmp_path, text) as daemon:
+            for number, (command, answer) in enumerate(zip(lines[::2], lines[1::2], strict=True)):
+                arguments = shlex.split(command)
+                assert arguments[0] == "pfxpold-query" and answer.startswith("# "), command
+                parsed = make_parser().parse_args(
+                    arguments[1:] + ["--server", f"127.0.0.1:{daemon.port}"]
+                )
+                attributes = request_attributes(parsed)
+                # Each pfxpold-query process is a message of its own.
+                attributes["instance"] = f"readme.{number}"
+                request = "".join(f"{name}={value}\n" for name, value in attributes.items())
+                expected = answer[2:].replace(README_RECEIVER, socket.gethostname())
+                assert query(parsed.server, (request + "\n").encode(), 30.0) == expected
