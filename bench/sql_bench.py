@@ -4,8 +4,9 @@ against SQLite, a private PostgreSQL and a private MariaDB (started like
 the tests start them), without a cache and with one, with several lookups in flight as
 Postfix's many connections would have.
 
-    PYTHONPATH=. python3 bench/sql_bench.py [--lookups 5000] [--concurrency 20]
+    PYTHONPATH=. python3 bench/sql_bench.py [--lookups 5000] [--concurrency 20] [--repeat 5]
 
+Every figure is the median of C{--repeat} runs (each run is printed too).
 It prints figures; it asserts nothing (the machine may be busy).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
+import statistics
 import tempfile
 import time
 
@@ -78,10 +80,17 @@ async def bench(reactor, name: str, settings: dict, arguments) -> None:
             # cache, so the measured lookups are all hits.
             batch = requests(arguments.lookups, 500 if cache else arguments.lookups)
             await measure(reactor, check, batch[:500], arguments.concurrency)
-            rate = await measure(reactor, check, batch, arguments.concurrency)
+            rates = [
+                await measure(reactor, check, batch, arguments.concurrency)
+                for _ in range(arguments.repeat)
+            ]
         finally:
             check.stopService()
-        print(f"  {name:10s} {label:10s} {rate:>10,.0f} lookups/s")
+        runs = " ".join(f"{rate:,.0f}" for rate in rates)
+        print(
+            f"  {name:10s} {label:10s} {statistics.median(rates):>10,.0f} lookups/s"
+            f" (median of {len(rates)}: {runs})"
+        )
 
 
 async def main(reactor, arguments) -> None:
@@ -92,7 +101,10 @@ async def main(reactor, arguments) -> None:
     connection.executemany("INSERT INTO relay_acl VALUES (?, ?)", rows())
     connection.commit()
     connection.close()
-    print(f"{arguments.lookups} lookups, {arguments.concurrency} in flight, {ROWS} rows:")
+    print(
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}: {arguments.lookups} lookups,"
+        f" {arguments.concurrency} in flight, {ROWS} rows, median of {arguments.repeat} runs:"
+    )
     await bench(reactor, "SQLite", {"database": path}, arguments)
     if not arguments.no_postgresql:
         await bench_postgresql(reactor, arguments)
@@ -146,6 +158,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lookups", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="runs per figure; the median is shown"
+    )
     parser.add_argument("--no-postgresql", action="store_true")
     parser.add_argument("--no-mysql", action="store_true")
     parsed = parser.parse_args()

@@ -2,13 +2,16 @@
 A small authoritative DNS server for the dnsbl integration tests, run as
 its own process: C{python dns_server.py ZONES.json}.
 
-The JSON file gives C{port} (UDP and TCP on 127.0.0.1), C{records}
+The JSON file gives C{port} (UDP and TCP on 127.0.0.1; C{0} or left out:
+a port free for both, picked by L{dns_ports.listen_udp_and_tcp}), C{records}
 (C{{name: {"A": [...], "TXT": [...]}}}; other names are NXDOMAIN, a
 known name without the asked type is NODATA), C{ttl}, C{slow}
 (C{{suffix: seconds}}: names under the suffix are answered that late),
 C{silent} (suffixes never answered), C{silent_port} (a UDP port that reads
-and never replies, like a resolver that is gone) and C{query_log} (a file
-that gets one line per query received: C{TYPE name}).
+and never replies, like a resolver that is gone; C{0}: a free one) and
+C{query_log} (a file that gets one line per query received: C{TYPE name}).
+Once listening it prints C{READY}, the port, and the silent port (C{0}
+without one).
 
 Zones are served from Python data, not BIND zone files: Twisted's zone
 file loader mangles TXT records with spaces.
@@ -18,6 +21,7 @@ import json
 import socket
 import sys
 
+from dns_ports import listen_udp_and_tcp, ready_line  # this directory: run as a script
 from twisted.internet import defer, reactor
 from twisted.names import dns, server
 from twisted.names.common import ResolverBase
@@ -91,14 +95,12 @@ def main(path):
         data = json.load(f)
     factory = server.DNSServerFactory(authorities=[DataResolver(data)])
     factory.noisy = False
-    protocol = dns.DNSDatagramProtocol(factory)
-    reactor.listenUDP(data["port"], protocol, interface="127.0.0.1")
-    reactor.listenTCP(data["port"], factory, interface="127.0.0.1")
+    port = listen_udp_and_tcp(reactor, factory, data.get("port", 0))
     silent = None
-    if data.get("silent_port"):
+    if data.get("silent_port") is not None:
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         silent.bind(("127.0.0.1", data["silent_port"]))
-    print("READY", flush=True)
+    print(ready_line([port, silent.getsockname()[1] if silent else 0]), flush=True)
     reactor.run()
     if silent is not None:
         silent.close()

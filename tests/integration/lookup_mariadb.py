@@ -42,6 +42,11 @@ CERTIFICATE_USER = "pfxpold-x509"
 #: That certificate's subject.
 CLIENT_SUBJECT = "/CN=pfxpold-client"
 
+#: How examples/relay-acl-mysql.toml (and the README) make the database:
+#: a binary collation, so that lookups match exactly, as on SQLite and
+#: PostgreSQL.
+CREATE_DATABASE = "CREATE DATABASE pfxpold CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+
 #: Server options for both the bootstrap and the server: a small redo log
 #: (the default is 96 MB), no durability a throwaway server needs, and no
 #: resolver.
@@ -190,14 +195,31 @@ class MariaDBServer:
     def load_relay_acl(self) -> None:
         """
         Make the C{pfxpold} database with the relay-ACL table of
-        examples/relay-acl.sql.
+        examples/relay-acl.sql, as examples/relay-acl-mysql.toml says: with
+        the C{mariadb} client, the file as shipped.
         """
-        self.execute("CREATE DATABASE pfxpold", None)
-        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), encoding="utf-8") as f:
-            script = "\n".join(line for line in f if not line.startswith("--"))
-        for statement in script.split(";"):
-            if statement.strip():
-                self.execute(statement)
+        self.client("-e", CREATE_DATABASE)
+        with open(os.path.join(REPOSITORY, "examples", "relay-acl.sql"), "rb") as script:
+            self.client("pfxpold", stdin=script)
+
+    def client(self, *arguments: str, stdin: Any = None) -> str:
+        """
+        Run Debian's C{mariadb} client as the administrator, over the
+        socket, with C{arguments}.
+
+        @return: what it printed.
+        """
+        program = require_program("/usr/bin/mariadb", "mariadb-client")
+        finished = subprocess.run(
+            [program, "--no-defaults", f"--socket={self.socket}", f"--user={self.admin}"]
+            + list(arguments),
+            stdin=stdin,
+            capture_output=True,
+            timeout=30,
+        )
+        if finished.returncode != 0:
+            raise RuntimeError(f"mariadb {' '.join(arguments)}: {finished.stderr.decode()}")
+        return finished.stdout.decode()
 
     def connect(self, database: Optional[str] = "pfxpold") -> Any:
         """

@@ -6,8 +6,9 @@ The JSON file gives C{suite} (the path of a test suite in the YAML format
 of the SPF council's RFC 7208 suite) and C{ports}: one port per scenario
 (YAML document) of the suite, in order, on which that scenario's
 C{zonedata} is served (UDP and TCP on 127.0.0.1), so that the scenarios'
-zones, which reuse the same names, never meet. It prints C{READY} once
-listening.
+zones, which reuse the same names, never meet; C{0} (or C{ports} left out):
+a port free for both, picked by L{dns_ports.listen_udp_and_tcp}. Once
+listening it prints C{READY} and the ports, in the scenarios' order.
 
 The zone data is served as pyspf's own suite driver (test/testspf.py)
 serves it:
@@ -32,6 +33,7 @@ import json
 import sys
 
 import yaml
+from dns_ports import listen_udp_and_tcp, ready_line  # this directory: run as a script
 from twisted.internet import defer, reactor
 from twisted.names import dns, server
 from twisted.names.common import ResolverBase
@@ -143,14 +145,15 @@ def main(path):
         config = json.load(f)
     with open(config["suite"], "rb") as f:
         scenarios = list(yaml.safe_load_all(f))
-    if len(scenarios) != len(config["ports"]):
-        raise SystemExit(f"{len(scenarios)} scenarios, {len(config['ports'])} ports")
-    for scenario, port in zip(scenarios, config["ports"], strict=True):
+    ports = config.get("ports") or [0] * len(scenarios)
+    if len(scenarios) != len(ports):
+        raise SystemExit(f"{len(scenarios)} scenarios, {len(ports)} ports")
+    listening = []
+    for scenario, port in zip(scenarios, ports, strict=True):
         factory = server.DNSServerFactory(authorities=[ScenarioResolver(scenario.get("zonedata"))])
         factory.noisy = False
-        reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-        reactor.listenTCP(port, factory, interface="127.0.0.1")
-    print("READY", flush=True)
+        listening.append(listen_udp_and_tcp(reactor, factory, port))
+    print(ready_line(listening), flush=True)
     reactor.run()
 
 

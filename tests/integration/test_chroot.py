@@ -15,7 +15,6 @@ Two layouts, both in the README's "Running it in production":
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -42,6 +41,7 @@ from tests.integration.deployment import (
     wait_until,
     world_readable_directory,
 )
+from tests.integration.dns_ports import running_dns_server
 from tests.integration.slapd import BIND_DN, BIND_PASSWORD, SUFFIX, Slapd
 from tests.integration.support import IN_CI, REPOSITORY, PolicyClient, free_port, require_program
 
@@ -267,34 +267,14 @@ zone = "bl.test"
 def bl_test_dns_server(tmp_path) -> Iterator[int]:
     """
     The dnsbl tests' DNS server (tests/integration/dns_server.py) as a
-    subprocess on a free port of 127.0.0.1, serving 127.0.0.2 as listed in
-    bl.test; stopped by its PID.
+    subprocess on a port of 127.0.0.1 free for UDP and TCP, serving
+    127.0.0.2 as listed in bl.test; stopped by its PID.
 
     @return: its port.
     """
-    port = free_port()
-    zones = tmp_path / "zones.json"
-    zones.write_text(
-        json.dumps(
-            {
-                "port": port,
-                "silent_port": free_port(),
-                "records": {"2.0.0.127.bl.test": {"A": ["127.0.0.2"], "TXT": ["jailed lookup"]}},
-            }
-        )
-    )
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "dns_server.py"), str(zones)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        line = process.stdout.readline()
-        assert line.strip() == b"READY", process.stderr.read()
-        yield port
-    finally:
-        process.terminate()
-        process.wait(10)
+    zones = {"records": {"2.0.0.127.bl.test": {"A": ["127.0.0.2"], "TXT": ["jailed lookup"]}}}
+    with running_dns_server("dns_server.py", zones, str(tmp_path / "zones.json")) as server:
+        yield server.ports[0]
 
 
 def test_builtin_dnsbl_check_in_a_jail(pfxpold_installation, tmp_path, bl_test_dns_server):

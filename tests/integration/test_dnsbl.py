@@ -8,17 +8,14 @@ never answers and a resolver address that is gone.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.support import PolicyClient, free_port, running_daemon
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tests.integration.dns_ports import running_dns_server
+from tests.integration.support import PolicyClient, running_daemon
 
 RECORDS = {
     "2.0.0.127.bl.test": {"A": ["127.0.0.2"], "TXT": ["Blocked: see http://bl.test/?127.0.0.2"]},
@@ -58,30 +55,18 @@ class DNSServer:
 @pytest.fixture(scope="module")
 def dns_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("dns")
-    port, silent_port = free_port(), free_port()
     zones = {
-        "port": port,
-        "silent_port": silent_port,
+        "port": 0,
+        "silent_port": 0,
         "ttl": 300,
         "records": RECORDS,
         "slow": {"slow.test": 0.5},
         "silent": ["dead.test"],
         "query_log": str(directory / "queries.log"),
     }
-    path = directory / "zones.json"
-    path.write_text(json.dumps(zones))
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "dns_server.py"), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    line = process.stdout.readline()
-    if line.strip() != b"READY":
-        process.kill()
-        raise RuntimeError(f"dns_server.py did not start: {process.stderr.read()!r}")
-    yield DNSServer(process, port, silent_port, str(directory / "queries.log"))
-    process.terminate()
-    process.wait(10)
+    with running_dns_server("dns_server.py", zones, str(directory / "zones.json")) as server:
+        port, silent_port = server.ports
+        yield DNSServer(server.process, port, silent_port, str(directory / "queries.log"))
 
 
 def config(resolver: str, lists: str, **settings: str) -> str:

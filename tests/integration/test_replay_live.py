@@ -17,14 +17,12 @@ import glob
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.integration.support import free_port, running_daemon, stop_process
+from tests.integration.dns_ports import running_dns_server
+from tests.integration.support import running_daemon
 from tests.integration.test_replay import replay
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 #: The clients asked about, each with a sender of its own.
 LISTED = "127.0.0.2"  # listed before and after (its TXT reason changes)
@@ -77,10 +75,13 @@ action = "DEFER 4.7.1 quota exceeded"
 class DNSServer:
     """
     A dns_server.py process this test started.
+
+    @ivar port: the port it serves, UDP and TCP.
     """
 
-    def __init__(self, process: subprocess.Popen, query_log: str) -> None:
+    def __init__(self, process: subprocess.Popen, port: int, query_log: str) -> None:
         self.process = process
+        self.port = port
         self.query_log = query_log
 
     def queries(self) -> list[str]:
@@ -93,28 +94,15 @@ class DNSServer:
 @contextmanager
 def dns_server(directory: str, port: int, records: dict, name: str) -> Iterator[DNSServer]:
     """
-    Serve C{records} on 127.0.0.1:C{port} (UDP and TCP) for the block, then
-    stop the server, also when the block fails.
+    Serve C{records} on 127.0.0.1:C{port} (UDP and TCP; C{0}: a port free
+    for both, picked by the server) for the block, then stop the server,
+    also when the block fails.
     """
     query_log = os.path.join(directory, f"{name}.queries")
-    zones = os.path.join(directory, f"{name}.json")
-    with open(zones, "w") as f:
-        json.dump({"port": port, "ttl": 300, "records": records, "query_log": query_log}, f)
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "dns_server.py"), zones],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        line = process.stdout.readline() if process.stdout else b""
-        if line.strip() != b"READY":
-            raise RuntimeError(f"dns_server.py did not start: {process.stderr.read()!r}")
-        yield DNSServer(process, query_log)
-    finally:
-        stop_process(process)
-        for stream in (process.stdout, process.stderr):
-            if stream:
-                stream.close()
+    zones = {"port": port, "ttl": 300, "records": records, "query_log": query_log}
+    path = os.path.join(directory, f"{name}.json")
+    with running_dns_server("dns_server.py", zones, path) as server:
+        yield DNSServer(server.process, server.ports[0], query_log)
 
 
 def request(client_address: str, sender: str, recipient: str, instance: str) -> dict[str, str]:
@@ -162,12 +150,14 @@ def test_live_lookups_follow_changed_backend(tmp_path):
     and no replay changes the production SQLite file.
     """
     directory = str(tmp_path)
-    port = free_port()
     clients = [LISTED, DELISTED, NEWLY_LISTED, CLEAN]
     senders = {client: f"user{index}@example.org" for index, client in enumerate(clients)}
     answers: dict[str, list] = {client: [] for client in clients}
 
-    with dns_server(directory, port, BEFORE, "before") as before:
+    with dns_server(directory, 0, BEFORE, "before") as before:
+        # The configuration names this port; the changed zone is served on
+        # it later.
+        port = before.port
         with running_daemon(tmp_path, CONFIG.format(port=port)) as daemon:
             with daemon.client() as client:
                 # Three recipients per sender: the quota's limit exactly.

@@ -14,10 +14,9 @@ prepended, the reject, defer or header names it.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
+import shlex
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -25,8 +24,11 @@ import pytest_twisted
 import yaml
 
 from pfxpold.checks.spf import SPFCheck
+from pfxpold.query import make_parser, query, request_attributes
 from pfxpold.testing import make_options, make_request, run_check
-from tests.integration.support import free_port, running_daemon
+from tests.integration.deployment import readme_block
+from tests.integration.dns_ports import DNSServerProcess, running_dns_server
+from tests.integration.support import REPOSITORY, running_daemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE = os.path.join(HERE, "spf", "rfc7208-tests.yml")
@@ -54,47 +56,27 @@ CASES = load_suite()
 SCENARIOS = 1 + max(index for index, _, _ in CASES)
 
 
-class SuiteServer:
-    def __init__(self, process: subprocess.Popen, ports: list[int]) -> None:
-        self.process = process
-        self.ports = ports
-
-
 @contextlib.contextmanager
-def serving(directory, suite: str, scenarios: int) -> Iterator[SuiteServer]:
+def serving(directory, suite: str) -> Iterator[DNSServerProcess]:
     """
-    spf_dns_server.py serving C{suite}'s scenarios, each on its own port,
-    for the duration of the block.
+    spf_dns_server.py serving C{suite}'s scenarios, each on its own port
+    (free for UDP and TCP, picked by the server), for the duration of the
+    block.
     """
-    ports: list[int] = []
-    while len(ports) < scenarios:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    path = directory / "suite.json"
-    path.write_text(json.dumps({"suite": suite, "ports": ports}))
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "spf_dns_server.py"), str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        line = process.stdout.readline()
-        if line.strip() != b"READY":
-            process.kill()
-            raise RuntimeError(f"spf_dns_server.py did not start: {process.stderr.read()!r}")
-        yield SuiteServer(process, ports)
-    finally:
-        process.terminate()
-        process.wait(10)
+    with running_dns_server(
+        "spf_dns_server.py", {"suite": suite}, str(directory / "suite.json")
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def suite_server(tmp_path_factory) -> Iterator[SuiteServer]:
+def suite_server(tmp_path_factory) -> Iterator[DNSServerProcess]:
     """
-    The DNS server serving every scenario's zone data, on its own port.
+    The DNS server serving every scenario's zone data, each on its own
+    port.
     """
-    with serving(tmp_path_factory.mktemp("spf-dns"), SUITE, SCENARIOS) as server:
+    with serving(tmp_path_factory.mktemp("spf-dns"), SUITE) as server:
+        assert len(server.ports) == SCENARIOS
         yield server
 
 
@@ -222,7 +204,7 @@ def test_spf_in_daemon(tmp_path) -> None:
     """
     suite = tmp_path / "zone.yml"
     suite.write_text(yaml.safe_dump(DAEMON_ZONE))
-    with serving(tmp_path, str(suite), 1) as server:
+    with serving(tmp_path, str(suite)) as server:
         text = f"""
 [[check]]
 name = "spf"
@@ -269,3 +251,46 @@ query_timeout = 0.5
             assert hostile.startswith("PREPEND Received-SPF: softfail "), hostile
             assert 'envelope-from="a\\"b\\\\c;(x)@soft.example";' in hostile, hostile
             assert 'helo="h;x=\\"y";' in hostile, hostile
+
+
+#: The zone the README's spf answers assume.
+README_ZONE = {
+    "tests": {},
+    "zonedata": {"example.org": [{"TXT": "v=spf1 ip4:198.51.100.0/24 -all"}]},
+}
+#: The receiver in the README's answers: this host's name.
+README_RECEIVER = "mx.example.com"
+
+
+def test_spf_example_as_shipped(tmp_path) -> None:
+    """
+    examples/spf.toml, only its resolver set to the tests' DNS server,
+    answers the README's requests as the README shows: a pass prepends the
+    Received-SPF header, a fail gets the README's reject, an authenticated
+    client is not checked.
+    """
+    with open(os.path.join(REPOSITORY, "README.md"), encoding="utf-8") as f:
+        assert "`v=spf1 ip4:198.51.100.0/24 -all`" in f.read()
+    with open(os.path.join(REPOSITORY, "examples", "spf.toml"), encoding="utf-8") as f:
+        shipped = f.read()
+    suite = tmp_path / "zone.yml"
+    suite.write_text(yaml.safe_dump(README_ZONE))
+    with serving(tmp_path, str(suite)) as server:
+        resolver = '# resolvers = ["127.0.0.1:53"]'
+        assert resolver in shipped
+        text = shipped.replace(resolver, f'resolvers = ["127.0.0.1:{server.ports[0]}"]')
+        lines = readme_block("spf-answers").splitlines()
+        assert len(lines) == 6, lines
+        with running_daemon(tmp_path, text) as daemon:
+            for number, (command, answer) in enumerate(zip(lines[::2], lines[1::2], strict=True)):
+                arguments = shlex.split(command)
+                assert arguments[0] == "pfxpold-query" and answer.startswith("# "), command
+                parsed = make_parser().parse_args(
+                    arguments[1:] + ["--server", f"127.0.0.1:{daemon.port}"]
+                )
+                attributes = request_attributes(parsed)
+                # Each pfxpold-query process is a message of its own.
+                attributes["instance"] = f"readme.{number}"
+                request = "".join(f"{name}={value}\n" for name, value in attributes.items())
+                expected = answer[2:].replace(README_RECEIVER, socket.gethostname())
+                assert query(parsed.server, (request + "\n").encode(), 30.0) == expected

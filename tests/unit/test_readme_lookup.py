@@ -113,19 +113,21 @@ class ReadmeTests(CheckTestCase):
     def test_sql_section(self):
         """The sql section's configurations load and are the shipped samples' checks."""
         toml = [text for language, text in section_blocks("sql") if language == "toml"]
-        self.assertEqual(len(toml), 3)
+        self.assertEqual(len(toml), 4)
         sqlite_database(os.path.join(self.directory, "relay-acl.sqlite"))
+        self.write("relay-acl-mysql.secret", "change-me\n")
         # The key-list example: its query's parameters are all known.
         sqlite_database(os.path.join(self.directory, "client-access.sqlite"))
-        key_lists = load_configuration(self.write("pfxpold.toml", toml[2]), Clock())
+        key_lists = load_configuration(self.write("pfxpold.toml", toml[3]), Clock())
         self.assertEqual(
             key_lists.chain.entries[0].check.parameters,
             ["client_address_keys", "sender_domain_keys"],
         )
-        for text in toml[:2]:
+        for text in toml[:3]:
             configuration = load_configuration(self.write("pfxpold.toml", text), Clock())
             self.assertEqual(str(configuration.chain.entries[0].check.found), "OK")
         self.assertEqual(tomllib.loads(toml[0])["check"][0], example_check("relay-acl-sqlite.toml"))
         shipped = example_check("relay-acl-postgresql.toml")
         for key, value in tomllib.loads(toml[1])["check"][0].items():
             self.assertEqual(shipped[key], value, key)
+        self.assertEqual(tomllib.loads(toml[2])["check"][0], example_check("relay-acl-mysql.toml"))

@@ -419,9 +419,12 @@ class SQLCheckTests(CheckTestCase):
         return path
 
     def test_examples_load(self):
-        """The SQLite and PostgreSQL samples load (the SQLite file is only opened)."""
+        """
+        The SQLite, PostgreSQL and MySQL samples load (the SQLite file is
+        only opened; the MySQL one reads its placeholder password file).
+        """
         examples = examples_copy(self)
-        for name in ("relay-acl-sqlite.toml", "relay-acl-postgresql.toml"):
+        for name in ("relay-acl-sqlite.toml", "relay-acl-postgresql.toml", "relay-acl-mysql.toml"):
             configuration = load_configuration(os.path.join(examples, name), Clock())
             entry = configuration.chain.entries[0]
             self.assertIsInstance(entry.check, SQLCheck)
