@@ -88,7 +88,8 @@ def test_sentinel_count_and_failover(sentinel_group: SentinelGroup, tmp_path: os
     """
     Through TLS to the sentinels and to the master they name (verified as
     C{tls_server_name}), a quota counts; after C{SENTINEL FAILOVER} the
-    daemon follows the new master, where the count goes on to the limit.
+    daemon hears of it on its TLS subscription to the sentinels and follows
+    the new master, where the count goes on to the limit.
     """
     group = sentinel_group
     user = unique("tls-sentinel")
@@ -105,7 +106,10 @@ def test_sentinel_count_and_failover(sentinel_group: SentinelGroup, tmp_path: os
         new = group.master_port()
         assert poll(lambda: uses_master(daemon.log(), new), 20), daemon.log()
         assert [ask(daemon, user) for _ in range(2)] == ["OK", REFUSED]
+        log = daemon.log()
     assert counted(new, user, tls=group.tls) == LIMIT
+    # Heard on a subscription to a sentinel, over TLS too.
+    assert f"the sentinels switched the master to 127.0.0.1:{new}" in log, log
     group.wait_healthy()
 
 
