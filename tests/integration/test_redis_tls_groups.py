@@ -11,6 +11,7 @@ the check's C{on_error} and logs the problem once.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from typing import Optional
 
@@ -81,7 +82,10 @@ def uses_master(log: str, port: int) -> bool:
     after that.
     """
     named = log.rfind(f"the sentinels name 127.0.0.1:{port} as the master")
-    return named >= 0 and "connected" in log[named:]
+    return (
+        named >= 0
+        and re.search(rf"master {MASTER_NAME}\): (re)?connected$", log[named:], re.M) is not None
+    )
 
 
 def test_sentinel_count_and_failover(sentinel_group: SentinelGroup, tmp_path: os.PathLike) -> None:
