@@ -169,6 +169,9 @@ class ClusterClient(MultiService):
         self._last_refresh = float("-inf")
         self._timeout: Optional[float] = None
         self._seen: set[tuple[str, int, Address]] = set()
+        #: Whether the last refresh found no node to give the map: logged
+        #: once per outage, not at every refresh a failing command asks for.
+        self._map_failing = False
         for seed in self.seeds:
             self.node(seed)
 
@@ -267,8 +270,16 @@ class ClusterClient(MultiService):
                     slots[first : last + 1] = [master] * (last - first + 1)
                     self.node(master)
                 self._slots = slots
+                if self._map_failing:
+                    self._map_failing = False
+                    self._log.info(
+                        "{description}: slot map read again, from {address}",
+                        description=self.description,
+                        address=str(address),
+                    )
                 return
-            if self.running:
+            if self.running and not self._map_failing:
+                self._map_failing = True
                 self._log.warn(
                     "{description}: no node gave the slot map ({problems})",
                     description=self.description,

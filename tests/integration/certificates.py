@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -132,3 +133,87 @@ def make_client_certificates(directory) -> tuple[str, str, str, str]:
         with open(path, "wb") as f:
             f.write(data)
     return ca_path, server_path, client_path, client_key_path
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """
+    The files of L{make_tls_files}: a CA, a server's certificate and key
+    (apart, as most servers want them), and a client's certificate and key,
+    apart and together (C{client_pem}: the certificate followed by its key,
+    as pfxpold's C{tls_certificate} wants it).
+    """
+
+    ca: str
+    server_certificate: str
+    server_key: str
+    client_certificate: str
+    client_key: str
+    client_pem: str
+
+
+def make_tls_files(directory, server_name: str = "127.0.0.1") -> TLSFiles:
+    """
+    A throwaway CA that signed a server certificate naming only
+    C{server_name} (an IP address or a DNS name) and a client certificate
+    for C{CN=pfxpold-client}: for servers that check clients' certificates
+    and talk TLS to each other (replication, a cluster's bus), and, with a
+    DNS name, for clients that must verify a name the address does not
+    carry.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pfxpold test CA")])
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+
+    def issue(subject: str, public_key, ca: bool, names=None) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if names is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(ca_key, hashes.SHA256())
+
+    try:
+        server_names = [x509.IPAddress(ipaddress.ip_address(server_name))]
+    except ValueError:
+        server_names = [x509.DNSName(server_name)]
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    pem = serialization.Encoding.PEM
+    parts = {
+        "ca.pem": issue("pfxpold test CA", ca_key.public_key(), True).public_bytes(pem),
+        "server-cert.pem": issue(
+            server_name, server_key.public_key(), False, server_names
+        ).public_bytes(pem),
+        "server-key.pem": server_key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        ),
+        "client-cert.pem": issue("pfxpold-client", client_key.public_key(), False).public_bytes(
+            pem
+        ),
+        "client-key.pem": client_key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        ),
+    }
+    parts["client.pem"] = parts["client-cert.pem"] + parts["client-key.pem"]
+    paths = {}
+    for name, data in parts.items():
+        paths[name] = os.path.join(directory, name)
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    return TLSFiles(
+        paths["ca.pem"],
+        paths["server-cert.pem"],
+        paths["server-key.pem"],
+        paths["client-cert.pem"],
+        paths["client-key.pem"],
+        paths["client.pem"],
+    )

@@ -2,7 +2,8 @@
 Groups of Redis servers for integration tests, on free loopback ports: a
 master with a replica watched by three sentinels (optionally behind
 passwords and ACL users, see L{GroupCredentials}), and a three-master Redis
-Cluster. Every process is ours, stopped by PID even when a test fails.
+Cluster; either over TLS only when given L{RedisTLS}. Every process is
+ours, stopped by PID even when a test fails.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from tests.integration.redis_server import RedisServer
+from tests.integration.redis_server import RedisServer, RedisTLS
 from tests.integration.support import free_port, require_program, stop_process, wait_for_port
 
 #: The name examples/quota-redis-sentinel.toml gives the master, so that
@@ -28,11 +29,15 @@ FAILOVER_TIMEOUT_MS = 2000
 
 
 def redis_cli(
-    port: int, *arguments: str, check: bool = True, password: Optional[str] = None
+    port: int,
+    *arguments: str,
+    check: bool = True,
+    password: Optional[str] = None,
+    tls: Optional[RedisTLS] = None,
 ) -> str:
     """
     Run C{redis-cli} against the server (or sentinel) on C{port}, as the
-    C{default} user with C{password} if given.
+    C{default} user with C{password} if given, over C{tls} if given.
 
     @return: its output, stripped.
     """
@@ -43,7 +48,15 @@ def redis_cli(
         # Not on the command line, where redis-cli warns about it.
         environment["REDISCLI_AUTH"] = password
     result = subprocess.run(
-        [cli, "-h", "127.0.0.1", "-p", str(port), *arguments],
+        [
+            cli,
+            *(tls.cli_arguments() if tls else ()),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            *arguments,
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -54,15 +67,24 @@ def redis_cli(
     return result.stdout.strip()
 
 
-def counted(port: int, user: str, password: Optional[str] = None) -> int:
+def counted(
+    port: int, user: str, password: Optional[str] = None, tls: Optional[RedisTLS] = None
+) -> int:
     """
     What the Redis on C{port} has counted for C{user}'s daily quota (the
     quota tests' C{key = ["sasl_username"]}), over its day windows.
     """
     keys = redis_cli(
-        port, "--scan", "--pattern", f"pfxpold:quota:{{quota:{user}}}:day:*", password=password
+        port,
+        "--scan",
+        "--pattern",
+        f"pfxpold:quota:{{quota:{user}}}:day:*",
+        password=password,
+        tls=tls,
     )
-    return sum(int(redis_cli(port, "GET", key, password=password) or 0) for key in keys.split())
+    return sum(
+        int(redis_cli(port, "GET", key, password=password, tls=tls) or 0) for key in keys.split()
+    )
 
 
 def wait_until(condition, timeout: float = 20.0, what: str = "condition") -> None:
@@ -149,6 +171,7 @@ class Sentinel:
         directory: str,
         master_port: int,
         credentials: Optional[GroupCredentials] = None,
+        tls: Optional[RedisTLS] = None,
     ) -> None:
         self.program = require_program("/usr/bin/redis-sentinel", "redis-sentinel")
         self.port = free_port()
@@ -156,8 +179,8 @@ class Sentinel:
         self.config = os.path.join(directory, f"sentinel-{self.port}.conf")
         with open(self.config, "w") as f:
             f.write(
-                f"port {self.port}\n"
-                "bind 127.0.0.1\n"
+                (f"port {self.port}\n" if tls is None else tls.config_lines(self.port))
+                + "bind 127.0.0.1\n"
                 f"dir {directory}\n"
                 f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
@@ -187,18 +210,25 @@ class SentinelGroup:
 
     @ivar servers: the two Redis servers (either may be the master).
     @ivar credentials: the passwords and users, if the group has them.
+    @ivar tls: its TLS, if it speaks only TLS.
     """
 
-    def __init__(self, directory: str, credentials: Optional[GroupCredentials] = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        credentials: Optional[GroupCredentials] = None,
+        tls: Optional[RedisTLS] = None,
+    ) -> None:
         self.directory = directory
         self.credentials = credentials
+        self.tls = tls
         self.servers: list[RedisServer] = []
         self.sentinels: list[Sentinel] = []
 
     def cli(self, port: int, *arguments: str) -> str:
         """L{redis_cli} on a server or sentinel of the group, as its admin."""
         password = self.credentials.admin_password if self.credentials is not None else None
-        return redis_cli(port, *arguments, password=password)
+        return redis_cli(port, *arguments, password=password, tls=self.tls)
 
     @property
     def sentinel_addresses(self) -> list[str]:
@@ -254,27 +284,30 @@ class SentinelGroup:
 
 @contextmanager
 def running_sentinel_group(
-    directory: os.PathLike, credentials: Optional[GroupCredentials] = None
+    directory: os.PathLike,
+    credentials: Optional[GroupCredentials] = None,
+    tls: Optional[RedisTLS] = None,
 ) -> Iterator[SentinelGroup]:
     """
     A master, a replica and three sentinels for the block, then stopped;
-    with C{credentials}, every one of them wants a password.
+    with C{credentials}, every one of them wants a password; with C{tls},
+    every one of them speaks only TLS, to clients and to each other.
     """
     path = os.fspath(directory)
-    group = SentinelGroup(path, credentials)
+    group = SentinelGroup(path, credentials, tls)
     secured = credentials.server_arguments() if credentials is not None else ()
     with ExitStack() as stack:
-        master = RedisServer(path, extra_args=secured)
+        master = RedisServer(path, extra_args=secured, tls=tls)
         stack.callback(master.stop)
         master.start()
         replica = RedisServer(
-            path, extra_args=(*secured, "--replicaof", "127.0.0.1", str(master.port))
+            path, extra_args=(*secured, "--replicaof", "127.0.0.1", str(master.port)), tls=tls
         )
         stack.callback(replica.stop)
         replica.start()
         group.servers = [master, replica]
         for _ in range(3):
-            sentinel = Sentinel(path, master.port, credentials)
+            sentinel = Sentinel(path, master.port, credentials, tls)
             stack.callback(sentinel.stop)
             sentinel.start()
             group.sentinels.append(sentinel)
@@ -285,11 +318,18 @@ def running_sentinel_group(
 class Cluster:
     """
     A Redis Cluster of three masters (no replicas) on loopback ports.
+
+    @ivar tls: its TLS, if it speaks only TLS.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, tls: Optional[RedisTLS] = None) -> None:
         self.directory = directory
+        self.tls = tls
         self.servers: list[RedisServer] = []
+
+    def cli(self, port: int, *arguments: str) -> str:
+        """L{redis_cli} on a node of the cluster."""
+        return redis_cli(port, *arguments, tls=self.tls)
 
     @property
     def addresses(self) -> list[str]:
@@ -298,7 +338,7 @@ class Cluster:
     def node_ids(self) -> dict[int, str]:
         """Each node's ID, by port."""
         found = {}
-        for line in redis_cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
+        for line in self.cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
             fields = line.split()
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             found[port] = fields[0]
@@ -306,7 +346,7 @@ class Cluster:
 
     def slot_owner(self, slot: int) -> int:
         """The port of the master that holds C{slot}."""
-        for line in redis_cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
+        for line in self.cli(self.servers[0].port, "CLUSTER", "NODES").splitlines():
             fields = line.split()
             port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
             for part in fields[8:]:
@@ -334,17 +374,17 @@ class Cluster:
         ids = self.node_ids()
         source = self.slot_owner(slot)
         assert source != target, (slot, source)
-        redis_cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
-        redis_cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        self.cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
+        self.cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
         phase("migrating")
         # Keys are written to the target (ASK) meanwhile: move in batches
         # until none is left.
         moved = 0
         for _ in range(1000):
-            keys = redis_cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
+            keys = self.cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
             if not keys:
                 break
-            redis_cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+            self.cli(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
             moved += len(keys)
         phase("keys moved")
         # The target first, then the source, as Redis documents it: the
@@ -352,7 +392,7 @@ class Cluster:
         # target and the target, still importing, MOVED back.
         others = [server.port for server in self.servers if server.port not in (source, target)]
         for port in (target, source, *others):
-            redis_cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+            self.cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
         phase("moved")
         return moved
 
@@ -374,13 +414,14 @@ def cluster_port() -> int:
 
 
 @contextmanager
-def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
+def running_cluster(directory: os.PathLike, tls: Optional[RedisTLS] = None) -> Iterator[Cluster]:
     """
     Three cluster-enabled redis-servers joined into one cluster with
-    C{redis-cli --cluster create}, for the block, then stopped.
+    C{redis-cli --cluster create}, for the block, then stopped; with
+    C{tls}, speaking only TLS, their cluster bus included.
     """
     path = os.fspath(directory)
-    cluster = Cluster(path)
+    cluster = Cluster(path, tls)
     with ExitStack() as stack:
         for _ in range(3):
             port = cluster_port()
@@ -394,14 +435,23 @@ def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
                     os.path.join(path, f"nodes-{port}.conf"),
                     "--cluster-node-timeout",
                     "2000",
+                    *(("--tls-cluster", "yes") if tls is not None else ()),
                 ),
+                tls=tls,
             )
             stack.callback(server.stop)
             server.start()
             cluster.servers.append(server)
         cli = require_program("/usr/bin/redis-cli", "redis-tools")
         result = subprocess.run(
-            [cli, "--cluster", "create", *cluster.addresses, "--cluster-yes"],
+            [
+                cli,
+                *(tls.cli_arguments() if tls is not None else ()),
+                "--cluster",
+                "create",
+                *cluster.addresses,
+                "--cluster-yes",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -411,7 +461,7 @@ def running_cluster(directory: os.PathLike) -> Iterator[Cluster]:
 
         def agreed() -> bool:
             return all(
-                "cluster_state:ok" in redis_cli(server.port, "CLUSTER", "INFO")
+                "cluster_state:ok" in cluster.cli(server.port, "CLUSTER", "INFO")
                 for server in cluster.servers
             )
 

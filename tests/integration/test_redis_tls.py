@@ -7,11 +7,11 @@ password are each an on_error answer and one clear logged error.
 from __future__ import annotations
 
 import os
-import subprocess
 
-from tests.integration.certificates import make_certificates, split_certificate
-from tests.integration.redis_server import RedisServer
-from tests.integration.support import free_port, require_program, running_daemon
+from tests.integration.certificates import make_certificates
+from tests.integration.redis_groups import redis_cli
+from tests.integration.redis_server import RedisServer, RedisTLS
+from tests.integration.support import running_daemon
 from tests.integration.test_state_stores import ask, poll, quota_config, unique
 
 ON_ERROR = "451 4.3.0 quota store unavailable"
@@ -25,40 +25,16 @@ def test_tls_and_acl_user(tmp_path: os.PathLike) -> None:
     on_error at once.
     """
     directory = os.fspath(tmp_path)
-    ca, server_pem = make_certificates(directory)
-    certificate, key = split_certificate(server_pem, directory)
+    # No client certificate: the server does not ask for one.
+    tls = RedisTLS.make(directory, client_certificates=False)
     other = os.path.join(directory, "other")
     os.mkdir(other)
     other_ca, _ = make_certificates(other)
-    port = free_port()
-    server = RedisServer(
-        directory,
-        port,
-        extra_args=(
-            "--port", "0",
-            "--tls-port", str(port),
-            "--tls-cert-file", certificate,
-            "--tls-key-file", key,
-            "--tls-ca-cert-file", ca,
-            "--tls-auth-clients", "no",
-        ),
-    )  # fmt: skip
+    server = RedisServer(directory, tls=tls)
     server.start()
     try:
-        cli = [
-            require_program("/usr/bin/redis-cli", "redis-tools"),
-            "--tls",
-            "--cacert",
-            ca,
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ]
-        subprocess.run(
-            [*cli, "ACL", "SETUSER", "pfx", "on", ">s3cret", "~pfxpold:*", "+@all"],
-            check=True,
-            capture_output=True,
+        redis_cli(
+            server.port, "ACL", "SETUSER", "pfx", "on", ">s3cret", "~pfxpold:*", "+@all", tls=tls
         )
         secret = os.path.join(directory, "redis.secret")
         with open(secret, "w") as f:
@@ -66,25 +42,21 @@ def test_tls_and_acl_user(tmp_path: os.PathLike) -> None:
 
         def store(ca_file: str) -> str:
             return (
-                '[stores.main]\ntype = "redis"\n'
-                f'endpoint = "tcp:host=127.0.0.1:port={port}"\n'
-                f'tls = true\ntls_ca_file = "{ca_file}"\n'
+                f'[stores.main]\ntype = "redis"\nendpoint = "{server.endpoint}"\n'
+                f"{tls.store_lines(ca_file)}"
                 f'username = "pfx"\npassword_file = "{secret}"\ntimeout = 2.0\n'
             )
 
         user = unique("tls")
-        with running_daemon(tmp_path, quota_config(store(ca), 2)) as daemon:
+        with running_daemon(tmp_path, quota_config(store(tls.files.ca), 2)) as daemon:
             assert [ask(daemon, user) for _ in range(3)] == [
                 "OK",
                 "OK",
                 "REJECT 5.7.1 quota day of 2 reached",
             ]
-        keys = subprocess.run(
-            [*cli, "--user", "pfx", "--pass", "s3cret", "--no-auth-warning", "--scan"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        keys = redis_cli(
+            server.port, "--user", "pfx", "--pass", "s3cret", "--no-auth-warning", "--scan", tls=tls
+        )
         assert f"pfxpold:quota:{{quota:{user}}}:day:" in keys
 
         with running_daemon(tmp_path, quota_config(store(other_ca), 2)) as daemon:
@@ -95,7 +67,7 @@ def test_tls_and_acl_user(tmp_path: os.PathLike) -> None:
 
         with open(secret, "w") as f:
             f.write("wrong\n")
-        with running_daemon(tmp_path, quota_config(store(ca), 2)) as daemon:
+        with running_daemon(tmp_path, quota_config(store(tls.files.ca), 2)) as daemon:
             assert poll(lambda: "cannot use the connection" in daemon.log(), 10)
             assert ask(daemon, unique("tls")) == ON_ERROR
             log = daemon.log()

@@ -604,3 +604,34 @@ class ClusterSlotMapTests(SynchronousTestCase):
         self.assertIn("TRYAGAIN", str(failure.value))
         self.assertLessEqual(tries, 1.0 / TRYAGAIN_DELAY)
         self.assertGreater(tries, 1)
+
+    def test_map_failure_logged_once(self) -> None:
+        """
+        A slot map that no node gives (every command failing on a cluster
+        that cannot be reached asks for it again) is logged once per
+        outage, with the reason, not at every refresh; reading it again is
+        logged, and a later outage is logged again.
+        """
+        with capturedLogs() as events:
+            for answer in (b"-ERR first\r\n", b"-ERR again\r\n", b"*0\r\n", b"-ERR later\r\n"):
+                self.reactor.advance(REFRESH_INTERVAL)
+                self.cluster.refresh()
+                self.assertEqual(self.seed_transport.value(), encode_command(("CLUSTER", "SLOTS")))
+                self.seed_transport.clear()
+                self.seed.dataReceived(answer)
+                if answer.startswith(b"-"):
+                    # The other master known is asked next.
+                    self.assertEqual(
+                        self.node_transport.value(), encode_command(("CLUSTER", "SLOTS"))
+                    )
+                    self.node_transport.clear()
+                    self.node.dataReceived(b"-ERR other\r\n")
+        lines = [formatEvent(event) for event in events]
+        failures = [line for line in lines if "no node gave the slot map" in line]
+        self.assertEqual(len(failures), 2, lines)
+        self.assertIn("127.0.0.1:7000: ERR first; 127.0.0.1:7001: ERR other", failures[0])
+        self.assertIn("ERR later", failures[1])
+        self.assertEqual(
+            [line for line in lines if "slot map read again" in line],
+            ["Redis Cluster: slot map read again, from 127.0.0.1:7000"],
+        )
