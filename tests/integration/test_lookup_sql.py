@@ -99,6 +99,17 @@ def sqlite_config(tmp_path) -> str:
     return example("relay-acl-sqlite.toml")
 
 
+def uncached(text: str) -> str:
+    """
+    An example's configuration C{text} with its cache TTLs set to 0.
+    """
+    return replaced(
+        text,
+        ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
+        ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
+    )
+
+
 def postgresql_config(server, port: int = 0, cache: bool = False) -> str:
     """
     examples/relay-acl-postgresql.toml pointed at the test server, with
@@ -112,13 +123,7 @@ def postgresql_config(server, port: int = 0, cache: bool = False) -> str:
         ("timeout = 5.0", "timeout = 3.0"),
         ("pool_size = 4", "pool_size = 3"),
     )
-    if not cache:
-        text = replaced(
-            text,
-            ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
-            ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
-        )
-    return text
+    return text if cache else uncached(text)
 
 
 def readme_answers() -> list[tuple[list[str], str]]:
@@ -483,13 +488,7 @@ def mariadb_config(
         ),
         ('password_file = "relay-acl-mysql.secret"', f'password_file = "{server.password_file}"'),
     )
-    if not cache:
-        text = replaced(
-            text,
-            ("cache_positive_ttl = 60.0", "cache_positive_ttl = 0.0"),
-            ("cache_negative_ttl = 10.0", "cache_negative_ttl = 0.0"),
-        )
-    return text
+    return text if cache else uncached(text)
 
 
 def test_mariadb_example_is_the_readme_one():

@@ -26,7 +26,7 @@ from tests.integration.support import (
     stop_process,
     wait_for_port,
 )
-from tests.integration.test_workers import children_of, read, wait_until
+from tests.integration.test_workers import children_of, read, the_worker, wait_until
 
 #: A check that answers its C{answer} (with C{{pid}} replaced by the
 #: serving process's PID), after C{delay} seconds when given.
@@ -257,10 +257,8 @@ def test_workers_reload_too(tmp_path):
         tmp_path, slow_config("OK first pid={pid}"), extra_args=("--workers", "2")
     ) as daemon:
         parent = daemon.process.pid
-        assert wait_until(lambda: len(children_of(parent)) == 1)
-        [worker] = children_of(parent)
+        worker = the_worker(daemon)
         worker_log = daemon.log_path.replace(".log", ".worker1.log")
-        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
         rewrite(daemon, slow_config("OK second pid={pid}"))
         hangup(daemon)
         assert "told 1 workers to reload" in daemon.log()

@@ -201,7 +201,7 @@ def test_same_message_through_two_workers_counted_once(
     refused by either, and (Redis) 3 are counted.
     """
     from tests.integration.redis_groups import counted
-    from tests.integration.test_workers import CONFIG, PID_CHECK, children_of, read, wait_until
+    from tests.integration.test_workers import CONFIG, PID_CHECK, the_worker
 
     # The quota, then a check that answers with the serving process's PID.
     (tmp_path / "pidcheck.py").write_text(PID_CHECK)  # type: ignore[operator]
@@ -211,10 +211,7 @@ def test_same_message_through_two_workers_counted_once(
         tmp_path, config, extra_args=("--workers", "2"), extra_path=os.fspath(tmp_path)
     ) as daemon:
         parent = daemon.process.pid
-        assert wait_until(lambda: len(children_of(parent)) == 1)
-        [worker] = children_of(parent)
-        worker_log = daemon.log_path.replace(".log", ".worker1.log")
-        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        worker = the_worker(daemon)
         by_process: dict[int, PolicyClient] = {}
         clients = []
         try:

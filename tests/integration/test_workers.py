@@ -94,6 +94,19 @@ def wait_until(condition, timeout: float = 20.0) -> bool:
     return condition()
 
 
+def the_worker(daemon) -> int:
+    """
+    The PID of the one worker of a C{--workers 2} daemon, once it serves
+    (its log, beside the parent's, says so).
+    """
+    parent = daemon.process.pid
+    assert wait_until(lambda: len(children_of(parent)) == 1)
+    [worker] = children_of(parent)
+    worker_log = daemon.log_path.replace(".log", ".worker1.log")
+    assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+    return worker
+
+
 def start(tmp_path):
     (tmp_path / "pidcheck.py").write_text(PID_CHECK)
     return running_daemon(
@@ -105,11 +118,7 @@ def test_workers_share_the_port_and_stop_with_the_parent(tmp_path):
     """Both processes answer on the one port, and SIGTERM stops the worker too."""
     with start(tmp_path) as daemon:
         parent = daemon.process.pid
-        assert wait_until(lambda: len(children_of(parent)) == 1)
-        [worker] = children_of(parent)
-        # The worker logs to a file of its own beside the parent's.
-        worker_log = daemon.log_path.replace(".log", ".worker1.log")
-        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        worker = the_worker(daemon)
         serving = set()
         clients = []
         try:
@@ -157,10 +166,7 @@ def test_workers_share_the_request_log(tmp_path):
     with running_daemon(
         tmp_path, config, extra_args=("--workers", "2"), extra_path=os.fspath(tmp_path)
     ) as daemon:
-        parent = daemon.process.pid
-        assert wait_until(lambda: len(children_of(parent)) == 1)
-        worker_log = daemon.log_path.replace(".log", ".worker1.log")
-        assert wait_until(lambda: "pfxpold serving on" in read(worker_log))
+        the_worker(daemon)
         clients = []
         try:
             for index in range(300):
