@@ -9,9 +9,12 @@ where to go. A slot being migrated answers C{ASK}: the command is sent
 once to the importing node, after C{ASKING}, and the map is left alone.
 A multi-key command caught half-way through a migration (a sliding
 window's buckets, some moved, some not yet written) answers C{TRYAGAIN}:
-it is sent again every 50 ms, within the node's timeout. Every attempt
-is bounded by the node client's timeout, and redirections by a count, so
-a cluster in trouble never holds a request longer than the check allows.
+it is sent again every 50 ms, within the node's timeout. So is a command
+sent round by nodes that each name another (a slot handed over in the
+wrong order), after a few redirections in a row. Every attempt is
+bounded by the node client's timeout, and the waits by that timeout from
+the command's start, so a cluster in trouble never holds a request longer
+than the check allows.
 
 pfxpold's keys put an identity's counters in one slot with a hash tag
 (C{quota:{quota:alice}:day:...}), so every script's keys are in one slot.
@@ -31,7 +34,8 @@ from pfxpold.state.redisconfig import Address
 from pfxpold.state.resp import RedisClient, RedisError, RedisUnavailable
 
 SLOTS = 16384
-#: Redirections followed for one command before it fails.
+#: Redirections followed in a row before a command waits TRYAGAIN_DELAY
+#: (and fails, when the node's timeout from its start would be over).
 MAX_REDIRECTIONS = 5
 #: The wait between two tries of a command answered TRYAGAIN (tried again
 #: until the node's timeout has passed since the first).
@@ -317,9 +321,17 @@ class ClusterClient(MultiService):
                 if redirection is not None:
                     redirections += 1
                     if redirections > MAX_REDIRECTIONS:
-                        raise RedisError(
-                            f"{self.description}: too many redirections ({message})"
-                        ) from None
+                        # Nodes sending the command round (a slot handed
+                        # to its new master after the old one let go of
+                        # it: each names the other for a moment): wait as
+                        # for TRYAGAIN, then follow them again, within the
+                        # node client's timeout.
+                        if self.reactor.seconds() + TRYAGAIN_DELAY >= started + client.timeout:
+                            raise RedisError(
+                                f"{self.description}: too many redirections ({message})"
+                            ) from None
+                        await deferLater(self.reactor, TRYAGAIN_DELAY, lambda: None)
+                        redirections = 1
                     kind, moved_slot, address = redirection
                     asking = kind == "ASK"
                     if (kind, moved_slot, address) not in self._seen:

@@ -399,7 +399,9 @@ class ClusterClientTests(SynchronousTestCase):
 
     def test_redirection_loop(self) -> None:
         """
-        Redirections without end fail the command after a few.
+        Redirections without end: after a few in a row the command waits
+        50 ms and follows them again, and fails once the node's timeout
+        (1 s) from its start is over, never later.
         """
         result = self.cluster.execute("GET", "{a}x")
         ask = b"-ASK %d 127.0.0.1:7000\r\n" % key_slot("a")
@@ -407,7 +409,44 @@ class ClusterClientTests(SynchronousTestCase):
         for _ in range(5):
             # ASKING's own answer, then the command's.
             self.seed.dataReceived(b"+OK\r\n" + ask)
-        self.failureResultOf(result, RedisError)
+        self.assertNoResult(result)
+        self.seed_transport.clear()
+        self.reactor.advance(TRYAGAIN_DELAY)
+        self.assertIn(b"ASKING", self.seed_transport.value())
+        while not result.called:
+            self.assertLessEqual(self.reactor.seconds(), 1.0)
+            for _ in range(6):
+                self.seed.dataReceived(b"+OK\r\n" + ask)
+            self.reactor.advance(TRYAGAIN_DELAY)
+        failure = self.failureResultOf(result, RedisError)
+        self.assertIn("too many redirections", str(failure.value))
+
+    def test_nodes_naming_each_other(self) -> None:
+        """
+        Two nodes that each answer MOVED to the other (a slot handed over
+        old master first) hold the command for 50 ms, not fail it; once
+        the new master owns the slot, it answers.
+        """
+        slot = key_slot("a")
+        result = self.cluster.execute("GET", "{a}x")
+        self.seed.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % slot)
+        _, other, _ = self.fake.accept()
+        for _ in range(2):
+            other.dataReceived(b"-MOVED %d 127.0.0.1:7000\r\n" % slot)
+            self.seed.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % slot)
+        # The sixth redirection in a row: the command waits.
+        other.dataReceived(b"-MOVED %d 127.0.0.1:7000\r\n" % slot)
+        self.seed_transport.clear()
+        self.reactor.advance(TRYAGAIN_DELAY / 2)
+        self.assertEqual(self.seed_transport.value(), b"")
+        self.reactor.advance(TRYAGAIN_DELAY / 2)
+        self.assertIn(b"GET", self.seed_transport.value())
+        # The hand-over is complete: the old master names the new one,
+        # which answers.
+        self.seed.dataReceived(b"-MOVED %d 127.0.0.1:7001\r\n" % slot)
+        self.assertNoResult(result)
+        other.dataReceived(b"$1\r\n5\r\n")
+        self.assertEqual(self.successResultOf(result), b"5")
 
 
 def resp(value: Any) -> bytes:
