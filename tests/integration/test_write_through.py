@@ -1,8 +1,10 @@
 """
-Answers sent straight to the socket (the protocol's write-through), over
-real TCP and Unix sockets: every answer arrives, once, in request order,
-whether the peer reads as it goes or stops reading until the daemon's
-socket buffer is full and the transport's buffer takes over.
+Answers sent straight to the socket at the end of the reactor's turn (the
+protocol's write-through), over real TCP and Unix sockets: every answer
+arrives, once, in request order, whether the peer reads as it goes or
+stops reading until the daemon's socket buffer is full and the
+transport's buffer takes over; a turn's answers leave in one send, and a
+close sends them first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from twisted.internet import unix
@@ -134,19 +139,103 @@ def test_waiting_answers_keep_their_order():
     server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     peer.setblocking(False)
-    factory = PolicyFactory(ScriptedDecider(), Clock(), Limits(max_pipelined=100000), False)
+    clock = Clock()
+    factory = PolicyFactory(ScriptedDecider(), clock, Limits(max_pipelined=100000), False)
     protocol = factory.buildProtocol(None)
     transport = unix.Server(server_socket, protocol, "peer", None, 1, MemoryReactor())
     protocol.makeConnection(transport)
     received = []
     try:
-        _answers_in_order(protocol, transport, peer, received)
+        _answers_in_order(protocol, transport, peer, received, clock)
     finally:
         transport.connectionLost(Failure(ConnectionDone()))
         peer.close()
 
 
-def _answers_in_order(protocol, transport, peer, received) -> None:
+@contextmanager
+def connected_pair() -> Iterator[tuple[Any, Any, socket.socket, Clock, list[int]]]:
+    """
+    A protocol on Twisted's Unix transport over a socket pair, driven by
+    hand (a L{MemoryReactor} and the factory's L{Clock}): the protocol,
+    its transport, the peer's socket, the clock, and the sizes of the
+    protocol's sends on the socket, as they are made.
+    """
+    server_socket, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server_socket.setblocking(False)
+    peer.setblocking(False)
+    clock = Clock()
+    factory = PolicyFactory(ScriptedDecider(), clock, Limits(), False)
+    protocol = factory.buildProtocol(None)
+    transport = unix.Server(server_socket, protocol, "peer", None, 1, MemoryReactor())
+    protocol.makeConnection(transport)
+    sends: list[int] = []
+    send = protocol._send
+
+    def counted(data: bytes) -> int:
+        sends.append(len(data))
+        return send(data)
+
+    protocol._send = counted
+    try:
+        yield protocol, transport, peer, clock, sends
+    finally:
+        if not transport.disconnected:
+            transport.connectionLost(Failure(ConnectionDone()))
+        peer.close()
+
+
+def available(peer: socket.socket) -> bytes:
+    """
+    What the peer can read now, without waiting.
+    """
+    chunks = []
+    while True:
+        try:
+            chunk = peer.recv(65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_turns_answers_leave_together():
+    """
+    The answers of one turn of the reactor wait for its end (the factory's
+    timer), then leave in one send: the peer has none before, all after.
+    """
+    with connected_pair() as (protocol, _, peer, clock, sends):
+        protocol.dataReceived(b"".join(request_bytes(answer=f"REJECT {n}") for n in range(3)))
+        assert available(peer) == b""
+        assert sends == []
+        clock.advance(0)
+        expected = b"".join(f"action=REJECT {n}\n\n".encode() for n in range(3))
+        assert available(peer) == expected
+        assert sends == [len(expected)]
+        protocol.dataReceived(request_bytes(answer="REJECT 3"))
+        clock.advance(0)
+        assert available(peer) == b"action=REJECT 3\n\n"
+        assert sends == [len(expected), len(b"action=REJECT 3\n\n")]
+
+
+def test_close_sends_the_turns_answers_first():
+    """
+    A client that half-closes after its requests gets their answers before
+    the close, though the turn has not ended: closing sends them first.
+    """
+    with connected_pair() as (protocol, transport, peer, clock, sends):
+        protocol.dataReceived(b"".join(request_bytes(answer=f"REJECT {n}") for n in range(2)))
+        protocol.readConnectionLost()
+        assert transport.disconnecting
+        expected = b"".join(f"action=REJECT {n}\n\n".encode() for n in range(2))
+        assert available(peer) == expected
+        assert sends == [len(expected)]
+        clock.advance(0)
+        assert sends == [len(expected)]
+
+
+def _answers_in_order(protocol, transport, peer, received, clock) -> None:
     """
     The body of L{test_waiting_answers_keep_their_order}: every answer
     reaches the peer, in order, within a bounded number of writes.
@@ -165,6 +254,8 @@ def _answers_in_order(protocol, transport, peer, received) -> None:
         protocol.dataReceived(
             b"".join(request_bytes(answer=f"REJECT {n} {'x' * 200}") for n in numbers)
         )
+        # The turn ends: its answers are sent.
+        clock.advance(0)
         return b"".join(f"action=REJECT {n} {'x' * 200}\n\n".encode() for n in numbers)
 
     expected = ask(range(0, 300))
