@@ -304,6 +304,18 @@ class ClusterClient(MultiService):
         slot = key_slot(key) if key is not None else None
         return Deferred.fromCoroutine(self._execute(arguments, slot))
 
+    async def _wait_within(self, started: float, timeout: float) -> bool:
+        """
+        Wait C{TRYAGAIN_DELAY} before a command is tried again, when that
+        leaves it within C{timeout} of its C{started} time.
+
+        @return: whether it waited (else it must fail now).
+        """
+        if self.reactor.seconds() + TRYAGAIN_DELAY >= started + timeout:
+            return False
+        await deferLater(self.reactor, TRYAGAIN_DELAY, lambda: None)
+        return True
+
     async def _execute(self, arguments: tuple[Any, ...], slot: Optional[int]) -> Any:
         address = self.where(slot) if slot is not None else self.where(0)
         asking = False
@@ -326,11 +338,10 @@ class ClusterClient(MultiService):
                         # it: each names the other for a moment): wait as
                         # for TRYAGAIN, then follow them again, within the
                         # node client's timeout.
-                        if self.reactor.seconds() + TRYAGAIN_DELAY >= started + client.timeout:
+                        if not await self._wait_within(started, client.timeout):
                             raise RedisError(
                                 f"{self.description}: too many redirections ({message})"
                             ) from None
-                        await deferLater(self.reactor, TRYAGAIN_DELAY, lambda: None)
                         redirections = 1
                     kind, moved_slot, address = redirection
                     asking = kind == "ASK"
@@ -349,11 +360,9 @@ class ClusterClient(MultiService):
                         self._slots[moved_slot] = address
                         self.refresh()
                     continue
-                if (
-                    message.startswith("TRYAGAIN")
-                    and self.reactor.seconds() + TRYAGAIN_DELAY < started + client.timeout
+                if message.startswith("TRYAGAIN") and await self._wait_within(
+                    started, client.timeout
                 ):
-                    await deferLater(self.reactor, TRYAGAIN_DELAY, lambda: None)
                     continue
                 raise
             except RedisUnavailable:
