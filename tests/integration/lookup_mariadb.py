@@ -72,9 +72,12 @@ class MariaDBServer:
         L{None}.
     @ivar client_certificate: with TLS, that client certificate's file, for
         the L{CERTIFICATE_USER} account; its key is in C{client_key}.
+
+    With C{accounts=False}, the server has none but the administrator's:
+    for a test that makes C{pfxpold}'s as an admin would.
     """
 
-    def __init__(self, tls: bool = False) -> None:
+    def __init__(self, tls: bool = False, accounts: bool = True) -> None:
         self.install = require_program("/usr/bin/mariadb-install-db", "mariadb-server")
         self.mariadbd = require_program("/usr/sbin/mariadbd", "mariadb-server")
         self.directory = tempfile.mkdtemp(prefix="pfxpold-mariadb-")
@@ -106,7 +109,8 @@ class MariaDBServer:
                 f"--ssl-key={key}",
                 "--require-secure-transport=ON",
             ]
-        self._provisioned = False
+        # Without accounts, whoever uses the server makes its own.
+        self._provisioned = not accounts
         subprocess.run(
             # --force: no check that this host's name resolves.
             [self.install, "--no-defaults", "--auth-root-authentication-method=socket"]

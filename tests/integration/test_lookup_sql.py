@@ -512,6 +512,55 @@ def test_mariadb_example_is_the_readme_one():
     assert example("relay-acl-mysql.secret") == "change-me\n"
 
 
+def test_mariadb_readme_steps_as_printed(tmp_path):
+    """
+    The README's MySQL steps, run as printed by a shell in a copy of
+    examples/ on a server with no pfxpold account yet (C{mariadb} being
+    Debian's client as the administrator), make a database and an account
+    that examples/relay-acl-mysql.toml, with only its port changed, reads
+    with the password the steps put in from relay-acl-mysql.secret.
+    """
+    import secrets
+    import shutil
+    import subprocess
+
+    from tests.integration.lookup_mariadb import MariaDBServer
+
+    steps = readme_block("relay-acl-mysql-steps").splitlines()
+    assert steps[-1] == "twistd -n pfxpold --config relay-acl-mysql.toml"
+    server = MariaDBServer(accounts=False)
+    try:
+        server.start()
+        shutil.copy(os.path.join(EXAMPLES, "relay-acl.sql"), tmp_path)
+        # Letters, digits, - and _: the README says the step puts the
+        # password between SQL quotes.
+        password = secrets.token_urlsafe(18)
+        (tmp_path / "relay-acl-mysql.secret").write_text(password + "\n")
+        client = (
+            f"/usr/bin/mariadb --no-defaults --socket={shlex.quote(server.socket)}"
+            f" --user={shlex.quote(server.admin)}"
+        )
+        script = f'set -e\nmariadb() {{ {client} "$@"; }}\n' + "\n".join(steps[:-1]) + "\n"
+        ran = subprocess.run(
+            ["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        config = replaced(
+            example("relay-acl-mysql.toml"),
+            ("@127.0.0.1:3306/", f"@127.0.0.1:{server.port}/"),
+        )
+        with running_daemon(tmp_path, uncached(config)) as daemon:
+            check_readme_answers(daemon.port)
+        # The account reads the database and nothing else.
+        grants = server.execute("SHOW GRANTS FOR pfxpold@'127.0.0.1'", None)
+        assert [row[0].split(" IDENTIFIED")[0] for row in grants] == [
+            "GRANT USAGE ON *.* TO `pfxpold`@`127.0.0.1`",
+            "GRANT SELECT ON `pfxpold`.* TO `pfxpold`@`127.0.0.1`",
+        ]
+    finally:
+        server.cleanup()
+
+
 def test_mariadb_relay_acl(tmp_path, lookup_mariadb):
     """
     examples/relay-acl-mysql.toml as shipped (its cache too), with the
