@@ -528,6 +528,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         stop_timeout=configuration.shutdown_grace + 5.0,
         # twistd's own options: workers log the way the parent does.
         log_arguments=workers.worker_log_arguments(getattr(options, "parent", None)),
+        backlog=configuration.backlog,
     )
     if service.metrics is not None:
         from pfxpold.metrics import WorkerSnapshots

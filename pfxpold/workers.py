@@ -3,12 +3,20 @@ Worker processes: all cores serving the same listening ports.
 
 One pfxpold process runs on one core. With C{twistd pfxpold --workers N}
 the process twistd starts (the parent) binds the listening ports as usual,
-serves them itself, and starts N-1 worker processes that adopt the same
-sockets (L{AdoptedStreamServerEndpoint}, i.e. C{reactor.adoptStreamPort}):
-the kernel hands each new Postfix connection to whichever process accepts
-it first. Each process runs its own copy of the configured checks, so state
-that must be exact across processes (quotas, greylisting) has to live in
-the store (SQLite, Redis, SQL), never in memory.
+serves them itself, and starts N-1 worker processes that adopt listening
+sockets from it (L{AdoptedStreamServerEndpoint}, i.e.
+C{reactor.adoptStreamPort}). For a TCP port, each worker gets a socket of
+its own, bound to the same address with C{SO_REUSEPORT} while the parent
+still has its privileges (L{WorkerPool.privilegedStartService}): the kernel
+spreads new connections over the processes by their addresses. A shared
+socket would go to whichever process accepts first, and one process takes
+up to a hundred waiting connections at once, so that after a burst (Postfix
+restarting) one process served nearly all of them for as long as they
+lasted. Unix sockets, and TCP sockets that cannot be given one per worker
+(one from systemd, bound by another user), are shared. Each process runs
+its own copy of the configured checks, so state that must be exact across
+processes (quotas, greylisting) has to live in the store (SQLite, Redis,
+SQL), never in memory.
 
 Workers are started after twistd has dropped privileges, as the same user.
 They stop with the parent: on SIGTERM the parent sends them SIGTERM and
@@ -247,6 +255,7 @@ class WorkerPool(Service):
         stop_timeout: float,
         executable: str = sys.executable,
         log_arguments: Optional[Callable[[int], list[str]]] = None,
+        backlog: int = 50,
     ) -> None:
         self.reactor = reactor
         self.count = count
@@ -255,8 +264,13 @@ class WorkerPool(Service):
         self.stop_timeout = stop_timeout
         self.executable = executable
         self.log_arguments = log_arguments
+        self.backlog = backlog
         self.workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
+        #: (worker number, listener index) -> that worker's own socket,
+        #: kept open here while the parent runs, so that a worker started
+        #: again serves the connections that queued on it meanwhile.
+        self._own_sockets: dict[tuple[int, int], socket.socket] = {}
 
     def _listeners(self) -> list[tuple[int, socket.AddressFamily]]:
         """
@@ -267,6 +281,35 @@ class WorkerPool(Service):
             for port in recorder.ports:
                 listeners.append((port.fileno(), port.addressFamily))
         return listeners
+
+    def privilegedStartService(self) -> None:
+        """
+        Give each worker a socket of its own for every TCP listener, bound
+        now, before twistd drops privileges (a port below 1024 needs them,
+        and the kernel groups C{SO_REUSEPORT} sockets of one user only).
+        """
+        super().privilegedStartService()
+        self._close_own_sockets()
+        for index, (fd, family) in enumerate(self._listeners()):
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                sockets = reuseport_sockets(fd, family, self.count - 1, self.backlog)
+            except OSError as e:
+                self._log.warn(
+                    "the workers share the listening socket of {address}: one per worker"
+                    " could not be bound ({reason})",
+                    address=describe_address(socket_address(fd, family)),
+                    reason=e.strerror or str(e),
+                )
+                continue
+            for number, own in enumerate(sockets, start=1):
+                self._own_sockets[(number, index)] = own
+
+    def _close_own_sockets(self) -> None:
+        for own in self._own_sockets.values():
+            own.close()
+        self._own_sockets = {}
 
     def startService(self) -> None:
         super().startService()
@@ -280,7 +323,8 @@ class WorkerPool(Service):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         adopt = []
         for index, (fd, family) in enumerate(self._listeners()):
-            child_fds[FIRST_LISTENER_FD + index] = fd
+            own = self._own_sockets.get((number, index))
+            child_fds[FIRST_LISTENER_FD + index] = fd if own is None else own.fileno()
             adopt += ["--adopt", f"{FIRST_LISTENER_FD + index}:{_FAMILY_NAMES[family]}"]
         arguments = [
             self.executable,
@@ -353,8 +397,56 @@ class WorkerPool(Service):
         def stopped(result: Any) -> None:
             if killer.active():
                 killer.cancel()
+            self._close_own_sockets()
 
         return done.addCallback(stopped)
+
+
+def socket_address(fd: int, family: socket.AddressFamily) -> Any:
+    """
+    The Twisted address of the listening socket C{fd}.
+    """
+    with socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd)) as listening:
+        host, port = listening.getsockname()[:2]
+    if family == socket.AF_INET6:
+        return IPv6Address("TCP", host, port)
+    return IPv4Address("TCP", host, port)
+
+
+def reuseport_sockets(
+    fd: int, family: socket.AddressFamily, count: int, backlog: int
+) -> list[socket.socket]:
+    """
+    C{count} new listening sockets on the address of the TCP listening
+    socket C{fd}, which joins them in one C{SO_REUSEPORT} group.
+
+    @raise OSError: when they cannot be made (none is left open).
+    """
+    made: list[socket.socket] = []
+    try:
+        with socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd)) as listening:
+            address = listening.getsockname()
+            v6only = (
+                listening.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+                if family == socket.AF_INET6
+                else None
+            )
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for _ in range(count):
+            own = socket.socket(family, socket.SOCK_STREAM)
+            made.append(own)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if v6only is not None:
+                own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            own.bind(address)
+            own.listen(backlog)
+            own.setblocking(False)
+    except OSError:
+        for own in made:
+            own.close()
+        raise
+    return made
 
 
 def _signal(worker: _WorkerProtocol, number: int) -> None:

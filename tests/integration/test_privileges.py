@@ -12,7 +12,10 @@ the C{pfxpold_installation} fixture).
 from __future__ import annotations
 
 import grp
+import os
 import pwd
+import shutil
+import tempfile
 
 from tests.integration.deployment import (
     SERVICE_GROUP,
@@ -79,3 +82,67 @@ def test_uid_gid_drop_after_binding_a_privileged_port(pfxpold_installation, tmp_
         text = log.read()
     assert f"set uid/gid {uid}/{gid}" in text
     assert text.count("from=<drop@example.com>") == 2
+
+
+def test_workers_own_sockets_on_a_privileged_port(pfxpold_installation):
+    """
+    With --workers 2 and --uid nobody, the worker's own socket on a port
+    below 1024 is bound before the privileges go: a burst of connections
+    there is answered by both processes, each running as nobody, and
+    nothing says the socket is shared.
+    """
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    from tests.integration.test_workers import CONFIG, PID_CHECK, children_of, wait_until
+
+    uid = pwd.getpwnam(SERVICE_USER).pw_uid
+    privileged_port = free_privileged_port()
+    # The worker, already nobody, reads the configuration and the check,
+    # and runs in this directory (twistd changes to its own).
+    shared = tempfile.mkdtemp(prefix="pfxpold-workers-")
+    try:
+        os.chmod(shared, 0o755)
+        with open(os.path.join(shared, "pidcheck.py"), "w") as f:
+            f.write(PID_CHECK)
+        config = os.path.join(shared, "pfxpold.toml")
+        with open(config, "w") as f:
+            f.write(CONFIG)
+        arguments = [
+            "-n",
+            "--pidfile=",
+            "--uid",
+            SERVICE_USER,
+            "--gid",
+            SERVICE_GROUP,
+            "pfxpold",
+            "--config",
+            config,
+            "--workers",
+            "2",
+            "--port",
+            str(privileged_port),
+        ]
+        with running_twistd(
+            pfxpold_installation,
+            shared,
+            arguments,
+            listening_on(privileged_port),
+            extra_environment={"PYTHONPATH": shared},
+        ) as twistd:
+            # Connections hashed to the worker's socket wait for it to serve.
+            assert wait_until(lambda: len(children_of(twistd.pid)) == 1)
+            [worker] = children_of(twistd.pid)
+            clients = [PolicyClient(privileged_port) for _ in range(32)]
+            try:
+                pids = {
+                    int(client.ask({"sender": "drop@example.com"}).split("pid=")[1])
+                    for client in clients
+                }
+            finally:
+                for client in clients:
+                    client.close()
+            assert pids == {twistd.pid, worker}
+            assert process_ids(worker)["Uid"] == [uid] * 4
+            assert "could not be bound" not in twistd.output()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

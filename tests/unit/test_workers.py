@@ -192,6 +192,91 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def own_sockets(self, made=None):
+        """
+        Have the pool's own sockets be fakes (fds 20, 21, ...), or raise
+        C{made} when it is an exception.
+
+        @return: the list of the fakes made, and their closes.
+        """
+        fakes = []
+
+        class FakeSocket:
+            def __init__(self, fd):
+                self.fd = fd
+                self.closed = False
+
+            def fileno(self):
+                return self.fd
+
+            def close(self):
+                self.closed = True
+
+        def reuseport_sockets(fd, family, count, backlog):
+            self.asked = (fd, family, count, backlog)
+            if made is not None:
+                raise made
+            new = [FakeSocket(20 + len(fakes) + number) for number in range(count)]
+            fakes.extend(new)
+            return new
+
+        self.patch(workers, "reuseport_sockets", reuseport_sockets)
+        self.patch(workers, "socket_address", lambda fd, family: IPv6Address("TCP", "::1", 9998))
+        return fakes
+
+    def test_own_socket_per_worker(self):
+        """
+        For a TCP listener, each worker gets a socket of its own, made
+        before privileges go, and again when it is started again; they are
+        closed once the workers stopped.
+        """
+        fakes = self.own_sockets()
+        pool = self.make_pool(3)
+        pool.privilegedStartService()
+        self.assertEqual(self.asked, (7, socket.AF_INET6, 2, 50))
+        pool.startService()
+        self.assertEqual([spawned[4][3] for spawned in self.reactor.spawned], [20, 21])
+        self.reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.reactor.advance(workers.RESTART_DELAY)
+        self.assertEqual(self.reactor.spawned[2][4][3], 20)
+        stopped = pool.stopService()
+        self.assertEqual([fake.closed for fake in fakes], [False, False])
+        for spawned in self.reactor.spawned[1:]:
+            spawned[0].processEnded(Failure(ProcessDone(0)))
+        self.successResultOf(stopped)
+        self.assertEqual([fake.closed for fake in fakes], [True, True])
+
+    def test_shared_when_own_cannot_be_bound(self):
+        """
+        When a worker's own socket cannot be bound (a socket from systemd,
+        bound by another user), the workers share the parent's, and a
+        warning names the address.
+        """
+        self.own_sockets(OSError(98, "Address already in use"))
+        pool = self.make_pool(2)
+        with capturedLogs() as events:
+            pool.privilegedStartService()
+        [event] = [e for e in events if e.get("log_level").name == "warn"]
+        self.assertEqual(
+            event["log_format"].format(**event),
+            "the workers share the listening socket of tcp6:9998:interface=\\:\\:1:"
+            " one per worker could not be bound (Address already in use)",
+        )
+        pool.startService()
+        self.assertEqual(self.reactor.spawned[0][4][3], 7)
+
+    def test_unix_sockets_shared(self):
+        """A Unix listener is shared: SO_REUSEPORT does not spread them."""
+        self.own_sockets()
+        self.reactor = ProcessReactor()
+        recorder = workers.RecordingEndpoint(FakeEndpoint(FakePort(9, socket.AF_UNIX)))
+        self.successResultOf(recorder.listen(object()))
+        pool = workers.WorkerPool(self.reactor, 2, [recorder], [], stop_timeout=15.0)
+        pool.privilegedStartService()
+        self.assertFalse(hasattr(self, "asked"))
+        pool.startService()
+        self.assertEqual(self.reactor.spawned[0][4][3], 9)
+
     def test_stop_kills_stragglers(self):
         """A worker still running after stop_timeout gets SIGKILL."""
         pool = self.make_pool(2)
@@ -291,7 +376,9 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse("--workers", "2")
         top = tap.makeService(options, reactor)
         services = list(top)
-        self.assertEqual([type(s).__name__ for s in services], ["PolicyService", "WorkerPool", "SignalService"])
+        self.assertEqual(
+            [type(s).__name__ for s in services], ["PolicyService", "WorkerPool", "SignalService"]
+        )
         self.assertEqual(services[1].recorders, services[0].recorders)
 
     def test_worker_service(self):
