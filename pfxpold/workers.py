@@ -420,32 +420,34 @@ def reuseport_sockets(
     C{count} new listening sockets on the address of the TCP listening
     socket C{fd}, which joins them in one C{SO_REUSEPORT} group.
 
-    @raise OSError: when they cannot be made (none is left open).
+    @raise OSError: when they cannot be made: none is left open, and C{fd}
+        is as it was (no other socket can join it).
     """
     made: list[socket.socket] = []
-    try:
-        with socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd)) as listening:
-            address = listening.getsockname()
-            v6only = (
-                listening.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-                if family == socket.AF_INET6
-                else None
-            )
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        for _ in range(count):
-            own = socket.socket(family, socket.SOCK_STREAM)
-            made.append(own)
-            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if v6only is not None:
-                own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-            own.bind(address)
-            own.listen(backlog)
-            own.setblocking(False)
-    except OSError:
-        for own in made:
-            own.close()
-        raise
+    with socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd)) as listening:
+        address = listening.getsockname()
+        v6only = (
+            listening.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+            if family == socket.AF_INET6
+            else None
+        )
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            for _ in range(count):
+                own = socket.socket(family, socket.SOCK_STREAM)
+                made.append(own)
+                own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if v6only is not None:
+                    own.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+                own.bind(address)
+                own.listen(backlog)
+                own.setblocking(False)
+        except OSError:
+            for own in made:
+                own.close()
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+            raise
     return made
 
 

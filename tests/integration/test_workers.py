@@ -267,3 +267,43 @@ def test_socket_address_of_a_real_listener():
             assert workers.socket_address(listening.fileno(), family) == address_type(
                 "TCP", host, port
             )
+
+
+def test_reuseport_sockets_refused_leave_the_listener_alone():
+    """
+    A listening socket bound by another user (as systemd binds a .socket
+    unit's) cannot be joined: L{workers.reuseport_sockets} fails with
+    EADDRINUSE and leaves that socket without SO_REUSEPORT, so that
+    nothing else can join it either.
+    """
+    import errno
+    import socket
+
+    import pytest
+
+    from pfxpold import workers
+    from tests.integration.deployment import require_root
+
+    require_root()
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.setuid(65534)
+            listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listening.bind(("127.0.0.1", 0))
+            listening.listen(1)
+            socket.send_fds(child_end, [b"fd"], [listening.fileno()])
+        finally:
+            os._exit(0)
+    try:
+        _, [fd], _, _ = socket.recv_fds(parent_end, 16, 1)
+    finally:
+        os.waitpid(pid, 0)
+        parent_end.close()
+        child_end.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, fileno=fd) as listening:
+        with pytest.raises(OSError) as raised:
+            workers.reuseport_sockets(fd, socket.AF_INET, 1, 5)
+        assert raised.value.errno == errno.EADDRINUSE
+        assert listening.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
