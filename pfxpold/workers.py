@@ -8,7 +8,9 @@ sockets from it (L{AdoptedStreamServerEndpoint}, i.e.
 C{reactor.adoptStreamPort}). For a TCP port, each worker gets a socket of
 its own, bound to the same address with C{SO_REUSEPORT} while the parent
 still has its privileges (L{WorkerPool.privilegedStartService}): the kernel
-spreads new connections over the processes by their addresses. A shared
+spreads new connections over the processes by their addresses. A worker
+that ends unexpectedly loses its own (nobody would accept on it) and is
+started again on the parent's, shared. A shared
 socket would go to whichever process accepts first, and one process takes
 up to a hundred waiting connections at once, so that after a burst (Postfix
 restarting) one process served nearly all of them for as long as they
@@ -49,6 +51,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.reflect import fullyQualifiedName
 from zope.interface import implementer
+
+from pfxpold.escape import escape
 
 #: The names C{--adopt FD:FAMILY} uses for address families.
 FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
@@ -268,8 +272,7 @@ class WorkerPool(Service):
         self.workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
         #: (worker number, listener index) -> that worker's own socket,
-        #: kept open here while the parent runs, so that a worker started
-        #: again serves the connections that queued on it meanwhile.
+        #: until the worker ends unexpectedly (L{worker_ended}).
         self._own_sockets: dict[tuple[int, int], socket.socket] = {}
 
     def _listeners(self) -> list[tuple[int, socket.AddressFamily]]:
@@ -314,6 +317,19 @@ class WorkerPool(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if self.count > 1 and not os.access(os.curdir, os.X_OK):
+            # twistd in each worker enters its run directory, this one, as
+            # the user it now runs as: it would fail, and again every second.
+            self._log.error(
+                "cannot start the workers: uid {uid} may not enter this process's"
+                " directory {directory} (twistd's --rundir); serving without them",
+                uid=os.getuid(),
+                directory=escape(os.getcwd()),
+            )
+            # Their sockets too: the connections the kernel gave them would
+            # wait for nobody.
+            self._close_own_sockets()
+            return
         for number in range(1, self.count):
             self._spawn(number)
 
@@ -356,10 +372,18 @@ class WorkerPool(Service):
             del self.workers[worker.number]
         if self._stopping:
             return
+        # Nobody accepts on its own sockets now, and a worker that keeps
+        # failing would never again: closed, the kernel gives their new
+        # connections to the other processes' (the few waiting on them are
+        # reset). It is started again on the parent's sockets, shared.
+        own = [key for key in self._own_sockets if key[0] == worker.number]
+        for key in own:
+            self._own_sockets.pop(key).close()
         self._log.error(
-            "worker {worker} ended unexpectedly ({reason}); starting it again",
+            "worker {worker} ended unexpectedly ({reason}); starting it again{shared}",
             worker=worker.number,
             reason=reason.getErrorMessage(),
+            shared=", sharing the parent's listening sockets" if own else "",
         )
         self.reactor.callLater(RESTART_DELAY, self._spawn, worker.number)
 

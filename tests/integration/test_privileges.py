@@ -146,3 +146,29 @@ def test_workers_own_sockets_on_a_privileged_port(pfxpold_installation):
             assert "could not be bound" not in twistd.output()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_workers_from_a_directory_the_user_may_not_enter(pfxpold_installation, tmp_path):
+    """
+    --workers 2 --uid nobody started from a directory only root may enter
+    (twistd's run directory, which a worker enters as nobody): the parent
+    says once why it starts no worker, and answers alone.
+    """
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    from tests.integration.test_workers import children_of
+
+    os.chmod(tmp_path, 0o700)
+    port = free_port()
+    arguments = ["-n", "--pidfile=", "--uid", SERVICE_USER, "--gid", SERVICE_GROUP, "pfxpold"]
+    arguments += ["--workers", "2", "--port", f"tcp:{port}:interface=127.0.0.1"]
+    with running_twistd(
+        pfxpold_installation, str(tmp_path), arguments, listening_on(port)
+    ) as twistd:
+        with PolicyClient(port) as client:
+            assert client.ask({"sender": "a@example.com"}) in DEMO_ANSWERS
+        assert children_of(twistd.pid) == []
+        output = twistd.output()
+    assert output.count("cannot start the workers: uid") == 1
+    assert f"may not enter this process's directory {tmp_path}" in output
+    assert "Traceback" not in output

@@ -227,8 +227,8 @@ class WorkerPoolTests(SynchronousTestCase):
     def test_own_socket_per_worker(self):
         """
         For a TCP listener, each worker gets a socket of its own, made
-        before privileges go, and again when it is started again; they are
-        closed once the workers stopped.
+        before privileges go; the others are closed once the workers
+        stopped.
         """
         fakes = self.own_sockets()
         pool = self.make_pool(3)
@@ -236,15 +236,33 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(self.asked, (7, socket.AF_INET6, 2, 50))
         pool.startService()
         self.assertEqual([spawned[4][3] for spawned in self.reactor.spawned], [20, 21])
-        self.reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
-        self.reactor.advance(workers.RESTART_DELAY)
-        self.assertEqual(self.reactor.spawned[2][4][3], 20)
         stopped = pool.stopService()
         self.assertEqual([fake.closed for fake in fakes], [False, False])
-        for spawned in self.reactor.spawned[1:]:
+        for spawned in self.reactor.spawned:
             spawned[0].processEnded(Failure(ProcessDone(0)))
         self.successResultOf(stopped)
         self.assertEqual([fake.closed for fake in fakes], [True, True])
+
+    def test_crashed_worker_loses_its_socket(self):
+        """
+        A worker that ends unexpectedly has its own socket closed at once
+        (nobody accepts on it meanwhile, and a worker failing at every
+        start never would), and is started again on the parent's.
+        """
+        fakes = self.own_sockets()
+        pool = self.make_pool(3)
+        pool.privilegedStartService()
+        pool.startService()
+        with capturedLogs() as events:
+            self.reactor.spawned[0][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.assertEqual([fake.closed for fake in fakes], [True, False])
+        [event] = [e for e in events if e.get("log_level").name == "error"]
+        self.assertIn(
+            "starting it again, sharing the parent's listening sockets",
+            event["log_format"].format(**event),
+        )
+        self.reactor.advance(workers.RESTART_DELAY)
+        self.assertEqual(self.reactor.spawned[2][4][3], 7)
 
     def test_shared_when_own_cannot_be_bound(self):
         """
@@ -276,6 +294,26 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertFalse(hasattr(self, "asked"))
         pool.startService()
         self.assertEqual(self.reactor.spawned[0][4][3], 9)
+
+    def test_no_workers_when_the_directory_is_closed(self):
+        """
+        When the user the parent now runs as may not enter its directory
+        (twistd's run directory, which each worker enters too), no worker
+        is started, and one error says why, instead of a worker failing
+        every second; their sockets are closed, so the kernel gives every
+        connection to the parent.
+        """
+        fakes = self.own_sockets()
+        self.patch(os, "access", lambda path, mode: False)
+        pool = self.make_pool(3)
+        pool.privilegedStartService()
+        with capturedLogs() as events:
+            pool.startService()
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual([fake.closed for fake in fakes], [True, True])
+        [event] = [e for e in events if e.get("log_level").name == "error"]
+        self.assertIn("cannot start the workers", event["log_format"].format(**event))
+        self.assertIn("serving without them", event["log_format"].format(**event))
 
     def test_stop_kills_stragglers(self):
         """A worker still running after stop_timeout gets SIGKILL."""
