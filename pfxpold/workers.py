@@ -24,7 +24,9 @@ Workers are started after twistd has dropped privileges, as the same user.
 They stop with the parent: on SIGTERM the parent sends them SIGTERM and
 waits for them (each answers its requests in flight first), and a worker
 whose parent dies anyhow sees its stdin pipe close and stops itself. A
-worker that exits unexpectedly is started again after a second. Workers
+worker that exits unexpectedly is started again after a second, or, while
+it keeps ending within seconds of its start, after twice as long as the
+last time, up to a minute. Workers
 log the way the parent does (the same C{--logger} or C{--syslog}), or to a
 file of their own beside the parent's log file; when the parent logs to
 stdout, their lines go through the parent's log. Every process writes its
@@ -63,6 +65,11 @@ FIRST_LISTENER_FD = 3
 
 #: Seconds before a worker that exited unexpectedly is started again.
 RESTART_DELAY = 1.0
+#: A worker that ends sooner than this after it was started (it fails at
+#: start: a configuration its user cannot read, ...) waits twice as long as
+#: the last time before it is started again, up to L{MAX_RESTART_DELAY}.
+QUICK_END = 10.0
+MAX_RESTART_DELAY = 60.0
 
 
 @implementer(IStreamServerEndpoint)
@@ -206,6 +213,8 @@ class _WorkerProtocol(ProcessProtocol):
         self.number = number
         self.ended: Deferred[None] = Deferred()
         self.pid: Optional[int] = None
+        #: When it was started (the pool's reactor's time).
+        self.started = 0.0
         self._partial = b""
 
     def connectionMade(self) -> None:
@@ -271,6 +280,8 @@ class WorkerPool(Service):
         self.backlog = backlog
         self.workers: dict[int, _WorkerProtocol] = {}
         self._stopping = False
+        #: Worker number -> the delay before it was last started again.
+        self._restart_delays: dict[int, float] = {}
         #: (worker number, listener index) -> that worker's own socket,
         #: until the worker ends unexpectedly (L{worker_ended}).
         self._own_sockets: dict[tuple[int, int], socket.socket] = {}
@@ -364,6 +375,7 @@ class WorkerPool(Service):
             worker, self.executable, arguments, env=env, childFDs=child_fds
         )
         worker.pid = transport.pid
+        worker.started = self.reactor.seconds()
         self.workers[number] = worker
         self._log.info("started worker {worker} (pid {pid})", worker=number, pid=worker.pid)
 
@@ -379,13 +391,21 @@ class WorkerPool(Service):
         own = [key for key in self._own_sockets if key[0] == worker.number]
         for key in own:
             self._own_sockets.pop(key).close()
+        delay = RESTART_DELAY
+        if self.reactor.seconds() - worker.started < QUICK_END:
+            previous = self._restart_delays.get(worker.number)
+            if previous is not None:
+                delay = min(previous * 2, MAX_RESTART_DELAY)
+        self._restart_delays[worker.number] = delay
         self._log.error(
-            "worker {worker} ended unexpectedly ({reason}); starting it again{shared}",
+            "worker {worker} ended unexpectedly ({reason}); starting it again in {delay:g} s"
+            "{shared}",
             worker=worker.number,
             reason=reason.getErrorMessage(),
+            delay=delay,
             shared=", sharing the parent's listening sockets" if own else "",
         )
-        self.reactor.callLater(RESTART_DELAY, self._spawn, worker.number)
+        self.reactor.callLater(delay, self._spawn, worker.number)
 
     def signal_workers(self, number: int) -> int:
         """

@@ -176,6 +176,29 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.spawned), 2)
         self.assertEqual(list(pool.workers), [1])
 
+    def test_restart_backs_off_while_it_fails_at_start(self):
+        """
+        A worker that keeps ending within seconds of its start (a
+        configuration its user cannot read) is started again after 1, 2,
+        4, ... seconds, at most a minute apart; after it ran a while, after
+        a second again.
+        """
+        pool = self.make_pool(2)
+        pool.startService()
+        delays = []
+        for _ in range(8):
+            started = self.reactor.seconds()
+            count = len(self.reactor.spawned)
+            self.reactor.spawned[-1][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+            while len(self.reactor.spawned) == count:
+                self.reactor.advance(0.5)
+            delays.append(self.reactor.seconds() - started)
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 32, 60, 60])
+        self.reactor.advance(workers.QUICK_END)
+        self.reactor.spawned[-1][0].processEnded(Failure(ProcessTerminated(exitCode=1)))
+        self.reactor.advance(workers.RESTART_DELAY)
+        self.assertEqual(len(self.reactor.spawned), 10)
+
     def test_stop_terminates_workers(self):
         """Stopping sends SIGTERM and waits for every worker to end."""
         pool = self.make_pool(3)
@@ -258,7 +281,7 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual([fake.closed for fake in fakes], [True, False])
         [event] = [e for e in events if e.get("log_level").name == "error"]
         self.assertIn(
-            "starting it again, sharing the parent's listening sockets",
+            "starting it again in 1 s, sharing the parent's listening sockets",
             event["log_format"].format(**event),
         )
         self.reactor.advance(workers.RESTART_DELAY)
