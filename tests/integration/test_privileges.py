@@ -172,3 +172,42 @@ def test_workers_from_a_directory_the_user_may_not_enter(pfxpold_installation, t
     assert output.count("cannot start the workers: uid") == 1
     assert f"may not enter this process's directory {tmp_path}" in output
     assert "Traceback" not in output
+
+
+def test_worker_that_cannot_read_the_configuration(pfxpold_installation, tmp_path):
+    """
+    --workers 2 --uid nobody with a configuration only root may read: the
+    parent (root when it reads it) serves; the worker, nobody, fails at
+    every start, is started again less and less often, and every
+    connection is answered by the parent meanwhile (the worker's own
+    socket was closed when it first ended).
+    """
+    require_root()
+    require_program(SYSTEM_PYTHON, "python3")
+    from tests.integration.test_workers import wait_until
+
+    shared = tempfile.mkdtemp(prefix="pfxpold-workers-")
+    try:
+        os.chmod(shared, 0o755)
+        config = os.path.join(shared, "pfxpold.toml")
+        with open(config, "w") as f:
+            f.write('[[check]]\nname = "demo"\ntype = "demo"\n')
+        os.chmod(config, 0o600)
+        port = free_port()
+        arguments = ["-n", "--pidfile=", "--uid", SERVICE_USER, "--gid", SERVICE_GROUP]
+        arguments += ["pfxpold", "--config", config, "--workers", "2"]
+        arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
+        with running_twistd(pfxpold_installation, shared, arguments, listening_on(port)) as twistd:
+            assert wait_until(lambda: "starting it again in 2 s" in twistd.output())
+            clients = [PolicyClient(port) for _ in range(32)]
+            try:
+                for client in clients:
+                    assert client.ask({"sender": "a@example.com"}) in DEMO_ANSWERS
+            finally:
+                for client in clients:
+                    client.close()
+            output = twistd.output()
+        assert "starting it again in 1 s, sharing the parent's listening sockets" in output
+        assert "Permission denied" in output
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
