@@ -8,17 +8,17 @@ sockets from it (L{AdoptedStreamServerEndpoint}, i.e.
 C{reactor.adoptStreamPort}). For a TCP port, each worker gets a socket of
 its own, bound to the same address with C{SO_REUSEPORT} while the parent
 still has its privileges (L{WorkerPool.privilegedStartService}): the kernel
-spreads new connections over the processes by their addresses. A worker
-that ends unexpectedly loses its own (nobody would accept on it) and is
-started again on the parent's, shared. A shared
-socket would go to whichever process accepts first, and one process takes
-up to a hundred waiting connections at once, so that after a burst (Postfix
-restarting) one process served nearly all of them for as long as they
-lasted. Unix sockets, and TCP sockets that cannot be given one per worker
-(one from systemd, bound by another user), are shared. Each process runs
-its own copy of the configured checks, so state that must be exact across
-processes (quotas, greylisting) has to live in the store (SQLite, Redis,
-SQL), never in memory.
+spreads new connections over the processes by their addresses. On one
+shared socket, the process that wakes first takes up to a hundred waiting
+connections at once, so that after a burst (Postfix restarting) one
+process served nearly all of them for as long as they lasted. Unix
+sockets, and TCP sockets that cannot be given one per worker (one from
+systemd, bound by another user), are shared. A worker that ends
+unexpectedly loses its own socket (nobody would accept on it) and is
+started again on the parent's, shared. Each process runs its own copy of
+the configured checks, so state that must be exact across processes
+(quotas, greylisting) has to live in the store (SQLite, Redis, SQL), never
+in memory.
 
 Workers are started after twistd has dropped privileges, as the same user.
 They stop with the parent: on SIGTERM the parent sends them SIGTERM and
@@ -286,15 +286,12 @@ class WorkerPool(Service):
         #: until the worker ends unexpectedly (L{worker_ended}).
         self._own_sockets: dict[tuple[int, int], socket.socket] = {}
 
-    def _listeners(self) -> list[tuple[int, socket.AddressFamily]]:
+    def _listeners(self) -> list[Any]:
         """
-        The parent's listening sockets: (file descriptor, address family).
+        The parent's listening ports (tcp.Port or unix.Port: with
+        C{fileno()}, C{addressFamily} and C{getHost()}).
         """
-        listeners = []
-        for recorder in self.recorders:
-            for port in recorder.ports:
-                listeners.append((port.fileno(), port.addressFamily))
-        return listeners
+        return [port for recorder in self.recorders for port in recorder.ports]
 
     def privilegedStartService(self) -> None:
         """
@@ -303,17 +300,17 @@ class WorkerPool(Service):
         and the kernel groups C{SO_REUSEPORT} sockets of one user only).
         """
         super().privilegedStartService()
-        self._close_own_sockets()
-        for index, (fd, family) in enumerate(self._listeners()):
+        for index, port in enumerate(self._listeners()):
+            family = port.addressFamily
             if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             try:
-                sockets = reuseport_sockets(fd, family, self.count - 1, self.backlog)
+                sockets = reuseport_sockets(port.fileno(), family, self.count - 1, self.backlog)
             except OSError as e:
                 self._log.warn(
                     "the workers share the listening socket of {address}: one per worker"
                     " could not be bound ({reason})",
-                    address=describe_address(socket_address(fd, family)),
+                    address=describe_address(port.getHost()),
                     reason=e.strerror or str(e),
                 )
                 continue
@@ -349,10 +346,13 @@ class WorkerPool(Service):
             return
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         adopt = []
-        for index, (fd, family) in enumerate(self._listeners()):
+        for index, port in enumerate(self._listeners()):
             own = self._own_sockets.get((number, index))
-            child_fds[FIRST_LISTENER_FD + index] = fd if own is None else own.fileno()
-            adopt += ["--adopt", f"{FIRST_LISTENER_FD + index}:{_FAMILY_NAMES[family]}"]
+            child_fds[FIRST_LISTENER_FD + index] = (own or port).fileno()
+            adopt += [
+                "--adopt",
+                f"{FIRST_LISTENER_FD + index}:{_FAMILY_NAMES[port.addressFamily]}",
+            ]
         arguments = [
             self.executable,
             "-c",
@@ -444,17 +444,6 @@ class WorkerPool(Service):
             self._close_own_sockets()
 
         return done.addCallback(stopped)
-
-
-def socket_address(fd: int, family: socket.AddressFamily) -> Any:
-    """
-    The Twisted address of the listening socket C{fd}.
-    """
-    with socket.socket(family, socket.SOCK_STREAM, fileno=os.dup(fd)) as listening:
-        host, port = listening.getsockname()[:2]
-    if family == socket.AF_INET6:
-        return IPv6Address("TCP", host, port)
-    return IPv4Address("TCP", host, port)
 
 
 def reuseport_sockets(

@@ -245,30 +245,6 @@ def test_workers_share_the_request_log(tmp_path):
         assert f": {answer} (pid, " in by_sender[sender]
 
 
-def test_socket_address_of_a_real_listener():
-    """
-    L{workers.socket_address} reads a listening socket's address, IPv4 and
-    IPv6, for the warning when the workers must share it.
-    """
-    import socket
-
-    from twisted.internet.address import IPv4Address, IPv6Address
-
-    from pfxpold import workers
-
-    for family, host, address_type in (
-        (socket.AF_INET, "127.0.0.1", IPv4Address),
-        (socket.AF_INET6, "::1", IPv6Address),
-    ):
-        with socket.socket(family, socket.SOCK_STREAM) as listening:
-            listening.bind((host, 0))
-            listening.listen(1)
-            port = listening.getsockname()[1]
-            assert workers.socket_address(listening.fileno(), family) == address_type(
-                "TCP", host, port
-            )
-
-
 def test_reuseport_sockets_refused_leave_the_listener_alone():
     """
     A listening socket bound by another user (as systemd binds a .socket

@@ -36,6 +36,9 @@ class FakePort:
     def fileno(self) -> int:
         return self._fd
 
+    def getHost(self):
+        return IPv6Address("TCP", "::1", 9998)
+
 
 class FakeEndpoint:
     """
@@ -244,7 +247,6 @@ class WorkerPoolTests(SynchronousTestCase):
             return new
 
         self.patch(workers, "reuseport_sockets", reuseport_sockets)
-        self.patch(workers, "socket_address", lambda fd, family: IPv6Address("TCP", "::1", 9998))
         return fakes
 
     def test_own_socket_per_worker(self):
