@@ -300,6 +300,9 @@ class WorkerPool(Service):
         and the kernel groups C{SO_REUSEPORT} sockets of one user only).
         """
         super().privilegedStartService()
+        # Started again, the sockets bound before would be left in the
+        # group, taking their share of connections with nobody accepting.
+        self._close_own_sockets()
         for index, port in enumerate(self._listeners()):
             family = port.addressFamily
             if family not in (socket.AF_INET, socket.AF_INET6):

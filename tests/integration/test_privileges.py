@@ -26,6 +26,7 @@ from tests.integration.deployment import (
     process_ids,
     require_root,
     running_twistd,
+    wait_until,
 )
 from tests.integration.support import PolicyClient, free_port, require_program, wait_for_port
 
@@ -184,8 +185,6 @@ def test_worker_that_cannot_read_the_configuration(pfxpold_installation, tmp_pat
     """
     require_root()
     require_program(SYSTEM_PYTHON, "python3")
-    from tests.integration.test_workers import wait_until
-
     shared = tempfile.mkdtemp(prefix="pfxpold-workers-")
     try:
         os.chmod(shared, 0o755)
@@ -198,7 +197,11 @@ def test_worker_that_cannot_read_the_configuration(pfxpold_installation, tmp_pat
         arguments += ["pfxpold", "--config", config, "--workers", "2"]
         arguments += ["--port", f"tcp:{port}:interface=127.0.0.1"]
         with running_twistd(pfxpold_installation, shared, arguments, listening_on(port)) as twistd:
-            assert wait_until(lambda: "starting it again in 2 s" in twistd.output())
+            wait_until(
+                lambda: "starting it again in 2 s" in twistd.output(),
+                timeout=20.0,
+                what="the worker started again after 2 s",
+            )
             clients = [PolicyClient(port) for _ in range(32)]
             try:
                 for client in clients:

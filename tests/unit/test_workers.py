@@ -268,6 +268,19 @@ class WorkerPoolTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual([fake.closed for fake in fakes], [True, True])
 
+    def test_own_sockets_bound_again_replace_the_old(self):
+        """
+        Started again, the pool closes the sockets it bound before, so none
+        stays in the group with nobody accepting on it.
+        """
+        fakes = self.own_sockets()
+        pool = self.make_pool(3)
+        pool.privilegedStartService()
+        pool.privilegedStartService()
+        self.assertEqual([fake.closed for fake in fakes], [True, True, False, False])
+        pool.startService()
+        self.assertEqual([spawned[4][3] for spawned in self.reactor.spawned], [22, 23])
+
     def test_crashed_worker_loses_its_socket(self):
         """
         A worker that ends unexpectedly has its own socket closed at once
